@@ -1,0 +1,1 @@
+"""The REST API (FastAPI): schemas, routes, and errors rendered as problem+json."""

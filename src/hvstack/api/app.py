@@ -1,0 +1,33 @@
+"""The FastAPI application: ``create_app(service)`` wires routes and error rendering.
+
+The service's lifecycle belongs to whoever created it (``hv serve`` or a test), so the
+app holds a reference and never starts or stops it.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from hvstack import __version__
+from hvstack.api import problems
+from hvstack.api.routes import host, storage, vms
+from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.service import HostService
+
+
+def create_app(service: HostService) -> FastAPI:
+    app = FastAPI(
+        title="hvstack",
+        version=__version__,
+        description="The Hyper-V virtualization stack on KVM/QEMU: host service API.",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.disk_ops = DiskOperations(service)
+    problems.install(app)
+    app.include_router(host.router)
+    app.include_router(vms.router)
+    app.include_router(storage.router)
+    return app

@@ -1,0 +1,166 @@
+"""VM routes: /api/v1/vms and the operations on one VM."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from hvstack.api.schemas import (
+    DiskAttach,
+    DvdSet,
+    JobView,
+    RestartRequest,
+    StopRequest,
+    VmCreate,
+    VmUpdate,
+    VmView,
+)
+from hvstack.api.views import job_view, vm_view
+from hvstack.compute.lifecycle import StopMode
+from hvstack.compute.model import (
+    AutoStartAction,
+    AutoStopAction,
+    BootDevice,
+    DiskBus,
+    Generation,
+    VmConfig,
+)
+from hvstack.host.service import HostService, NewVm
+from hvstack.units import parse_size
+
+router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
+
+
+def _service(request: Request) -> HostService:
+    service: HostService = request.app.state.service
+    return service
+
+
+@router.get("", response_model=list[VmView])
+async def list_vms(request: Request) -> list[VmView]:
+    service = _service(request)
+    return [vm_view(vm, service) for vm in service.list_vms()]
+
+
+@router.post("", response_model=VmView, status_code=201)
+async def create_vm(request: Request, body: VmCreate) -> VmView:
+    service = _service(request)
+    config = VmConfig(
+        name=body.name,
+        generation=Generation(body.generation),
+        cpus=body.cpus,
+        memory_bytes=parse_size(body.memory, what="memory"),
+        notes=body.notes,
+        dvd=body.dvd,
+        auto_start=AutoStartAction(body.auto_start),
+        auto_start_delay_seconds=body.auto_start_delay_seconds,
+        auto_stop=AutoStopAction(body.auto_stop),
+        os_type=body.os_type,
+        accelerator=body.accelerator,
+    )
+    if body.boot_order is not None:
+        config = replace(config, boot_order=tuple(BootDevice(b) for b in body.boot_order))
+    new_disk = parse_size(body.new_disk, what="disk size") if body.new_disk is not None else None
+    vm = await service.create_vm(NewVm(config, image=body.image, disk=body.disk,
+                                       new_disk_bytes=new_disk))
+    return vm_view(vm, service)
+
+
+@router.get("/{ref}", response_model=VmView)
+async def show_vm(request: Request, ref: str) -> VmView:
+    service = _service(request)
+    return vm_view(service.get_vm(ref), service)
+
+
+@router.patch("/{ref}", response_model=VmView)
+async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
+    service = _service(request)
+    changes: dict[str, Any] = {}
+    fields = body.model_dump(exclude_none=True)
+    for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds"):
+        if key in fields:
+            changes[key] = fields[key]
+    if "memory" in fields:
+        changes["memory_bytes"] = parse_size(fields["memory"], what="memory")
+    if "boot_order" in fields:
+        changes["boot_order"] = tuple(BootDevice(b) for b in fields["boot_order"])
+    if "auto_start" in fields:
+        changes["auto_start"] = AutoStartAction(fields["auto_start"])
+    if "auto_stop" in fields:
+        changes["auto_stop"] = AutoStopAction(fields["auto_stop"])
+    if "accelerator" in fields:
+        changes["accelerator"] = None if fields["accelerator"] == "auto" else fields["accelerator"]
+    if "name" in changes:
+        vm = await service.rename_vm(ref, changes.pop("name"))
+        ref = vm.record.id
+    vm = await service.update_vm(ref, **changes) if changes else service.get_vm(ref)
+    return vm_view(vm, service)
+
+
+@router.delete("/{ref}")
+async def delete_vm(request: Request, ref: str,
+                    delete_disks: bool = Query(False)) -> dict[str, Any]:
+    return await _service(request).delete_vm(ref, delete_disks=delete_disks)
+
+
+@router.post("/{ref}/start", response_model=JobView, status_code=202)
+async def start_vm(request: Request, ref: str) -> JobView:
+    return job_view(_service(request).start_vm(ref))
+
+
+@router.post("/{ref}/stop", response_model=JobView, status_code=202)
+async def stop_vm(request: Request, ref: str, body: StopRequest | None = None) -> JobView:
+    body = body or StopRequest()
+    job = _service(request).stop_vm(ref, StopMode(body.mode), body.force, body.timeout_seconds)
+    return job_view(job)
+
+
+@router.post("/{ref}/save", response_model=JobView, status_code=202)
+async def save_vm(request: Request, ref: str) -> JobView:
+    return job_view(_service(request).stop_vm(ref, StopMode.SAVE))
+
+
+@router.post("/{ref}/restart", response_model=JobView, status_code=202)
+async def restart_vm(request: Request, ref: str, body: RestartRequest | None = None) -> JobView:
+    body = body or RestartRequest()
+    return job_view(_service(request).restart_vm(ref, body.timeout_seconds))
+
+
+@router.post("/{ref}/pause", response_model=VmView)
+async def pause_vm(request: Request, ref: str) -> VmView:
+    service = _service(request)
+    return vm_view(await service.pause_vm(ref), service)
+
+
+@router.post("/{ref}/resume", response_model=VmView)
+async def resume_vm(request: Request, ref: str) -> VmView:
+    service = _service(request)
+    return vm_view(await service.resume_vm(ref), service)
+
+
+@router.post("/{ref}/disks", response_model=VmView)
+async def attach_disk(request: Request, ref: str, body: DiskAttach) -> VmView:
+    service = _service(request)
+    bus = DiskBus(body.bus) if body.bus else None
+    return vm_view(await service.attach_disk(ref, body.path, bus), service)
+
+
+@router.delete("/{ref}/disks", response_model=VmView)
+async def detach_disk(request: Request, ref: str, path: str = Query(...)) -> VmView:
+    service = _service(request)
+    return vm_view(await service.detach_disk(ref, path), service)
+
+
+@router.put("/{ref}/dvd", response_model=VmView)
+async def set_dvd(request: Request, ref: str, body: DvdSet) -> VmView:
+    service = _service(request)
+    return vm_view(await service.set_dvd(ref, body.iso), service)
+
+
+@router.get("/{ref}/console-log", response_class=PlainTextResponse)
+async def console_log(request: Request, ref: str,
+                      max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> Response:
+    return PlainTextResponse(_service(request).console_log(ref, max_bytes))

@@ -1,0 +1,161 @@
+"""The API's typed requests and views (pydantic). Requests reject unknown fields.
+
+These are the one typed request per operation that every client sends: the CLI and the
+Python client build them, the web UI posts the same JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Size = int | str
+AutoStart = Literal["nothing", "start-if-running", "always-start"]
+AutoStop = Literal["save", "turn-off", "shut-down"]
+BootDevice = Literal["disk", "dvd", "network"]
+Bus = Literal["ide", "scsi", "virtio"]
+
+
+class VmCreate(Request):
+    name: str
+    generation: Literal[1, 2] = 2
+    cpus: int = Field(1, ge=1)
+    memory: Size = "512M"
+    notes: str = ""
+    image: str | None = None
+    disk: str | None = None
+    new_disk: Size | None = None
+    dvd: str | None = None
+    boot_order: list[BootDevice] | None = None
+    auto_start: AutoStart = "start-if-running"
+    auto_start_delay_seconds: int = Field(0, ge=0)
+    auto_stop: AutoStop = "save"
+    os_type: Literal["linux", "windows", "other"] = "linux"
+    accelerator: Literal["kvm", "tcg"] | None = None
+
+
+class VmUpdate(Request):
+    name: str | None = None
+    notes: str | None = None
+    cpus: int | None = Field(None, ge=1)
+    memory: Size | None = None
+    boot_order: list[BootDevice] | None = None
+    auto_start: AutoStart | None = None
+    auto_start_delay_seconds: int | None = Field(None, ge=0)
+    auto_stop: AutoStop | None = None
+    os_type: Literal["linux", "windows", "other"] | None = None
+    accelerator: Literal["kvm", "tcg", "auto"] | None = None
+
+
+class StopRequest(Request):
+    mode: Literal["shut-down", "turn-off", "save"] = "shut-down"
+    force: bool = False
+    timeout_seconds: float | None = Field(None, ge=0, le=3600)
+
+
+class RestartRequest(Request):
+    timeout_seconds: float | None = Field(None, ge=0, le=3600)
+
+
+class DiskAttach(Request):
+    path: str
+    bus: Bus | None = None
+
+
+class DvdSet(Request):
+    iso: str | None = None
+
+
+class DiskCreate(Request):
+    path: str
+    size: Size | None = None
+    type: Literal["fixed", "dynamic", "differencing"] = "dynamic"
+    parent: str | None = None
+
+
+class DiskResize(Request):
+    path: str
+    size: Size
+    allow_shrink: bool = False
+
+
+class DiskConvert(Request):
+    source: str
+    destination: str
+    format: Literal["qcow2", "raw", "vhdx", "vhd"] = "qcow2"
+
+
+class DiskPath(Request):
+    path: str
+
+
+class DiskView(BaseModel):
+    path: str
+    bus: str
+    format: str
+
+
+class NicView(BaseModel):
+    mac: str
+    model: str
+    mode: str
+
+
+class VmView(BaseModel):
+    id: str
+    name: str
+    state: str
+    state_reason: str
+    generation: int
+    cpus: int
+    memory_bytes: int
+    notes: str
+    disks: list[DiskView]
+    dvd: str | None
+    network_adapters: list[NicView]
+    boot_order: list[str]
+    auto_start: str
+    auto_start_delay_seconds: int
+    auto_stop: str
+    os_type: str
+    accelerator: str
+    image: str | None
+    pid: int | None
+    uptime_seconds: int
+    created_at: float
+    folder: str
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    target: str
+    state: str
+    progress: float
+    message: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: float
+    finished_at: float | None
+
+
+class HostView(BaseModel):
+    hostname: str
+    version: str
+    cpus: int
+    memory_bytes: int
+    accelerator: str
+    accelerator_reason: str
+    qemu_version: str
+    data_dir: str
+    storage_roots: list[str]
+    images_dir: str
+    vm_count: int
+    running_vm_count: int
+    uptime_seconds: int

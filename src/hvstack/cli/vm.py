@@ -1,0 +1,256 @@
+"""``hv vm ...``: VMs and their lifecycle."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import typer
+
+from hvstack.cli.render import (
+    HostOption,
+    Output,
+    OutputOption,
+    client,
+    console,
+    details,
+    duration,
+    fail,
+    follow_job,
+    print_json,
+    size,
+    table,
+)
+
+app = typer.Typer(help="Create, run and manage virtual machines.", no_args_is_help=True)
+
+LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("cpus", "CPUs"),
+                ("memory_bytes", "Memory"), ("uptime_seconds", "Uptime"),
+                ("state_reason", "Status")]
+FORMATS = {"memory_bytes": size, "uptime_seconds": duration}
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def _show(vm: dict[str, Any], output: Output) -> None:
+    if output is Output.json:
+        print_json(vm)
+        return
+    view = dict(vm)
+    view["disks"] = [f"{d['path']} ({d['bus']}, {d['format']})" for d in vm["disks"]]
+    view["network_adapters"] = [f"{n['mac']} ({n['model']}, {n['mode']})"
+                                for n in vm["network_adapters"]]
+    details(view, FORMATS)
+
+
+@app.command("list")
+def list_vms(output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """List the VMs of this host."""
+    with client(host) as api:
+        vms = api.get("/vms")
+    if output is Output.json:
+        print_json(vms)
+    elif not vms:
+        console.print("No VMs. Create one with: hv vm create NAME --image tiny")
+    else:
+        table(vms, LIST_COLUMNS, FORMATS)
+
+
+@app.command()
+def show(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Show a VM's settings and state."""
+    with client(host) as api:
+        _show(api.get(f"/vms/{name}"), output)
+
+
+@app.command()
+def create(
+    name: str,
+    generation: int = typer.Option(2, "--generation", "-g", help="1 (BIOS, IDE) or 2 (UEFI)"),
+    cpus: int = typer.Option(1, "--cpus", help="virtual processors"),
+    memory: str = typer.Option("512M", "--memory", "-m", help="startup memory, e.g. 1G"),
+    image: str | None = typer.Option(None, "--image", help="image to give a disk from"),
+    disk: str | None = typer.Option(None, "--disk", help="an existing virtual disk"),
+    new_disk: str | None = typer.Option(None, "--new-disk", help="size of a new empty disk"),
+    dvd: str | None = typer.Option(None, "--dvd", help="ISO file for the DVD drive"),
+    notes: str = typer.Option("", "--notes"),
+    os_type: str = typer.Option("linux", "--os-type", help="linux, windows or other"),
+    auto_start: str = typer.Option("start-if-running", "--auto-start",
+                                   help="nothing, start-if-running or always-start"),
+    auto_start_delay: int = typer.Option(0, "--auto-start-delay", help="seconds"),
+    auto_stop: str = typer.Option("save", "--auto-stop", help="save, turn-off or shut-down"),
+    output: Output = OutputOption,
+    host: str | None = HostOption,
+) -> None:
+    """Create a VM (Hyper-V's New-VM)."""
+    if generation not in (1, 2):
+        fail("--generation must be 1 or 2")
+    body = {"name": name, "generation": generation, "cpus": cpus, "memory": memory,
+            "image": image, "disk": _abs(disk), "new_disk": new_disk, "dvd": _abs(dvd),
+            "notes": notes, "os_type": os_type, "auto_start": auto_start,
+            "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop}
+    with client(host) as api:
+        vm = api.post("/vms", {k: v for k, v in body.items() if v is not None})
+    if output is Output.json:
+        print_json(vm)
+    else:
+        console.print(f"Created VM '{vm['name']}' (Generation {vm['generation']}, {vm['id']})")
+
+
+def _run_job(path: str, what: str, body: dict[str, Any] | None, wait: bool, output: Output,
+             host: str | None) -> None:
+    with client(host) as api:
+        job = api.post(path, body)
+        if wait:
+            job = follow_job(api, job, what)
+    if output is Output.json:
+        print_json(job)
+    elif wait:
+        how = (job.get("result") or {}).get("how")
+        state = (job.get("result") or {}).get("state", "")
+        console.print(f"{what}: done, VM is {state}" + (f" ({how})" if how else ""))
+    else:
+        console.print(f"{what}: job {job['id']} started")
+
+
+@app.command()
+def start(name: str, wait: bool = typer.Option(True, "--wait/--no-wait",
+                                               help="wait until the VM is running"),
+          output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Start a VM (from its saved state if it has one)."""
+    _run_job(f"/vms/{name}/start", f"Starting {name}", None, wait, output, host)
+
+
+@app.command()
+def stop(
+    name: str,
+    turn_off: bool = typer.Option(False, "--turn-off", help="pull the plug"),
+    save: bool = typer.Option(False, "--save", help="save the memory state instead"),
+    force: bool = typer.Option(False, "--force",
+                               help="turn off at once if the VM cannot be shut down"),
+    timeout: float | None = typer.Option(None, "--timeout",
+                                         help="seconds to wait for the guest"),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    output: Output = OutputOption,
+    host: str | None = HostOption,
+) -> None:
+    """Shut a VM down: ACPI power button, then turn off after a timeout."""
+    if turn_off and save:
+        fail("--turn-off and --save exclude each other")
+    mode = "turn-off" if turn_off else "save" if save else "shut-down"
+    body: dict[str, Any] = {"mode": mode, "force": force}
+    if timeout is not None:
+        body["timeout_seconds"] = timeout
+    what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down"}[mode]
+    _run_job(f"/vms/{name}/stop", f"{what} {name}", body, wait, output, host)
+
+
+@app.command()
+def save(name: str, wait: bool = typer.Option(True, "--wait/--no-wait"),
+         output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Save a VM's memory state and stop it; the next start resumes it."""
+    _run_job(f"/vms/{name}/save", f"Saving {name}", None, wait, output, host)
+
+
+@app.command()
+def restart(name: str, timeout: float | None = typer.Option(None, "--timeout"),
+            wait: bool = typer.Option(True, "--wait/--no-wait"),
+            output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Shut a VM down and start it again."""
+    body = {"timeout_seconds": timeout} if timeout is not None else None
+    _run_job(f"/vms/{name}/restart", f"Restarting {name}", body, wait, output, host)
+
+
+@app.command()
+def pause(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Pause a running VM."""
+    with client(host) as api:
+        vm = api.post(f"/vms/{name}/pause")
+    print_json(vm) if output is Output.json else console.print(f"{name}: {vm['state']}")
+
+
+@app.command()
+def resume(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Resume a paused VM."""
+    with client(host) as api:
+        vm = api.post(f"/vms/{name}/resume")
+    print_json(vm) if output is Output.json else console.print(f"{name}: {vm['state']}")
+
+
+@app.command()
+def rename(name: str, new_name: str, output: Output = OutputOption,
+           host: str | None = HostOption) -> None:
+    """Rename a VM."""
+    with client(host) as api:
+        vm = api.request("PATCH", f"/vms/{name}", json={"name": new_name})
+    print_json(vm) if output is Output.json else console.print(f"Renamed {name} to {vm['name']}")
+
+
+@app.command("set")
+def set_(
+    name: str,
+    cpus: int | None = typer.Option(None, "--cpus"),
+    memory: str | None = typer.Option(None, "--memory", "-m"),
+    notes: str | None = typer.Option(None, "--notes"),
+    boot_order: str | None = typer.Option(None, "--boot-order",
+                                          help="comma list of disk, dvd, network"),
+    auto_start: str | None = typer.Option(None, "--auto-start"),
+    auto_start_delay: int | None = typer.Option(None, "--auto-start-delay"),
+    auto_stop: str | None = typer.Option(None, "--auto-stop"),
+    os_type: str | None = typer.Option(None, "--os-type"),
+    dvd: str | None = typer.Option(None, "--dvd", help="ISO to insert; '' ejects"),
+    attach_disk: str | None = typer.Option(None, "--attach-disk", help="disk to attach"),
+    bus: str | None = typer.Option(None, "--bus", help="ide, scsi or virtio (with --attach-disk)"),
+    detach_disk: str | None = typer.Option(None, "--detach-disk", help="disk to detach"),
+    output: Output = OutputOption,
+    host: str | None = HostOption,
+) -> None:
+    """Change a VM's settings (hardware changes need the VM Off)."""
+    body: dict[str, Any] = {"cpus": cpus, "memory": memory, "notes": notes,
+                            "auto_start": auto_start, "auto_start_delay_seconds": auto_start_delay,
+                            "auto_stop": auto_stop, "os_type": os_type}
+    if boot_order is not None:
+        body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
+    body = {k: v for k, v in body.items() if v is not None}
+    with client(host) as api:
+        vm = None
+        if body:
+            vm = api.request("PATCH", f"/vms/{name}", json=body)
+        if dvd is not None:
+            vm = api.request("PUT", f"/vms/{name}/dvd", json={"iso": _abs(dvd) or None})
+        if attach_disk:
+            vm = api.post(f"/vms/{name}/disks", {"path": _abs(attach_disk), "bus": bus})
+        if detach_disk:
+            vm = api.request("DELETE", f"/vms/{name}/disks",
+                             params={"path": _abs(detach_disk)})
+        if vm is None:
+            fail("nothing to change; see hv vm set --help")
+    _show(vm, output)
+
+
+@app.command()
+def delete(name: str,
+           delete_disks: bool = typer.Option(False, "--delete-disks",
+                                             help="also delete the VM's disk files"),
+           output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks."""
+    with client(host) as api:
+        result = api.request("DELETE", f"/vms/{name}",
+                             params={"delete_disks": str(delete_disks).lower()})
+    if output is Output.json:
+        print_json(result)
+        return
+    console.print(f"Deleted VM '{name}'")
+    for path in result.get("kept_disks", []):
+        console.print(f"  kept disk {path}")
+
+
+@app.command()
+def log(name: str, max_bytes: int = typer.Option(65536, "--bytes", help="at most this much"),
+        host: str | None = HostOption) -> None:
+    """Print the VM's serial console output so far."""
+    with client(host) as api:
+        text = api.get(f"/vms/{name}/console-log", params={"max_bytes": max_bytes})
+    typer.echo(text, nl=False)

@@ -1,0 +1,89 @@
+"""The Python client of the host service's REST API (httpx), used by the CLI.
+
+``Client(host)`` takes ``unix:PATH`` or ``tcp:HOST:PORT`` (default from ``$HV_HOST``,
+else the default socket). Errors come back as :class:`ApiError` carrying the server's
+problem+json; a host service that cannot be reached is :class:`ApiError` too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from hvstack.host.config import default_listen, parse_listen
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(str(problem.get("detail") or problem.get("title") or status))
+
+
+class Client:
+    def __init__(self, host: str | None = None, timeout: float = 120.0) -> None:
+        address = parse_listen(host) if host else default_listen()
+        self.address = address
+        if address.kind == "unix":
+            transport = httpx.HTTPTransport(uds=address.path)
+            base = "http://hv"
+        else:
+            transport = httpx.HTTPTransport()
+            base = f"http://{address.host}:{address.port}"
+        self._http = httpx.Client(transport=transport, base_url=base + "/api/v1",
+                                  timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
+            raise ApiError(0, {"title": "Cannot connect", "detail":
+                               f"cannot reach the host service at {self.address}: is "
+                               f"'hv serve' running? ({exc})"}) from exc
+        except httpx.TimeoutException as exc:
+            raise ApiError(0, {"title": "Timeout", "detail":
+                               f"the host service at {self.address} did not answer in time"}
+                           ) from exc
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {"detail": response.text or response.reason_phrase}
+            raise ApiError(response.status_code, problem)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return self.request("POST", path, json=body, **kwargs)
+
+    def wait_job(self, job: dict[str, Any],
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+        """Follow a job until it ends; return its final view, raise ApiError if it failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while job["state"] == "running":
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiError(0, {"detail": f"job {job['id']} is still running"})
+            job = self.get(f"/jobs/{job['id']}", params={"wait": 0.5})
+            if on_progress:
+                on_progress(job)
+        if job["state"] != "completed":
+            error = job.get("error") or {"detail": f"job {job['state']}"}
+            raise ApiError(int(error.get("status", 500)), error)
+        return job

@@ -1,0 +1,1 @@
+"""Compute: the VM model, its state machine and its lifecycle."""

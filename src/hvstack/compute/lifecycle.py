@@ -1,0 +1,330 @@
+"""The lifecycle of one VM: start, stop, turn off, pause, resume, save, restart, reattach.
+
+A :class:`VmController` owns a VM's record and its worker process handle. Operations on
+one VM are serialised by its lock; different VMs run side by side. Every state change
+goes through :meth:`VmController._set`, which persists the record and publishes an
+event (through the ``on_change`` callback the host service supplies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvstack.compute.model import VmRecord, VmState
+from hvstack.compute.states import Operation, require
+from hvstack.errors import HvError, HypervisorError, InsufficientResources
+from hvstack.hypervisor.driver import Driver, Machine
+from hvstack.hypervisor.qemu.argv import QemuSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+class StopMode(enum.StrEnum):
+    SHUT_DOWN = "shut-down"
+    TURN_OFF = "turn-off"
+    SAVE = "save"
+
+
+@dataclass(frozen=True)
+class VmFiles:
+    """The files of one VM: its folder and its runtime sockets."""
+
+    folder: Path
+    run_dir: Path
+
+    @property
+    def saved_state(self) -> Path:
+        return self.folder / "saved-state.bin"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.folder / "qemu.pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.folder / "console.log"
+
+    @property
+    def efi_vars(self) -> Path:
+        return self.folder / "efivars.fd"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+
+class VmController:
+    def __init__(
+        self,
+        record: VmRecord,
+        files: VmFiles,
+        driver: Driver,
+        spec_for: Callable[[VmRecord, bool], QemuSpec],
+        on_change: Callable[[VmRecord], None],
+        before_start: Callable[[VmRecord], Awaitable[None]],
+    ) -> None:
+        self.record = record
+        self.files = files
+        self.lock = asyncio.Lock()
+        self._driver = driver
+        self._spec_for = spec_for
+        self._on_change = on_change
+        self._before_start = before_start
+        self._machine: Machine | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._expect_exit = False
+        self._busy = False  # an operation drives the state; QMP events do not
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def state(self) -> VmState:
+        return self.record.state
+
+    def _set(self, state: VmState, reason: str = "", **changes: object) -> None:
+        if state is VmState.OFF:
+            changes.setdefault("pid", None)
+            changes.setdefault("started_at", None)
+        self.record = self.record.evolve(state=state, state_reason=reason, **changes)
+        self._on_change(self.record)
+
+    def require(self, operation: Operation) -> None:
+        require(operation, self.state, self.record.name)
+
+    def uptime(self) -> float:
+        if self.record.started_at is None or self.state in (VmState.OFF, VmState.SAVED):
+            return 0.0
+        return max(0.0, time.time() - self.record.started_at)
+
+    # -- the worker process ---------------------------------------------------
+
+    def _on_qmp_event(self, name: str) -> None:
+        if self._busy:
+            return
+        if name == "STOP" and self.state is VmState.RUNNING:
+            self._set(VmState.PAUSED, "paused")
+        elif name == "RESUME" and self.state is VmState.PAUSED:
+            self._set(VmState.RUNNING)
+        elif name == "SHUTDOWN":
+            self._expect_exit = True
+
+    def _adopt(self, machine: Machine) -> None:
+        self._machine = machine
+        self._expect_exit = False
+        self._watcher = asyncio.create_task(self._watch(machine), name=f"watch-{self.record.id}")
+
+    async def _watch(self, machine: Machine) -> None:
+        await machine.wait_exit()
+        await machine.close()
+        if self._machine is not machine:
+            return
+        self._machine = None
+        if not self._busy:
+            reason = "the guest shut down" if self._expect_exit else "the QEMU process exited"
+            self._set(VmState.OFF, reason)
+
+    async def _drop_machine(self) -> None:
+        machine, self._machine = self._machine, None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if machine is not None:
+            await machine.close()
+
+    def _running_machine(self) -> Machine:
+        if self._machine is None:
+            raise HypervisorError(f"VM '{self.record.name}' has no worker process")
+        return self._machine
+
+    # -- operations (callers hold self.lock) ----------------------------------
+
+    async def start(self, progress: Progress) -> None:
+        self.require(Operation.START)
+        resume_saved = self.state is VmState.SAVED
+        if resume_saved and not self.files.saved_state.exists():
+            self._set(VmState.OFF, "the saved state file was missing")
+            resume_saved = False
+        await self._before_start(self.record)
+        previous = self.state
+        self._busy = True
+        self._set(VmState.STARTING, "restoring saved state" if resume_saved else "")
+        try:
+            progress(5, "launching the VM worker process")
+            self.files.run_dir.mkdir(parents=True, exist_ok=True)
+            spec = self._spec_for(self.record, resume_saved)
+            machine = await self._driver.launch(spec, self.files.pidfile, self._on_qmp_event)
+            self._adopt(machine)
+            if resume_saved:
+                progress(20, "restoring memory state")
+                await machine.restore_state(
+                    self.files.saved_state, lambda p: progress(20 + 0.75 * p, "restoring")
+                )
+                await machine.resume()
+                self.files.saved_state.unlink(missing_ok=True)
+        except BaseException as exc:
+            await self._abort_start(previous, exc)
+            raise
+        finally:
+            self._busy = False
+        self._set(VmState.RUNNING, pid=machine.pid, started_at=self.record.started_at
+                  if resume_saved and self.record.started_at else time.time())
+        progress(100, "running")
+
+    async def _abort_start(self, previous: VmState, exc: BaseException) -> None:
+        machine = self._machine
+        if machine is not None:
+            with contextlib.suppress(HvError):
+                await machine.quit()
+        await self._drop_machine()
+        reason = exc.message if isinstance(exc, HvError) else "start was cancelled"
+        self._set(previous, f"start failed: {reason}")
+
+    async def turn_off(self, reason: str = "turned off") -> None:
+        self.require(Operation.TURN_OFF)
+        machine = self._running_machine()
+        self._busy = True
+        try:
+            await machine.quit()
+            await self._drop_machine()
+        finally:
+            self._busy = False
+        self._set(VmState.OFF, reason)
+
+    async def shut_down(self, timeout: float, progress: Progress) -> str:
+        """Press the power button; turn the VM off if the guest is not off by ``timeout``.
+
+        Returns how it ended: "guest shut down" or "turned off after N s".
+        """
+        self.require(Operation.STOP)
+        machine = self._running_machine()
+        if self.state is VmState.PAUSED:
+            await machine.resume()
+        self._busy = True
+        self._set(VmState.STOPPING, "shutting down (ACPI power button)")
+        try:
+            progress(10, "pressing the ACPI power button")
+            await machine.power_button()
+            try:
+                await asyncio.wait_for(asyncio.shield(machine.wait_exit()), timeout)
+                how = "the guest shut down (ACPI power button)"
+            except TimeoutError:
+                progress(90, "the guest did not shut down in time: turning it off")
+                await machine.quit()
+                how = f"turned off: the guest did not shut down within {timeout:g} s"
+            await self._drop_machine()
+        except BaseException:
+            if self._machine is not None:
+                self._set(VmState.RUNNING, "shut down was interrupted")
+            raise
+        finally:
+            self._busy = False
+        self._set(VmState.OFF, how)
+        return how
+
+    async def pause(self) -> None:
+        self.require(Operation.PAUSE)
+        self._busy = True
+        try:
+            await self._running_machine().pause()
+        finally:
+            self._busy = False
+        self._set(VmState.PAUSED, "paused")
+
+    async def resume(self) -> None:
+        self.require(Operation.RESUME)
+        self._busy = True
+        try:
+            await self._running_machine().resume()
+        finally:
+            self._busy = False
+        self._set(VmState.RUNNING)
+
+    async def save(self, progress: Progress) -> None:
+        self.require(Operation.SAVE)
+        machine = self._running_machine()
+        was = self.state
+        self._busy = True
+        self._set(VmState.SAVING)
+        target = self.files.saved_state
+        target.unlink(missing_ok=True)
+        try:
+            if was is VmState.RUNNING:
+                await machine.pause()
+            await machine.save_state(target, lambda p: progress(0.95 * p, "saving memory"))
+            await machine.quit()
+            await self._drop_machine()
+        except BaseException as exc:
+            target.unlink(missing_ok=True)
+            if self._machine is not None:
+                with contextlib.suppress(HvError):
+                    if was is VmState.RUNNING:
+                        await machine.resume()
+                why = exc.message if isinstance(exc, HvError) else "cancelled"
+                self._set(was, f"save failed: {why}")
+            if isinstance(exc, InsufficientResources):
+                raise InsufficientResources(
+                    f"cannot save VM '{self.record.name}': no space left for its memory "
+                    f"state in {target.parent}; the VM keeps running"
+                ) from exc
+            raise
+        finally:
+            self._busy = False
+        self._set(VmState.SAVED, "saved")
+        progress(100, "saved")
+
+    async def restart(self, timeout: float, progress: Progress) -> str:
+        self.require(Operation.RESTART)
+        how = await self.shut_down(timeout, lambda p, m: progress(p / 2, m))
+        await self.start(lambda p, m: progress(50 + p / 2, m))
+        return how
+
+    async def delete_saved_state(self) -> None:
+        self.require(Operation.DELETE_SAVED_STATE)
+        self.files.saved_state.unlink(missing_ok=True)
+        self._set(VmState.OFF, "saved state deleted")
+
+    # -- after a restart of the host service ----------------------------------
+
+    async def reattach(self) -> None:
+        """Find this VM's worker again after the host service restarted."""
+        record = self.record
+        if record.state is VmState.OFF:
+            return
+        if record.state is VmState.SAVED:
+            if not self.files.saved_state.exists():
+                self._set(VmState.OFF, "the saved state file is missing")
+            return
+        machine = None
+        if record.pid is not None:
+            try:
+                machine = await self._driver.attach(
+                    record.id, record.pid, str(self.files.qmp_socket), self._on_qmp_event
+                )
+            except HvError as exc:
+                log.warning("cannot reattach to VM %s: %s", record.name, exc)
+        if machine is None:
+            self.files.saved_state.unlink(missing_ok=True) if record.state is VmState.SAVING \
+                else None
+            self._set(VmState.OFF, "the QEMU process exited while the host service was down")
+            return
+        self._adopt(machine)
+        status = await machine.status()
+        if status == "running":
+            self._set(VmState.RUNNING, "reattached")
+        else:
+            self._set(VmState.PAUSED, f"reattached (QEMU is {status})")
+
+    async def detach(self) -> None:
+        """Let go of the worker process without stopping it (host service shutdown)."""
+        await self._drop_machine()

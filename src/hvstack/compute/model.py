@@ -1,0 +1,246 @@
+"""The VM model: frozen dataclasses for a VM's settings, and their validation.
+
+A :class:`VmConfig` is what the user asked for; it is stored as JSON and turned into a
+QEMU command line by :mod:`hvstack.hypervisor.qemu.argv`. Validation here is pure (no
+I/O): names, counts and enumerations. Paths are confined by :mod:`hvstack.storage.paths`
+and sizes against the host by the host service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hvstack.errors import InvalidInput
+
+MAX_NAME_LENGTH = 100
+MAX_NOTES_LENGTH = 4000
+MIN_MEMORY = 32 * 1024 * 1024
+MAX_CPUS = 240
+
+
+class Generation(enum.IntEnum):
+    GEN1 = 1  # i440fx + SeaBIOS, IDE boot, emulated devices
+    GEN2 = 2  # q35 + OVMF (UEFI), virtio only
+
+
+class VmState(enum.StrEnum):
+    """The VM states, named as Hyper-V names them."""
+
+    OFF = "Off"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SAVING = "Saving"
+    SAVED = "Saved"
+    STOPPING = "Stopping"
+
+
+class AutoStartAction(enum.StrEnum):
+    NOTHING = "nothing"
+    START_IF_RUNNING = "start-if-running"
+    ALWAYS_START = "always-start"
+
+
+class AutoStopAction(enum.StrEnum):
+    SAVE = "save"
+    TURN_OFF = "turn-off"
+    SHUT_DOWN = "shut-down"
+
+
+class DiskBus(enum.StrEnum):
+    IDE = "ide"
+    SCSI = "scsi"
+    VIRTIO = "virtio"
+
+
+class NicModel(enum.StrEnum):
+    E1000 = "e1000"
+    VIRTIO = "virtio"
+
+
+class BootDevice(enum.StrEnum):
+    DISK = "disk"
+    DVD = "dvd"
+    NETWORK = "network"
+
+
+@dataclass(frozen=True)
+class DiskAttachment:
+    """A virtual disk attached to a VM; ``path`` is absolute and confined."""
+
+    path: str
+    bus: DiskBus
+    format: str = "qcow2"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkAdapter:
+    """A network adapter; user-mode NAT until virtual switches land."""
+
+    mac: str
+    model: NicModel
+    mode: str = "user"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything a user sets on a VM. Immutable: changes make a new config."""
+
+    name: str
+    generation: Generation = Generation.GEN2
+    cpus: int = 1
+    memory_bytes: int = 512 * 1024 * 1024
+    notes: str = ""
+    disks: tuple[DiskAttachment, ...] = ()
+    dvd: str | None = None
+    network_adapters: tuple[NetworkAdapter, ...] = ()
+    boot_order: tuple[BootDevice, ...] = (BootDevice.DISK, BootDevice.DVD, BootDevice.NETWORK)
+    auto_start: AutoStartAction = AutoStartAction.START_IF_RUNNING
+    auto_start_delay_seconds: int = 0
+    auto_stop: AutoStopAction = AutoStopAction.SAVE
+    os_type: str = "linux"
+    accelerator: str | None = None  # None: the host's choice
+    image: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> VmConfig:
+        raw: dict[str, Any] = json.loads(text)
+        raw["generation"] = Generation(raw["generation"])
+        raw["disks"] = tuple(
+            DiskAttachment(d["path"], DiskBus(d["bus"]), d.get("format", "qcow2"),
+                           d.get("read_only", False))
+            for d in raw.get("disks", ())
+        )
+        raw["network_adapters"] = tuple(
+            NetworkAdapter(n["mac"], NicModel(n["model"]), n.get("mode", "user"))
+            for n in raw.get("network_adapters", ())
+        )
+        raw["boot_order"] = tuple(BootDevice(b) for b in raw.get("boot_order", ()))
+        raw["auto_start"] = AutoStartAction(raw["auto_start"])
+        raw["auto_stop"] = AutoStopAction(raw["auto_stop"])
+        known = {f.name for f in dataclasses.fields(VmConfig)}
+        return VmConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    id: str
+    config: VmConfig
+    state: VmState = VmState.OFF
+    state_reason: str = ""
+    pid: int | None = None
+    started_at: float | None = None  # wall clock when it last went from Off to Running
+    created_at: float = 0.0
+    was_running: bool = False  # running when the host service last stopped
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def evolve(self, **changes: object) -> VmRecord:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def validate_name(name: str, *, what: str = "VM name") -> str:
+    """Return ``name`` if it is a usable name; raise InvalidInput saying why if not.
+
+    Names reach file names, logs and terminals, so they may not hold path separators,
+    '..', control characters or leading/trailing blanks.
+    """
+    if not name or not name.strip():
+        raise InvalidInput(f"{what} must not be empty", value=name)
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInput(
+            f"{what} is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed",
+            value=name[:MAX_NAME_LENGTH],
+        )
+    if name != name.strip():
+        raise InvalidInput(f"{what} '{name}' must not start or end with blanks", value=name)
+    if "/" in name or "\\" in name:
+        raise InvalidInput(f"{what} '{name}' must not contain '/' or '\\'", value=name)
+    if ".." in name or name == ".":
+        raise InvalidInput(f"{what} '{name}' must not contain '..'", value=name)
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise InvalidInput(f"{what} {name!r} must not contain control characters", value=repr(name))
+    return name
+
+
+def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> VmConfig:
+    """Check the settings that need no I/O; raise InvalidInput on the first problem."""
+    validate_name(config.name)
+    if len(config.notes) > MAX_NOTES_LENGTH:
+        raise InvalidInput(f"notes are longer than {MAX_NOTES_LENGTH} characters")
+    if not 1 <= config.cpus <= min(MAX_CPUS, host_cpus):
+        raise InvalidInput(
+            f"processor count {config.cpus} is out of range; this host allows 1 to "
+            f"{min(MAX_CPUS, host_cpus)}",
+            value=config.cpus,
+        )
+    if config.memory_bytes < MIN_MEMORY:
+        raise InvalidInput(
+            f"memory {config.memory_bytes} bytes is below the minimum of 32 MiB",
+            value=config.memory_bytes,
+        )
+    if config.memory_bytes % (1024 * 1024):
+        raise InvalidInput("memory must be a whole number of MiB", value=config.memory_bytes)
+    if config.memory_bytes > host_memory:
+        from hvstack.errors import InsufficientResources
+        from hvstack.units import format_size
+
+        raise InsufficientResources(
+            f"memory {format_size(config.memory_bytes)} is more than this host has "
+            f"({format_size(host_memory)})",
+            value=config.memory_bytes,
+        )
+    if not 0 <= config.auto_start_delay_seconds <= 86400:
+        raise InvalidInput("automatic start delay must be between 0 and 86400 seconds")
+    if config.os_type not in ("linux", "windows", "other"):
+        raise InvalidInput(f"os type '{config.os_type}' is not one of linux, windows, other")
+    if config.accelerator not in (None, "kvm", "tcg"):
+        raise InvalidInput(f"accelerator '{config.accelerator}' is not one of kvm, tcg")
+    if len(set(config.boot_order)) != len(config.boot_order):
+        raise InvalidInput("boot order names a device twice")
+    for nic in config.network_adapters:
+        if not _MAC.match(nic.mac):
+            raise InvalidInput(f"MAC address '{nic.mac}' is not of the form 52:54:00:xx:xx:xx")
+    _check_buses(config)
+    return config
+
+
+def _check_buses(config: VmConfig) -> None:
+    if config.generation is Generation.GEN1:
+        ide_devices = sum(1 for d in config.disks if d.bus is DiskBus.IDE) + bool(config.dvd)
+        if ide_devices > 4:
+            raise InvalidInput(
+                "a Generation 1 VM has two IDE controllers with two devices each; "
+                f"{ide_devices} IDE devices were asked for"
+            )
+        if config.disks and config.disks[0].bus is not DiskBus.IDE:
+            raise InvalidInput("a Generation 1 VM boots from IDE: its first disk must be on IDE")
+        for nic in config.network_adapters:
+            if nic.model is not NicModel.E1000 and not nic.model:
+                raise InvalidInput("unknown network adapter model")
+    else:
+        for disk in config.disks:
+            if disk.bus is DiskBus.IDE:
+                raise InvalidInput(
+                    "a Generation 2 VM has no IDE controller; use the scsi or virtio bus"
+                )
+        for nic in config.network_adapters:
+            if nic.model is NicModel.E1000:
+                raise InvalidInput("a Generation 2 VM uses synthetic (virtio) network adapters")

@@ -1,0 +1,131 @@
+"""The root error of hvstack and its tree.
+
+Every error a user can cause or see derives from :class:`HvError`. Errors carry data
+(the VM, its state, what was required) so the API can render them as problem+json and
+the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
+
+    HvError
+    ├── InvalidInput            bad names, sizes, paths, option strings      (400)
+    │   └── PathNotAllowed      a path outside the storage roots            (400)
+    ├── NotFound                a VM, disk, image or job that does not exist (404)
+    ├── Conflict                                                             (409)
+    │   ├── AlreadyExists       a name or file that is taken
+    │   ├── InvalidState        the VM's state does not allow the operation
+    │   └── ResourceBusy        a disk in use by another running VM
+    ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
+    ├── OperationTimeout        something outside did not answer in time     (504)
+    ├── Cancelled               a job that a user cancelled                  (409)
+    └── HypervisorError         QEMU or a system tool failed                 (500)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class HvError(Exception):
+    """Root of every hvstack error; ``data`` is JSON-safe detail for clients."""
+
+    http_status: ClassVar[int] = 500
+    slug: ClassVar[str] = "error"
+    title: ClassVar[str] = "hvstack error"
+
+    def __init__(self, message: str, **data: str | int | float | bool | list[str] | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data: Mapping[str, str | int | float | bool | list[str] | None] = data
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(HvError):
+    http_status = 400
+    slug = "invalid-input"
+    title = "Invalid input"
+
+
+class PathNotAllowed(InvalidInput):
+    slug = "path-not-allowed"
+    title = "Path outside the storage roots"
+
+
+class NotFound(HvError):
+    http_status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class Conflict(HvError):
+    http_status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class AlreadyExists(Conflict):
+    slug = "already-exists"
+    title = "Already exists"
+
+
+class InvalidState(Conflict):
+    slug = "invalid-state"
+    title = "Operation not allowed in this state"
+
+    def __init__(self, vm: str, state: str, operation: str, required: list[str]) -> None:
+        need = " or ".join(required)
+        super().__init__(
+            f"cannot {operation} VM '{vm}': it is {state}; {operation} requires {need}",
+            vm=vm,
+            state=state,
+            operation=operation,
+            required=required,
+        )
+
+
+class ResourceBusy(Conflict):
+    slug = "resource-busy"
+    title = "Resource in use"
+
+
+class InsufficientResources(HvError):
+    http_status = 422
+    slug = "insufficient-resources"
+    title = "Insufficient resources"
+
+
+class OperationTimeout(HvError):
+    http_status = 504
+    slug = "timeout"
+    title = "Operation timed out"
+
+
+class Cancelled(HvError):
+    http_status = 409
+    slug = "cancelled"
+    title = "Cancelled"
+
+
+class HypervisorError(HvError):
+    http_status = 500
+    slug = "hypervisor-error"
+    title = "Hypervisor error"
+
+
+ERROR_TYPES: dict[str, type[HvError]] = {
+    cls.slug: cls
+    for cls in (
+        HvError,
+        InvalidInput,
+        PathNotAllowed,
+        NotFound,
+        Conflict,
+        AlreadyExists,
+        InvalidState,
+        ResourceBusy,
+        InsufficientResources,
+        OperationTimeout,
+        Cancelled,
+        HypervisorError,
+    )
+}

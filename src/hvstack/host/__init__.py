@@ -1,0 +1,1 @@
+"""The host service: composition root, store, jobs, events and the VM registry."""

@@ -1,0 +1,519 @@
+"""The host service: the composition root that owns every VM on this host.
+
+:class:`HostService` is the one place operations enter below the API. It keeps the VM
+registry (a :class:`~hvstack.compute.lifecycle.VmController` per VM) in memory, backed
+by the store; runs long operations as jobs; publishes every change as an event; and on
+start and stop applies each VM's automatic start and stop actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hvstack.compute.lifecycle import StopMode, VmController, VmFiles
+from hvstack.compute.model import (
+    AutoStartAction,
+    AutoStopAction,
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+    VmRecord,
+    VmState,
+    validate_config,
+    validate_name,
+)
+from hvstack.compute.states import Operation
+from hvstack.errors import (
+    HvError,
+    HypervisorError,
+    InsufficientResources,
+    InvalidInput,
+    NotFound,
+    ResourceBusy,
+)
+from hvstack.host.config import HostConfig
+from hvstack.host.events import EventBus
+from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.store import Store
+from hvstack.hypervisor import accel
+from hvstack.hypervisor.driver import Driver
+from hvstack.hypervisor.qemu.argv import Firmware, QemuSpec, RuntimePaths
+from hvstack.storage import disks
+from hvstack.storage.paths import confine
+
+log = logging.getLogger(__name__)
+
+AUTO_STOP_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    cpus: int
+    memory_bytes: int
+    accelerator: accel.AcceleratorChoice
+
+
+def _meminfo(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise HypervisorError(f"/proc/meminfo has no {field}")
+
+
+def new_mac() -> str:
+    """A random MAC in QEMU's 52:54:00 range (locally administered would also do)."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+@dataclass(frozen=True)
+class NewVm:
+    """What ``create`` needs: the settings plus where the first disk comes from."""
+
+    config: VmConfig
+    image: str | None = None
+    disk: str | None = None
+    new_disk_bytes: int | None = None
+
+
+class HostService:
+    def __init__(self, config: HostConfig, store: Store, driver: Driver) -> None:
+        self.config = config
+        self.store = store
+        self.driver = driver
+        self.events = EventBus()
+        self.jobs = JobManager(self.events)
+        self.facts = HostFacts(
+            cpus=os.cpu_count() or 1,
+            memory_bytes=_meminfo("MemTotal"),
+            accelerator=accel.choose(accel.probe(), config.accelerator),
+        )
+        self._vms: dict[str, VmController] = {}
+        self._names: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started_at = time.time()
+
+    # -- lifecycle of the service --------------------------------------------
+
+    async def startup(self) -> None:
+        for path in (self.config.data_dir, self.config.vms_dir, self.config.images_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        for record in self.store.all():
+            self._register(record)
+        await asyncio.gather(*(vm.reattach() for vm in self._vms.values()),
+                             return_exceptions=True)
+        for vm in self._vms.values():
+            self._schedule_auto_start(vm)
+
+    async def shutdown(self) -> None:
+        if not self.config.detach_on_exit:
+            await asyncio.gather(
+                *(self._auto_stop(vm) for vm in self._vms.values()), return_exceptions=True
+            )
+        for task in list(self._tasks):
+            task.cancel()
+        await self.jobs.shutdown()
+        for vm in self._vms.values():
+            await vm.detach()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule_auto_start(self, vm: VmController) -> None:
+        config = vm.record.config
+        if vm.state not in (VmState.OFF, VmState.SAVED):
+            return
+        wanted = config.auto_start is AutoStartAction.ALWAYS_START or (
+            config.auto_start is AutoStartAction.START_IF_RUNNING and vm.record.was_running
+        )
+        if not wanted:
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(config.auto_start_delay_seconds)
+            try:
+                job = self.start_vm(vm.record.id)
+                await job.done.wait()
+            except HvError as exc:
+                log.warning("automatic start of %s failed: %s", vm.record.name, exc)
+
+        self._spawn(later(), f"auto-start-{vm.record.id}")
+
+    async def _auto_stop(self, vm: VmController) -> None:
+        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            self._persist(vm.record.evolve(was_running=False))
+            return
+        action = vm.record.config.auto_stop
+        async with vm.lock:
+            try:
+                noop = _no_progress
+                if action is AutoStopAction.SAVE:
+                    await vm.save(noop)
+                elif action is AutoStopAction.SHUT_DOWN:
+                    await vm.shut_down(AUTO_STOP_TIMEOUT, noop)
+                else:
+                    await vm.turn_off("turned off by the automatic stop action")
+            except HvError as exc:
+                log.error("automatic stop action of %s failed: %s", vm.record.name, exc)
+            vm.record = vm.record.evolve(was_running=True)
+            self._persist(vm.record)
+
+    # -- the registry -----------------------------------------------------------
+
+    def _files(self, vm_id: str) -> VmFiles:
+        return VmFiles(self.config.vms_dir / vm_id, self.config.run_dir / vm_id)
+
+    def _register(self, record: VmRecord) -> VmController:
+        vm = VmController(
+            record, self._files(record.id), self.driver, self._spec_for, self._on_change,
+            self._before_start,
+        )
+        self._vms[record.id] = vm
+        self._names[record.name] = record.id
+        return vm
+
+    def _persist(self, record: VmRecord) -> None:
+        self.store.update(record)
+
+    def _on_change(self, record: VmRecord) -> None:
+        self._persist(record)
+        self.events.publish(
+            "vm.state", vm=record.name, id=record.id, state=record.state.value,
+            reason=record.state_reason,
+        )
+
+    def get_vm(self, ref: str) -> VmController:
+        vm_id = self._names.get(ref, ref)
+        try:
+            return self._vms[vm_id]
+        except KeyError:
+            raise NotFound(f"no VM named '{ref}' exists on this host", vm=ref) from None
+
+    def list_vms(self) -> list[VmController]:
+        return list(self._vms.values())
+
+    # -- running a VM --------------------------------------------------------
+
+    def accelerator_for(self, config: VmConfig) -> str:
+        if config.accelerator:
+            return accel.choose(accel.probe(), config.accelerator).name
+        return self.facts.accelerator.name
+
+    def _spec_for(self, record: VmRecord, incoming: bool) -> QemuSpec:
+        files = self._files(record.id)
+        run = files.run_dir
+        firmware = None
+        if record.config.generation is Generation.GEN2:
+            firmware = Firmware(str(self.config.ovmf_code), str(files.efi_vars))
+        return QemuSpec(
+            vm_id=record.id,
+            config=record.config,
+            accelerator=self.accelerator_for(record.config),
+            paths=RuntimePaths(
+                qmp_socket=str(run / "qmp.sock"),
+                serial_socket=str(run / "serial.sock"),
+                serial_log=str(files.console_log),
+                qga_socket=str(run / "qga.sock"),
+                pidfile=str(files.pidfile),
+            ),
+            firmware=firmware,
+            incoming=incoming,
+            binary=self.config.qemu_binary,
+        )
+
+    async def _before_start(self, record: VmRecord) -> None:
+        """Checks that need the whole host: files present, disks free, memory there."""
+        for disk in record.config.disks:
+            if not os.path.exists(disk.path):
+                raise NotFound(f"disk {disk.path} of VM '{record.name}' does not exist")
+            for other in self._vms.values():
+                if other.record.id == record.id or other.state is VmState.OFF:
+                    continue
+                if any(d.path == disk.path for d in other.record.config.disks):
+                    raise ResourceBusy(
+                        f"disk {disk.path} is in use by VM '{other.record.name}' "
+                        f"({other.state.value})", disk=disk.path, vm=other.record.name,
+                    )
+        if record.config.dvd and not os.path.exists(record.config.dvd):
+            raise NotFound(f"ISO {record.config.dvd} of VM '{record.name}' does not exist")
+        available = _meminfo("MemAvailable")
+        if record.config.memory_bytes > available:
+            raise InsufficientResources(
+                f"VM '{record.name}' needs {record.config.memory_bytes >> 20} MiB of memory; "
+                f"the host has {available >> 20} MiB available"
+            )
+
+    def _job(self, kind: str, vm: VmController, body: Any) -> Job:
+        async def locked(progress: Progress) -> dict[str, Any] | None:
+            async with vm.lock:
+                result: dict[str, Any] | None = await body(progress)
+                return result
+
+        return self.jobs.start(kind, vm.record.name, locked)
+
+    def start_vm(self, ref: str) -> Job:
+        vm = self.get_vm(ref)
+        vm.require(Operation.START)
+
+        async def body(progress: Progress) -> dict[str, Any]:
+            await vm.start(progress)
+            return {"state": vm.state.value}
+
+        return self._job("start", vm, body)
+
+    def stop_vm(self, ref: str, mode: StopMode, force: bool = False,
+                timeout: float | None = None) -> Job:
+        vm = self.get_vm(ref)
+        if mode is StopMode.SAVE:
+            vm.require(Operation.SAVE)
+        elif mode is StopMode.TURN_OFF or force:
+            vm.require(Operation.TURN_OFF)
+        else:
+            vm.require(Operation.STOP)
+        wait = self.config.stop_timeout if timeout is None else timeout
+
+        async def body(progress: Progress) -> dict[str, Any]:
+            if mode is StopMode.SAVE:
+                await vm.save(progress)
+                how = "saved"
+            elif mode is StopMode.TURN_OFF or (force and vm.state is not VmState.RUNNING):
+                await vm.turn_off()
+                how = "turned off"
+            else:
+                how = await vm.shut_down(wait, progress)
+            return {"state": vm.state.value, "how": how}
+
+        return self._job(mode.value, vm, body)
+
+    def restart_vm(self, ref: str, timeout: float | None = None) -> Job:
+        vm = self.get_vm(ref)
+        vm.require(Operation.RESTART)
+        wait = self.config.stop_timeout if timeout is None else timeout
+
+        async def body(progress: Progress) -> dict[str, Any]:
+            how = await vm.restart(wait, progress)
+            return {"state": vm.state.value, "how": how}
+
+        return self._job("restart", vm, body)
+
+    async def pause_vm(self, ref: str) -> VmController:
+        vm = self.get_vm(ref)
+        async with vm.lock:
+            await vm.pause()
+        return vm
+
+    async def resume_vm(self, ref: str) -> VmController:
+        vm = self.get_vm(ref)
+        async with vm.lock:
+            await vm.resume()
+        return vm
+
+    # -- defining VMs ------------------------------------------------------------
+
+    def _confine(self, path: str, *, must_exist: bool = False, what: str = "path") -> Path:
+        return confine(path, self.config.storage_roots, must_exist=must_exist, what=what)
+
+    def _image_path(self, name: str) -> Path:
+        validate_name(name, what="image name")
+        for candidate in sorted(self.config.images_dir.glob(f"{name}.*")):
+            if candidate.suffix in (".qcow2", ".raw", ".img", ".vhdx"):
+                return candidate
+        raise NotFound(
+            f"no image named '{name}'; build it with 'hv image build {name}' "
+            "or see 'hv image list'", image=name,
+        )
+
+    async def create_vm(self, new: NewVm) -> VmController:
+        config = new.config
+        validate_config(config, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
+        if config.name in self._names:
+            raise_exists(config.name)
+        sources = sum(x is not None for x in (new.image, new.disk, new.new_disk_bytes))
+        if sources > 1:
+            raise InvalidInput("give at most one of an image, an existing disk or a new disk")
+        if config.dvd:
+            config = replace(config, dvd=str(self._confine(config.dvd, must_exist=True,
+                                                           what="ISO")))
+        bus = DiskBus.IDE if config.generation is Generation.GEN1 else DiskBus.SCSI
+        if not config.network_adapters:
+            model = NicModel.E1000 if config.generation is Generation.GEN1 else NicModel.VIRTIO
+            config = replace(config, network_adapters=(NetworkAdapter(new_mac(), model),))
+        existing = None
+        if new.disk:
+            existing = self._confine(new.disk, must_exist=True, what="disk")
+            self._ensure_disk_free(str(existing), None)
+        base = self._image_path(new.image) if new.image else None
+
+        vm_id = str(uuid.uuid4())
+        files = self._files(vm_id)
+        files.folder.mkdir(parents=True)
+        try:
+            if base is not None or new.new_disk_bytes is not None:
+                target = files.folder / "disk0.qcow2"
+                if base is not None:
+                    await disks.create_disk(
+                        target, None, "differencing", parent=base,
+                        roots=self.config.storage_roots,
+                    )
+                else:
+                    assert new.new_disk_bytes is not None
+                    await disks.create_disk(target, new.new_disk_bytes, "dynamic")
+                info = await disks.inspect_disk(target)
+                config = replace(config, image=new.image, disks=(
+                    DiskAttachment(str(target), bus, info.format), *config.disks))
+            elif existing is not None:
+                info = await disks.inspect_disk(existing)
+                config = replace(config, disks=(
+                    DiskAttachment(str(existing), bus, info.format), *config.disks))
+            if config.generation is Generation.GEN2:
+                shutil.copyfile(self.config.ovmf_vars, files.efi_vars)
+            validate_config(config, host_cpus=self.facts.cpus,
+                            host_memory=self.facts.memory_bytes)
+            record = VmRecord(id=vm_id, config=config, created_at=time.time())
+            if config.name in self._names:
+                raise_exists(config.name)
+            self.store.insert(record)
+        except BaseException:
+            shutil.rmtree(files.folder, ignore_errors=True)
+            raise
+        vm = self._register(record)
+        self._write_config_copy(vm)
+        self.events.publish("vm.created", vm=record.name, id=record.id)
+        return vm
+
+    def _write_config_copy(self, vm: VmController) -> None:
+        with contextlib.suppress(OSError):
+            (vm.files.folder / "vm.json").write_text(vm.record.config.to_json())
+
+    def _ensure_disk_free(self, path: str, owner: str | None) -> None:
+        for other in self._vms.values():
+            if other.record.id == owner:
+                continue
+            if any(d.path == path for d in other.record.config.disks) and other.state not in (
+                VmState.OFF,
+            ):
+                raise ResourceBusy(
+                    f"disk {path} is attached to VM '{other.record.name}', which is "
+                    f"{other.state.value}", disk=path, vm=other.record.name,
+                )
+
+    async def update_vm(self, ref: str, **changes: Any) -> VmController:
+        """Change settings. Names, notes and automatic actions change in any state; the
+        hardware (processors, memory, generation) only while the VM is Off."""
+        vm = self.get_vm(ref)
+        async with vm.lock:
+            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop"}
+            offline = set(changes) - online
+            if offline:
+                vm.require(Operation.CHANGE_OFFLINE_SETTINGS)
+            new = replace(vm.record.config, **changes)
+            validate_config(new, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
+            old_name = vm.record.name
+            if new.name != old_name and new.name in self._names:
+                raise_exists(new.name)
+            record = vm.record.evolve(config=new)
+            self.store.update(record)
+            vm.record = record
+            if new.name != old_name:
+                del self._names[old_name]
+                self._names[new.name] = record.id
+            self._write_config_copy(vm)
+            self.events.publish("vm.changed", vm=new.name, id=record.id)
+        return vm
+
+    async def rename_vm(self, ref: str, new_name: str) -> VmController:
+        validate_name(new_name)
+        return await self.update_vm(ref, name=new_name)
+
+    async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
+        vm = self.get_vm(ref)
+        async with vm.lock:
+            vm.require(Operation.DELETE)
+            kept: list[str] = []
+            removed: list[str] = []
+            for disk in vm.record.config.disks:
+                inside = Path(disk.path).parent == vm.files.folder
+                if delete_disks:
+                    Path(disk.path).unlink(missing_ok=True)
+                    removed.append(disk.path)
+                else:
+                    kept.append(disk.path)
+                    if not inside:
+                        continue
+            self.store.delete(vm.record.id)
+            del self._vms[vm.record.id]
+            del self._names[vm.record.name]
+            keep = {Path(p).name for p in kept if Path(p).parent == vm.files.folder}
+            if vm.files.folder.exists():
+                for entry in vm.files.folder.iterdir():
+                    if entry.name in keep:
+                        continue
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                if not keep:
+                    with contextlib.suppress(OSError):
+                        vm.files.folder.rmdir()
+            shutil.rmtree(vm.files.run_dir, ignore_errors=True)
+            self.events.publish("vm.deleted", vm=vm.record.name, id=vm.record.id)
+            return {"deleted": vm.record.name, "kept_disks": kept, "deleted_disks": removed}
+
+    async def attach_disk(self, ref: str, path: str, bus: DiskBus | None = None) -> VmController:
+        vm = self.get_vm(ref)
+        disk = self._confine(path, must_exist=True, what="disk")
+        self._ensure_disk_free(str(disk), vm.record.id)
+        if any(d.path == str(disk) for d in vm.record.config.disks):
+            raise InvalidInput(f"disk {disk} is already attached to VM '{vm.record.name}'")
+        info = await disks.inspect_disk(disk)
+        default = DiskBus.IDE if vm.record.config.generation is Generation.GEN1 else DiskBus.SCSI
+        attachment = DiskAttachment(str(disk), bus or default, info.format)
+        return await self.update_vm(ref, disks=(*vm.record.config.disks, attachment))
+
+    async def detach_disk(self, ref: str, path: str) -> VmController:
+        vm = self.get_vm(ref)
+        target = os.path.abspath(path)
+        left = tuple(d for d in vm.record.config.disks if d.path != target)
+        if len(left) == len(vm.record.config.disks):
+            raise NotFound(f"disk {target} is not attached to VM '{vm.record.name}'")
+        return await self.update_vm(ref, disks=left)
+
+    async def set_dvd(self, ref: str, iso: str | None) -> VmController:
+        path = str(self._confine(iso, must_exist=True, what="ISO")) if iso else None
+        return await self.update_vm(ref, dvd=path)
+
+    def console_log(self, ref: str, max_bytes: int = 64 * 1024) -> str:
+        vm = self.get_vm(ref)
+        try:
+            with open(vm.files.console_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def raise_exists(name: str) -> None:
+    from hvstack.errors import AlreadyExists
+
+    raise AlreadyExists(f"a VM named '{name}' already exists", vm=name)
+
+
+def _no_progress(percent: float, message: str = "") -> None:
+    return None

@@ -1,0 +1,1 @@
+"""Hypervisor layer: accelerator choice and the QEMU driver (argv, process, QMP)."""

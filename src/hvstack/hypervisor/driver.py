@@ -1,0 +1,60 @@
+"""The narrow driver interface the compute layer uses to run VMs.
+
+:class:`Driver` launches or re-finds a VM's worker process and hands back a
+:class:`Machine`, a handle on that one process. :mod:`hvstack.hypervisor.qemu.driver`
+implements it with QEMU; tests implement it with fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from hvstack.hypervisor.qemu.argv import QemuSpec
+
+# Called with each QMP event name ("STOP", "RESUME", "SHUTDOWN", ...).
+EventSink = Callable[[str], None]
+ProgressSink = Callable[[float], None]
+
+
+class Machine(Protocol):
+    """One running VM worker process."""
+
+    pid: int
+
+    async def status(self) -> str:
+        """QEMU's run state: "running", "paused", "inmigrate", "postmigrate", ..."""
+        ...
+
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
+    async def power_button(self) -> None: ...
+    async def reset(self) -> None: ...
+
+    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+        """Write the paused machine's memory and device state to ``path``."""
+        ...
+
+    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+        """Load state saved by :meth:`save_state` into a machine started to receive it."""
+        ...
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit now (turn off), and return once it has."""
+        ...
+
+    async def wait_exit(self) -> None: ...
+    async def close(self) -> None:
+        """Drop the monitor connection; the process keeps running."""
+        ...
+
+
+class Driver(Protocol):
+    async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> Machine: ...
+
+    async def attach(
+        self, vm_id: str, pid: int, qmp_socket: str, events: EventSink
+    ) -> Machine | None:
+        """Reconnect to a VM's process if it is still alive, else return None."""
+        ...

@@ -1,0 +1,1 @@
+"""The QEMU driver: a pure argv builder, process control and the QMP monitor."""

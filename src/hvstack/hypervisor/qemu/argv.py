@@ -1,0 +1,192 @@
+"""The QEMU command line, built by one pure function from a VM spec.
+
+:func:`build_argv` has no I/O: everything it needs (paths, firmware, accelerator) is in
+:class:`QemuSpec`, so golden files pin its output. Block devices, devices and netdevs
+use QEMU's JSON option syntax, where a user's string is a JSON string and cannot smuggle
+in options; the few classic ``key=value`` options left have commas doubled by
+:func:`escape_option`, QEMU's own escaping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from hvstack.compute.model import BootDevice, DiskBus, Generation, NicModel, VmConfig
+
+QGA_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Where a running VM's sockets and files live."""
+
+    qmp_socket: str
+    serial_socket: str
+    serial_log: str
+    qga_socket: str
+    pidfile: str
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """UEFI firmware for Generation 2: read-only code and the VM's own variable store."""
+
+    code: str
+    vars: str
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    vm_id: str
+    config: VmConfig
+    accelerator: str  # "kvm" or "tcg"
+    paths: RuntimePaths
+    firmware: Firmware | None = None
+    incoming: bool = False  # wait for saved state on a migration channel (-incoming defer)
+    binary: str = "qemu-system-x86_64"
+
+
+def escape_option(value: str) -> str:
+    """Escape a value for QEMU's classic ``key=value,...`` syntax (a comma is doubled)."""
+    return value.replace(",", ",,")
+
+
+def _json(obj: dict[str, object]) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=False)
+
+
+def _socket_chardev(chardev_id: str, path: str, extra: str = "") -> list[str]:
+    options = f"socket,id={chardev_id},path={escape_option(path)},server=on,wait=off{extra}"
+    return ["-chardev", options]
+
+
+def _block_nodes(node: str, path: str, fmt: str, read_only: bool) -> list[str]:
+    file_node: dict[str, object] = {
+        "driver": "file",
+        "filename": path,
+        "node-name": f"{node}-file",
+        "read-only": read_only,
+        "discard": "unmap",
+    }
+    fmt_node: dict[str, object] = {
+        "driver": fmt,
+        "file": f"{node}-file",
+        "node-name": node,
+        "read-only": read_only,
+        "discard": "unmap",
+    }
+    return ["-blockdev", _json(file_node), "-blockdev", _json(fmt_node)]
+
+
+def _boot_index(config: VmConfig, device: BootDevice) -> int | None:
+    if device in config.boot_order:
+        return config.boot_order.index(device) + 1
+    return None
+
+
+def _machine_args(spec: QemuSpec) -> list[str]:
+    if spec.config.generation is Generation.GEN1:
+        return ["-machine", "pc", "-accel", spec.accelerator]
+    machine = "q35"
+    args: list[str] = []
+    if spec.firmware is not None:
+        args += _block_nodes("fw-code", spec.firmware.code, "raw", True)
+        args += _block_nodes("fw-vars", spec.firmware.vars, "raw", False)
+        machine += ",pflash0=fw-code,pflash1=fw-vars"
+    return ["-machine", machine, "-accel", spec.accelerator, *args]
+
+
+def _storage_args(config: VmConfig) -> list[str]:
+    args: list[str] = []
+    ide_slot = 0
+    need_scsi = any(d.bus is DiskBus.SCSI for d in config.disks) or (
+        config.dvd is not None and config.generation is Generation.GEN2
+    )
+    if need_scsi:
+        args += ["-device", _json({"driver": "virtio-scsi-pci", "id": "scsi0"})]
+    for index, disk in enumerate(config.disks):
+        node = f"disk{index}"
+        args += _block_nodes(node, disk.path, disk.format, disk.read_only)
+        device: dict[str, object] = {"drive": node, "id": f"{node}-dev"}
+        if disk.bus is DiskBus.IDE:
+            device |= {"driver": "ide-hd", "bus": f"ide.{ide_slot // 2}", "unit": ide_slot % 2}
+            ide_slot += 1
+        elif disk.bus is DiskBus.SCSI:
+            device |= {"driver": "scsi-hd", "bus": "scsi0.0", "channel": 0, "scsi-id": 0,
+                       "lun": index}
+        else:
+            device |= {"driver": "virtio-blk-pci"}
+        boot = _boot_index(config, BootDevice.DISK)
+        if index == 0 and boot is not None:
+            device["bootindex"] = boot
+        args += ["-device", _json(device)]
+    if config.dvd is not None:
+        args += _block_nodes("dvd0", config.dvd, "raw", True)
+        cd: dict[str, object] = {"drive": "dvd0", "id": "dvd0-dev"}
+        if config.generation is Generation.GEN1:
+            cd |= {"driver": "ide-cd", "bus": f"ide.{ide_slot // 2}", "unit": ide_slot % 2}
+        else:
+            cd |= {"driver": "scsi-cd", "bus": "scsi0.0", "channel": 0, "scsi-id": 1, "lun": 0}
+        boot = _boot_index(config, BootDevice.DVD)
+        if boot is not None:
+            cd["bootindex"] = boot
+        args += ["-device", _json(cd)]
+    return args
+
+
+def _network_args(config: VmConfig) -> list[str]:
+    args: list[str] = []
+    for index, nic in enumerate(config.network_adapters):
+        netdev = f"net{index}"
+        args += ["-netdev", _json({"type": "user", "id": netdev})]
+        driver = "e1000" if nic.model is NicModel.E1000 else "virtio-net-pci"
+        device: dict[str, object] = {"driver": driver, "netdev": netdev, "mac": nic.mac,
+                                     "id": f"nic{index}"}
+        boot = _boot_index(config, BootDevice.NETWORK)
+        if index == 0 and boot is not None:
+            device["bootindex"] = boot
+        args += ["-device", _json(device)]
+    return args
+
+
+def build_argv(spec: QemuSpec) -> list[str]:
+    """Return the full argv that starts ``spec`` as a daemonized QEMU process."""
+    config = spec.config
+    paths = spec.paths
+    cpu = "host" if spec.accelerator == "kvm" else "max"
+    argv = [
+        spec.binary,
+        "-name", f"guest={spec.vm_id},debug-threads=on",
+        "-uuid", spec.vm_id,
+        "-nodefaults",
+        "-no-user-config",
+        *_machine_args(spec),
+        "-cpu", cpu,
+        "-smp", str(config.cpus),
+        "-m", f"size={config.memory_bytes // (1024 * 1024)}M",
+        "-rtc", "base=localtime" if config.os_type == "windows" else "base=utc",
+        "-display", "none",
+        "-device", _json({"driver": "VGA", "id": "video0"}),
+        *_socket_chardev("qmp", paths.qmp_socket),
+        "-mon", "chardev=qmp,mode=control",
+        *_socket_chardev(
+            "serial0", paths.serial_socket,
+            f",logfile={escape_option(paths.serial_log)},logappend=on",
+        ),
+        "-serial", "chardev:serial0",
+        "-device", _json({"driver": "virtio-serial-pci", "id": "vserial0"}),
+        *_socket_chardev("qga0", paths.qga_socket),
+        "-device", _json({"driver": "virtserialport", "chardev": "qga0",
+                          "name": QGA_CHANNEL, "id": "qga0-port"}),
+        "-device", _json({"driver": "virtio-rng-pci", "id": "rng0"}),
+        *_storage_args(config),
+        *_network_args(config),
+        # spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid.
+        "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
+        "-pidfile", paths.pidfile,
+        "-daemonize",
+    ]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
+    return argv

@@ -1,0 +1,81 @@
+"""The QMP monitor of one QEMU process, on top of ``qemu.qmp``.
+
+Every call has a timeout. Errors from QEMU become :class:`HypervisorError` carrying
+QEMU's error class; a lost connection becomes :class:`HypervisorError` too, so callers
+handle one error type. Events are read by the owner through :meth:`Monitor.events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from hvstack.errors import HypervisorError, OperationTimeout
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 15.0
+COMMAND_TIMEOUT = 30.0
+
+
+class Monitor:
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self.name = name
+
+    async def connect(self, socket_path: str, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Connect, retrying while QEMU is still creating its socket."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(self._client.connect(socket_path), timeout)
+                return
+            except (QMPError, OSError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise HypervisorError(
+                        f"cannot reach the QMP monitor of {self.name}: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.05)
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            raise HypervisorError(
+                f"QEMU refused {command}: {exc.error.error.desc}",
+                qmp_class=exc.error.error.class_,
+            ) from exc
+        except TimeoutError as exc:
+            raise OperationTimeout(f"QEMU did not answer {command} within {timeout:.0f} s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise HypervisorError(f"lost the QMP monitor of {self.name}: {exc}") from exc
+
+    async def send_fd(self, fd: int, fdname: str) -> None:
+        """Hand QEMU an open file descriptor under ``fdname`` (QMP getfd)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"cannot pass a file to {self.name}: {exc}") from exc
+        await self.execute("getfd", {"fdname": fdname})
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in self._listener:
+            yield dict(event)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await asyncio.wait_for(self._client.disconnect(), 5)

@@ -1,0 +1,108 @@
+"""QEMU processes: launch daemonized, find them again, wait for them to exit, kill them.
+
+QEMU runs with ``-daemonize`` in its own session, so it is not a child of the host
+service and outlives it. A process is only taken to be a VM's when its command line
+names the VM's id (a pid in a stale pidfile may belong to anything by now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from hvstack.errors import HypervisorError, OperationTimeout
+
+LAUNCH_TIMEOUT = 60.0
+
+
+async def launch(argv: list[str], pidfile: Path, *, timeout: float = LAUNCH_TIMEOUT) -> int:
+    """Run a daemonizing QEMU argv; return the daemon's pid once it is initialised.
+
+    QEMU's parent exits only after the machine is set up, so failures (a locked disk,
+    a bad option) come back here as a non-zero exit with the reason on stderr.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise HypervisorError(f"QEMU is not installed: {argv[0]} was not found") from exc
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise OperationTimeout(f"QEMU did not finish starting within {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        message = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        raise HypervisorError(f"QEMU failed to start: {message}", qemu_stderr=message)
+    pid = read_pid(pidfile)
+    if pid is None:
+        raise HypervisorError("QEMU started but wrote no pidfile")
+    return pid
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_vm_process(pid: int, vm_id: str) -> bool:
+    """True if ``pid`` is alive and is the QEMU process of ``vm_id``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if status.rpartition(")")[2].split()[0] == "Z":
+        return False
+    return f"guest={vm_id},".encode() in cmdline
+
+
+async def wait_exit(pid: int, vm_id: str, poll: float = 0.5) -> None:
+    """Return when the VM's process has exited (it need not be our child).
+
+    A pidfd tells at once; polling /proc stays as the fallback for old kernels.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        pidfd = -1
+    if pidfd >= 0:
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        try:
+            while is_vm_process(pid, vm_id):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), 5.0)
+                if exited.done():
+                    break
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return
+    while is_vm_process(pid, vm_id):
+        await asyncio.sleep(poll)
+
+
+def kill(pid: int, vm_id: str, sig: int = signal.SIGKILL) -> None:
+    if is_vm_process(pid, vm_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)

@@ -1,0 +1,574 @@
+"""Virtual disks: create, inspect, resize, convert, merge, compact and delete.
+
+Hyper-V's three kinds of virtual disk map onto QEMU formats as follows:
+
+* fixed: raw, fully allocated (``preallocation=falloc``); an imported fixed VHD/VHDX;
+* dynamic: qcow2 (and imported dynamic VHDX/VHD) without a backing file;
+* differencing: qcow2 with a backing file (its parent).
+
+Contract, for every operation here:
+
+* paths are absolute and already confined (:func:`hvstack.storage.paths.confine`).
+  Operations that read or write a whole backing chain take ``roots``: when given,
+  every disk of the chain must lie inside them (a disk whose header names
+  ``/etc/shadow`` as its parent is :class:`~hvstack.errors.PathNotAllowed`). The host
+  passes its storage roots;
+* formats are passed to qemu-img explicitly wherever they are known, and backing
+  files with ``-b``/``-B`` and ``-F``, never inside an ``-o`` string;
+* a new file is written under a hidden temporary name in the destination's folder
+  (``.NAME.XXXXXXXX.hvtmp``) and linked into place only when complete, without ever
+  replacing a file that appeared meanwhile (:class:`~hvstack.errors.AlreadyExists`).
+  A failure, a timeout or a cancellation (qemu-img is killed, ``CancelledError``
+  re-raised) removes the temporary file and leaves the destination untouched;
+* long operations (convert, merge, compact) take ``progress``, called with 0..100 and
+  with 100 on success, and a ``timeout`` in seconds;
+* qemu-img's image locks make operations that modify a disk fail with
+  :class:`~hvstack.errors.ResourceBusy` while a VM has it open; :func:`inspect_disk`
+  uses ``-U`` (force-share) so it works on disks of running VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, get_args
+
+from hvstack.errors import (
+    AlreadyExists,
+    HypervisorError,
+    InsufficientResources,
+    InvalidInput,
+    NotFound,
+    ResourceBusy,
+)
+from hvstack.storage.paths import confine
+from hvstack.storage.qemu_img import LONG_TIMEOUT, QUICK_TIMEOUT, ProgressFn, run_qemu_img
+from hvstack.units import MAX_SIZE, format_size
+
+log = logging.getLogger(__name__)
+
+DiskKind = Literal["fixed", "dynamic", "differencing"]
+DISK_KINDS: tuple[str, ...] = get_args(DiskKind)
+TargetFormat = Literal["qcow2", "raw", "vhdx", "vhd"]
+TARGET_FORMATS: tuple[str, ...] = get_args(TargetFormat)
+SECTOR = 512
+
+_QEMU_FORMAT = {"qcow2": "qcow2", "raw": "raw", "vhdx": "vhdx", "vhd": "vpc"}
+_CREATE_OPTIONS = {
+    "qcow2": [],
+    "raw": [],
+    "vhdx": ["-o", "subformat=dynamic"],
+    "vpc": ["-o", "subformat=dynamic,force_size=on"],
+}
+_TEMP_SUFFIX = ".hvtmp"
+_Json = dict[str, object]
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What ``qemu-img info`` says about a disk, in Hyper-V's terms."""
+
+    path: Path
+    format: str
+    """QEMU's format name: raw, qcow2, vhdx, vpc (VHD), ..."""
+    kind: DiskKind
+    virtual_size: int
+    actual_size: int
+    backing_file: str | None = None
+    """The parent's full path, for a differencing disk."""
+    backing_format: str | None = None
+    chain: tuple[Path, ...] = ()
+    """This disk, its parent, ... down to the base."""
+    cluster_size: int | None = None
+    actual_size_before: int | None = None
+    """For :func:`compact_disk`: the bytes the disk took before compaction."""
+
+    @property
+    def parent(self) -> Path | None:
+        return self.chain[1] if len(self.chain) > 1 else None
+
+    def to_dict(self) -> dict[str, str | int | list[str] | None]:
+        """Return the info as JSON-safe values."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "kind": self.kind,
+            "virtual_size": self.virtual_size,
+            "actual_size": self.actual_size,
+            "backing_file": self.backing_file,
+            "backing_format": self.backing_format,
+            "chain": [str(p) for p in self.chain],
+            "cluster_size": self.cluster_size,
+            "actual_size_before": self.actual_size_before,
+        }
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def _check_size(size: int, *, what: str = "size") -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidInput(f"{what} must be a whole number of bytes, not {size!r}")
+    if size <= 0:
+        raise InvalidInput(f"{what} must be larger than 0 bytes", size=size)
+    if size % SECTOR:
+        raise InvalidInput(
+            f"{what} {size} bytes is not a multiple of {SECTOR} bytes (one sector)", size=size
+        )
+    if size > MAX_SIZE:
+        raise InvalidInput(f"{what} {size} bytes is too large", size=size)
+    return size
+
+
+def _check_free(folder: Path, needed: int, *, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InsufficientResources(
+            f"{what} needs {format_size(needed)} but only {format_size(free)} is free in "
+            f"'{folder}'",
+            required=needed,
+            available=free,
+            path=str(folder),
+        )
+
+
+def _check_existing(path: Path, *, what: str = "disk") -> None:
+    if not path.exists():
+        raise NotFound(f"{what} '{path}' does not exist", path=str(path))
+    if not path.is_file():
+        raise InvalidInput(f"{what} '{path}' is not a file", path=str(path))
+
+
+def _check_new(path: Path) -> None:
+    if os.path.lexists(path):
+        raise AlreadyExists(f"'{path}' already exists; choose another name", path=str(path))
+    if not path.parent.is_dir():
+        raise NotFound(f"folder '{path.parent}' does not exist", path=str(path.parent))
+
+
+def _check_chain(info: DiskInfo, roots: Sequence[Path] | None) -> None:
+    """Confine every parent in the chain of ``info`` (``info.path`` is confined already)."""
+    if roots is None:
+        return
+    for member in info.chain[1:]:
+        confine(member, roots, what=f"parent disk of '{info.path}'")
+
+
+# -- temporary files ----------------------------------------------------------------------
+
+
+def _temp_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Give ``tmp`` the name ``dst`` unless ``dst`` exists; never replace a file."""
+    try:
+        os.link(tmp, dst)
+    except FileExistsError as exc:
+        raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        # The file system has no hard links: check, then rename (a small race).
+        if os.path.lexists(dst):
+            raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
+        os.replace(tmp, dst)
+        return
+    os.unlink(tmp)
+
+
+async def _write_new(dst: Path, write: Callable[[Path], Awaitable[None]]) -> None:
+    """Run ``write(tmp)`` and publish tmp as ``dst``; remove tmp whatever happens."""
+    tmp = _temp_path(dst)
+    try:
+        await write(tmp)
+        _publish(tmp, dst)
+    finally:
+        _remove_quietly(tmp)
+
+
+# -- VHD and VHDX headers (qemu-img does not report their subformat) -----------------------
+
+_VHD_TYPES: dict[int, DiskKind] = {2: "fixed", 3: "dynamic", 4: "differencing"}
+_VHDX_REGION_TABLE = 192 * 1024
+_VHDX_METADATA_REGION = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+_VHDX_FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B").bytes_le
+
+
+def vhd_kind(path: Path) -> DiskKind | None:
+    """Return the disk type in a VHD's footer, or None if it has no valid footer."""
+    with open(path, "rb") as f:  # the footer at the end is authoritative for every type
+        f.seek(max(0, os.fstat(f.fileno()).st_size - SECTOR))
+        footer = f.read(SECTOR)
+    if len(footer) < SECTOR or not footer.startswith(b"conectix"):
+        return None
+    (disk_type,) = struct.unpack_from(">I", footer, 60)
+    return _VHD_TYPES.get(disk_type)
+
+
+def vhdx_kind(path: Path) -> DiskKind | None:
+    """Return the kind a VHDX's file parameters declare, or None if unreadable."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"vhdxfile":
+            return None
+        f.seek(_VHDX_REGION_TABLE)
+        table = f.read(64 * 1024)
+        if len(table) < 16 or table[:4] != b"regi":
+            return None
+        (count,) = struct.unpack_from("<I", table, 8)
+        region: tuple[int, int] | None = None
+        for index in range(min(count, (len(table) - 16) // 32)):
+            guid, offset, length = struct.unpack_from("<16sQI", table, 16 + 32 * index)
+            if guid == _VHDX_METADATA_REGION:
+                region = (offset, length)
+        if region is None:
+            return None
+        f.seek(region[0])
+        metadata = f.read(min(region[1], 64 * 1024))
+        if len(metadata) < 32 or metadata[:8] != b"metadata":
+            return None
+        (entries,) = struct.unpack_from("<H", metadata, 10)
+        for index in range(min(entries, (len(metadata) - 32) // 32)):
+            guid, offset, _length = struct.unpack_from("<16sII", metadata, 32 + 32 * index)
+            if guid == _VHDX_FILE_PARAMETERS:
+                f.seek(region[0] + offset)
+                params = f.read(8)
+                if len(params) < 8:
+                    return None
+                (bits,) = struct.unpack_from("<I", params, 4)
+                if bits & 2:
+                    return "differencing"
+                return "fixed" if bits & 1 else "dynamic"
+    return None
+
+
+def _kind(path: Path, fmt: str, backing: str | None) -> DiskKind:
+    if backing:
+        return "differencing"
+    if fmt == "raw":
+        return "fixed"
+    if fmt in ("vpc", "vhdx"):
+        try:
+            found = vhd_kind(path) if fmt == "vpc" else vhdx_kind(path)
+        except OSError as exc:
+            log.warning("cannot read the %s header of %s: %s", fmt, path, exc)
+            found = None
+        return found or "dynamic"
+    return "dynamic"
+
+
+# -- inspect ------------------------------------------------------------------------------
+
+
+def _str(entry: _Json, key: str) -> str | None:
+    value = entry.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _int(entry: _Json, key: str) -> int | None:
+    value = entry.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def _info_entries(path: Path, fmt: str | None, timeout: float) -> list[_Json]:
+    _check_existing(path)
+    args = ["info", "-U", "--output=json", "--backing-chain"]
+    if fmt:
+        args += ["-f", fmt]
+    stdout = await run_qemu_img([*args, "--", str(path)], timeout=timeout)
+    try:
+        data: object = json.loads(stdout)
+    except json.JSONDecodeError as exc:
+        raise HypervisorError(f"qemu-img info printed no JSON for '{path}': {exc}") from exc
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
+        raise HypervisorError(f"qemu-img info printed unexpected JSON for '{path}'")
+    return data
+
+
+def _info_from_entries(path: Path, entries: list[_Json]) -> DiskInfo:
+    top = entries[0]
+    fmt = _str(top, "format") or "raw"
+    backing = _str(top, "full-backing-filename") or _str(top, "backing-filename")
+    chain = [path] + [Path(_str(e, "filename") or "?") for e in entries[1:]]
+    actual = _int(top, "actual-size")
+    if actual is None:
+        actual = os.stat(path).st_blocks * 512
+    return DiskInfo(
+        path=path,
+        format=fmt,
+        kind=_kind(path, fmt, backing),
+        virtual_size=_int(top, "virtual-size") or 0,
+        actual_size=actual,
+        backing_file=backing,
+        backing_format=_str(top, "backing-filename-format") if backing else None,
+        chain=tuple(chain),
+        cluster_size=_int(top, "cluster-size"),
+    )
+
+
+async def inspect_disk(
+    path: Path, *, format: str | None = None, timeout: float = QUICK_TIMEOUT
+) -> DiskInfo:
+    """Return what ``path`` is. Give ``format`` when known: probing trusts the guest.
+
+    qemu-img cannot probe a fixed VHD (a footer after raw data); a ``.vhd`` file it
+    calls raw is read as VHD when it ends in a valid fixed-disk footer.
+    """
+    info = _info_from_entries(path, await _info_entries(path, format, timeout))
+    if format is None and info.format == "raw" and path.suffix.lower() == ".vhd":
+        try:
+            fixed_vhd = vhd_kind(path) == "fixed"
+        except OSError:
+            fixed_vhd = False
+        if fixed_vhd:
+            info = _info_from_entries(path, await _info_entries(path, "vpc", timeout))
+    return info
+
+
+# -- create, resize -----------------------------------------------------------------------
+
+
+async def create_disk(
+    path: Path,
+    size_bytes: int | None,
+    kind: DiskKind,
+    parent: Path | None = None,
+    *,
+    roots: Sequence[Path] | None = None,
+    timeout: float = QUICK_TIMEOUT,
+) -> DiskInfo:
+    """Create a new disk of ``kind`` at ``path``; a differencing disk needs ``parent``.
+
+    A differencing disk's size defaults to its parent's and may not be smaller.
+    """
+    if kind not in DISK_KINDS:
+        raise InvalidInput(f"disk kind {kind!r} is not one of {', '.join(DISK_KINDS)}")
+    _check_new(path)
+    args: list[str]
+    if kind == "differencing":
+        if parent is None:
+            raise InvalidInput("a differencing disk needs a parent disk", path=str(path))
+        _check_existing(parent, what="parent disk")
+        base = await inspect_disk(parent, timeout=timeout)
+        if roots is not None:
+            confine(parent, roots, what="parent disk")
+            _check_chain(base, roots)
+        size = base.virtual_size if size_bytes is None else _check_size(size_bytes)
+        if size < base.virtual_size:
+            raise InvalidInput(
+                f"a differencing disk cannot be smaller than its parent "
+                f"({format_size(base.virtual_size)})",
+                size=size,
+                parent_size=base.virtual_size,
+            )
+        args = ["create", "-q", "-f", "qcow2", "-b", str(parent), "-F", base.format]
+    else:
+        if parent is not None:
+            raise InvalidInput(f"a {kind} disk has no parent; create a differencing disk")
+        if size_bytes is None:
+            raise InvalidInput(f"a {kind} disk needs a size", path=str(path))
+        size = _check_size(size_bytes)
+        if kind == "fixed":
+            _check_free(path.parent, size, what=f"a fixed disk of {format_size(size)}")
+            args = ["create", "-q", "-f", "raw", "-o", "preallocation=falloc"]
+        else:
+            args = ["create", "-q", "-f", "qcow2"]
+
+    async def write(tmp: Path) -> None:
+        await run_qemu_img([*args, "--", str(tmp), str(size)], timeout=timeout)
+
+    await _write_new(path, write)
+    log.info("created %s disk %s (%s)", kind, path, format_size(size))
+    return await inspect_disk(path, format="raw" if kind == "fixed" else "qcow2")
+
+
+async def resize_disk(
+    path: Path, size_bytes: int, *, allow_shrink: bool = False, timeout: float = QUICK_TIMEOUT
+) -> DiskInfo:
+    """Set the virtual size of ``path``; shrinking needs ``allow_shrink`` (it loses data)."""
+    info = await inspect_disk(path, timeout=timeout)
+    size = _check_size(size_bytes)
+    if size == info.virtual_size:
+        return info
+    if info.format not in ("raw", "qcow2"):
+        raise InvalidInput(
+            f"qemu-img cannot resize a {info.format} disk; convert it to qcow2 first",
+            path=str(path),
+            format=info.format,
+        )
+    args = ["resize", "-q", "-f", info.format]
+    if size < info.virtual_size:
+        if not allow_shrink:
+            raise InvalidInput(
+                f"refusing to shrink '{path}' from {format_size(info.virtual_size)} to "
+                f"{format_size(size)}: shrinking loses data beyond the new end. Shrink the "
+                "partitions in the guest first, then allow shrinking explicitly",
+                path=str(path),
+                size=size,
+                virtual_size=info.virtual_size,
+            )
+        args.append("--shrink")
+    elif info.kind == "fixed":
+        _check_free(path.parent, size - info.virtual_size, what="growing a fixed disk")
+        args.append("--preallocation=falloc")
+    await run_qemu_img([*args, "--", str(path), str(size)], timeout=timeout)
+    log.info("resized %s from %d to %d bytes", path, info.virtual_size, size)
+    return await inspect_disk(path, format=info.format, timeout=timeout)
+
+
+# -- convert, merge, compact --------------------------------------------------------------
+
+
+async def convert_disk(
+    src: Path,
+    dst: Path,
+    fmt: TargetFormat,
+    progress: ProgressFn | None = None,
+    *,
+    src_format: str | None = None,
+    roots: Sequence[Path] | None = None,
+    timeout: float = LONG_TIMEOUT,
+) -> DiskInfo:
+    """Copy ``src`` (its whole chain, flattened) into a new ``dst`` in ``fmt``.
+
+    ``fmt`` is qcow2, raw (sparse), vhdx (dynamic) or vhd (dynamic, exact size). Give
+    ``src_format`` when known (a raw disk is guest data that could look like any format).
+    """
+    if fmt not in TARGET_FORMATS:
+        raise InvalidInput(f"format {fmt!r} is not one of {', '.join(TARGET_FORMATS)}")
+    target = _QEMU_FORMAT[fmt]
+    _check_existing(src)
+    _check_new(dst)
+    info = await inspect_disk(src, format=src_format, timeout=min(timeout, QUICK_TIMEOUT))
+    _check_chain(info, roots)
+    args = ["convert", "-f", info.format, "-O", target, *_CREATE_OPTIONS[target]]
+    if progress is not None:
+        args.append("-p")
+
+    async def write(tmp: Path) -> None:
+        await run_qemu_img([*args, "--", str(src), str(tmp)], timeout=timeout, progress=progress)
+
+    await _write_new(dst, write)
+    log.info("converted %s to %s (%s)", src, dst, fmt)
+    return await inspect_disk(dst, format=target)
+
+
+async def merge_disk(
+    path: Path,
+    progress: ProgressFn | None = None,
+    *,
+    roots: Sequence[Path] | None = None,
+    timeout: float = LONG_TIMEOUT,
+) -> DiskInfo:
+    """Merge the differencing disk ``path`` into its parent, delete it, return the parent.
+
+    Other differencing disks of the same parent see its new content: merge only into
+    a parent that has no other children. If interrupted, ``path`` stays valid.
+    """
+    info = await inspect_disk(path, timeout=min(timeout, QUICK_TIMEOUT))
+    if info.kind != "differencing" or info.parent is None:
+        raise InvalidInput(
+            f"'{path}' is a {info.kind} disk, not a differencing disk; only a differencing "
+            "disk can be merged into its parent",
+            path=str(path),
+            kind=info.kind,
+        )
+    _check_chain(info, roots)
+    parent = info.parent
+    args = ["commit", "-f", info.format, "-d"]  # -d: keep the child intact until deleted
+    if progress is not None:
+        args.append("-p")
+    await run_qemu_img([*args, "--", str(path)], timeout=timeout, progress=progress)
+    os.unlink(path)
+    log.info("merged %s into %s and removed it", path, parent)
+    return await inspect_disk(parent, format=info.backing_format)
+
+
+def _copy_owner(src: Path, dst: Path) -> None:
+    st = os.stat(src)
+    os.chmod(dst, st.st_mode & 0o7777)
+    with contextlib.suppress(PermissionError):
+        os.chown(dst, st.st_uid, st.st_gid)
+
+
+async def compact_disk(
+    path: Path,
+    progress: ProgressFn | None = None,
+    *,
+    roots: Sequence[Path] | None = None,
+    timeout: float = LONG_TIMEOUT,
+) -> DiskInfo:
+    """Rewrite a dynamic or differencing disk without its unused space.
+
+    The copy keeps the backing file; it replaces ``path`` atomically only when complete.
+    The result's ``actual_size_before`` holds the size before compaction.
+    """
+    entries = await _info_entries(path, None, min(timeout, QUICK_TIMEOUT))
+    info = _info_from_entries(path, entries)
+    if info.kind == "fixed":
+        raise InvalidInput(
+            f"'{path}' is a fixed disk; a fixed disk cannot be compacted (convert it to a "
+            "dynamic disk instead)",
+            path=str(path),
+        )
+    if info.format not in _CREATE_OPTIONS or info.format == "raw":
+        raise InvalidInput(f"a {info.format} disk cannot be compacted", path=str(path))
+    _check_chain(info, roots)
+    args = ["convert", "-f", info.format, "-O", info.format, *_CREATE_OPTIONS[info.format]]
+    if info.format == "qcow2" and info.cluster_size:
+        args += ["-o", f"cluster_size={info.cluster_size}"]
+    stored_backing = _str(entries[0], "backing-filename")  # as written, maybe relative
+    if stored_backing and info.backing_format:
+        args += ["-B", stored_backing, "-F", info.backing_format]
+    if progress is not None:
+        args.append("-p")
+    tmp = _temp_path(path)
+    try:
+        await run_qemu_img([*args, "--", str(path), str(tmp)], timeout=timeout, progress=progress)
+        _copy_owner(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        _remove_quietly(tmp)
+    after = await inspect_disk(path, format=info.format)
+    log.info("compacted %s from %d to %d bytes", path, info.actual_size, after.actual_size)
+    return replace(after, actual_size_before=info.actual_size)
+
+
+# -- delete -------------------------------------------------------------------------------
+
+
+async def delete_disk(path: Path, *, timeout: float = QUICK_TIMEOUT) -> None:
+    """Delete the disk file ``path``; refuse while a process (a VM) holds it open.
+
+    It does not look for differencing disks that name ``path`` as their parent.
+    """
+    _check_existing(path)
+    try:  # without -U, qemu-img fails on an image another process holds a lock on
+        await run_qemu_img(["info", "--output=json", "--", str(path)], timeout=timeout)
+    except ResourceBusy as exc:
+        raise ResourceBusy(
+            f"'{path}' is in use (a running VM has it open); stop the VM first",
+            path=str(path),
+        ) from exc
+    except (InvalidInput, HypervisorError) as exc:
+        log.debug("lock probe of %s failed (%s); deleting anyway", path, exc)
+    os.unlink(path)
+    log.info("deleted disk %s", path)

@@ -1,0 +1,98 @@
+"""Confining user-supplied paths to the storage roots.
+
+Contract of :func:`confine`:
+
+* the input must be a non-empty, absolute path (the CLI makes paths absolute before it
+  sends them) without control characters and without ``,`` or ``=``, which QEMU's option
+  syntax would take as separators (the classic injection); otherwise
+  :class:`~hvstack.errors.InvalidInput`;
+* the path is resolved fully: every symlink, including one in a parent folder, and
+  every ``..``. A path that does not exist yet is resolved through its existing parents.
+  The resolved path must lie inside (or be) one of the resolved ``roots``; otherwise
+  :class:`~hvstack.errors.PathNotAllowed`. The resolved path is checked for the
+  forbidden characters again, as a symlink may point at a name that has them;
+* only then, with ``must_exist``, a missing path is :class:`~hvstack.errors.NotFound`
+  (so nothing is revealed about files outside the roots).
+
+The result is the resolved absolute :class:`~pathlib.Path`; callers use it, never the
+input. Confinement is a check at one moment: whoever later creates files under the
+result must still refuse to follow a link planted in between (the disk operations
+create files under temporary names and link them into place).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hvstack.errors import InvalidInput, NotFound, PathNotAllowed
+
+_FORBIDDEN = {",": "a comma", "=": "an equals sign"}
+
+
+def _problem(text: str) -> str | None:
+    """Return what is wrong with the characters of ``text``, or None."""
+    for char in text:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code < 0xA0:
+            return f"contains a control character ({code:#04x})"
+        if char in _FORBIDDEN:
+            return (
+                f"contains {_FORBIDDEN[char]} ({char!r}), which QEMU would read as an "
+                "option separator; rename the file or folder"
+            )
+    return None
+
+
+def _resolve(text: str, *, what: str) -> Path:
+    try:
+        return Path(text).resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
+        raise InvalidInput(f"{what} {text!r} cannot be resolved: {exc}", path=text) from exc
+
+
+def resolve_roots(roots: Sequence[Path]) -> list[Path]:
+    """Return the roots resolved (symlinks followed), as :func:`confine` compares them."""
+    return [Path(os.path.abspath(root)).resolve(strict=False) for root in roots]
+
+
+def confine(
+    path: str | os.PathLike[str],
+    roots: Sequence[Path],
+    *,
+    must_exist: bool = False,
+    what: str = "path",
+) -> Path:
+    """Return ``path`` resolved, if it lies inside one of ``roots``; raise otherwise."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be text, not bytes")
+    if not text.strip():
+        raise InvalidInput(f"{what} is empty", path=text)
+    problem = _problem(text)
+    if problem:
+        raise InvalidInput(f"{what} {text!r} {problem}", path=text)
+    if not os.path.isabs(text):
+        raise InvalidInput(f"{what} {text!r} is not absolute; give a full path", path=text)
+
+    allowed = resolve_roots(roots)
+    shown_roots = [str(root) for root in allowed]
+    resolved = _resolve(text, what=what)
+    if not any(resolved.is_relative_to(root) for root in allowed):
+        via = "" if str(resolved) == text else f" (it resolves to '{resolved}')"
+        inside = ", ".join(shown_roots) if shown_roots else "none are configured"
+        raise PathNotAllowed(
+            f"{what} '{text}'{via} is outside the storage roots: {inside}",
+            path=text,
+            resolved=str(resolved),
+            roots=shown_roots,
+        )
+    problem = _problem(str(resolved))
+    if problem:
+        raise InvalidInput(
+            f"{what} {text!r} resolves to {str(resolved)!r}, which {problem}", path=text
+        )
+    if must_exist and not resolved.exists():
+        raise NotFound(f"{what} '{text}' does not exist", path=text)
+    return resolved
