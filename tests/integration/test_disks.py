@@ -445,25 +445,42 @@ async def test_delete(tmp_path: Path) -> None:
         await delete_disk(disk.path)
 
 
-@pytest.fixture
-async def held_disk(tmp_path: Path) -> AsyncIterator[Path]:
-    """A qcow2 disk that a qemu-io process holds open for writing, as a VM would."""
-    disk = await create_disk(tmp_path / "held.qcow2", 8 * MiB, "dynamic")
+async def _hold(path: Path) -> asyncio.subprocess.Process | None:
+    """Start qemu-io holding ``path`` open; None if it lost a race with our lock probe."""
     proc = await asyncio.create_subprocess_exec(
         "qemu-io",
         "-f",
         "qcow2",
         "-c",
         "sleep 60000",
-        str(disk.path),
+        str(path),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    # The probe (qemu-img info without -U) takes a lock too: if qemu-io opens the image
+    # at that moment, qemu-io is the one that fails and exits.
     try:
-        async with asyncio.timeout(TIMEOUT):
-            while (await _run("qemu-img", "info", str(disk.path)))[0] == 0:
-                await asyncio.sleep(0.05)
+        while (await _run("qemu-img", "info", str(path)))[0] == 0:
+            if proc.returncode is not None:
+                return None
+            await asyncio.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc
+
+
+@pytest.fixture
+async def held_disk(tmp_path: Path) -> AsyncIterator[Path]:
+    """A qcow2 disk that a qemu-io process holds open for writing, as a VM would."""
+    disk = await create_disk(tmp_path / "held.qcow2", 8 * MiB, "dynamic")
+    proc = None
+    async with asyncio.timeout(TIMEOUT):
+        while proc is None:
+            proc = await _hold(disk.path)
+    try:
         yield disk.path
     finally:
         proc.kill()

@@ -213,6 +213,7 @@ def _read_module(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class ModulePayload:
+    release: str
     files: dict[str, bytes]
     """Guest path -> module content (uncompressed)."""
     load_order: tuple[str, ...]
@@ -239,4 +240,4 @@ def module_payload(kernel: ExtractedKernel, wanted: tuple[str, ...]) -> ModulePa
         for path in order
     }
     load = tuple(f"{guest_dir}/{kmod.plain_module_path(path)}" for path in order)
-    return ModulePayload(files, load, kmod.filtered_modules_dep(order, deps))
+    return ModulePayload(kernel.release, files, load, kmod.filtered_modules_dep(order, deps))
