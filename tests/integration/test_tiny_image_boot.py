@@ -72,6 +72,29 @@ def tiny_image() -> Path:
 
 
 @pytest.fixture
+def overlay(tiny_image: Path, tmp_path: Path) -> Path:
+    """A qcow2 overlay on the image, so the cached base stays pristine."""
+    path = tmp_path / "overlay.qcow2"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(tiny_image),
+            "-F",
+            "qcow2",
+            str(path),
+        ],
+        check=True,
+        timeout=60,
+    )
+    return path
+
+
+@pytest.fixture
 def sockdir() -> Iterator[Path]:
     """A short folder for unix sockets (their paths are limited to 107 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="hvt-", dir="/tmp"))
@@ -166,8 +189,7 @@ class Guest:
             args += ["-drive", f"if=pflash,format=raw,unit=1,file={self.vars}"]
         args += [
             "-blockdev",
-            "driver=qcow2,node-name=disk0,file.driver=file,"
-            f"file.filename={self.overlay}",
+            f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={self.overlay}",
             *self.machine.disk_args,
             "-device",
             "virtio-serial-pci",
@@ -202,7 +224,8 @@ class Guest:
         deadline = time.monotonic() + timeout
         while text not in self.log():
             if self.proc.returncode is not None:
-                pytest.fail(f"QEMU exited ({self.proc.returncode}) before {text!r}:\n{self._tail()}")
+                code = self.proc.returncode
+                pytest.fail(f"QEMU exited ({code}) before {text!r}:\n{self._tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"no {text!r} within {timeout:g} s:\n{self._tail()}")
             await asyncio.sleep(0.2)
@@ -245,15 +268,8 @@ async def booted(guest: Guest) -> AsyncIterator[Guest]:
 
 @pytest.mark.parametrize("machine", MACHINES, ids=[m.name for m in MACHINES])
 async def test_tiny_image_boots_and_keeps_data(
-    machine: Machine, tiny_image: Path, tmp_path: Path, sockdir: Path
+    machine: Machine, overlay: Path, tmp_path: Path, sockdir: Path
 ) -> None:
-    overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tiny_image), "-F", "qcow2",
-         str(overlay)],
-        check=True,
-        timeout=60,
-    )
     token = f"hvstack-{secrets.token_hex(8)}"
 
     async with booted(Guest(machine, overlay, tmp_path, sockdir, 1)) as guest:

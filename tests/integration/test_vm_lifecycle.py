@@ -230,3 +230,25 @@ def test_disk_full_while_saving_keeps_the_vm_running(host: HostProcess, tmp_path
     finally:
         host.hv("vm", "stop", "full", "--turn-off")
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_automatic_stop_and_start_actions(host: HostProcess) -> None:
+    host.ok("vm", "create", "auto", "--generation", "1", "--new-disk", "64M",
+            "--memory", "128M")
+    host.ok("vm", "create", "always", "--generation", "1", "--new-disk", "64M",
+            "--memory", "128M", "--auto-start", "always-start", "--auto-stop", "turn-off")
+    host.ok("vm", "create", "never", "--generation", "1", "--new-disk", "64M",
+            "--memory", "128M", "--auto-start", "nothing")
+    host.ok("vm", "start", "auto")
+    host.ok("vm", "start", "never")
+    host.stop()  # SIGTERM: automatic stop actions (save by default, turn off for 'always')
+    host.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = {vm["name"]: vm["state"] for vm in host.json("vm", "list")}
+        if states["auto"] == "Running" and states["always"] == "Running":
+            break
+        time.sleep(0.5)
+    assert states == {"auto": "Running", "always": "Running", "never": "Saved"}
+    for name in ("auto", "always"):
+        host.ok("vm", "stop", name, "--turn-off")

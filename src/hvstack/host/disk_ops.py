@@ -120,10 +120,12 @@ class DiskOperations:
         async def body(progress: Any) -> dict[str, Any]:
             from hvstack.images.tiny import build_tiny  # the builder's tools load on use
 
-            built = await build_tiny(config.cache_dir, lambda m, p: progress(p, m))
+            built = await build_tiny(config.cache_dir, lambda m, p: progress(p * 100, m))
             config.images_dir.mkdir(parents=True, exist_ok=True)
             target = config.images_dir / f"{name}{built.suffix}"
-            if not target.exists() or target.stat().st_mtime < built.stat().st_mtime:
+            # An image that exists is never replaced: differencing disks of VMs use it
+            # as their parent, and new content under them would corrupt them.
+            if not target.exists():
                 tmp = target.with_name(f".{target.name}.tmp")
                 await asyncio.to_thread(shutil.copyfile, built, tmp)
                 tmp.replace(target)

@@ -441,38 +441,36 @@ class HostService:
         return await self.update_vm(ref, name=new_name)
 
     async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
+        """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in
+        place, even inside the folder) unless ``delete_disks``; a disk another VM also
+        uses is always kept."""
         vm = self.get_vm(ref)
         async with vm.lock:
             vm.require(Operation.DELETE)
-            kept: list[str] = []
-            removed: list[str] = []
-            for disk in vm.record.config.disks:
-                inside = Path(disk.path).parent == vm.files.folder
-                if delete_disks:
-                    Path(disk.path).unlink(missing_ok=True)
-                    removed.append(disk.path)
-                else:
-                    kept.append(disk.path)
-                    if not inside:
-                        continue
+            paths = [d.path for d in vm.record.config.disks]
+            shared = {d.path for other in self._vms.values() if other is not vm
+                      for d in other.record.config.disks}
+            doomed = [p for p in paths if delete_disks and p not in shared]
             self.store.delete(vm.record.id)
             del self._vms[vm.record.id]
             del self._names[vm.record.name]
-            keep = {Path(p).name for p in kept if Path(p).parent == vm.files.folder}
+            for path in doomed:
+                Path(path).unlink(missing_ok=True)
+            kept = {Path(p) for p in paths if p not in doomed}
             if vm.files.folder.exists():
                 for entry in vm.files.folder.iterdir():
-                    if entry.name in keep:
+                    if entry in kept:
                         continue
                     if entry.is_dir():
                         shutil.rmtree(entry, ignore_errors=True)
                     else:
                         entry.unlink(missing_ok=True)
-                if not keep:
-                    with contextlib.suppress(OSError):
-                        vm.files.folder.rmdir()
+                with contextlib.suppress(OSError):
+                    vm.files.folder.rmdir()  # fails, rightly, while kept disks are in it
             shutil.rmtree(vm.files.run_dir, ignore_errors=True)
             self.events.publish("vm.deleted", vm=vm.record.name, id=vm.record.id)
-            return {"deleted": vm.record.name, "kept_disks": kept, "deleted_disks": removed}
+            return {"deleted": vm.record.name, "deleted_disks": doomed,
+                    "kept_disks": [p for p in paths if p not in doomed]}
 
     async def attach_disk(self, ref: str, path: str, bus: DiskBus | None = None) -> VmController:
         vm = self.get_vm(ref)

@@ -54,8 +54,6 @@ def get_image(name: str) -> ImageSpec:
     return spec
 
 
-async def build_image(
-    name: str, cache_dir: Path, progress: ProgressFn | None = None
-) -> Path:
+async def build_image(name: str, cache_dir: Path, progress: ProgressFn | None = None) -> Path:
     """Build (or take from the cache) the image ``name`` and return its path."""
     return await get_image(name).build(cache_dir, progress)

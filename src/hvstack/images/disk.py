@@ -43,7 +43,7 @@ GRUB_MODULES: tuple[str, ...] = (
 )
 MBR_CODE_BYTES = 440
 DATA_LABEL = "hvdata"
-_MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLS_NO_VFAT": "0"}
+_MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
 
 def boot_files_check() -> None:

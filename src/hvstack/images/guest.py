@@ -65,7 +65,7 @@ done < {MODULE_LIST}
 ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up
-    udhcpc -i eth0 -s /etc/udhcpc.script -x hostname:{HOSTNAME} -R \\
+    udhcpc -i eth0 -s /etc/udhcpc.script -x hostname:{HOSTNAME} -R -T 2 -A 5 \\
         </dev/null >/run/udhcpc.log 2>&1 &
 fi
 

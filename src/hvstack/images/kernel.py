@@ -5,6 +5,9 @@ Contract:
 * :func:`resolve_kernel_package` asks the local apt cache (``apt-cache``, no network)
   which ``linux-image-*-amd64`` package the ``linux-image-amd64`` meta package depends
   on now, and returns its name, version and SHA256. Nothing is installed on the host.
+* :func:`resolve_kernel_package_cached` does the same but remembers the answer in a
+  small JSON file next to the debs, keyed by a stamp of apt's package lists and
+  configuration (:func:`apt_state_stamp`), so a rerun need not ask apt again.
 * :func:`ensure_kernel_deb` returns the path of that ``.deb`` under ``debs_dir``,
   downloading it with ``apt-get download`` into a private temporary folder first and
   renaming it into place, so the cache only ever holds complete, checksum-verified
@@ -20,8 +23,10 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import shutil
@@ -95,8 +100,8 @@ def parse_depends(text: str, prefix: str = "linux-image-") -> str | None:
         line = raw.strip().lstrip("|")
         if not line.startswith("Depends:"):
             continue
-        name = line.removeprefix("Depends:").strip().strip("<>")
-        if name.startswith(prefix):
+        name = line.removeprefix("Depends:").strip()
+        if name.startswith(prefix):  # a <virtual> package cannot be downloaded
             return name
     return None
 
@@ -126,13 +131,54 @@ async def resolve_kernel_package(tools: Mapping[str, str]) -> KernelPackage:
             f"apt knows no kernel package that {META_PACKAGE} depends on; "
             "run apt-get update (with Debian's main component enabled)"
         )
-    shown = await run(
-        [tools["apt-cache"], "show", "--no-all-versions", name], timeout=APT_TIMEOUT
-    )
+    shown = await run([tools["apt-cache"], "show", "--no-all-versions", name], timeout=APT_TIMEOUT)
     fields = parse_stanza(shown.decode())
     if "Version" not in fields or "SHA256" not in fields:
         raise HypervisorError(f"apt-cache show {name} gave no version or SHA256")
     return KernelPackage(name, fields["Version"], fields["SHA256"].lower())
+
+
+APT_STATE_PATHS: tuple[Path, ...] = (
+    Path("/var/lib/apt/lists"),
+    Path("/etc/apt/sources.list"),
+    Path("/etc/apt/sources.list.d"),
+    Path("/etc/apt/preferences"),
+    Path("/etc/apt/preferences.d"),
+)
+
+
+def apt_state_stamp(paths: tuple[Path, ...] | None = None) -> str:
+    """Return a hash of the names, sizes and mtimes of apt's lists and configuration."""
+    entries: list[str] = []
+    for base in APT_STATE_PATHS if paths is None else paths:
+        if base.is_dir():
+            files = sorted(p for p in base.iterdir() if p.is_file() and p.name != "lock")
+        elif base.is_file():
+            files = [base]
+        else:
+            continue
+        for path in files:
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                entries.append(f"{path}:{info.st_size}:{info.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+async def resolve_kernel_package_cached(tools: Mapping[str, str], memo: Path) -> KernelPackage:
+    """Like :func:`resolve_kernel_package`, remembered in ``memo`` while apt's state holds."""
+    stamp = await asyncio.to_thread(apt_state_stamp)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(memo.read_text())
+        if data["stamp"] == stamp:
+            return KernelPackage(str(data["name"]), str(data["version"]), str(data["sha256"]))
+    package = await resolve_kernel_package(tools)
+    record = {"stamp": stamp, "name": package.name, "version": package.version}
+    record["sha256"] = package.sha256
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, memo)
+    return package
 
 
 def _sha256(path: Path) -> str:
@@ -165,9 +211,7 @@ async def ensure_kernel_deb(
             raise HypervisorError(f"apt-get download {package.name} left {len(files)} files")
         got = await asyncio.to_thread(_sha256, files[0])
         if got != package.sha256:
-            raise HypervisorError(
-                f"{files[0].name} has SHA256 {got}, apt expects {package.sha256}"
-            )
+            raise HypervisorError(f"{files[0].name} has SHA256 {got}, apt expects {package.sha256}")
         os.chmod(files[0], 0o644)
         os.replace(files[0], target)
     finally:
@@ -230,9 +274,7 @@ def module_payload(kernel: ExtractedKernel, wanted: tuple[str, ...]) -> ModulePa
         )
     deps = kmod.parse_modules_dep((kernel.modules_dir / "modules.dep").read_text())
     builtin_file = kernel.modules_dir / "modules.builtin"
-    builtin = kmod.parse_modules_builtin(
-        builtin_file.read_text() if builtin_file.is_file() else ""
-    )
+    builtin = kmod.parse_modules_builtin(builtin_file.read_text() if builtin_file.is_file() else "")
     order = kmod.resolve_modules(wanted, deps, builtin)
     guest_dir = f"/lib/modules/{kernel.release}"
     files = {

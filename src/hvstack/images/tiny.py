@@ -17,8 +17,10 @@ Contract:
   ``cache_dir/debs``.
 * The image is built in a private folder under ``cache_dir/work`` and renamed into
   place, so the cache holds only complete images; concurrent builders serialise on
-  a lock file (waiting at most :data:`LOCK_TIMEOUT`). Nothing is mounted and no
-  kernel is installed on the host.
+  a lock file (waiting at most :data:`LOCK_TIMEOUT`), and the lock holder removes
+  work folders left by builds that died and kernel ``.deb`` files other than the
+  current one. Built images are never removed: overlays may use them as backing
+  files. Nothing is mounted and no kernel is installed on the host.
 * ``progress(step, fraction)`` is called with a short step name and 0..1.
 * A missing host tool raises :class:`~hvstack.errors.HypervisorError` naming the
   packages to install (:data:`TINY_APT_PACKAGES`); failing tools raise it with their
@@ -63,6 +65,7 @@ TINY_APT_PACKAGES: tuple[str, ...] = (
     "syslinux",
     "syslinux-common",
     "grub-efi-amd64-bin",
+    "grub-common",
     "e2fsprogs",
     "fdisk",
     "qemu-utils",
@@ -190,7 +193,9 @@ async def build_tiny(cache_dir: Path, progress: ProgressFn | None = None) -> Pat
     disk.boot_files_check()
     binaries = _Binaries(Path(tools["busybox"]), Path(tools["qemu-ga"]))
     package, packages, _ = await asyncio.gather(
-        kernel.resolve_kernel_package(tools), _host_packages(tools), binaries.resolve(tools)
+        kernel.resolve_kernel_package_cached(tools, cache_dir / "debs" / "kernel.json"),
+        _host_packages(tools),
+        binaries.resolve(tools),
     )
     inputs = {
         "kernel": f"{package.name}={package.version} sha256:{package.sha256}",
@@ -209,6 +214,7 @@ async def build_tiny(cache_dir: Path, progress: ProgressFn | None = None) -> Pat
             return final
         work_root = cache_dir / "work"
         work_root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_remove_stale, work_root)
         work = Path(tempfile.mkdtemp(prefix=f"tiny-{key}-", dir=work_root))
         try:
             await _build(work, final, key, package, binaries, tools, report)
@@ -229,6 +235,9 @@ async def _build(
 ) -> None:
     report(f"downloading {package.name} {package.version}", 0.05)
     deb = await kernel.ensure_kernel_deb(package, final.parent.parent / "debs", tools)
+    for old in deb.parent.glob("linux-image-*.deb"):
+        if old != deb:
+            old.unlink(missing_ok=True)
     report("unpacking the kernel", 0.25)
     unpacked = await kernel.extract_kernel(deb, work / "kernel", tools)
     report("selecting kernel modules", 0.45)
@@ -274,9 +283,14 @@ async def _build(
             partial.unlink()
 
 
-def _initramfs(
-    binaries: _Binaries, applets: list[str], modules: kernel.ModulePayload
-) -> Initramfs:
+def _remove_stale(work_root: Path) -> None:
+    """Remove work folders of builds that died (the caller holds the build lock)."""
+    for stale in work_root.glob("tiny-*"):
+        log.info("removing %s, left by an interrupted build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _initramfs(binaries: _Binaries, applets: list[str], modules: kernel.ModulePayload) -> Initramfs:
     root = Initramfs()
     for folder in ("/proc", "/sys", "/dev", "/run", "/data", "/mnt", "/var/log", "/etc/qemu"):
         root.mkdir(folder)

@@ -366,11 +366,11 @@ async def create_disk(
     if kind == "differencing":
         if parent is None:
             raise InvalidInput("a differencing disk needs a parent disk", path=str(path))
-        _check_existing(parent, what="parent disk")
-        base = await inspect_disk(parent, timeout=timeout)
         if roots is not None:
             confine(parent, roots, what="parent disk")
-            _check_chain(base, roots)
+        _check_existing(parent, what="parent disk")
+        base = await inspect_disk(parent, timeout=timeout)
+        _check_chain(base, roots)
         size = base.virtual_size if size_bytes is None else _check_size(size_bytes)
         if size < base.virtual_size:
             raise InvalidInput(

@@ -13,7 +13,7 @@ import os
 import signal
 from pathlib import Path
 
-from hvstack.errors import HypervisorError, OperationTimeout
+from hvstack.errors import HypervisorError, OperationTimeout, ResourceBusy
 
 LAUNCH_TIMEOUT = 60.0
 
@@ -44,6 +44,9 @@ async def launch(argv: list[str], pidfile: Path, *, timeout: float = LAUNCH_TIME
         raise OperationTimeout(f"QEMU did not finish starting within {timeout:.0f} s") from exc
     if proc.returncode != 0:
         message = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        if "Failed to get" in message and "lock" in message:
+            raise ResourceBusy(f"a disk of this VM is in use by another process: {message}",
+                               qemu_stderr=message)
         raise HypervisorError(f"QEMU failed to start: {message}", qemu_stderr=message)
     pid = read_pid(pidfile)
     if pid is None:

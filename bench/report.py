@@ -1,0 +1,93 @@
+"""Benchmark results and their Markdown rendering (docs/benchmarks.md).
+
+A benchmark returns one :class:`Section`: a title, what it measures, tables (one per
+measurement) whose rows carry the measured number, the baseline measured in the same
+run, the ratio and the goal, and free-form notes. :func:`render` turns the sections
+of one run, with the machine they ran on, into the whole file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bench.support import Machine
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # the module, e.g. "vm_start"
+    title: str
+    description: str
+    tables: tuple[Table, ...]
+    notes: tuple[str, ...] = ()
+    goals_met: tuple[bool, ...] = field(default=())  # one per goal that applies
+    seconds: float = 0.0  # how long the benchmark took, set or not by the runner
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+              for row in rows]
+    return lines
+
+
+def render_section(section: Section, machine: Machine) -> str:
+    lines = [f"## {section.title}", "", section.description]
+    for table in section.tables:
+        lines.append("")
+        if table.caption:
+            lines += [table.caption, ""]
+        lines += _table(table.headers, table.rows)
+    lines += ["", f"Machine: {machine.short()}; the benchmark took {section.seconds:.0f} s."]
+    if section.notes:
+        lines.append("")
+        lines += [f"- {note}" for note in section.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render(sections: Sequence[Section], machine: Machine, failures: Sequence[str] = ()
+           ) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m bench` (`make bench`); every run overwrites this file. Each",
+        "benchmark measures a baseline in the same run on the same machine, so ratios carry",
+        "over between machines where absolute times do not. Benchmarks are not tests: a",
+        "missed goal is reported here, it does not fail a build.",
+        "",
+        "## Machine",
+        "",
+        *_table(("", ""), machine.rows()),
+        "",
+        "## Summary",
+        "",
+        *_table(
+            ("benchmark", "goals met"),
+            [(s.name, f"{sum(s.goals_met)} of {len(s.goals_met)}") for s in sections]
+            + [(f.split(":", 1)[0], f"failed: {f.split(':', 1)[-1].strip()}")
+               for f in failures],
+        ),
+        "",
+    ]
+    body = "\n".join(lines) + "\n"
+    return body + "\n".join(render_section(s, machine) for s in sections)

@@ -1,0 +1,342 @@
+"""Golden tests for the QEMU command line, and the escaping of every user string in it.
+
+The goldens live in ``tests/golden/<name>.json`` (a JSON list of argv strings, one per
+line). After an intended change to :func:`build_argv`, regenerate them with
+``HV_UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py`` and review the diff in git.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hvstack.compute.model import (
+    BootDevice,
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+)
+from hvstack.hypervisor.qemu.argv import (
+    Firmware,
+    QemuSpec,
+    RuntimePaths,
+    build_argv,
+    escape_option,
+)
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+VM_ID = "6b1f0c8e-2d4a-4f7e-9c3b-5a6d7e8f9012"
+FOLDER = f"/var/lib/hvstack/vms/{VM_ID}"
+RUN = f"/run/hvstack-0123456789/{VM_ID}"
+MAC = "52:54:00:12:34:56"
+GIB = 1024**3
+
+# Options whose value QEMU parses with its classic ``key=value,...`` syntax.
+OPTION_SYNTAX = {"-name", "-machine", "-accel", "-m", "-rtc", "-chardev", "-mon", "-sandbox",
+                 "-smp", "-cpu", "-display", "-serial"}
+
+
+def paths(run: str = RUN, folder: str = FOLDER) -> RuntimePaths:
+    return RuntimePaths(
+        qmp_socket=f"{run}/qmp.sock",
+        serial_socket=f"{run}/serial.sock",
+        serial_log=f"{folder}/console.log",
+        qga_socket=f"{run}/qga.sock",
+        pidfile=f"{folder}/qemu.pid",
+    )
+
+
+def gen1_spec(accelerator: str = "tcg") -> QemuSpec:
+    config = VmConfig(
+        name="legacy",
+        generation=Generation.GEN1,
+        cpus=2,
+        memory_bytes=1 * GIB,
+        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2"),),
+        dvd="/var/lib/hvstack/iso/install.iso",
+        network_adapters=(NetworkAdapter(MAC, NicModel.E1000),),
+    )
+    return QemuSpec(vm_id=VM_ID, config=config, accelerator=accelerator, paths=paths())
+
+
+def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
+    config = VmConfig(
+        name="modern",
+        generation=Generation.GEN2,
+        cpus=2,
+        memory_bytes=1 * GIB,
+        disks=(
+            DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.SCSI, "qcow2"),
+            DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw"),
+        ),
+        dvd="/var/lib/hvstack/iso/install.iso",
+        network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),),
+        boot_order=(BootDevice.DVD, BootDevice.DISK),
+        os_type=os_type,
+    )
+    return QemuSpec(
+        vm_id=VM_ID,
+        config=config,
+        accelerator=accelerator,
+        paths=paths(),
+        firmware=Firmware("/usr/share/OVMF/OVMF_CODE_4M.fd", f"{FOLDER}/efivars.fd"),
+    )
+
+
+GOLDEN_SPECS = {
+    "argv_gen1": lambda: gen1_spec("tcg"),
+    "argv_gen2": lambda: gen2_spec("tcg"),
+    "argv_gen2_kvm": lambda: gen2_spec("kvm"),
+    "argv_gen2_windows": lambda: gen2_spec("kvm", os_type="windows"),
+}
+
+
+def check_golden(name: str, argv: list[str]) -> None:
+    path = GOLDEN_DIR / f"{name}.json"
+    text = json.dumps(argv, indent=2) + "\n"
+    if os.environ.get("HV_UPDATE_GOLDEN") == "1":
+        GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; create it with HV_UPDATE_GOLDEN=1")
+    expected = path.read_text()
+    if expected != text:
+        diff = "".join(difflib.unified_diff(
+            expected.splitlines(keepends=True), text.splitlines(keepends=True),
+            fromfile=f"golden/{name}.json", tofile="build_argv()",
+        ))
+        pytest.fail(
+            f"build_argv() differs from the golden file {path.name}; if the change is "
+            f"intended, regenerate with HV_UPDATE_GOLDEN=1 and review the diff:\n{diff}",
+            pytrace=False,
+        )
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SPECS))
+def test_golden(name: str) -> None:
+    check_golden(name, build_argv(GOLDEN_SPECS[name]()))
+
+
+# -- structure ------------------------------------------------------------------------------
+
+
+def option_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
+def json_options(argv: list[str], flag: str) -> list[dict[str, object]]:
+    return [json.loads(v) for v in option_values(argv, flag) if v.startswith("{")]
+
+
+def parse_qemu_opts(text: str) -> list[tuple[str, str]]:
+    """Parse QEMU's classic ``key=value,...`` syntax the way QEMU does (',,' is a comma)."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return [(p.partition("=")[0], p.partition("=")[2]) for p in parts]
+
+
+def test_gen1_uses_emulated_devices() -> None:
+    argv = build_argv(gen1_spec())
+    assert option_values(argv, "-machine") == ["pc"]
+    devices = {d["driver"]: d for d in json_options(argv, "-device")}
+    assert devices["ide-hd"]["bus"] == "ide.0" and devices["ide-hd"]["unit"] == 0
+    assert devices["ide-cd"]["bus"] == "ide.0" and devices["ide-cd"]["unit"] == 1
+    assert devices["e1000"]["mac"] == MAC
+    assert "virtio-scsi-pci" not in devices
+    assert option_values(argv, "-smp") == ["2"]
+    assert option_values(argv, "-m") == ["size=1024M"]
+    assert not any(a.startswith("pflash") for a in argv)
+
+
+def test_gen2_uses_uefi_and_synthetic_devices() -> None:
+    argv = build_argv(gen2_spec())
+    machine = option_values(argv, "-machine")[0]
+    assert machine == "q35,pflash0=fw-code,pflash1=fw-vars"
+    nodes = {n["node-name"]: n for n in json_options(argv, "-blockdev")}
+    assert nodes["fw-code-file"]["filename"] == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    assert nodes["fw-code"]["read-only"] is True
+    assert nodes["fw-vars-file"]["filename"] == f"{FOLDER}/efivars.fd"
+    assert nodes["fw-vars"]["read-only"] is False
+    devices = {d["id"]: d for d in json_options(argv, "-device")}
+    assert devices["disk0-dev"]["driver"] == "scsi-hd"
+    assert devices["disk1-dev"]["driver"] == "virtio-blk-pci"
+    assert devices["nic0"]["driver"] == "virtio-net-pci"
+    assert not any(str(d["driver"]).startswith("ide") for d in devices.values())
+    # boot order dvd, disk: the DVD first, the first disk second, the NIC not at all
+    assert devices["dvd0-dev"]["bootindex"] == 1
+    assert devices["disk0-dev"]["bootindex"] == 2
+    assert "bootindex" not in devices["disk1-dev"]
+    assert "bootindex" not in devices["nic0"]
+
+
+def test_kvm_and_tcg_differ_only_in_accelerator_and_cpu_model() -> None:
+    kvm, tcg = build_argv(gen2_spec("kvm")), build_argv(gen2_spec("tcg"))
+    assert option_values(kvm, "-accel") == ["kvm"]
+    assert option_values(tcg, "-accel") == ["tcg"]
+    assert option_values(kvm, "-cpu") == ["host"]
+    assert option_values(tcg, "-cpu") == ["max"]
+    differing = [(k, t) for k, t in zip(kvm, tcg, strict=True) if k != t]
+    assert differing == [("kvm", "tcg"), ("host", "max")]
+
+
+def test_windows_keeps_the_clock_in_local_time() -> None:
+    assert option_values(build_argv(gen2_spec(os_type="windows")), "-rtc") == ["base=localtime"]
+    assert option_values(build_argv(gen2_spec(os_type="linux")), "-rtc") == ["base=utc"]
+
+
+def test_incoming_waits_for_saved_state() -> None:
+    spec = replace(gen2_spec(), incoming=True)
+    assert build_argv(spec)[-2:] == ["-incoming", "defer"]
+    assert "-incoming" not in build_argv(gen2_spec())
+
+
+def test_daemonized_with_pidfile_and_sandbox() -> None:
+    argv = build_argv(gen1_spec())
+    assert argv[0] == "qemu-system-x86_64"
+    assert option_values(argv, "-pidfile") == [f"{FOLDER}/qemu.pid"]
+    assert "-daemonize" in argv
+    assert "-nodefaults" in argv
+    assert option_values(argv, "-sandbox")[0].startswith("on,")
+
+
+def test_no_boot_order_means_no_bootindex() -> None:
+    spec = gen2_spec()
+    spec = replace(spec, config=replace(spec.config, boot_order=()))
+    for device in json_options(build_argv(spec), "-device"):
+        assert "bootindex" not in device
+
+
+# -- escaping -------------------------------------------------------------------------------
+
+
+def test_escape_option_doubles_commas() -> None:
+    assert escape_option("/a,b") == "/a,,b"
+    assert escape_option("/a,,b,") == "/a,,,,b,,"
+    assert escape_option("/plain/path") == "/plain/path"
+
+
+def test_comma_in_chardev_path_is_doubled() -> None:
+    spec = replace(gen1_spec(), paths=paths(run="/run/a,b", folder="/vms/x,y"))
+    argv = build_argv(spec)
+    chardevs = option_values(argv, "-chardev")
+    qmp = next(c for c in chardevs if c.startswith("socket,id=qmp,"))
+    assert "path=/run/a,,b/qmp.sock" in qmp
+    assert dict(parse_qemu_opts(qmp))["path"] == "/run/a,b/qmp.sock"
+    serial = dict(parse_qemu_opts(next(c for c in chardevs if "id=serial0" in c)))
+    assert serial["path"] == "/run/a,b/serial.sock"
+    assert serial["logfile"] == "/vms/x,y/console.log"
+    assert serial["logappend"] == "on"
+
+
+@pytest.mark.parametrize("path", [
+    "/srv/disks/a,b.qcow2",
+    "/srv/disks/a,file.driver=ssh,b.qcow2",
+    "/srv/disks/x=y.qcow2",
+    '/srv/disks/quote"and\\backslash.qcow2',
+    "/srv/disks/trailing-comma,",
+])
+def test_disk_path_stays_inside_one_json_value(path: str) -> None:
+    spec = gen2_spec()
+    config = replace(spec.config, disks=(DiskAttachment(path, DiskBus.SCSI, "qcow2"),),
+                     dvd=path.replace("disks", "iso"))
+    argv = build_argv(replace(spec, config=config))
+    nodes = {n["node-name"]: n for n in json_options(argv, "-blockdev")}
+    assert nodes["disk0-file"]["filename"] == path
+    assert nodes["disk0-file"]["driver"] == "file"
+    assert set(nodes["disk0-file"]) == {"driver", "filename", "node-name", "read-only", "discard"}
+    assert nodes["dvd0-file"]["filename"] == path.replace("disks", "iso")
+    # every -blockdev value is one JSON object, never classic option syntax
+    assert all(v.startswith("{") for v in option_values(argv, "-blockdev"))
+
+
+HOSTILE = "/evil,inject=1,"
+
+
+def hostile_spec(generation: Generation) -> tuple[QemuSpec, set[str]]:
+    """A spec where every string a user or an administrator controls is hostile."""
+    run, folder = f"{HOSTILE}run", f"{HOSTILE}vm"
+    bus = DiskBus.IDE if generation is Generation.GEN1 else DiskBus.SCSI
+    model = NicModel.E1000 if generation is Generation.GEN1 else NicModel.VIRTIO
+    config = VmConfig(
+        name="evil,inject=1",
+        generation=generation,
+        disks=(DiskAttachment(f"{HOSTILE}disk.qcow2", bus),
+               DiskAttachment(f"{HOSTILE}data.raw", DiskBus.VIRTIO, "raw")),
+        dvd=f"{HOSTILE}cd.iso",
+        network_adapters=(NetworkAdapter(MAC, model),),
+        notes="notes,inject=1",
+    )
+    firmware = None
+    if generation is Generation.GEN2:
+        firmware = Firmware(f"{HOSTILE}code.fd", f"{HOSTILE}vars.fd")
+    spec = QemuSpec(vm_id=VM_ID, config=config, accelerator="tcg",
+                    paths=paths(run=run, folder=folder), firmware=firmware)
+    p = spec.paths
+    user = {f"{HOSTILE}disk.qcow2", f"{HOSTILE}data.raw", f"{HOSTILE}cd.iso",
+            p.qmp_socket, p.serial_socket, p.serial_log, p.qga_socket, p.pidfile}
+    if firmware is not None:
+        user |= {firmware.code, firmware.vars}
+    return spec, user
+
+
+def json_strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in json_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in json_strings(v)]
+    return []
+
+
+@pytest.mark.parametrize("generation", list(Generation))
+def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> None:
+    spec, user_strings = hostile_spec(generation)
+    argv = build_argv(spec)
+    seen: set[str] = set()
+    for i, arg in enumerate(argv):
+        flag = argv[i - 1] if i else ""
+        if arg.startswith("{"):
+            for value in json_strings(json.loads(arg)):
+                if "inject" in value:
+                    assert value in user_strings, f"{value!r} mangled in {arg}"
+                    seen.add(value)
+        elif flag in OPTION_SYNTAX:
+            options = parse_qemu_opts(arg)
+            keys = [k for k, _ in options]
+            assert "inject" not in keys, f"{flag} {arg!r} lets a user string add options"
+            assert len(keys) == len(set(keys)), f"{flag} {arg!r} repeats an option"
+            for _, value in options:
+                if "inject" in value:
+                    assert value in user_strings, f"{flag} {arg!r}: {value!r} was split"
+                    seen.add(value)
+        elif "inject" in arg:
+            # only plain file-name arguments (not option syntax) may hold them verbatim
+            assert flag == "-pidfile" and arg == spec.paths.pidfile, (flag, arg)
+            seen.add(arg)
+    # every user string reached the command line, and none was dropped on the way
+    assert seen == user_strings
+    assert not any("notes" in a for a in argv)
