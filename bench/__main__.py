@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for name in names:
         print(f"bench: running {name} ...", file=sys.stderr, flush=True)
-        began = time.monotonic()
+        began, load_before = time.monotonic(), os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix=f"hvbench-{name}-") as tmp:
             try:
                 section = BENCHMARKS[name](Path(tmp))
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
                 continue
         seconds = time.monotonic() - began
-        sections.append(replace(section, seconds=seconds))
+        sections.append(replace(section, seconds=seconds,
+                                load=(load_before, os.getloadavg()[0])))
         print(f"bench: {name} took {seconds:.0f} s", file=sys.stderr, flush=True)
     text = render(sections, machine, failures)
     if args.output == "-":

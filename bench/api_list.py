@@ -22,7 +22,7 @@ from bench.report import Section, Table, ms, ratio, verdict
 from bench.support import ServiceProcess, median, percentile
 
 DEFINED = 1000
-REQUESTS = 200
+REQUESTS = 400
 WARMUP = 10
 GOAL_P99 = 0.050
 DEFINED_WITH_DISK = 200

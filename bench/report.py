@@ -29,7 +29,8 @@ class Section:
     tables: tuple[Table, ...]
     notes: tuple[str, ...] = ()
     goals_met: tuple[bool, ...] = field(default=())  # one per goal that applies
-    seconds: float = 0.0  # how long the benchmark took, set or not by the runner
+    seconds: float = 0.0  # how long the benchmark took (set by the runner)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after
 
 
 def ms(seconds: float) -> str:
@@ -58,7 +59,9 @@ def render_section(section: Section, machine: Machine) -> str:
         if table.caption:
             lines += [table.caption, ""]
         lines += _table(table.headers, table.rows)
-    lines += ["", f"Machine: {machine.short()}; the benchmark took {section.seconds:.0f} s."]
+    lines += ["", f"Machine: {machine.short()}; the benchmark took {section.seconds:.0f} s; "
+                  f"1-minute load average {section.load[0]:.2f} before, {section.load[1]:.2f} "
+                  "after."]
     if section.notes:
         lines.append("")
         lines += [f"- {note}" for note in section.notes]

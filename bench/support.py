@@ -77,6 +77,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _count_qemu() -> int:
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            count += comm.read_text().startswith("qemu-system")
+    return count
+
+
 @dataclass(frozen=True)
 class Machine:
     cores: int
@@ -91,6 +99,7 @@ class Machine:
     commit: str
     date: str
     load: str
+    other_qemu: int
 
     @staticmethod
     def describe(repo: Path) -> Machine:
@@ -113,6 +122,7 @@ class Machine:
                              ("", "unknown", "not available") else ""),
             date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             load=f"{load1:.2f} / {load5:.2f} (1 / 5 min, at the start of the run)",
+            other_qemu=_count_qemu(),
         )
 
     def short(self) -> str:
@@ -131,6 +141,8 @@ class Machine:
             ("kernel", self.kernel),
             ("hvstack", f"{self.hvstack}, commit {self.commit}"),
             ("load average", self.load),
+            ("other QEMU processes", f"{self.other_qemu} running at the start of the run "
+                                     "(other work on the machine skews the numbers)"),
         ]
 
 

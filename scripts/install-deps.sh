@@ -5,8 +5,8 @@ packages=(
   python3 python3-venv python3-pip
   qemu-system-x86 qemu-utils ovmf
   # the tiny guest image builder
-  busybox-static qemu-guest-agent mtools dosfstools syslinux syslinux-common syslinux-efi
-  grub-efi-amd64-bin grub-pc-bin e2fsprogs cpio fdisk kmod zstd xz-utils
+  busybox-static qemu-guest-agent mtools syslinux syslinux-common
+  systemd-boot-efi e2fsprogs fdisk
   # tests and tools
   iproute2 socat procps
 )

@@ -8,6 +8,7 @@ A plain number is bytes. Negative, fractional-byte, empty and unknown-unit sizes
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from hvstack.errors import InvalidInput
 
@@ -30,11 +31,14 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
             value=str(text),
         )
     number, unit = match.groups()
-    value = float(number) * (1024 ** _UNITS[unit.upper()])
-    if value != int(value):
-        raise InvalidInput(f"{what} '{text}' is not a whole number of bytes", value=str(text))
+    if len(number) > 30:
+        raise InvalidInput(f"{what} '{text}' is too large", value=str(text)[:40])
+    # Decimal, not float: byte counts past 2**53 must not be rounded.
+    value = Decimal(number) * (1024 ** _UNITS[unit.upper()])
     if value > MAX_SIZE:
         raise InvalidInput(f"{what} '{text}' is too large", value=str(text))
+    if value != value.to_integral_value():
+        raise InvalidInput(f"{what} '{text}' is not a whole number of bytes", value=str(text))
     return int(value)
 
 

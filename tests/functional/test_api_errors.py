@@ -206,8 +206,6 @@ async def test_more_cpus_than_the_host_has(api: httpx.AsyncClient,
     assert "processor count" in response.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG units.py:39: parse_size('9'*400) raises "
-                   "OverflowError (an internal error) instead of InvalidInput (400)")
 async def test_absurd_memory_is_a_400(api: httpx.AsyncClient) -> None:
     response = await api.post(f"{API}/vms", json={"name": "web", "memory": "9" * 400})
     assert_problem(response, 400, "invalid-input")
@@ -248,3 +246,28 @@ async def test_unknown_route_is_problem_json(api: httpx.AsyncClient) -> None:
     response = await api.put(f"{API}/vms")
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/problem+json"
+
+
+# -- 500: failures of the host itself ------------------------------------------------------
+
+
+async def test_missing_ovmf_firmware_is_a_clear_problem(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from hvstack.api.app import create_app
+    from hvstack.host.store import MemoryStore
+    from tests.functional.conftest import make_config
+    from tests.functional.fakes import FakeDriver
+
+    config = replace(make_config(tmp_path), ovmf_vars=tmp_path / "no-such-OVMF_VARS.fd")
+    service = HostService(config, MemoryStore(), FakeDriver())
+    await service.startup()
+    transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
+            response = await client.post(f"{API}/vms", json={"name": "web", "memory": "64M"})
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "OVMF" in response.json()["detail"]
+    finally:
+        await service.shutdown()
+        assert list(config.vms_dir.iterdir()) == []  # nothing left behind either way

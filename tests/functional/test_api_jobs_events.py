@@ -18,6 +18,7 @@ from tests.functional.fakes import (
     FakeDriver,
     assert_problem,
     create_vm,
+    eventually,
     run_job,
     show_vm,
 )
@@ -81,10 +82,7 @@ async def test_cancel_a_stop_keeps_the_vm_running(api: httpx.AsyncClient,
     await run_job(api, "web", "start")
     job = (await api.post(f"{API}/vms/web/stop", json={"timeout_seconds": 600})).json()
     machine = driver.machine_of(vm["id"])
-    for _ in range(1000):  # until the power button has been pressed
-        if machine.power_presses:
-            break
-        await asyncio.sleep(0.001)
+    await eventually(lambda: machine.power_presses > 0, "the power button was pressed")
     cancelled = (await api.post(f"{API}/jobs/{job['id']}/cancel")).json()
     assert cancelled["state"] == "cancelled"
     shown = await show_vm(api, "web")

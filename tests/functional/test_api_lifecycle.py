@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from hvstack.errors import HypervisorError
 from hvstack.host.service import HostService
@@ -346,3 +347,10 @@ async def test_openapi_lists_the_paths(api: httpx.AsyncClient) -> None:
         assert path in paths, path
     assert set(paths["/api/v1/vms"]) == {"get", "post"}
     assert set(paths["/api/v1/vms/{ref}"]) == {"get", "patch", "delete"}
+
+
+async def test_saved_vm_has_no_pid(api: httpx.AsyncClient) -> None:
+    await create_vm(api, "web")
+    await run_job(api, "web", "start")
+    await run_job(api, "web", "save")
+    assert (await show_vm(api, "web"))["pid"] is None

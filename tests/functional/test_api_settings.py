@@ -179,8 +179,6 @@ async def test_dvd_with_a_comma_is_refused(api: httpx.AsyncClient, tmp_path: Pat
     assert "comma" in problem["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG api/routes/vms.py:88-91: PATCH renames first and "
-                   "then applies the other changes, so a refused change still renames")
 async def test_a_refused_patch_changes_nothing(api: httpx.AsyncClient) -> None:
     await create_vm(api, "web")
     await run_job(api, "web", "start")
@@ -189,8 +187,6 @@ async def test_a_refused_patch_changes_nothing(api: httpx.AsyncClient) -> None:
     assert (await api.get(f"{API}/vms/web")).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="BUG host/service.py accelerator_for: a VM set to kvm "
-                   "on a host whose /dev/kvm is not usable makes every GET /vms fail (400)")
 async def test_a_vm_set_to_kvm_does_not_break_listing(api: httpx.AsyncClient,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from hvstack.hypervisor import accel

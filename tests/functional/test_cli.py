@@ -1,16 +1,25 @@
-"""The ``hv`` CLI without a host service: one-line errors, exit code 2, no traceback."""
+"""The ``hv`` CLI: without a host service (one-line errors, exit code 2, no traceback), and
+against the API served in-process on the fake driver."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
+from click.testing import Result
 from typer.testing import CliRunner
 
+from hvstack.api.app import create_app
 from hvstack.cli.main import app
+from hvstack.host.service import HostService
 
 runner = CliRunner()
 
@@ -82,3 +91,84 @@ def test_the_real_entry_point(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "tcp:nohost" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# -- the CLI against the API served in-process (uvicorn on a unix socket, fake driver) ------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers (the test owns the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@pytest.fixture
+async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
+    socket_path = tmp_path / "hv.sock"
+    config = uvicorn.Config(create_app(service), uds=str(socket_path), log_level="warning",
+                            lifespan="off")
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"unix:{socket_path}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def hv(host: str, *args: str) -> Result:
+    return await asyncio.to_thread(runner.invoke, app, list(args), env={"HV_HOST": host})
+
+
+async def test_cli_drives_a_vm(served: str) -> None:
+    result = await hv(served, "vm", "create", "web", "--memory", "64M", "--cpus", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Created VM 'web' (Generation 2, ")
+
+    result = await hv(served, "vm", "show", "web", "-o", "json")
+    assert result.exit_code == 0, result.output
+    vm = json.loads(result.stdout)
+    assert {"id", "name", "state", "generation", "cpus", "memory_bytes", "disks",
+            "uptime_seconds"} <= set(vm)
+    assert (vm["name"], vm["state"], vm["generation"], vm["cpus"], vm["memory_bytes"],
+            vm["disks"], vm["uptime_seconds"]) == ("web", "Off", 2, 1, 64 << 20, [], 0)
+
+    result = await hv(served, "vm", "start", "web")
+    assert result.exit_code == 0, result.output
+    assert "done, VM is Running" in result.stdout
+
+    result = await hv(served, "vm", "list")
+    assert result.exit_code == 0
+    assert "web" in result.stdout and "Running" in result.stdout
+
+    result = await hv(served, "vm", "start", "web")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: cannot start VM 'web': it is Running; start requires Off or Saved")
+
+    result = await hv(served, "vm", "stop", "web", "--turn-off", "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["result"] == {"state": "Off", "how": "turned off"}
+
+    result = await hv(served, "job", "list", "-o", "json")
+    assert [j["kind"] for j in json.loads(result.stdout)] == ["start", "turn-off"]
+
+
+async def test_cli_errors_from_the_service(served: str) -> None:
+    result = await hv(served, "vm", "show", "ghost")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: no VM named 'ghost' exists on this host"
+    result = await hv(served, "vm", "create", "bad/name")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: VM name 'bad/name' must not contain '/' or '\\'"
+    result = await hv(served, "vm", "create", "web", "--memory", "lots")
+    assert result.exit_code == 2
+    assert "memory 'lots' is not a size" in result.stderr
+    assert "Traceback" not in result.output

@@ -154,9 +154,6 @@ def test_memory_over_host_is_insufficient_resources() -> None:
     assert "9 GiB is more than this host has (8 GiB)" in info.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG compute/model.py:196: more processors than the "
-                   "host has is InvalidInput (400), but errors.py documents "
-                   "InsufficientResources (422) for 'more memory/CPUs than the host has'")
 def test_cpus_over_host_is_insufficient_resources() -> None:
     with pytest.raises(InsufficientResources):
         validate_config(config(cpus=5), **HOST)

@@ -7,6 +7,7 @@ data fields are extension members, so clients can read ``vm``, ``state`` and
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hvstack.errors import HvError
 
 MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger(__name__)
 
 
 def problem_body(exc: HvError) -> dict[str, Any]:
@@ -59,6 +61,13 @@ def install(app: FastAPI) -> None:
             "errors": errors,
         }
         return JSONResponse(body, status_code=400, media_type=MEDIA_TYPE)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        body = {"type": "/problems/internal", "title": "Internal error", "status": 500,
+                "detail": f"internal error: {type(exc).__name__}: {exc}"}
+        return JSONResponse(body, status_code=500, media_type=MEDIA_TYPE)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

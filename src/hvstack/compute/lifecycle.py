@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,8 +92,10 @@ class VmController:
         return self.record.state
 
     def _set(self, state: VmState, reason: str = "", **changes: object) -> None:
-        if state is VmState.OFF:
+        if state in (VmState.OFF, VmState.SAVED):
             changes.setdefault("pid", None)
+            shutil.rmtree(self.files.run_dir, ignore_errors=True)  # its sockets are dead
+        if state is VmState.OFF:
             changes.setdefault("started_at", None)
         self.record = self.record.evolve(state=state, state_reason=reason, **changes)
         self._on_change(self.record)
@@ -158,8 +161,8 @@ class VmController:
         await self._before_start(self.record)
         previous = self.state
         self._busy = True
-        self._set(VmState.STARTING, "restoring saved state" if resume_saved else "")
         try:
+            self._set(VmState.STARTING, "restoring saved state" if resume_saved else "")
             progress(5, "launching the VM worker process")
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             spec = self._spec_for(self.record, resume_saved)

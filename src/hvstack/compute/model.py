@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hvstack.errors import InvalidInput
+from hvstack.errors import InsufficientResources, InvalidInput
 
 MAX_NAME_LENGTH = 100
 MAX_NOTES_LENGTH = 4000
@@ -186,7 +186,8 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
     if len(config.notes) > MAX_NOTES_LENGTH:
         raise InvalidInput(f"notes are longer than {MAX_NOTES_LENGTH} characters")
     if not 1 <= config.cpus <= min(MAX_CPUS, host_cpus):
-        raise InvalidInput(
+        too_many_for_host = 1 <= config.cpus <= MAX_CPUS
+        raise (InsufficientResources if too_many_for_host else InvalidInput)(
             f"processor count {config.cpus} is out of range; this host allows 1 to "
             f"{min(MAX_CPUS, host_cpus)}",
             value=config.cpus,
@@ -199,7 +200,6 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
     if config.memory_bytes % (1024 * 1024):
         raise InvalidInput("memory must be a whole number of MiB", value=config.memory_bytes)
     if config.memory_bytes > host_memory:
-        from hvstack.errors import InsufficientResources
         from hvstack.units import format_size
 
         raise InsufficientResources(

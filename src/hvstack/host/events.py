@@ -40,14 +40,27 @@ class EventBus:
             queue.put_nowait(event)
         return event
 
-    async def subscribe(self) -> AsyncIterator[Event]:
+    def subscribe(self) -> Subscription:
+        """Start receiving events now (not at the first read)."""
         queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_SIZE)
         self._subscribers.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+        return Subscription(queue, self._subscribers)
+
+
+class Subscription(AsyncIterator[Event]):
+    """An async iterator of events; a read cancelled by a timeout leaves it usable."""
+
+    def __init__(self, queue: asyncio.Queue[Event], registry: set[asyncio.Queue[Event]]) -> None:
+        self._queue = queue
+        self._registry = registry
+
+    async def __anext__(self) -> Event:
+        if self._queue not in self._registry:
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        self._registry.discard(self._queue)
 
 
 def error_data(exc: HvError) -> dict[str, str | int | float | bool | None]:

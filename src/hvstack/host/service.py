@@ -113,8 +113,11 @@ class HostService:
             path.mkdir(parents=True, exist_ok=True)
         for record in self.store.all():
             self._register(record)
-        await asyncio.gather(*(vm.reattach() for vm in self._vms.values()),
-                             return_exceptions=True)
+        vms = list(self._vms.values())
+        results = await asyncio.gather(*(vm.reattach() for vm in vms), return_exceptions=True)
+        for vm, result in zip(vms, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("reattaching to VM %s failed: %s", vm.record.name, result)
         for vm in self._vms.values():
             self._schedule_auto_start(vm)
 
@@ -210,9 +213,8 @@ class HostService:
     # -- running a VM --------------------------------------------------------
 
     def accelerator_for(self, config: VmConfig) -> str:
-        if config.accelerator:
-            return accel.choose(accel.probe(), config.accelerator).name
-        return self.facts.accelerator.name
+        """The accelerator the VM runs with (checked for usability when it starts)."""
+        return config.accelerator or self.facts.accelerator.name
 
     def _spec_for(self, record: VmRecord, incoming: bool) -> QemuSpec:
         files = self._files(record.id)
@@ -251,6 +253,8 @@ class HostService:
                     )
         if record.config.dvd and not os.path.exists(record.config.dvd):
             raise NotFound(f"ISO {record.config.dvd} of VM '{record.name}' does not exist")
+        if record.config.accelerator:
+            accel.choose(accel.probe(), record.config.accelerator)  # raises if unusable
         available = _meminfo("MemAvailable")
         if record.config.memory_bytes > available:
             raise InsufficientResources(
@@ -359,6 +363,13 @@ class HostService:
             self._ensure_disk_free(str(existing), None)
         base = self._image_path(new.image) if new.image else None
 
+        if config.generation is Generation.GEN2 and not (
+            self.config.ovmf_vars.is_file() and self.config.ovmf_code.is_file()
+        ):
+            raise HypervisorError(
+                f"Generation 2 VMs need UEFI firmware, and {self.config.ovmf_code} or "
+                f"{self.config.ovmf_vars} is missing: apt-get install ovmf"
+            )
         vm_id = str(uuid.uuid4())
         files = self._files(vm_id)
         files.folder.mkdir(parents=True)
@@ -366,14 +377,13 @@ class HostService:
             if base is not None or new.new_disk_bytes is not None:
                 target = files.folder / "disk0.qcow2"
                 if base is not None:
-                    await disks.create_disk(
+                    info = await disks.create_disk(
                         target, None, "differencing", parent=base,
                         roots=self.config.storage_roots,
                     )
                 else:
                     assert new.new_disk_bytes is not None
-                    await disks.create_disk(target, new.new_disk_bytes, "dynamic")
-                info = await disks.inspect_disk(target)
+                    info = await disks.create_disk(target, new.new_disk_bytes, "dynamic")
                 config = replace(config, image=new.image, disks=(
                     DiskAttachment(str(target), bus, info.format), *config.disks))
             elif existing is not None:
@@ -485,7 +495,7 @@ class HostService:
 
     async def detach_disk(self, ref: str, path: str) -> VmController:
         vm = self.get_vm(ref)
-        target = os.path.abspath(path)
+        target = os.path.realpath(path)
         left = tuple(d for d in vm.record.config.disks if d.path != target)
         if len(left) == len(vm.record.config.disks):
             raise NotFound(f"disk {target} is not attached to VM '{vm.record.name}'")

@@ -12,9 +12,8 @@ layout of :mod:`hvstack.images.layout`, using only tools that work on image file
 * ``mke2fs -d -E offset=`` builds the ext4 data partition from a folder, in place.
 
 No loop device, no mount, no root privileges beyond writing the file. Every tool run
-has a timeout. The GRUB EFI binary comes from :func:`make_grub_efi` (``grub-mkimage``
-with the modules embedded and the prefix ``/EFI/BOOT`` on the partition it was
-loaded from).
+has a timeout. UEFI boots systemd-boot from ``/EFI/BOOT/BOOTX64.EFI``, which reads
+``/loader`` on the same partition.
 """
 
 from __future__ import annotations
@@ -28,49 +27,19 @@ from hvstack.images.tools import run
 
 TOOL_TIMEOUT = 120.0
 GPTMBR = Path("/usr/lib/syslinux/mbr/gptmbr.bin")
-GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
-GRUB_PREFIX = "/EFI/BOOT"
-GRUB_MODULES: tuple[str, ...] = (
-    "part_gpt",
-    "part_msdos",
-    "fat",
-    "normal",
-    "configfile",
-    "linux",
-    "echo",
-    "test",
-    "efi_gop",
-)
+SYSTEMD_BOOT_EFI = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+EFI_BOOT_DIR = "/EFI/BOOT"
 MBR_CODE_BYTES = 440
 DATA_LABEL = "hvdata"
 _MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
 
 
 def boot_files_check() -> None:
-    """Raise if syslinux's GPT MBR or GRUB's EFI modules are not on the host."""
+    """Raise if syslinux's GPT MBR or systemd-boot's EFI binary is not on the host."""
     if not GPTMBR.is_file():
         raise HypervisorError(f"{GPTMBR} is missing; apt-get install syslinux-common")
-    if not (GRUB_EFI_DIR / "linux.mod").is_file():
-        raise HypervisorError(f"{GRUB_EFI_DIR} is missing; apt-get install grub-efi-amd64-bin")
-
-
-async def make_grub_efi(out: Path, tools: Mapping[str, str]) -> None:
-    """Write a standalone GRUB for x86_64 UEFI that reads ``/EFI/BOOT/grub.cfg``."""
-    await run(
-        [
-            tools["grub-mkimage"],
-            "-O",
-            "x86_64-efi",
-            "-d",
-            GRUB_EFI_DIR,
-            "-p",
-            GRUB_PREFIX,
-            "-o",
-            out,
-            *GRUB_MODULES,
-        ],
-        timeout=TOOL_TIMEOUT,
-    )
+    if not SYSTEMD_BOOT_EFI.is_file():
+        raise HypervisorError(f"{SYSTEMD_BOOT_EFI} is missing; apt-get install systemd-boot-efi")
 
 
 def _fat_serial(seed: str) -> str:

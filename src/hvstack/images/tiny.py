@@ -64,8 +64,7 @@ TINY_APT_PACKAGES: tuple[str, ...] = (
     "mtools",
     "syslinux",
     "syslinux-common",
-    "grub-efi-amd64-bin",
-    "grub-common",
+    "systemd-boot-efi",
     "e2fsprogs",
     "fdisk",
     "qemu-utils",
@@ -87,7 +86,6 @@ REQUIRED_TOOLS: tuple[str, ...] = (
     "mmd",
     "mcopy",
     "syslinux",
-    "grub-mkimage",
     "mke2fs",
     "sfdisk",
     "qemu-img",
@@ -121,7 +119,7 @@ def recipe_digest() -> str:
         "modules": list(kernel.WANTED_MODULES),
         "layout": [ESP_MIB, DATA_MIB, layout.KERNEL_CMDLINE],
         "syslinux": layout.syslinux_cfg(),
-        "grub": [layout.grub_cfg(), list(disk.GRUB_MODULES)],
+        "uefi": [layout.loader_conf(), layout.loader_entry(), str(disk.SYSTEMD_BOOT_EFI)],
         "format": IMAGE_FORMAT,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -249,10 +247,9 @@ async def _build(
     initrd.write_bytes(await asyncio.to_thread(root.to_gzip))
     log.info("initramfs: %d bytes of files, %d compressed", root.size(), initrd.stat().st_size)
     report("building the boot loaders", 0.7)
-    grub_efi = work / "BOOTX64.EFI"
-    await disk.make_grub_efi(grub_efi, tools)
     (work / "syslinux.cfg").write_text(layout.syslinux_cfg())
-    (work / "grub.cfg").write_text(layout.grub_cfg())
+    (work / "loader.conf").write_text(layout.loader_conf())
+    (work / "tiny.conf").write_text(layout.loader_entry())
     data_dir = work / "data"
     data_dir.mkdir()
     (data_dir / "README").write_text("hvstack tiny guest: this partition is mounted on /data\n")
@@ -262,8 +259,9 @@ async def _build(
         f"/{layout.KERNEL_FILE}": unpacked.vmlinuz,
         f"/{layout.INITRD_FILE}": initrd,
         "/syslinux.cfg": work / "syslinux.cfg",
-        f"{disk.GRUB_PREFIX}/BOOTX64.EFI": grub_efi,
-        f"{disk.GRUB_PREFIX}/grub.cfg": work / "grub.cfg",
+        f"{disk.EFI_BOOT_DIR}/BOOTX64.EFI": disk.SYSTEMD_BOOT_EFI,
+        "/loader/loader.conf": work / "loader.conf",
+        "/loader/entries/tiny.conf": work / "tiny.conf",
     }
     await disk.assemble_disk(
         raw, layout.tiny_layout(ESP_MIB, DATA_MIB), key, boot_files, data_dir, tools

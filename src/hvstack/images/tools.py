@@ -44,7 +44,6 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "mmd": "mtools",
     "mcopy": "mtools",
     "syslinux": "syslinux",
-    "grub-mkimage": "grub-common",
     "mke2fs": "e2fsprogs",
     "sfdisk": "fdisk",
     "qemu-img": "qemu-utils",

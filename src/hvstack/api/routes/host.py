@@ -89,17 +89,21 @@ async def cancel_job(request: Request, job_id: str) -> JobView:
 async def events(request: Request) -> StreamingResponse:
     """Server-sent events: one ``data:`` line of JSON per event, a comment every 15 s."""
     service = _service(request)
+    subscription = service.events.subscribe()
 
     async def stream() -> AsyncIterator[str]:
-        subscription = service.events.subscribe()
-        yield ": hvstack events\n\n"
-        while True:
-            try:
-                event = await asyncio.wait_for(anext(subscription), 15)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            payload = {"seq": event.seq, "type": event.type, "time": event.time, **event.data}
-            yield f"event: {event.type}\ndata: {json.dumps(payload)}\n\n"
+        try:
+            yield ": hvstack events\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(subscription), 15)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                payload = {"seq": event.seq, "type": event.type, "time": event.time,
+                           **event.data}
+                yield f"event: {event.type}\ndata: {json.dumps(payload)}\n\n"
+        finally:
+            await subscription.aclose()
 
     return StreamingResponse(stream(), media_type="text/event-stream")

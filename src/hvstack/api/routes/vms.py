@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from hvstack.api.schemas import (
     DiskAttach,
@@ -18,7 +18,7 @@ from hvstack.api.schemas import (
     VmUpdate,
     VmView,
 )
-from hvstack.api.views import job_view, vm_view
+from hvstack.api.views import job_view, vm_data, vm_view
 from hvstack.compute.lifecycle import StopMode
 from hvstack.compute.model import (
     AutoStartAction,
@@ -40,9 +40,9 @@ def _service(request: Request) -> HostService:
 
 
 @router.get("", response_model=list[VmView])
-async def list_vms(request: Request) -> list[VmView]:
+async def list_vms(request: Request) -> Response:
     service = _service(request)
-    return [vm_view(vm, service) for vm in service.list_vms()]
+    return JSONResponse([vm_data(vm, service) for vm in service.list_vms()])
 
 
 @router.post("", response_model=VmView, status_code=201)
@@ -93,9 +93,6 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         changes["auto_stop"] = AutoStopAction(fields["auto_stop"])
     if "accelerator" in fields:
         changes["accelerator"] = None if fields["accelerator"] == "auto" else fields["accelerator"]
-    if "name" in changes:
-        vm = await service.rename_vm(ref, changes.pop("name"))
-        ref = vm.record.id
     vm = await service.update_vm(ref, **changes) if changes else service.get_vm(ref)
     return vm_view(vm, service)
 

@@ -157,7 +157,7 @@ def build_argv(spec: QemuSpec) -> list[str]:
     cpu = "host" if spec.accelerator == "kvm" else "max"
     argv = [
         spec.binary,
-        "-name", f"guest={spec.vm_id},debug-threads=on",
+        "-name", f"guest={escape_option(spec.vm_id)},debug-threads=on",
         "-uuid", spec.vm_id,
         "-nodefaults",
         "-no-user-config",
