@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 
 from hvstack.errors import HypervisorError
 from hvstack.host.service import HostService

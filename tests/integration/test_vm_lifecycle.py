@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hvstack.hypervisor.qemu.process import is_vm_process
 from tests.integration.hostproc import HostProcess
 
 pytestmark = pytest.mark.integration
@@ -102,9 +103,9 @@ def test_pause_and_resume(host: HostProcess) -> None:
 
 def test_kill_9_host_service_then_reattach(host: HostProcess) -> None:
     boot(host, "survivor", 1)
-    pid = host.vm("survivor")["pid"]
+    vm_id, pid = host.vm("survivor")["id"], host.vm("survivor")["pid"]
     host.kill9()
-    assert os.path.exists(f"/proc/{pid}"), "the VM died with the host service"
+    assert is_vm_process(pid, vm_id), "the VM died with the host service"
     host.start()
     view = host.vm("survivor")
     assert view["state"] == "Running"
@@ -114,7 +115,7 @@ def test_kill_9_host_service_then_reattach(host: HostProcess) -> None:
     assert host.json("vm", "resume", "survivor")["state"] == "Running"
     host.ok("vm", "stop", "survivor", "--timeout", "120")
     assert host.vm("survivor")["state"] == "Off"
-    assert not os.path.exists(f"/proc/{pid}")
+    assert not is_vm_process(pid, vm_id)
 
 
 def test_qemu_dead_while_service_down_is_reported_off(host: HostProcess) -> None:

@@ -22,6 +22,7 @@ from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, require
 from hvstack.errors import HvError, HypervisorError, InsufficientResources
 from hvstack.hypervisor.driver import Driver, Machine
+from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.argv import QemuSpec
 
 log = logging.getLogger(__name__)
@@ -300,33 +301,39 @@ class VmController:
     # -- after a restart of the host service ----------------------------------
 
     async def reattach(self) -> None:
-        """Find this VM's worker again after the host service restarted."""
+        """Find this VM's worker again after the host service restarted.
+
+        The pidfile counts as much as the stored pid: the service may have died between
+        launching QEMU and recording it. A live worker wins over any stored state.
+        """
         record = self.record
-        if record.state is VmState.OFF:
-            return
-        if record.state is VmState.SAVED:
-            if not self.files.saved_state.exists():
-                self._set(VmState.OFF, "the saved state file is missing")
-            return
+        pid = record.pid or process.read_pid(self.files.pidfile)
         machine = None
-        if record.pid is not None:
+        if pid is not None:
             try:
                 machine = await self._driver.attach(
-                    record.id, record.pid, str(self.files.qmp_socket), self._on_qmp_event
+                    record.id, pid, str(self.files.qmp_socket), self._on_qmp_event
                 )
             except HvError as exc:
                 log.warning("cannot reattach to VM %s: %s", record.name, exc)
         if machine is None:
-            self.files.saved_state.unlink(missing_ok=True) if record.state is VmState.SAVING \
-                else None
-            self._set(VmState.OFF, "the QEMU process exited while the host service was down")
+            if record.state is VmState.SAVED and self.files.saved_state.exists():
+                return
+            if record.state is VmState.SAVED:
+                self._set(VmState.OFF, "the saved state file is missing")
+            elif record.state is not VmState.OFF:
+                self.files.saved_state.unlink(missing_ok=True)
+                self._set(VmState.OFF, "the QEMU process exited while the host service was down")
             return
         self._adopt(machine)
+        self.files.saved_state.unlink(missing_ok=True)
         status = await machine.status()
         if status == "running":
-            self._set(VmState.RUNNING, "reattached")
+            self._set(VmState.RUNNING, "reattached", pid=machine.pid,
+                      started_at=record.started_at or time.time())
         else:
-            self._set(VmState.PAUSED, f"reattached (QEMU is {status})")
+            self._set(VmState.PAUSED, f"reattached (QEMU is {status})", pid=machine.pid,
+                      started_at=record.started_at or time.time())
 
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""

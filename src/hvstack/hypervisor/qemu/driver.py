@@ -131,11 +131,21 @@ class QemuMachine:
 
 class QemuDriver:
     async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> QemuMachine:
-        pid = await process.launch(build_argv(spec), pidfile)
         monitor = Monitor(spec.vm_id)
+        # Connect while QEMU is still initialising: its QMP socket listens before the
+        # daemonizing parent exits, so the monitor is ready the moment QEMU is.
+        connecting = asyncio.create_task(monitor.connect(spec.paths.qmp_socket, retry=0.005))
         try:
-            await monitor.connect(spec.paths.qmp_socket)
-        except HypervisorError:
+            pid = await process.launch(build_argv(spec), pidfile)
+        except BaseException:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HypervisorError):
+                await connecting
+            await monitor.close()
+            raise
+        try:
+            await connecting
+        except BaseException:
             process.kill(pid, spec.vm_id)
             raise
         return QemuMachine(spec.vm_id, pid, monitor, events)

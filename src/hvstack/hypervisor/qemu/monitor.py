@@ -30,8 +30,9 @@ class Monitor:
         self._client.register_listener(self._listener)
         self.name = name
 
-    async def connect(self, socket_path: str, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Connect, retrying while QEMU is still creating its socket."""
+    async def connect(self, socket_path: str, timeout: float = CONNECT_TIMEOUT,
+                      retry: float = 0.05) -> None:
+        """Connect, retrying every ``retry`` seconds while QEMU creates its socket."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
@@ -42,7 +43,7 @@ class Monitor:
                     raise HypervisorError(
                         f"cannot reach the QMP monitor of {self.name}: {exc}"
                     ) from exc
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(retry)
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None,
