@@ -14,6 +14,7 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   └── ResourceBusy        a disk in use by another running VM
     ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
     ├── OperationTimeout        something outside did not answer in time     (504)
+    │   └── ServiceDisabled     an integration service that is turned off
     ├── Cancelled               a job that a user cancelled                  (409)
     └── HypervisorError         QEMU or a system tool failed                 (500)
 """
@@ -88,6 +89,18 @@ class ResourceBusy(Conflict):
     title = "Resource in use"
 
 
+class ServiceDisabled(Conflict):
+    slug = "integration-service-disabled"
+    title = "Integration service disabled"
+
+    def __init__(self, vm: str, service: str) -> None:
+        super().__init__(
+            f"the {service.replace('_', ' ')} integration service of VM '{vm}' is disabled; "
+            f"enable it with: hv vm set {vm} --enable {service.replace('_', '-')}",
+            vm=vm, service=service,
+        )
+
+
 class InsufficientResources(HvError):
     http_status = 422
     slug = "insufficient-resources"
@@ -123,6 +136,7 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         AlreadyExists,
         InvalidState,
         ResourceBusy,
+        ServiceDisabled,
         InsufficientResources,
         OperationTimeout,
         Cancelled,

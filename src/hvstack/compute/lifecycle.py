@@ -23,6 +23,7 @@ from hvstack.compute.states import Operation, require
 from hvstack.errors import HvError, HypervisorError, InsufficientResources
 from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.qemu import process
+from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import QemuSpec
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ class VmFiles:
     def qmp_socket(self) -> Path:
         return self.run_dir / "qmp.sock"
 
+    @property
+    def qga_socket(self) -> Path:
+        return self.run_dir / "qga.sock"
+
+    @property
+    def serial_socket(self) -> Path:
+        return self.run_dir / "serial.sock"
+
 
 class VmController:
     def __init__(
@@ -82,6 +91,8 @@ class VmController:
         self._on_change = on_change
         self._before_start = before_start
         self._machine: Machine | None = None
+        # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
+        self.agent = GuestAgent(str(files.qga_socket), record.name)
         self._watcher: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._busy = False  # an operation drives the state; QMP events do not

@@ -90,6 +90,22 @@ class NetworkAdapter:
 
 
 @dataclass(frozen=True)
+class IntegrationServices:
+    """Which integration services a VM offers (Hyper-V's defaults: all but guest
+    services). They all talk to the guest agent."""
+
+    heartbeat: bool = True
+    shutdown: bool = True
+    time_sync: bool = True
+    kvp: bool = True
+    backup: bool = True
+    guest_services: bool = False
+
+
+INTEGRATION_SERVICES = tuple(f.name for f in dataclasses.fields(IntegrationServices))
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything a user sets on a VM. Immutable: changes make a new config."""
 
@@ -108,6 +124,8 @@ class VmConfig:
     os_type: str = "linux"
     accelerator: str | None = None  # None: the host's choice
     image: str | None = None
+    integration_services: IntegrationServices = IntegrationServices()
+    kvp_pool: dict[str, str] = field(default_factory=dict)  # host-to-guest KVP pool
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -129,6 +147,7 @@ class VmConfig:
         raw["boot_order"] = tuple(BootDevice(b) for b in raw.get("boot_order", ()))
         raw["auto_start"] = AutoStartAction(raw["auto_start"])
         raw["auto_stop"] = AutoStopAction(raw["auto_stop"])
+        raw["integration_services"] = IntegrationServices(**raw.get("integration_services", {}))
         known = {f.name for f in dataclasses.fields(VmConfig)}
         return VmConfig(**{k: v for k, v in raw.items() if k in known})
 

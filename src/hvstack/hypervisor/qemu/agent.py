@@ -1,0 +1,136 @@
+"""A client for the QEMU guest agent (qemu-ga) of one VM, on its virtio-serial socket.
+
+The agent is the guest half of the integration services. Its channel is a byte pipe
+that may hold stale replies, half-written lines or garbage from a broken guest, so:
+
+* a session starts with ``guest-sync-delimited`` and a random id, and everything up
+  to the matching reply is dropped;
+* lines that are not JSON objects are skipped; a line longer than the read limit
+  breaks the session, which is re-synchronised on the next call;
+* every call has a timeout; a timed-out call also forces a re-sync, because its reply
+  may still arrive;
+* calls on one VM are serialised; calls on different VMs never wait on each other.
+
+Errors: :class:`AgentUnavailable` (no contact: the socket is gone or nothing answers in
+time), :class:`GuestCommandError` (the agent answered with an error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from typing import Any
+
+from hvstack.errors import Conflict, HvError
+
+log = logging.getLogger(__name__)
+
+READ_LIMIT = 16 * 1024 * 1024  # guest-file-read of 4 MiB comes back as ~5.6 MiB of base64
+SYNC_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 10.0
+
+
+class AgentUnavailable(Conflict):
+    slug = "guest-agent-unavailable"
+    title = "The guest agent does not answer"
+
+
+class GuestCommandError(HvError):
+    http_status = 422
+    slug = "guest-command-failed"
+    title = "The guest refused the command"
+
+
+class GuestAgent:
+    def __init__(self, socket_path: str, vm_name: str) -> None:
+        self.socket_path = socket_path
+        self.vm_name = vm_name
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._synced = False
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is not None and self._writer is not None:
+            if not self._writer.is_closing():
+                return self._reader, self._writer
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(self.socket_path, limit=READ_LIMIT), SYNC_TIMEOUT
+        )
+        self._reader, self._writer, self._synced = reader, writer, False
+        return reader, writer
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        self._synced = False
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _read_message(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """The next JSON object on the channel; garbage and delimiters are skipped."""
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("the guest agent channel closed")
+            text = line.rsplit(b"\xff", 1)[-1].strip()
+            if not text:
+                continue
+            try:
+                message = json.loads(text)
+            except ValueError:
+                log.debug("%s: skipping garbage from the guest agent: %r", self.vm_name,
+                          text[:80])
+                continue
+            if isinstance(message, dict):
+                return message
+
+    async def _sync(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sync_id = secrets.randbelow(2**31)
+        request = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+        writer.write(b"\xff" + json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        while (await self._read_message(reader)).get("return") != sync_id:
+            pass
+        self._synced = True
+
+    async def call(self, command: str, arguments: dict[str, Any] | None = None, *,
+                   timeout: float = DEFAULT_TIMEOUT, expect_reply: bool = True) -> Any:
+        """Run one agent command and return its ``return`` value."""
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        async with self._lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    reader, writer = await self._connect()
+                    if not self._synced:
+                        await self._sync(reader, writer)
+                    writer.write(json.dumps(message).encode() + b"\n")
+                    await writer.drain()
+                    if not expect_reply:
+                        self._synced = False  # a late reply must not be taken for another
+                        return None
+                    reply = await self._read_message(reader)
+            except TimeoutError as exc:
+                self._synced = False
+                raise AgentUnavailable(
+                    f"the guest agent of VM '{self.vm_name}' did not answer {command} within "
+                    f"{timeout:g} s", vm=self.vm_name, command=command,
+                ) from exc
+            except (OSError, ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+                await self.close()
+                raise AgentUnavailable(
+                    f"no contact with the guest agent of VM '{self.vm_name}': {exc}",
+                    vm=self.vm_name, command=command,
+                ) from exc
+        if "error" in reply:
+            error = reply["error"]
+            desc = error.get("desc", str(error)) if isinstance(error, dict) else str(error)
+            raise GuestCommandError(f"the guest agent of VM '{self.vm_name}' refused "
+                                    f"{command}: {desc}", vm=self.vm_name, command=command)
+        return reply.get("return")
