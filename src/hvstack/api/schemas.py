@@ -40,6 +40,15 @@ class VmCreate(Request):
     accelerator: Literal["kvm", "tcg"] | None = None
 
 
+class IntegrationServicesUpdate(Request):
+    heartbeat: bool | None = None
+    shutdown: bool | None = None
+    time_sync: bool | None = None
+    kvp: bool | None = None
+    backup: bool | None = None
+    guest_services: bool | None = None
+
+
 class VmUpdate(Request):
     name: str | None = None
     notes: str | None = None
@@ -51,6 +60,7 @@ class VmUpdate(Request):
     auto_stop: AutoStop | None = None
     os_type: Literal["linux", "windows", "other"] | None = None
     accelerator: Literal["kvm", "tcg", "auto"] | None = None
+    integration_services: IntegrationServicesUpdate | None = None
 
 
 class StopRequest(Request):
@@ -130,6 +140,8 @@ class VmView(BaseModel):
     uptime_seconds: int
     created_at: float
     folder: str
+    heartbeat: str | None = None
+    integration_services: dict[str, dict[str, Any]] = {}
 
 
 class JobView(BaseModel):

@@ -6,7 +6,9 @@ from typing import Any
 
 from hvstack.api.problems import problem_body
 from hvstack.api.schemas import JobView, VmView
+from hvstack.compute.integration import service_status
 from hvstack.compute.lifecycle import VmController
+from hvstack.compute.model import INTEGRATION_SERVICES
 from hvstack.host.jobs import Job
 from hvstack.host.service import HostService
 
@@ -40,7 +42,23 @@ def vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "uptime_seconds": int(vm.uptime()),
         "created_at": record.created_at,
         "folder": str(vm.files.folder),
+        "heartbeat": vm.link.heartbeat.value if vm.machine_running else None,
+        "integration_services": integration_data(vm),
     }
+
+
+def integration_data(vm: VmController) -> dict[str, dict[str, Any]]:
+    """Each integration service: enabled, and its status while the VM runs."""
+    settings = vm.record.config.integration_services
+    running = vm.machine_running
+    data: dict[str, dict[str, Any]] = {}
+    for name in INTEGRATION_SERVICES:
+        enabled = bool(getattr(settings, name))
+        status = (vm.link.heartbeat if name == "heartbeat"
+                  else service_status(enabled, vm.link.status))
+        data[name] = {"enabled": enabled, "status": status.value if running else None}
+    data["heartbeat"]["last_contact"] = vm.link.last_contact
+    return data
 
 
 def vm_view(vm: VmController, service: HostService) -> VmView:

@@ -26,7 +26,8 @@ app = typer.Typer(help="Create, run and manage virtual machines.", no_args_is_he
 
 LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("cpus", "CPUs"),
                 ("memory_bytes", "Memory"), ("uptime_seconds", "Uptime"),
-                ("state_reason", "Status")]
+                ("heartbeat", "Heartbeat"), ("state_reason", "Status")]
+SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-services")
 FORMATS = {"memory_bytes": size, "uptime_seconds": duration}
 
 
@@ -42,6 +43,11 @@ def _show(vm: dict[str, Any], output: Output) -> None:
     view["disks"] = [f"{d['path']} ({d['bus']}, {d['format']})" for d in vm["disks"]]
     view["network_adapters"] = [f"{n['mac']} ({n['model']}, {n['mode']})"
                                 for n in vm["network_adapters"]]
+    view["integration_services"] = [
+        f"{name.replace('_', '-')}: "
+        + (s["status"] or ("enabled" if s["enabled"] else "Disabled"))
+        for name, s in vm.get("integration_services", {}).items()
+    ]
     details(view, FORMATS)
 
 
@@ -204,6 +210,8 @@ def set_(
     attach_disk: str | None = typer.Option(None, "--attach-disk", help="disk to attach"),
     bus: str | None = typer.Option(None, "--bus", help="ide, scsi or virtio (with --attach-disk)"),
     detach_disk: str | None = typer.Option(None, "--detach-disk", help="disk to detach"),
+    enable: list[str] = typer.Option([], "--enable", help=f"integration service: {SERVICES}"),
+    disable: list[str] = typer.Option([], "--disable", help="integration service to turn off"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
@@ -214,6 +222,14 @@ def set_(
     if boot_order is not None:
         body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
     body = {k: v for k, v in body.items() if v is not None}
+    toggles: dict[str, bool] = {}
+    for names, on in ((enable, True), (disable, False)):
+        for service in names:
+            if service not in SERVICES:
+                fail(f"'{service}' is not an integration service; use one of {', '.join(SERVICES)}")
+            toggles[service.replace("-", "_")] = on
+    if toggles:
+        body["integration_services"] = toggles
     with client(host) as api:
         vm = None
         if body:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, require
 from hvstack.errors import HvError, HypervisorError, InsufficientResources
@@ -82,6 +83,8 @@ class VmController:
         spec_for: Callable[[VmRecord, bool], QemuSpec],
         on_change: Callable[[VmRecord], None],
         before_start: Callable[[VmRecord], Awaitable[None]],
+        publish: Callable[..., object] = lambda *a, **k: None,
+        on_guest_contact: Callable[[VmController], Awaitable[None]] | None = None,
     ) -> None:
         self.record = record
         self.files = files
@@ -93,6 +96,16 @@ class VmController:
         self._machine: Machine | None = None
         # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
         self.agent = GuestAgent(str(files.qga_socket), record.name)
+        self._publish = publish
+        self.link = GuestLink(
+            self.agent,
+            lambda: self.record.config.integration_services,
+            lambda: self.state is VmState.RUNNING,
+            self._on_link_status,
+            lambda: on_guest_contact(self) if on_guest_contact else _nothing(),
+        )
+        self._link_task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[object]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._busy = False  # an operation drives the state; QMP events do not
@@ -111,6 +124,11 @@ class VmController:
             changes.setdefault("started_at", None)
         self.record = self.record.evolve(state=state, state_reason=reason, **changes)
         self._on_change(self.record)
+
+    @property
+    def machine_running(self) -> bool:
+        """A worker process exists (Running, Paused, or in a transition)."""
+        return self._machine is not None
 
     def require(self, operation: Operation) -> None:
         require(operation, self.state, self.record.name)
@@ -136,6 +154,22 @@ class VmController:
         self._machine = machine
         self._expect_exit = False
         self._watcher = asyncio.create_task(self._watch(machine), name=f"watch-{self.record.id}")
+        self.link.status = ServiceStatus.NO_CONTACT
+        self._link_task = asyncio.create_task(self.link.run(), name=f"link-{self.record.id}")
+
+    def _on_link_status(self, previous: ServiceStatus, status: ServiceStatus) -> None:
+        if status is ServiceStatus.LOST_COMMUNICATION:
+            log.warning("VM %s: lost communication with the guest agent", self.record.name)
+        self._publish("vm.heartbeat", vm=self.record.name, id=self.record.id,
+                      status=status.value, previous=previous.value)
+
+    def _in_background(self, coro: Awaitable[object], name: str) -> None:
+        async def run() -> object:
+            return await coro
+
+        task = asyncio.create_task(run(), name=f"{name}-{self.record.id}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _watch(self, machine: Machine) -> None:
         await machine.wait_exit()
@@ -149,10 +183,13 @@ class VmController:
 
     async def _drop_machine(self) -> None:
         machine, self._machine = self._machine, None
+        if self._link_task is not None:
+            await _cancel(self._link_task)
+            self._link_task = None
+        self.link.status = ServiceStatus.NO_CONTACT
+        await self.agent.close()
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await _cancel(self._watcher)
             self._watcher = None
         if machine is not None:
             await machine.close()
@@ -187,6 +224,8 @@ class VmController:
                 )
                 await machine.resume()
                 self.files.saved_state.unlink(missing_ok=True)
+                # The guest's clock stood still while it was saved.
+                self._in_background(self.link.sync_time(), "time-sync")
         except BaseException as exc:
             await self._abort_start(previous, exc)
             raise
@@ -226,13 +265,11 @@ class VmController:
         if self.state is VmState.PAUSED:
             await machine.resume()
         self._busy = True
-        self._set(VmState.STOPPING, "shutting down (ACPI power button)")
         try:
-            progress(10, "pressing the ACPI power button")
-            await machine.power_button()
+            path = await self._ask_guest_to_shut_down(machine, progress)
             try:
                 await asyncio.wait_for(asyncio.shield(machine.wait_exit()), timeout)
-                how = "the guest shut down (ACPI power button)"
+                how = f"the guest shut down ({path})"
             except TimeoutError:
                 progress(90, "the guest did not shut down in time: turning it off")
                 await machine.quit()
@@ -246,6 +283,24 @@ class VmController:
             self._busy = False
         self._set(VmState.OFF, how)
         return how
+
+    async def _ask_guest_to_shut_down(self, machine: Machine, progress: Progress) -> str:
+        """The shutdown integration service if the agent answers, else the power button."""
+        services = self.record.config.integration_services
+        if services.shutdown and self.link.status is ServiceStatus.OK:
+            self._set(VmState.STOPPING, "shutting down (guest agent)")
+            progress(10, "asking the guest agent to shut down")
+            try:
+                await self.agent.call("guest-shutdown", {"mode": "powerdown"},
+                                      expect_reply=False, timeout=5)
+                return "guest agent"
+            except HvError as exc:
+                log.info("VM %s: shutdown through the agent failed (%s); using ACPI",
+                         self.record.name, exc)
+        self._set(VmState.STOPPING, "shutting down (ACPI power button)")
+        progress(10, "pressing the ACPI power button")
+        await machine.power_button()
+        return "ACPI power button"
 
     async def pause(self) -> None:
         self.require(Operation.PAUSE)
@@ -264,6 +319,7 @@ class VmController:
         finally:
             self._busy = False
         self._set(VmState.RUNNING)
+        self._in_background(self.link.sync_time(), "time-sync")
 
     async def save(self, progress: Progress) -> None:
         self.require(Operation.SAVE)
@@ -349,3 +405,14 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended (again if a cancel got lost)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1)

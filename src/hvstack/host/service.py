@@ -16,6 +16,7 @@ import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ class HostService:
         self._names: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
+        # Called when a VM's guest agent answers after it did not (boot, reattach):
+        # domain operations register here, e.g. to push the KVP pool into the guest.
+        self.contact_hooks: list[Callable[[VmController], Awaitable[None]]] = []
 
     # -- lifecycle of the service --------------------------------------------
 
@@ -184,11 +188,19 @@ class HostService:
     def _register(self, record: VmRecord) -> VmController:
         vm = VmController(
             record, self._files(record.id), self.driver, self._spec_for, self._on_change,
-            self._before_start,
+            self._before_start, publish=self.events.publish,
+            on_guest_contact=self._on_guest_contact,
         )
         self._vms[record.id] = vm
         self._names[record.name] = record.id
         return vm
+
+    async def _on_guest_contact(self, vm: VmController) -> None:
+        for hook in self.contact_hooks:
+            try:
+                await hook(vm)
+            except HvError as exc:
+                log.warning("VM %s: after contact with its guest agent: %s", vm.record.name, exc)
 
     def _persist(self, record: VmRecord) -> None:
         self.store.update(record)
@@ -427,7 +439,8 @@ class HostService:
         hardware (processors, memory, generation) only while the VM is Off."""
         vm = self.get_vm(ref)
         async with vm.lock:
-            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop"}
+            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop",
+                      "integration_services", "kvp_pool"}
             offline = set(changes) - online
             if offline:
                 vm.require(Operation.CHANGE_OFFLINE_SETTINGS)

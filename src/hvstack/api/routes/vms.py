@@ -91,6 +91,10 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         changes["auto_start"] = AutoStartAction(fields["auto_start"])
     if "auto_stop" in fields:
         changes["auto_stop"] = AutoStopAction(fields["auto_stop"])
+    if body.integration_services is not None:
+        current = service.get_vm(ref).record.config.integration_services
+        changes["integration_services"] = replace(
+            current, **body.integration_services.model_dump(exclude_none=True))
     if "accelerator" in fields:
         changes["accelerator"] = None if fields["accelerator"] == "auto" else fields["accelerator"]
     vm = await service.update_vm(ref, **changes) if changes else service.get_vm(ref)

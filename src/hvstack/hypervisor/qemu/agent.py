@@ -29,7 +29,6 @@ from hvstack.errors import Conflict, HvError
 log = logging.getLogger(__name__)
 
 READ_LIMIT = 16 * 1024 * 1024  # guest-file-read of 4 MiB comes back as ~5.6 MiB of base64
-SYNC_TIMEOUT = 5.0
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -54,12 +53,11 @@ class GuestAgent:
         self._synced = False
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is not None and self._writer is not None:
-            if not self._writer.is_closing():
-                return self._reader, self._writer
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(self.socket_path, limit=READ_LIMIT), SYNC_TIMEOUT
-        )
+        if self._reader and self._writer and not self._writer.is_closing():
+            return self._reader, self._writer
+        # No wait_for here: the caller's asyncio.timeout bounds it, and 3.11's wait_for
+        # can swallow a cancellation that races with the connection's failure.
+        reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=READ_LIMIT)
         self._reader, self._writer, self._synced = reader, writer, False
         return reader, writer
 
