@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from hvstack.compute.model import VmState, validate_name
-from hvstack.errors import InvalidInput, NotFound, ResourceBusy
+from hvstack.errors import AlreadyExists, InvalidInput, NotFound, ResourceBusy
+from hvstack.host.jobs import Job, Progress
 from hvstack.host.service import HostService
 from hvstack.storage import disks
 from hvstack.storage.paths import confine
+from hvstack.storage.qemu_img import ProgressFn
 
 IMAGE_SUFFIXES = (".qcow2", ".raw", ".img", ".vhdx")
 BUILDERS = ("tiny",)
@@ -61,43 +64,32 @@ class DiskOperations:
         self._check_not_in_use(target, "resize")
         return (await disks.resize_disk(target, size, allow_shrink=allow_shrink)).to_dict()
 
-    def convert(self, source: str, destination: str, fmt: str) -> Any:
+    def _job(self, kind: str, target: Path, verb: str,
+             run: Callable[[ProgressFn], Awaitable[disks.DiskInfo]]) -> Job:
+        async def body(progress: Progress) -> dict[str, Any]:
+            return (await run(lambda percent: progress(percent, verb))).to_dict()
+
+        return self._service.jobs.start(kind, str(target), body)
+
+    def convert(self, source: str, destination: str, fmt: disks.TargetFormat) -> Job:
         src = self._path(source, must_exist=True)
         dst = self._path(destination, must_exist=False)
         if dst.exists():
-            from hvstack.errors import AlreadyExists
-
             raise AlreadyExists(f"{dst} already exists", path=str(dst))
+        return self._job("convert", src, "converting",
+                         lambda p: disks.convert_disk(src, dst, fmt, p, roots=self._roots))
 
-        async def body(progress: Any) -> dict[str, Any]:
-            info = await disks.convert_disk(src, dst, fmt,  # type: ignore[arg-type]
-                                            lambda p: progress(p, "converting"),
-                                            roots=self._roots)
-            return info.to_dict()
-
-        return self._service.jobs.start("convert", str(src), body)
-
-    def merge(self, path: str) -> Any:
+    def merge(self, path: str) -> Job:
         target = self._path(path, must_exist=True)
         self._check_not_in_use(target, "merge")
+        return self._job("merge", target, "merging",
+                         lambda p: disks.merge_disk(target, p, roots=self._roots))
 
-        async def body(progress: Any) -> dict[str, Any]:
-            info = await disks.merge_disk(target, lambda p: progress(p, "merging"),
-                                          roots=self._roots)
-            return info.to_dict()
-
-        return self._service.jobs.start("merge", str(target), body)
-
-    def compact(self, path: str) -> Any:
+    def compact(self, path: str) -> Job:
         target = self._path(path, must_exist=True)
         self._check_not_in_use(target, "compact")
-
-        async def body(progress: Any) -> dict[str, Any]:
-            info = await disks.compact_disk(target, lambda p: progress(p, "compacting"),
-                                            roots=self._roots)
-            return info.to_dict()
-
-        return self._service.jobs.start("compact", str(target), body)
+        return self._job("compact", target, "compacting",
+                         lambda p: disks.compact_disk(target, p, roots=self._roots))
 
     # -- images ----------------------------------------------------------------
 
@@ -111,13 +103,13 @@ class DiskOperations:
             found.append({"name": path.stem, **info.to_dict()})
         return found
 
-    def build_image(self, name: str) -> Any:
+    def build_image(self, name: str) -> Job:
         validate_name(name, what="image name")
         if name not in BUILDERS:
             raise NotFound(f"no image builder named '{name}'; builders: {', '.join(BUILDERS)}")
         config = self._service.config
 
-        async def body(progress: Any) -> dict[str, Any]:
+        async def body(progress: Progress) -> dict[str, Any]:
             from hvstack.images.tiny import build_tiny  # the builder's tools load on use
 
             built = await build_tiny(config.cache_dir, lambda m, p: progress(p * 100, m))
