@@ -1,5 +1,5 @@
-"""Helpers for integration tests: a real ``hv serve`` process, the ``hv`` CLI, and a
-minimal guest-agent client for checking what happens inside a guest."""
+"""Helpers for integration tests: a real ``hv serve`` process, the ``hv`` CLI, and
+commands in a guest through the service's exec API."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hvstack.host.config import load_config
+from hvstack.client import Client
 
 HV = [sys.executable, "-m", "hvstack.cli"]
 BOOT_TIMEOUT = 240.0  # generous: TCG on a loaded 2-core machine
@@ -93,68 +92,31 @@ class HostProcess:
         raise AssertionError(f"'{text}' did not appear on the console of {name}:\n"
                              f"{self.console(name)[-3000:]}")
 
-    def qga_socket(self, name: str) -> Path:
-        run_dir = load_config(str(self.data_dir)).run_dir
-        return run_dir / self.vm(name)["id"] / "qga.sock"
-
-    def guest(self, name: str) -> GuestAgent:
-        return GuestAgent(self.qga_socket(name))
+    def guest(self, name: str) -> Guest:
+        return Guest(self, name)
 
 
-class GuestAgent:
-    """Just enough of the QEMU guest agent protocol to run commands in a test guest."""
+class Guest:
+    """Commands in a test guest through the host service's exec API: the service owns
+    the guest agent's channel (QEMU serves it to one client at a time)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def call(self, command: str, arguments: dict[str, Any] | None = None,
-             timeout: float = 30) -> Any:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self.path))
-            stream = sock.makefile("rwb")
-            sync_id = int(time.time() * 1000) % 2**31
-            # guest-sync-delimited flushes stale replies from earlier, broken sessions.
-            stream.write(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
-                                               "arguments": {"id": sync_id}}).encode() + b"\n")
-            stream.flush()
-            while True:
-                line = stream.readline()
-                if not line:
-                    raise ConnectionError("guest agent closed the connection")
-                line = line.lstrip(b"\xff").strip()
-                if line and json.loads(line).get("return") == sync_id:
-                    break
-            message: dict[str, Any] = {"execute": command}
-            if arguments:
-                message["arguments"] = arguments
-            stream.write(json.dumps(message).encode() + b"\n")
-            stream.flush()
-            reply = json.loads(stream.readline())
-        if "error" in reply:
-            raise RuntimeError(f"guest agent: {reply['error']}")
-        return reply.get("return")
+    def __init__(self, host: HostProcess, name: str) -> None:
+        self.host = host
+        self.name = name
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.call("guest-ping", timeout=5)
-                return
-            except (OSError, ConnectionError, ValueError, RuntimeError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        while self.host.vm(self.name).get("heartbeat") != "OK":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the guest agent of {self.name} never answered")
+            time.sleep(0.5)
 
     def sh(self, script: str, timeout: float = 60) -> tuple[int, str]:
-        started = self.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", script],
-                                           "capture-output": True})
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.call("guest-exec-status", {"pid": started["pid"]})
-            if status.get("exited"):
-                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
-                return int(status.get("exitcode", -1)), out
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"guest command did not finish: {script}")
-            time.sleep(0.2)
+        with Client(f"unix:{self.host.socket}") as api:
+            result = api.post(f"/vms/{self.name}/exec",
+                              {"command": ["/bin/sh", "-c", script],
+                               "timeout_seconds": timeout})
+        out = result["stdout"]
+        if result["encoding"] == "base64":
+            out = base64.b64decode(out).decode(errors="replace")
+        return int(result["exit_code"] if result["exit_code"] is not None else -1), out
