@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import api_list, vm_start
+from bench import api_list, guest_exec, vm_start
 from bench.report import Section, render
 from bench.support import Machine
 
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "vm_start": vm_start.run,
     "api_list": api_list.run,
+    "guest_exec": guest_exec.run,
 }
 
 

@@ -160,8 +160,9 @@ def hv_command() -> list[str]:
 class ServiceProcess:
     """``hv serve`` on its own data directory, as a context manager."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
+        self.extra_args = tuple(extra_args)
         self.socket = data_dir / "hv.sock"
         self.log = data_dir.parent / f"{data_dir.name}-serve.log"
         self.config: HostConfig = load_config(str(data_dir), accelerator=ACCELERATOR)
@@ -194,7 +195,7 @@ class ServiceProcess:
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "hvstack.cli", "serve", "--data-dir", str(self.data_dir),
-                 "--accelerator", ACCELERATOR],
+                 "--accelerator", ACCELERATOR, *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,
             )
@@ -231,6 +232,17 @@ class ServiceProcess:
         self._proc = None
         kill_leftover_qemu(self.config)
         remove_tree(self.config.run_dir)
+
+    def stop_detached(self) -> None:
+        """Stop the service alone (started with --detach-on-exit): its VMs keep running
+        and a later :meth:`start` reattaches to them."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            self._proc.wait(SERVICE_STOP_TIMEOUT)
+        self._proc = None
 
     def turn_off(self, name: str) -> None:
         job = self.client.post(f"/vms/{name}/stop", {"mode": "turn-off"})

@@ -8,7 +8,8 @@ problem+json; a host service that cannot be reached is :class:`ApiError` too.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -65,6 +66,25 @@ class Client:
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A response whose body is read as it arrives (``iter_bytes``). Errors before
+        the body are ApiError; a body that breaks off raises httpx.HTTPError."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        problem = response.json()
+                    except ValueError:
+                        problem = {"detail": response.text or response.reason_phrase}
+                    raise ApiError(response.status_code, problem)
+                yield response
+        except (httpx.ConnectError, FileNotFoundError) as exc:
+            raise ApiError(0, {"title": "Cannot connect", "detail":
+                               f"cannot reach the host service at {self.address}: is "
+                               f"'hv serve' running? ({exc})"}) from exc
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

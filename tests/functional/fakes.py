@@ -40,6 +40,7 @@ class FakeMachine:
     closed: bool = False
     resets: int = 0
     power_presses: int = 0
+    screen: tuple[int, int] = (64, 40)  # what screendump shows: width, height
 
     # -- the Machine protocol --------------------------------------------------------
 
@@ -85,6 +86,14 @@ class FakeMachine:
         progress(100)
         self.status_value = "paused"
         self.driver.restored.append(self.vm_id)
+
+    async def screendump(self, path: Path) -> None:
+        """A PPM of ``screen`` size: a red-to-blue gradient, one colour per column."""
+        self._check_alive()
+        width, height = self.screen
+        span = max(1, width - 1)
+        row = b"".join(bytes((255 * x // span, 0, 255 - 255 * x // span)) for x in range(width))
+        path.write_bytes(f"P6\n{width} {height}\n255\n".encode() + row * height)
 
     async def quit(self) -> None:
         self.exit()

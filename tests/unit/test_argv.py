@@ -25,6 +25,7 @@ from hvstack.compute.model import (
     VmConfig,
 )
 from hvstack.hypervisor.qemu.argv import (
+    HYPERV_ENLIGHTENMENTS,
     Firmware,
     QemuSpec,
     RuntimePaths,
@@ -41,7 +42,7 @@ GIB = 1024**3
 
 # Options whose value QEMU parses with its classic ``key=value,...`` syntax.
 OPTION_SYNTAX = {"-name", "-machine", "-accel", "-m", "-rtc", "-chardev", "-mon", "-sandbox",
-                 "-smp", "-cpu", "-display", "-serial"}
+                 "-smp", "-cpu", "-display", "-serial", "-vnc", "-global"}
 
 
 def paths(run: str = RUN, folder: str = FOLDER) -> RuntimePaths:
@@ -51,10 +52,11 @@ def paths(run: str = RUN, folder: str = FOLDER) -> RuntimePaths:
         serial_log=f"{folder}/console.log",
         qga_socket=f"{run}/qga.sock",
         pidfile=f"{folder}/qemu.pid",
+        vnc_socket=f"{run}/vnc.sock",
     )
 
 
-def gen1_spec(accelerator: str = "tcg") -> QemuSpec:
+def gen1_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
     config = VmConfig(
         name="legacy",
         generation=Generation.GEN1,
@@ -63,6 +65,7 @@ def gen1_spec(accelerator: str = "tcg") -> QemuSpec:
         disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2"),),
         dvd="/var/lib/hvstack/iso/install.iso",
         network_adapters=(NetworkAdapter(MAC, NicModel.E1000),),
+        os_type=os_type,
     )
     return QemuSpec(vm_id=VM_ID, config=config, accelerator=accelerator, paths=paths())
 
@@ -96,6 +99,9 @@ GOLDEN_SPECS = {
     "argv_gen2": lambda: gen2_spec("tcg"),
     "argv_gen2_kvm": lambda: gen2_spec("kvm"),
     "argv_gen2_windows": lambda: gen2_spec("kvm", os_type="windows"),
+    "argv_gen2_windows_tcg": lambda: gen2_spec("tcg", os_type="windows"),
+    "argv_gen1_windows_kvm": lambda: gen1_spec("kvm", os_type="windows"),
+    "argv_gen1_windows_tcg": lambda: gen1_spec("tcg", os_type="windows"),
 }
 
 
@@ -203,8 +209,59 @@ def test_kvm_and_tcg_differ_only_in_accelerator_and_cpu_model() -> None:
 
 
 def test_windows_keeps_the_clock_in_local_time() -> None:
-    assert option_values(build_argv(gen2_spec(os_type="windows")), "-rtc") == ["base=localtime"]
+    assert option_values(build_argv(gen2_spec(os_type="windows")), "-rtc") == [
+        "base=localtime,driftfix=slew"]
     assert option_values(build_argv(gen2_spec(os_type="linux")), "-rtc") == ["base=utc"]
+
+
+@pytest.mark.parametrize("make", [gen1_spec, gen2_spec])
+def test_windows_on_kvm_gets_hyperv_enlightenments(make: object) -> None:
+    assert callable(make)
+    argv = build_argv(make("kvm", os_type="windows"))
+    cpu = option_values(argv, "-cpu")[0].split(",")
+    assert cpu[0] == "host"
+    assert cpu[1:] == list(HYPERV_ENLIGHTENMENTS)
+    flags = {f.partition("=")[0] for f in cpu[1:]}
+    # every dependency named in QEMU's hyperv.rst is there
+    assert {"hv-vpindex", "hv-synic", "hv-time", "hv-stimer"} <= flags
+    assert not flags & {"hv-passthrough", "hv-reenlightenment", "hv-evmcs", "hv-crash",
+                        "hv-syndbg", "hv-enforce-cpuid"}
+    assert option_values(argv, "-global") == ["kvm-pit.lost_tick_policy=delay"]
+    assert option_values(argv, "-machine")[0].split(",")[:2] in (["pc", "hpet=off"],
+                                                                  ["q35", "hpet=off"])
+    drivers = [d["driver"] for d in json_options(argv, "-device")]
+    assert "qemu-xhci" in drivers and "usb-tablet" in drivers
+
+
+@pytest.mark.parametrize("make", [gen1_spec, gen2_spec])
+def test_windows_on_tcg_has_no_kvm_only_options(make: object) -> None:
+    assert callable(make)
+    argv = build_argv(make("tcg", os_type="windows"))
+    assert option_values(argv, "-cpu") == ["max"]
+    assert "-global" not in argv
+    assert "hpet" not in option_values(argv, "-machine")[0]
+    drivers = [d["driver"] for d in json_options(argv, "-device")]
+    assert "usb-tablet" in drivers
+
+
+def test_gen1_windows_uses_ide_and_e1000() -> None:
+    devices = {d["driver"] for d in json_options(build_argv(gen1_spec("kvm", "windows")),
+                                                 "-device")}
+    assert {"ide-hd", "ide-cd", "e1000"} <= devices
+    assert not {"virtio-scsi-pci", "virtio-net-pci"} & devices
+
+
+def test_linux_has_no_windows_devices() -> None:
+    argv = build_argv(gen2_spec("kvm"))
+    drivers = [d["driver"] for d in json_options(argv, "-device")]
+    assert "usb-tablet" not in drivers
+    assert "-global" not in argv
+
+
+def test_vnc_listens_on_a_unix_socket_only() -> None:
+    argv = build_argv(gen1_spec())
+    assert option_values(argv, "-vnc") == [f"vnc=unix:{RUN}/vnc.sock"]
+    assert option_values(argv, "-display") == ["none"]
 
 
 def test_incoming_waits_for_saved_state() -> None:
@@ -249,6 +306,15 @@ def test_comma_in_chardev_path_is_doubled() -> None:
     assert serial["path"] == "/run/a,b/serial.sock"
     assert serial["logfile"] == "/vms/x,y/console.log"
     assert serial["logappend"] == "on"
+    vnc = dict(parse_qemu_opts(option_values(argv, "-vnc")[0]))
+    assert vnc == {"vnc": "unix:/run/a,b/vnc.sock"}
+
+
+def test_equals_sign_in_vnc_path_cannot_rename_the_option() -> None:
+    # QEMU reads "a=b" before the first comma as key=value unless the key is explicit.
+    spec = replace(gen1_spec(), paths=paths(run="/run/x=y"))
+    assert dict(parse_qemu_opts(option_values(build_argv(spec), "-vnc")[0])) == {
+        "vnc": "unix:/run/x=y/vnc.sock"}
 
 
 @pytest.mark.parametrize("path", [
@@ -296,7 +362,8 @@ def hostile_spec(generation: Generation) -> tuple[QemuSpec, set[str]]:
                     paths=paths(run=run, folder=folder), firmware=firmware)
     p = spec.paths
     user = {f"{HOSTILE}disk.qcow2", f"{HOSTILE}data.raw", f"{HOSTILE}cd.iso",
-            p.qmp_socket, p.serial_socket, p.serial_log, p.qga_socket, p.pidfile}
+            p.qmp_socket, p.serial_socket, p.serial_log, p.qga_socket, p.pidfile,
+            p.vnc_socket}
     if firmware is not None:
         user |= {firmware.code, firmware.vars}
     return spec, user
@@ -329,7 +396,9 @@ def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> N
             keys = [k for k, _ in options]
             assert "inject" not in keys, f"{flag} {arg!r} lets a user string add options"
             assert len(keys) == len(set(keys)), f"{flag} {arg!r} repeats an option"
-            for _, value in options:
+            for key, value in options:
+                if flag == "-vnc" and key == "vnc":
+                    value = value.removeprefix("unix:")
                 if "inject" in value:
                     assert value in user_strings, f"{flag} {arg!r}: {value!r} was split"
                     seen.add(value)

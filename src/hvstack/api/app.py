@@ -10,12 +10,14 @@ from fastapi import FastAPI
 
 from hvstack import __version__
 from hvstack.api import problems
-from hvstack.api.routes import host, storage, vms
+from hvstack.api.routes import console, guest, host, storage, vms
+from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
 
 
-def create_app(service: HostService) -> FastAPI:
+def create_app(service: HostService, guest_policy: GuestPolicy | None = None) -> FastAPI:
     app = FastAPI(
         title="hvstack",
         version=__version__,
@@ -26,8 +28,11 @@ def create_app(service: HostService) -> FastAPI:
     )
     app.state.service = service
     app.state.disk_ops = DiskOperations(service)
+    app.state.guest_ops = GuestOperations(service, guest_policy)
     problems.install(app)
     app.include_router(host.router)
     app.include_router(vms.router)
+    app.include_router(console.router)
     app.include_router(storage.router)
+    app.include_router(guest.router)
     return app

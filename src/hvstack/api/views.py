@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from hvstack.api.problems import problem_body
 from hvstack.api.schemas import JobView, VmView
 from hvstack.compute.integration import service_status
 from hvstack.compute.lifecycle import VmController
-from hvstack.compute.model import INTEGRATION_SERVICES
+from hvstack.compute.model import INTEGRATION_SERVICES, IntegrationServices
 from hvstack.host.jobs import Job
 from hvstack.host.service import HostService
 
@@ -47,10 +48,22 @@ def vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _services_at_rest(settings: IntegrationServices) -> dict[str, dict[str, Any]]:
+    data: dict[str, dict[str, Any]] = {
+        name: {"enabled": bool(getattr(settings, name)), "status": None}
+        for name in INTEGRATION_SERVICES
+    }
+    data["heartbeat"]["last_contact"] = None
+    return data
+
+
 def integration_data(vm: VmController) -> dict[str, dict[str, Any]]:
     """Each integration service: enabled, and its status while the VM runs."""
     settings = vm.record.config.integration_services
     running = vm.machine_running
+    if not running:
+        return _services_at_rest(settings)  # shared and read-only: listings stay cheap
     data: dict[str, dict[str, Any]] = {}
     for name in INTEGRATION_SERVICES:
         enabled = bool(getattr(settings, name))

@@ -14,7 +14,9 @@ from typing import Any
 
 import typer
 
+from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import disk, vm
+from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
 from hvstack.cli.render import (
     EXIT_ERROR,
     HostOption,

@@ -54,6 +54,8 @@ class GuestPolicy:
     stall_timeout: float = 60.0  # the client side of a transfer not moving
     data_wait: float = 60.0  # a transfer's data connection must arrive within this
     verify_timeout: float = 600.0  # sha256sum of the largest file in the guest
+    freeze_timeout: float = 60.0  # the guest syncs everything dirty before it freezes
+    thaw_timeout: float = 10.0
     max_exec_input: int = 8 * 1024 * 1024
     kvp_dir: str = KVP_DIR
 

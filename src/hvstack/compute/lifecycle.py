@@ -73,6 +73,10 @@ class VmFiles:
     def serial_socket(self) -> Path:
         return self.run_dir / "serial.sock"
 
+    @property
+    def vnc_socket(self) -> Path:
+        return self.run_dir / "vnc.sock"
+
 
 class VmController:
     def __init__(
@@ -193,6 +197,10 @@ class VmController:
             self._watcher = None
         if machine is not None:
             await machine.close()
+
+    def running_machine(self) -> Machine:
+        """The worker process; HypervisorError if the VM has none."""
+        return self._running_machine()
 
     def _running_machine(self) -> Machine:
         if self._machine is None:

@@ -62,6 +62,7 @@ class JobManager:
         job.task = asyncio.create_task(self._run(job, body), name=f"job-{kind}-{target}")
         self._tasks.add(job.task)
         job.task.add_done_callback(self._tasks.discard)
+        job.task.add_done_callback(lambda _: self._settle(job))
         self._publish(job)
         self._trim()
         return job
@@ -91,6 +92,15 @@ class JobManager:
             log.exception("job %s (%s of %s) failed", job.id, job.kind, job.target)
             job.state, job.error = JobState.FAILED, HvError(f"internal error: {exc}")
         finally:
+            job.finished_at = time.time()
+            job.done.set()
+            self._publish(job)
+
+    def _settle(self, job: Job) -> None:
+        """A task cancelled before its first step never ran ``_run``: end its job here."""
+        if job.state is JobState.RUNNING:
+            job.state = JobState.CANCELLED
+            job.error = Cancelled(f"{job.kind} of {job.target} was cancelled")
             job.finished_at = time.time()
             job.done.set()
             self._publish(job)

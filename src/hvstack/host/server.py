@@ -23,6 +23,7 @@ import uvicorn
 from hvstack.api.app import create_app
 from hvstack.errors import Conflict
 from hvstack.host.config import HostConfig
+from hvstack.host.guest_ops import thaw_leftovers
 from hvstack.host.service import HostService
 from hvstack.host.store import SqliteStore
 from hvstack.hypervisor.qemu.driver import QemuDriver
@@ -69,9 +70,11 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None) -> None:
     lock_fd = _lock_data_dir(config)
     store = SqliteStore(config.data_dir / "hvstack.db")
     service = HostService(config, store, QemuDriver())
+    app = None
     try:
         await service.startup()
         app = create_app(service)
+        await thaw_leftovers(service)  # a freeze left by a crashed service must not stay
         # Everything built so far lives as long as the service: keeping it out of the
         # collector's generations removes most full-collection pauses from requests.
         gc.freeze()
@@ -97,6 +100,8 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None) -> None:
             ready.set()
         await serving
     finally:
+        if app is not None:
+            await app.state.guest_ops.close()
         await service.shutdown()
         store.close()
         os.close(lock_fd)

@@ -230,7 +230,6 @@ class HostService:
 
     def _spec_for(self, record: VmRecord, incoming: bool) -> QemuSpec:
         files = self._files(record.id)
-        run = files.run_dir
         firmware = None
         if record.config.generation is Generation.GEN2:
             firmware = Firmware(str(self.config.ovmf_code), str(files.efi_vars))
@@ -239,11 +238,12 @@ class HostService:
             config=record.config,
             accelerator=self.accelerator_for(record.config),
             paths=RuntimePaths(
-                qmp_socket=str(run / "qmp.sock"),
-                serial_socket=str(run / "serial.sock"),
+                qmp_socket=str(files.qmp_socket),
+                serial_socket=str(files.serial_socket),
                 serial_log=str(files.console_log),
-                qga_socket=str(run / "qga.sock"),
+                qga_socket=str(files.qga_socket),
                 pidfile=str(files.pidfile),
+                vnc_socket=str(files.vnc_socket),
             ),
             firmware=firmware,
             incoming=incoming,

@@ -40,6 +40,10 @@ class Machine(Protocol):
         """Load state saved by :meth:`save_state` into a machine started to receive it."""
         ...
 
+    async def screendump(self, path: Path) -> None:
+        """Write the display as a binary PPM (P6) image to ``path``."""
+        ...
+
     async def quit(self) -> None:
         """Ask QEMU to exit now (turn off), and return once it has."""
         ...

@@ -5,7 +5,8 @@ configuration file and script the initramfs needs besides binaries and modules. 
 guest then behaves as follows (see ``RC_S``):
 
 * busybox ``init`` is PID 1 (``/init``); its sysinit script mounts proc, sysfs,
-  devtmpfs, devpts and a tmpfs on ``/run``, loads the modules listed in
+  devtmpfs, devpts and a tmpfs on ``/run``, makes ``/var/lib/hvstack/kvp`` (the KVP
+  exchange folder, see docs/integration-services.md), loads the modules listed in
   ``/lib/modules/hvstack.load`` in order, brings ``lo`` up, starts ``udhcpc`` on
   ``eth0`` in the background when there is an ``eth0``, sets the hostname ``tiny``,
   mounts the ext4 partition labelled ``hvdata`` on ``/data`` (waiting up to 10 s for
@@ -52,7 +53,7 @@ mkdir -p /dev/pts /dev/shm /dev/virtio-ports
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-mkdir -p /run/qemu-ga /tmp /data
+mkdir -p /run/qemu-ga /tmp /data /var/lib/hvstack/kvp
 hostname {HOSTNAME}
 
 # Kernel modules, dependencies first (the list was resolved at build time).
@@ -202,6 +203,13 @@ esac
 exit 0
 """
 
+OS_RELEASE = """\
+NAME="hvstack tiny"
+ID=hvstack-tiny
+PRETTY_NAME="hvstack tiny guest (busybox)"
+VERSION_ID=1
+"""
+
 PROFILE = f"""\
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 export HOME=/root
@@ -217,6 +225,7 @@ def guest_files() -> dict[str, tuple[int, str]]:
         "/etc/init.d/rcS": (0o755, RC_S),
         "/etc/profile": (0o644, PROFILE),
         "/etc/hostname": (0o644, f"{HOSTNAME}\n"),
+        "/etc/os-release": (0o644, OS_RELEASE),
         "/etc/hosts": (0o644, f"127.0.0.1\tlocalhost\n127.0.1.1\t{HOSTNAME}\n"),
         "/etc/passwd": (0o644, "root:x:0:0:root:/root:/bin/sh\n"),
         "/etc/shadow": (0o600, "root:*:19000:0:99999:7:::\n"),

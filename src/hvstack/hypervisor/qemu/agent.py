@@ -28,7 +28,7 @@ from hvstack.errors import Conflict, HvError
 
 log = logging.getLogger(__name__)
 
-READ_LIMIT = 16 * 1024 * 1024  # guest-file-read of 4 MiB comes back as ~5.6 MiB of base64
+READ_LIMIT = 48 * 1024 * 1024  # guest-exec-status: 2 x 16 MiB of output, as base64
 DEFAULT_TIMEOUT = 10.0
 
 

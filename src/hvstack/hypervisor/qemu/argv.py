@@ -4,7 +4,20 @@
 :class:`QemuSpec`, so golden files pin its output. Block devices, devices and netdevs
 use QEMU's JSON option syntax, where a user's string is a JSON string and cannot smuggle
 in options; the few classic ``key=value`` options left have commas doubled by
-:func:`escape_option`, QEMU's own escaping.
+:func:`escape_option`, QEMU's own escaping, and name every key explicitly (an implied
+first key would let an ``=`` in a path split it).
+
+Consoles: the serial port is a socket server (one client: the host service's console
+hub) with a log file; the display is QEMU's VNC server on a unix socket in the run
+directory, never a TCP port.
+
+Windows guests (``os_type == "windows"``) get Hyper-V enlightenments under KVM (see
+:data:`HYPERV_ENLIGHTENMENTS`), KVM's PIT catching up lost ticks by delaying them, no
+HPET (Windows would prefer it to the synthetic timers), a slewing local-time RTC and a
+USB tablet (an absolute pointer, so the mouse follows the VNC viewer's). Under TCG the
+``hv-*`` flags are left out: QEMU 7.2 builds the Hyper-V CPUID leaves only for KVM, so a
+TCG guest never sees them, and it refuses ``hv-vpindex`` (which ``hv-synic``,
+``hv-stimer``, ``hv-tlbflush`` and ``hv-ipi`` depend on) outright.
 """
 
 from __future__ import annotations
@@ -16,6 +29,29 @@ from hvstack.compute.model import BootDevice, DiskBus, Generation, NicModel, VmC
 
 QGA_CHANNEL = "org.qemu.guest_agent.0"
 
+# Hyper-V enlightenments for Windows on KVM (QEMU docs/system/i386/hyperv.rst), in
+# dependency order. All are migratable. Left out on purpose: hv-passthrough (the set
+# would depend on the host's kernel, which breaks migration), hv-reenlightenment and
+# hv-evmcs (nested Hyper-V only; the first needs a fixed TSC frequency to migrate, the
+# second is Intel-only), hv-crash (with the default panic action it stops Windows from
+# writing crash dumps), hv-syndbg and hv-enforce-cpuid (debugging features),
+# hv-no-nonarch-coresharing (only true with pinned vCPUs) and hv-avic (needs APICv/AVIC).
+HYPERV_ENLIGHTENMENTS = (
+    "hv-relaxed=on",
+    "hv-vapic=on",
+    "hv-spinlocks=0x1fff",
+    "hv-vpindex=on",
+    "hv-runtime=on",
+    "hv-time=on",
+    "hv-synic=on",
+    "hv-stimer=on",
+    "hv-stimer-direct=on",
+    "hv-frequencies=on",
+    "hv-reset=on",
+    "hv-tlbflush=on",
+    "hv-ipi=on",
+)
+
 
 @dataclass(frozen=True)
 class RuntimePaths:
@@ -26,6 +62,7 @@ class RuntimePaths:
     serial_log: str
     qga_socket: str
     pidfile: str
+    vnc_socket: str
 
 
 @dataclass(frozen=True)
@@ -85,10 +122,16 @@ def _boot_index(config: VmConfig, device: BootDevice) -> int | None:
     return None
 
 
+def _windows_on_kvm(spec: QemuSpec) -> bool:
+    return spec.config.os_type == "windows" and spec.accelerator == "kvm"
+
+
 def _machine_args(spec: QemuSpec) -> list[str]:
+    # Without an HPET, Windows on KVM takes the Hyper-V synthetic timers (hv-stimer).
+    hpet = ",hpet=off" if _windows_on_kvm(spec) else ""
     if spec.config.generation is Generation.GEN1:
-        return ["-machine", "pc", "-accel", spec.accelerator]
-    machine = "q35"
+        return ["-machine", f"pc{hpet}", "-accel", spec.accelerator]
+    machine = f"q35{hpet}"
     args: list[str] = []
     if spec.firmware is not None:
         args += _block_nodes("fw-code", spec.firmware.code, "raw", True)
@@ -150,11 +193,31 @@ def _network_args(config: VmConfig) -> list[str]:
     return args
 
 
+def _cpu_model(spec: QemuSpec) -> str:
+    if spec.accelerator != "kvm":
+        return "max"
+    if spec.config.os_type == "windows":
+        return ",".join(("host", *HYPERV_ENLIGHTENMENTS))
+    return "host"
+
+
+def _windows_args(spec: QemuSpec) -> list[str]:
+    if spec.config.os_type != "windows":
+        return []
+    args = [
+        "-device", _json({"driver": "qemu-xhci", "id": "usb0"}),
+        "-device", _json({"driver": "usb-tablet", "id": "tablet0", "bus": "usb0.0"}),
+    ]
+    if _windows_on_kvm(spec):
+        args += ["-global", "kvm-pit.lost_tick_policy=delay"]
+    return args
+
+
 def build_argv(spec: QemuSpec) -> list[str]:
     """Return the full argv that starts ``spec`` as a daemonized QEMU process."""
     config = spec.config
     paths = spec.paths
-    cpu = "host" if spec.accelerator == "kvm" else "max"
+    windows = config.os_type == "windows"
     argv = [
         spec.binary,
         "-name", f"guest={escape_option(spec.vm_id)},debug-threads=on",
@@ -162,12 +225,14 @@ def build_argv(spec: QemuSpec) -> list[str]:
         "-nodefaults",
         "-no-user-config",
         *_machine_args(spec),
-        "-cpu", cpu,
+        "-cpu", _cpu_model(spec),
         "-smp", str(config.cpus),
         "-m", f"size={config.memory_bytes // (1024 * 1024)}M",
-        "-rtc", "base=localtime" if config.os_type == "windows" else "base=utc",
+        "-rtc", "base=localtime,driftfix=slew" if windows else "base=utc",
         "-display", "none",
+        "-vnc", f"vnc=unix:{escape_option(paths.vnc_socket)}",
         "-device", _json({"driver": "VGA", "id": "video0"}),
+        *_windows_args(spec),
         *_socket_chardev("qmp", paths.qmp_socket),
         "-mon", "chardev=qmp,mode=control",
         *_socket_chardev(

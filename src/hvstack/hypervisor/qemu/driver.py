@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIGRATION_POLL = 0.2
 QUIT_TIMEOUT = 30.0
+SCREENDUMP_TIMEOUT = 10.0
 
 
 class QemuMachine:
@@ -109,6 +110,12 @@ class QemuMachine:
         if status not in ("paused", "running", "postmigrate"):
             raise HypervisorError(f"restoring the saved state left QEMU {status}")
         progress(100.0)
+
+    async def screendump(self, path: Path) -> None:
+        # PPM, QEMU's default: every QEMU build writes it (PNG needs libpng), and the
+        # caller wants the pixels anyway to scale a thumbnail.
+        await self._monitor.execute("screendump", {"filename": str(path)},
+                                    timeout=SCREENDUMP_TIMEOUT)
 
     async def quit(self) -> None:
         with contextlib.suppress(HypervisorError, OperationTimeout):

@@ -1,0 +1,95 @@
+"""WebSocket access to the host service's consoles, for the CLI and Python callers.
+
+``open_websocket(host, path)`` connects to a WebSocket route of the API over the same
+address the REST client uses (``unix:PATH`` or ``tcp:HOST:PORT``) with the
+``websockets`` library, which speaks WebSocket over a unix socket (httpx does not).
+Failures come back as :class:`hvstack.client.ApiError`: a refused handshake carries the
+server's problem+json, an unreachable service says so.
+
+The serial console protocol (see :mod:`hvstack.api.routes.console`): binary frames are
+bytes to and from the guest; text frames from the server are JSON notices, parsed by
+:func:`parse_notice`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from hvstack.client import ApiError
+from hvstack.host.config import ListenAddress, default_listen, parse_listen
+
+OPEN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ConsoleNotice:
+    event: str
+    detail: str = ""
+    role: str | None = None
+
+
+def parse_notice(text: str) -> ConsoleNotice:
+    try:
+        raw: dict[str, Any] = json.loads(text)
+        return ConsoleNotice(str(raw["event"]), str(raw.get("detail") or ""),
+                             raw.get("role"))
+    except (ValueError, KeyError, TypeError):
+        return ConsoleNotice("unknown", text)
+
+
+def vm_path(name: str, what: str, **params: str) -> str:
+    """``/vms/NAME/WHAT?params`` with the VM name escaped."""
+    path = f"/vms/{quote(name, safe='')}/{what}"
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def _problem(exc: InvalidStatus) -> ApiError:
+    response = exc.response
+    try:
+        problem = json.loads(response.body or b"{}")
+        if not isinstance(problem, dict):
+            raise ValueError(problem)
+    except ValueError:
+        problem = {"detail": (response.body or b"").decode(errors="replace")
+                   or f"HTTP {response.status_code}"}
+    problem.setdefault("detail", f"HTTP {response.status_code}")
+    return ApiError(response.status_code, problem)
+
+
+@asynccontextmanager
+async def open_websocket(
+    host: str | None, path: str, *, subprotocols: Sequence[str] | None = None,
+    open_timeout: float = OPEN_TIMEOUT,
+) -> AsyncIterator[ClientConnection]:
+    """Connect to ``/api/v1`` + ``path`` on the host service."""
+    address: ListenAddress = parse_listen(host) if host else default_listen()
+    protocols = [Subprotocol(p) for p in subprotocols] if subprotocols else None
+    options: dict[str, Any] = {"subprotocols": protocols, "open_timeout": open_timeout,
+                               "max_size": 4 * 1024 * 1024, "compression": None}
+    try:
+        if address.kind == "unix":
+            opener = unix_connect(address.path, f"ws://hv/api/v1{path}", **options)
+        else:
+            host_part = f"[{address.host}]" if ":" in address.host else address.host
+            opener = connect(f"ws://{host_part}:{address.port}/api/v1{path}", proxy=None,
+                             **options)
+        websocket = await opener
+    except InvalidStatus as exc:
+        raise _problem(exc) from exc
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        raise ApiError(0, {"title": "Cannot connect", "detail":
+                           f"cannot reach the host service at {address}: is 'hv serve' "
+                           f"running? ({exc or type(exc).__name__})"}) from exc
+    try:
+        yield websocket
+    finally:
+        await websocket.close()

@@ -1,0 +1,109 @@
+"""The argv builder's output starts real QEMU under TCG, for every generation and OS type.
+
+Each case builds the argv of a small VM (a blank disk, a DVD, a NIC), adds ``-S`` so no
+guest code runs, launches it daemonized as the host service does, and over QMP checks
+what the argv promised: the VNC server on its unix socket (which speaks RFB), the USB
+tablet for Windows, a screendump through :class:`QemuMachine`. KVM argvs are covered by
+the golden files only: this machine has no usable KVM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvstack.compute.model import (
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+)
+from hvstack.hypervisor.qemu import process
+from hvstack.hypervisor.qemu.argv import Firmware, QemuSpec, RuntimePaths, build_argv
+from hvstack.hypervisor.qemu.driver import QemuMachine
+from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.pixmap import parse_ppm
+
+pytestmark = pytest.mark.integration
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+VM_ID = "0d3c5a1e-7f52-4b8e-a0c1-2e9f8d7c6b5a"
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="hvargv-"))  # short: unix socket paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def small_spec(folder: Path, generation: Generation, os_type: str) -> QemuSpec:
+    disk = folder / "disk0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    dvd = folder / "install.iso"
+    dvd.write_bytes(b"\0" * 2048 * 16)
+    gen1 = generation is Generation.GEN1
+    config = VmConfig(
+        name=f"launch-{generation.value}-{os_type}",
+        generation=generation,
+        memory_bytes=128 * 1024 * 1024,
+        disks=(DiskAttachment(str(disk), DiskBus.IDE if gen1 else DiskBus.SCSI),),
+        dvd=str(dvd),
+        network_adapters=(NetworkAdapter("52:54:00:aa:bb:cc",
+                                         NicModel.E1000 if gen1 else NicModel.VIRTIO),),
+        os_type=os_type,
+    )
+    firmware = None
+    if not gen1:
+        shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
+        firmware = Firmware(str(OVMF_CODE), str(folder / "efivars.fd"))
+    paths = RuntimePaths(
+        qmp_socket=str(folder / "qmp.sock"), serial_socket=str(folder / "serial.sock"),
+        serial_log=str(folder / "console.log"), qga_socket=str(folder / "qga.sock"),
+        pidfile=str(folder / "qemu.pid"), vnc_socket=str(folder / "vnc.sock"),
+    )
+    return QemuSpec(vm_id=VM_ID, config=config, accelerator="tcg", paths=paths,
+                    firmware=firmware)
+
+
+@pytest.mark.parametrize("os_type", ["linux", "windows"])
+@pytest.mark.parametrize("generation", list(Generation))
+async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
+                                          os_type: str) -> None:
+    spec = small_spec(run_dir, generation, os_type)
+    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
+    monitor = Monitor(VM_ID)
+    try:
+        await monitor.connect(spec.paths.qmp_socket)
+        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
+        try:
+            assert await machine.status() == "prelaunch"
+            vnc: dict[str, Any] = await monitor.execute("query-vnc")
+            assert vnc["enabled"] and vnc["family"] == "unix"
+            assert vnc["auth"] == "none"
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(spec.paths.vnc_socket), 10)
+            assert await asyncio.wait_for(reader.readexactly(12), 10) == b"RFB 003.008\n"
+            writer.close()
+            mice: list[dict[str, Any]] = await monitor.execute("query-mice")
+            tablets = [m for m in mice if m["absolute"]]
+            assert bool(tablets) == (os_type == "windows"), mice
+            dump = run_dir / "screen.ppm"
+            await machine.screendump(dump)
+            image = parse_ppm(dump.read_bytes())
+            assert image.width >= 320 and image.height >= 200
+        finally:
+            await machine.quit()
+            await machine.close()
+    finally:
+        process.kill(pid, VM_ID)
