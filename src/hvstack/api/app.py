@@ -12,6 +12,7 @@ from hvstack import __version__
 from hvstack.api import problems
 from hvstack.api.routes import console, guest, host, storage, vms
 from hvstack.compute.guest_rules import GuestPolicy
+from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
@@ -29,6 +30,7 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None) ->
     app.state.service = service
     app.state.disk_ops = DiskOperations(service)
     app.state.guest_ops = GuestOperations(service, guest_policy)
+    app.state.console_ops = ConsoleOperations(service)
     problems.install(app)
     app.include_router(host.router)
     app.include_router(vms.router)

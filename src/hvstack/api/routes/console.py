@@ -32,6 +32,7 @@ from fastapi import APIRouter, Depends, Query, Response, WebSocket
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from hvstack.api.deps import console_ops_of
 from hvstack.api.problems import problem_response
 from hvstack.errors import HvError, InvalidInput
 from hvstack.host.console_hub import AttachMode, ConsoleViewer, Notice
@@ -50,11 +51,7 @@ def console_access(connection: HTTPConnection) -> ConsoleOperations:
     Whoever reaches the API may use consoles today. Authentication and authorization
     plug in here (raise an HTTP or WebSocket exception) for every console route at once.
     """
-    ops: ConsoleOperations | None = getattr(connection.app.state, "console_ops", None)
-    if ops is None:
-        ops = ConsoleOperations(connection.app.state.service)
-        connection.app.state.console_ops = ops
-    return ops
+    return console_ops_of(connection)
 
 
 async def _deny(websocket: WebSocket, exc: HvError) -> None:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from hvstack.api.deps import guest_ops_of, service_of
 from hvstack.api.guest_schemas import (
     CopyFileRequest,
     CopyFileStarted,
@@ -31,20 +32,11 @@ from hvstack.api.guest_schemas import (
 from hvstack.api.schemas import JobView
 from hvstack.api.views import job_view
 from hvstack.errors import Cancelled, InvalidInput
-from hvstack.host.guest_ops import GuestOperations, KvpChange
-from hvstack.host.service import HostService
+from hvstack.host.guest_ops import KvpChange
 
 router = APIRouter(prefix="/api/v1/vms", tags=["guest"])
 
 
-def _ops(request: Request) -> GuestOperations:
-    ops: GuestOperations = request.app.state.guest_ops
-    return ops
-
-
-def _service(request: Request) -> HostService:
-    service: HostService = request.app.state.service
-    return service
 
 
 @router.post("/{ref}/exec", response_model=ExecView)
@@ -55,7 +47,7 @@ async def exec_in_guest(request: Request, ref: str, body: ExecRequest) -> ExecVi
             stdin = base64.b64decode(body.input, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("input is not base64") from None
-    result = await _ops(request).exec(ref, body.command, stdin=stdin,
+    result = await guest_ops_of(request).exec(ref, body.command, stdin=stdin,
                                       timeout=body.timeout_seconds,
                                       max_output=body.max_output_bytes)
     encoding: Literal["utf-8", "base64"] = "utf-8"
@@ -74,7 +66,7 @@ async def exec_in_guest(request: Request, ref: str, body: ExecRequest) -> ExecVi
 
 @router.post("/{ref}/files", response_model=CopyFileStarted, status_code=202)
 async def start_copy(request: Request, ref: str, body: CopyFileRequest) -> CopyFileStarted:
-    copies = _ops(request).copies
+    copies = guest_ops_of(request).copies
     if body.direction == "to-guest":
         if body.size is None:
             raise InvalidInput("a copy into the guest needs the size of the file")
@@ -102,15 +94,15 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 
 @router.put("/{ref}/files/{transfer_id}", response_model=JobView)
 async def upload(request: Request, ref: str, transfer_id: str) -> JobView:
-    vm = _service(request).get_vm(ref)
-    job = await _ops(request).copies.feed(vm, transfer_id, _body(request))
+    vm = service_of(request).get_vm(ref)
+    job = await guest_ops_of(request).copies.feed(vm, transfer_id, _body(request))
     return job_view(job)
 
 
 @router.get("/{ref}/files/{transfer_id}", response_class=StreamingResponse)
 async def download(request: Request, ref: str, transfer_id: str) -> StreamingResponse:
-    vm = _service(request).get_vm(ref)
-    transfer, chunks = _ops(request).copies.stream(vm, transfer_id)
+    vm = service_of(request).get_vm(ref)
+    transfer, chunks = guest_ops_of(request).copies.stream(vm, transfer_id)
     headers = {"Content-Length": str(transfer.size), "X-Hv-Sha256": transfer.sha256 or "",
                "X-Hv-Guest-Path": transfer.guest_path}
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
@@ -123,7 +115,7 @@ def _change(change: KvpChange) -> KvpChangeView:
 
 @router.get("/{ref}/kvp", response_model=KvpView)
 async def kvp_list(request: Request, ref: str) -> KvpView:
-    listing = await _ops(request).kvp_list(ref)
+    listing = await guest_ops_of(request).kvp_list(ref)
     return KvpView(host=listing.host, guest=listing.guest,
                    intrinsic=listing.intrinsic.to_dict() if listing.intrinsic else None,
                    guest_available=listing.guest_available, guest_error=listing.guest_error,
@@ -132,16 +124,16 @@ async def kvp_list(request: Request, ref: str) -> KvpView:
 
 @router.put("/{ref}/kvp", response_model=KvpChangeView)
 async def kvp_set(request: Request, ref: str, body: KvpSet) -> KvpChangeView:
-    return _change(await _ops(request).kvp_set(ref, body.key, body.value))
+    return _change(await guest_ops_of(request).kvp_set(ref, body.key, body.value))
 
 
 @router.delete("/{ref}/kvp", response_model=KvpChangeView)
 async def kvp_delete(request: Request, ref: str, key: str = Query(...)) -> KvpChangeView:
-    return _change(await _ops(request).kvp_delete(ref, key))
+    return _change(await guest_ops_of(request).kvp_delete(ref, key))
 
 
 @router.post("/{ref}/fsfreeze", response_model=FsFreezeView)
 async def fsfreeze(request: Request, ref: str, body: FsFreezeRequest) -> FsFreezeView:
-    status = await _ops(request).fsfreeze(ref, body.action, body.hold_seconds)
+    status = await guest_ops_of(request).fsfreeze(ref, body.action, body.hold_seconds)
     return FsFreezeView(status=status.status, filesystems=status.filesystems,
                         holds=status.holds, auto_thaw_at=status.auto_thaw_at)

@@ -15,17 +15,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from hvstack import __version__
+from hvstack.api.deps import service_of
 from hvstack.api.schemas import HostView, JobView
 from hvstack.api.views import job_view
 from hvstack.compute.model import VmState
-from hvstack.host.service import HostService
 
 router = APIRouter(prefix="/api/v1", tags=["host"])
 
-
-def _service(request: Request) -> HostService:
-    service: HostService = request.app.state.service
-    return service
 
 
 @cache
@@ -39,7 +35,7 @@ def qemu_version(binary: str) -> str:
 
 @router.get("/host", response_model=HostView)
 async def host_info(request: Request) -> HostView:
-    service = _service(request)
+    service = service_of(request)
     vms = service.list_vms()
     return HostView(
         hostname=socket.gethostname(),
@@ -61,7 +57,7 @@ async def host_info(request: Request) -> HostView:
 
 @router.get("/jobs", response_model=list[JobView])
 async def list_jobs(request: Request) -> list[JobView]:
-    return [job_view(job) for job in _service(request).jobs.list()]
+    return [job_view(job) for job in service_of(request).jobs.list()]
 
 
 @router.get("/jobs/{job_id}", response_model=JobView)
@@ -69,7 +65,7 @@ async def show_job(request: Request, job_id: str,
                    wait: float = Query(0, ge=0, le=60,
                                        description="seconds to wait for the job to end")
                    ) -> JobView:
-    job = _service(request).jobs.get(job_id)
+    job = service_of(request).jobs.get(job_id)
     if wait:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.done.wait(), wait)
@@ -78,7 +74,7 @@ async def show_job(request: Request, job_id: str,
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
 async def cancel_job(request: Request, job_id: str) -> JobView:
-    service = _service(request)
+    service = service_of(request)
     job = service.jobs.cancel(job_id)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(job.done.wait(), 10)
@@ -88,7 +84,7 @@ async def cancel_job(request: Request, job_id: str) -> JobView:
 @router.get("/events")
 async def events(request: Request) -> StreamingResponse:
     """Server-sent events: one ``data:`` line of JSON per event, a comment every 15 s."""
-    service = _service(request)
+    service = service_of(request)
     subscription = service.events.subscribe()
 
     async def stream() -> AsyncIterator[str]:

@@ -6,56 +6,52 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
+from hvstack.api.deps import disk_ops_of
 from hvstack.api.schemas import DiskConvert, DiskCreate, DiskPath, DiskResize, JobView
 from hvstack.api.views import job_view
-from hvstack.host.disk_ops import DiskOperations
 from hvstack.units import parse_size
 
 router = APIRouter(prefix="/api/v1", tags=["storage"])
 
 
-def _ops(request: Request) -> DiskOperations:
-    ops: DiskOperations = request.app.state.disk_ops
-    return ops
-
 
 @router.post("/disks", status_code=201)
 async def create_disk(request: Request, body: DiskCreate) -> dict[str, Any]:
     size = parse_size(body.size, what="disk size") if body.size is not None else None
-    return await _ops(request).create(body.path, size, body.type, body.parent)
+    return await disk_ops_of(request).create(body.path, size, body.type, body.parent)
 
 
 @router.get("/disks/inspect")
 async def inspect_disk(request: Request, path: str = Query(...)) -> dict[str, Any]:
-    return await _ops(request).inspect(path)
+    return await disk_ops_of(request).inspect(path)
 
 
 @router.post("/disks/resize")
 async def resize_disk(request: Request, body: DiskResize) -> dict[str, Any]:
     size = parse_size(body.size, what="disk size")
-    return await _ops(request).resize(body.path, size, body.allow_shrink)
+    return await disk_ops_of(request).resize(body.path, size, body.allow_shrink)
 
 
 @router.post("/disks/convert", response_model=JobView, status_code=202)
 async def convert_disk(request: Request, body: DiskConvert) -> JobView:
-    return job_view(_ops(request).convert(body.source, body.destination, body.format))
+    return job_view(disk_ops_of(request).convert(body.source, body.destination, body.format))
 
 
 @router.post("/disks/merge", response_model=JobView, status_code=202)
 async def merge_disk(request: Request, body: DiskPath) -> JobView:
-    return job_view(_ops(request).merge(body.path))
+    return job_view(disk_ops_of(request).merge(body.path))
 
 
 @router.post("/disks/compact", response_model=JobView, status_code=202)
 async def compact_disk(request: Request, body: DiskPath) -> JobView:
-    return job_view(_ops(request).compact(body.path))
+    return job_view(disk_ops_of(request).compact(body.path))
 
 
 @router.get("/images")
 async def list_images(request: Request) -> list[dict[str, Any]]:
-    return await _ops(request).list_images()
+    return await disk_ops_of(request).list_images()
 
 
 @router.post("/images/{name}/build", response_model=JobView, status_code=202)
 async def build_image(request: Request, name: str) -> JobView:
-    return job_view(_ops(request).build_image(name))
+    return job_view(disk_ops_of(request).build_image(name))

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from hvstack.api.deps import service_of
 from hvstack.api.schemas import (
     DiskAttach,
     DvdSet,
@@ -28,26 +29,22 @@ from hvstack.compute.model import (
     Generation,
     VmConfig,
 )
-from hvstack.host.service import HostService, NewVm
+from hvstack.host.service import NewVm
 from hvstack.units import parse_size
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
 
 
-def _service(request: Request) -> HostService:
-    service: HostService = request.app.state.service
-    return service
-
 
 @router.get("", response_model=list[VmView])
 async def list_vms(request: Request) -> Response:
-    service = _service(request)
+    service = service_of(request)
     return JSONResponse([vm_data(vm, service) for vm in service.list_vms()])
 
 
 @router.post("", response_model=VmView, status_code=201)
 async def create_vm(request: Request, body: VmCreate) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     config = VmConfig(
         name=body.name,
         generation=Generation(body.generation),
@@ -71,13 +68,13 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
 
 @router.get("/{ref}", response_model=VmView)
 async def show_vm(request: Request, ref: str) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     return vm_view(service.get_vm(ref), service)
 
 
 @router.patch("/{ref}", response_model=VmView)
 async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     changes: dict[str, Any] = {}
     fields = body.model_dump(exclude_none=True)
     for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds"):
@@ -104,64 +101,64 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
 @router.delete("/{ref}")
 async def delete_vm(request: Request, ref: str,
                     delete_disks: bool = Query(False)) -> dict[str, Any]:
-    return await _service(request).delete_vm(ref, delete_disks=delete_disks)
+    return await service_of(request).delete_vm(ref, delete_disks=delete_disks)
 
 
 @router.post("/{ref}/start", response_model=JobView, status_code=202)
 async def start_vm(request: Request, ref: str) -> JobView:
-    return job_view(_service(request).start_vm(ref))
+    return job_view(service_of(request).start_vm(ref))
 
 
 @router.post("/{ref}/stop", response_model=JobView, status_code=202)
 async def stop_vm(request: Request, ref: str, body: StopRequest | None = None) -> JobView:
     body = body or StopRequest()
-    job = _service(request).stop_vm(ref, StopMode(body.mode), body.force, body.timeout_seconds)
+    job = service_of(request).stop_vm(ref, StopMode(body.mode), body.force, body.timeout_seconds)
     return job_view(job)
 
 
 @router.post("/{ref}/save", response_model=JobView, status_code=202)
 async def save_vm(request: Request, ref: str) -> JobView:
-    return job_view(_service(request).stop_vm(ref, StopMode.SAVE))
+    return job_view(service_of(request).stop_vm(ref, StopMode.SAVE))
 
 
 @router.post("/{ref}/restart", response_model=JobView, status_code=202)
 async def restart_vm(request: Request, ref: str, body: RestartRequest | None = None) -> JobView:
     body = body or RestartRequest()
-    return job_view(_service(request).restart_vm(ref, body.timeout_seconds))
+    return job_view(service_of(request).restart_vm(ref, body.timeout_seconds))
 
 
 @router.post("/{ref}/pause", response_model=VmView)
 async def pause_vm(request: Request, ref: str) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     return vm_view(await service.pause_vm(ref), service)
 
 
 @router.post("/{ref}/resume", response_model=VmView)
 async def resume_vm(request: Request, ref: str) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     return vm_view(await service.resume_vm(ref), service)
 
 
 @router.post("/{ref}/disks", response_model=VmView)
 async def attach_disk(request: Request, ref: str, body: DiskAttach) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     bus = DiskBus(body.bus) if body.bus else None
     return vm_view(await service.attach_disk(ref, body.path, bus), service)
 
 
 @router.delete("/{ref}/disks", response_model=VmView)
 async def detach_disk(request: Request, ref: str, path: str = Query(...)) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     return vm_view(await service.detach_disk(ref, path), service)
 
 
 @router.put("/{ref}/dvd", response_model=VmView)
 async def set_dvd(request: Request, ref: str, body: DvdSet) -> VmView:
-    service = _service(request)
+    service = service_of(request)
     return vm_view(await service.set_dvd(ref, body.iso), service)
 
 
 @router.get("/{ref}/console-log", response_class=PlainTextResponse)
 async def console_log(request: Request, ref: str,
                       max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> Response:
-    return PlainTextResponse(_service(request).console_log(ref, max_bytes))
+    return PlainTextResponse(service_of(request).console_log(ref, max_bytes))
