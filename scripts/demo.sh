@@ -58,9 +58,11 @@ cat <<MSG
 
 The VM 'demo' is running. Try, in this folder:
   export HV_HOST=$HV_HOST PATH=\$PWD/.venv/bin:\$PATH
-  hv vm show demo                 # settings and state (add -o json for scripts)
+  hv vm show demo                 # settings, state, integration services (-o json too)
+  hv vm exec demo -- uname -a     # run a command in the guest, no network needed
+  hv vm console demo              # its serial console (Ctrl-] detaches)
   hv vm save demo                 # save its memory state; 'hv vm start demo' resumes it
-  hv vm stop demo                 # ACPI shut down (turned off after a timeout)
+  hv vm stop demo                 # shut down through the guest agent (else ACPI)
   hv vm start demo --no-wait      # start it again, as a job (hv job list)
   hv vm delete demo --delete-disks
   hv host info                    # which accelerator is in use and why

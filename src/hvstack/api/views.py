@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 from hvstack.api.problems import problem_body
 from hvstack.api.schemas import JobView, VmView
 from hvstack.compute.integration import service_status
 from hvstack.compute.lifecycle import VmController
-from hvstack.compute.model import INTEGRATION_SERVICES, IntegrationServices
+from hvstack.compute.model import INTEGRATION_SERVICES, IntegrationServices, VmRecord
 from hvstack.host.jobs import Job
 from hvstack.host.service import HostService
+
+# The data of a VM at rest (no worker process) changes only with its record, which is
+# replaced, never mutated: listing a thousand mostly idle VMs reuses it.
+_at_rest: weakref.WeakKeyDictionary[VmController, tuple[VmRecord, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
     """A VM as plain JSON data, the shape of :class:`VmView` (built without validation:
-    listing a thousand VMs must stay cheap)."""
+    listing a thousand VMs must stay cheap). Callers must not change it."""
+    if vm.machine_running:
+        return _build_vm_data(vm, service)
+    cached = _at_rest.get(vm)
+    if cached is not None and cached[0] is vm.record:
+        return cached[1]
+    data = _build_vm_data(vm, service)
+    _at_rest[vm] = (vm.record, data)
+    return data
+
+
+def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
     record, config = vm.record, vm.record.config
     return {
         "id": record.id,

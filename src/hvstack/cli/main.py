@@ -57,7 +57,7 @@ def serve(
 ) -> None:
     """Run the host service in the foreground."""
     from hvstack.host.config import load_config
-    from hvstack.host.server import serve as run_server
+    from hvstack.server import serve as run_server
 
     logging.basicConfig(level=logging.DEBUG if os.environ.get("HV_DEBUG") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

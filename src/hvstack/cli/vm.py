@@ -142,7 +142,7 @@ def stop(
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
-    """Shut a VM down: ACPI power button, then turn off after a timeout."""
+    """Shut a VM down (guest agent, else ACPI power button); turn off after a timeout."""
     if turn_off and save:
         fail("--turn-off and --save exclude each other")
     mode = "turn-off" if turn_off else "save" if save else "shut-down"

@@ -1,5 +1,7 @@
 """Running the host service: the store, the service and the API on one event loop.
 
+This is the process's composition root, above every layer (it wires api/ onto host/).
+
 ``serve`` holds an exclusive lock on the data directory (one service per directory),
 serves the API on a unix socket or TCP, and on SIGTERM/SIGINT stops serving, applies
 the VMs' automatic stop actions (unless ``detach_on_exit``) and exits. A crash or
