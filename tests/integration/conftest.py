@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.hostproc import HostProcess
+from tests.integration.hostproc import HostProcess, running_host
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,18 +24,5 @@ def tiny_image() -> Path:
 
 @pytest.fixture()
 def host(tmp_path: Path, tiny_image: Path) -> Iterator[HostProcess]:
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    target = data / "images" / f"tiny{tiny_image.suffix}"
-    try:
-        os.link(tiny_image, target)
-    except OSError:
-        shutil.copyfile(tiny_image, target)
-    service = HostProcess(data)
-    service.start()
-    yield service
-    service.stop()
-    # Whatever a failed test left running is turned off, so runs stay independent.
-    for pidfile in data.glob("vms/*/qemu.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pidfile.read_text()), 9)
+    with running_host(tmp_path / "data", tiny_image) as service:
+        yield service

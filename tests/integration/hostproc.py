@@ -4,12 +4,15 @@ commands in a guest through the service's exec API."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,27 @@ class HostProcess:
 
     def guest(self, name: str) -> Guest:
         return Guest(self, name)
+
+
+@contextlib.contextmanager
+def running_host(data: Path, tiny_image: Path) -> Iterator[HostProcess]:
+    """A host service on ``data`` with the tiny image in its catalog; on the way out it
+    is stopped and whatever a failed test left running is turned off."""
+    (data / "images").mkdir(parents=True)
+    target = data / "images" / f"tiny{tiny_image.suffix}"
+    try:
+        os.link(tiny_image, target)
+    except OSError:
+        shutil.copyfile(tiny_image, target)
+    service = HostProcess(data)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        for pidfile in data.glob("vms/*/qemu.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text()), 9)
 
 
 class Guest:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from websockets.asyncio.client import ClientConnection
 from hvstack.console_client import open_websocket
 from hvstack.host.config import load_config
 from hvstack.pixmap import PNG_SIGNATURE, png_size
-from tests.integration.hostproc import HostProcess
+from tests.integration.hostproc import HostProcess, running_host
 
 pytestmark = pytest.mark.integration
 READY = "hvstack-tiny: ready"
@@ -30,26 +28,12 @@ DISPLAY_SIZES = {(720, 400), (640, 480), (800, 600), (1024, 768), (1280, 800)}
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[HostProcess]:
-    data = tmp_path_factory.mktemp("consoles") / "data"
-    (data / "images").mkdir(parents=True)
-    target = data / "images" / f"tiny{tiny_image.suffix}"
-    try:
-        os.link(tiny_image, target)
-    except OSError:
-        shutil.copyfile(tiny_image, target)
-    service = HostProcess(data)
-    service.start()
-    try:
+    with running_host(tmp_path_factory.mktemp("consoles") / "data", tiny_image) as service:
         service.ok("vm", "create", NAME, "--generation", "1", "--image", "tiny",
                    "--memory", "256M", "--auto-stop", "turn-off")
         service.ok("vm", "start", NAME)
         service.wait_console(NAME, READY)
         yield service
-    finally:
-        service.stop()
-        for pidfile in data.glob("vms/*/qemu.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text()), 9)
 
 
 def test_cli_console_in_pipe_mode_runs_a_command(host: HostProcess) -> None:

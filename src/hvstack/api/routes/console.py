@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response, WebSocket
@@ -78,16 +78,22 @@ async def _to_client(websocket: WebSocket, viewer: ConsoleViewer) -> None:
         await websocket.close(code=1000, reason=reason[:120])
 
 
-async def _from_client(websocket: WebSocket, viewer: ConsoleViewer) -> None:
+async def _client_bytes(websocket: WebSocket, text_encoding: str) -> AsyncIterator[bytes]:
+    """What the client sends, as bytes (text frames encoded), until it disconnects."""
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
         data = message.get("bytes")
         if data is None and message.get("text") is not None:
-            data = str(message["text"]).encode()
+            data = str(message["text"]).encode(text_encoding, errors="replace")
         if data:
-            await viewer.write(data)
+            yield data
+
+
+async def _from_client(websocket: WebSocket, viewer: ConsoleViewer) -> None:
+    async for data in _client_bytes(websocket, "utf-8"):
+        await viewer.write(data)
 
 
 async def _run_both(*coros: Coroutine[Any, Any, None]) -> None:
@@ -137,16 +143,9 @@ async def _vnc_to_client(websocket: WebSocket, reader: asyncio.StreamReader) -> 
 
 
 async def _vnc_from_client(websocket: WebSocket, writer: asyncio.StreamWriter) -> None:
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("bytes")
-        if data is None and message.get("text") is not None:
-            data = str(message["text"]).encode("latin-1", errors="replace")
-        if data:
-            writer.write(data)
-            await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+    async for data in _client_bytes(websocket, "latin-1"):
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
 
 
 @router.websocket("/{ref}/vnc")
