@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from hvstack.api.problems import problem_body
@@ -14,24 +17,39 @@ from hvstack.compute.model import INTEGRATION_SERVICES, IntegrationServices, VmR
 from hvstack.host.jobs import Job
 from hvstack.host.service import HostService
 
-# The data of a VM at rest (no worker process) changes only with its record, which is
-# replaced, never mutated: listing a thousand mostly idle VMs reuses it.
-_at_rest: weakref.WeakKeyDictionary[VmController, tuple[VmRecord, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+@dataclass(frozen=True)
+class _Rendered:
+    record: VmRecord
+    data: dict[str, Any]
+    json: bytes
+
+
+# The view of a VM at rest (no worker process) changes only with its record, which is
+# replaced, never mutated: listing a thousand mostly idle VMs reuses data and JSON.
+_at_rest: weakref.WeakKeyDictionary[VmController, _Rendered] = weakref.WeakKeyDictionary()
+
+
+def _render(vm: VmController, service: HostService) -> _Rendered:
+    cached = _at_rest.get(vm)
+    if cached is not None and cached.record is vm.record and not vm.machine_running:
+        return cached
+    data = _build_vm_data(vm, service)
+    rendered = _Rendered(vm.record, data, json.dumps(data, separators=(",", ":")).encode())
+    if not vm.machine_running:
+        _at_rest[vm] = rendered
+    return rendered
 
 
 def vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
     """A VM as plain JSON data, the shape of :class:`VmView` (built without validation:
     listing a thousand VMs must stay cheap). Callers must not change it."""
-    if vm.machine_running:
-        return _build_vm_data(vm, service)
-    cached = _at_rest.get(vm)
-    if cached is not None and cached[0] is vm.record:
-        return cached[1]
-    data = _build_vm_data(vm, service)
-    _at_rest[vm] = (vm.record, data)
-    return data
+    return _render(vm, service).data
+
+
+def vms_json(vms: Iterable[VmController], service: HostService) -> bytes:
+    """A JSON array of VM views, joined from each VM's (cached) JSON."""
+    return b"[" + b",".join(_render(vm, service).json for vm in vms) + b"]"
 
 
 def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 
 from hvstack.api.deps import service_of
 from hvstack.api.schemas import (
@@ -19,7 +19,7 @@ from hvstack.api.schemas import (
     VmUpdate,
     VmView,
 )
-from hvstack.api.views import job_view, vm_data, vm_view
+from hvstack.api.views import job_view, vm_view, vms_json
 from hvstack.compute.lifecycle import StopMode
 from hvstack.compute.model import (
     AutoStartAction,
@@ -39,7 +39,7 @@ router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
 @router.get("", response_model=list[VmView])
 async def list_vms(request: Request) -> Response:
     service = service_of(request)
-    return JSONResponse([vm_data(vm, service) for vm in service.list_vms()])
+    return Response(vms_json(service.list_vms(), service), media_type="application/json")
 
 
 @router.post("", response_model=VmView, status_code=201)
