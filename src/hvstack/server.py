@@ -33,7 +33,7 @@ from hvstack.hypervisor.qemu.driver import QemuDriver
 log = logging.getLogger(__name__)
 
 
-class _Server(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service decides how to stop."""
 
     @contextlib.contextmanager
@@ -87,7 +87,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None) -> None:
         else:
             uconfig = uvicorn.Config(app, host=config.listen.host, port=config.listen.port,
                                      log_level="warning", lifespan="off")
-        server = _Server(uconfig)
+        server = QuietServer(uconfig)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

@@ -11,17 +11,20 @@ machines, and builds the real QEMU argv for each launch so the spec is exercised
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
 from hvstack.errors import HvError, HypervisorError
 from hvstack.hypervisor.driver import Driver, EventSink, Machine, ProgressSink
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.server import QuietServer
 
 STATE_MAGIC = b"hvstack-fake-saved-state\n"
 
@@ -252,3 +255,21 @@ def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str
     assert body["type"] == f"/problems/{slug}", body
     assert body["title"] and body["detail"]
     return body
+
+
+@contextlib.asynccontextmanager
+async def serve_on_unix_socket(app: Any, socket_path: Path) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on ``socket_path`` in this loop; yield its HV_HOST."""
+    config = uvicorn.Config(app, uds=str(socket_path), log_level="warning", lifespan="off")
+    server = QuietServer(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"unix:{socket_path}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

@@ -8,14 +8,11 @@ guest paths in these tests are absolute paths below it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from hvstack.api.app import create_app
@@ -23,7 +20,7 @@ from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.compute.model import IntegrationServices
 from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
-from tests.functional.fakes import create_vm, run_job
+from tests.functional.fakes import create_vm, run_job, serve_on_unix_socket
 from tests.functional.guest_fake import FakeGuestAgent, busybox_bin
 
 TEST_COPY_LIMIT = 4 * 1024 * 1024
@@ -135,25 +132,9 @@ async def guests(guest_api: httpx.AsyncClient, service: HostService,
 # -- the CLI against the app guest_served on a unix socket -----------------------------------
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @pytest.fixture
 async def guest_served(guest_app: FastAPI, tmp_path: Path) -> AsyncIterator[str]:
-    socket_path = tmp_path / "hv.sock"
-    config = uvicorn.Config(guest_app, uds=str(socket_path), log_level="warning", lifespan="off")
-    server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        yield f"unix:{socket_path}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_on_unix_socket(guest_app, tmp_path / "hv.sock") as host:
+        yield host

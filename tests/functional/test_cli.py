@@ -4,22 +4,21 @@ against the API served in-process on the fake driver."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from click.testing import Result
 from typer.testing import CliRunner
 
 from hvstack.api.app import create_app
 from hvstack.cli.main import app
 from hvstack.host.service import HostService
+from tests.functional.fakes import serve_on_unix_socket
 
 runner = CliRunner()
 
@@ -96,31 +95,12 @@ def test_the_real_entry_point(tmp_path: Path) -> None:
 # -- the CLI against the API served in-process (uvicorn on a unix socket, fake driver) ------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers (the test owns the process)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @pytest.fixture
 async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
-    socket_path = tmp_path / "hv.sock"
-    config = uvicorn.Config(create_app(service), uds=str(socket_path), log_level="warning",
-                            lifespan="off")
-    server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        yield f"unix:{socket_path}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with serve_on_unix_socket(create_app(service), tmp_path / "hv.sock") as host:
+        yield host
 
 
 async def hv(host: str, *args: str) -> Result:

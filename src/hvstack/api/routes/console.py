@@ -132,9 +132,13 @@ async def serial_console(websocket: WebSocket, ref: str, mode: str = Query("writ
         await _run_both(_to_client(websocket, viewer), _from_client(websocket, viewer))
     finally:
         viewer.detach()
-        if websocket.application_state is not WebSocketState.DISCONNECTED:
-            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-                await websocket.close()
+        await _close_quietly(websocket)
+
+
+async def _close_quietly(websocket: WebSocket) -> None:
+    if websocket.application_state is not WebSocketState.DISCONNECTED:
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+            await websocket.close()
 
 
 async def _vnc_to_client(websocket: WebSocket, reader: asyncio.StreamReader) -> None:
@@ -162,9 +166,7 @@ async def vnc_console(websocket: WebSocket, ref: str,
         await _run_both(_vnc_to_client(websocket, reader), _vnc_from_client(websocket, writer))
     finally:
         writer.close()
-        if websocket.application_state is not WebSocketState.DISCONNECTED:
-            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-                await websocket.close()
+        await _close_quietly(websocket)
 
 
 @router.get("/{ref}/screenshot", response_class=Response,
