@@ -11,10 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from hvstack.host.config import default_listen, parse_listen
+
+
+def segment(value: str) -> str:
+    """``value`` percent-encoded as one URL path segment: '/', '%', '?', '#' and every
+    other reserved character are escaped, so a name can never reach another object."""
+    return quote(value, safe="")
 
 
 class ApiError(Exception):
