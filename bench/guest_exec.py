@@ -38,6 +38,7 @@ from typing import Any
 
 from bench.report import Section, Table, ms, ratio, verdict
 from bench.support import ServiceProcess, hv_command, median, percentile
+from hvstack.client import url_path
 from hvstack.hypervisor.qemu.guest_io import POLL_STEADY, POLL_STEPS
 
 GOAL = 1.2
@@ -146,7 +147,7 @@ def direct_read(agent: DirectAgent, path: str, size: int) -> float:
 
 def api_exec(service: ServiceProcess) -> float:
     began = time.perf_counter()
-    result = service.client.post(f"/vms/{VM}/exec", {"command": ["true"]})
+    result = service.client.post(url_path("vms", VM, "exec"), {"command": ["true"]})
     elapsed = time.perf_counter() - began
     assert result["exit_code"] == 0, result
     return elapsed
@@ -161,7 +162,7 @@ def cli_exec(service: ServiceProcess) -> float:
 
 def api_upload(service: ServiceProcess, data: bytes, path: str) -> float:
     began = time.perf_counter()
-    started = service.client.post(f"/vms/{VM}/files", {
+    started = service.client.post(url_path("vms", VM, "files"), {
         "direction": "to-guest", "guest_path": path, "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "overwrite": True})
     job = service.client.request("PUT", started["data_url"].removeprefix("/api/v1"),
@@ -173,7 +174,7 @@ def api_upload(service: ServiceProcess, data: bytes, path: str) -> float:
 
 def api_download(service: ServiceProcess, path: str, size: int) -> float:
     began = time.perf_counter()
-    started = service.client.post(f"/vms/{VM}/files", {"direction": "from-guest",
+    started = service.client.post(url_path("vms", VM, "files"), {"direction": "from-guest",
                                                        "guest_path": path})
     got = 0
     with service.client.stream("GET", started["data_url"].removeprefix("/api/v1"),
@@ -191,7 +192,7 @@ def wait_for_agent(service: ServiceProcess) -> None:
     deadline = time.monotonic() + BOOT_TIMEOUT
     while True:
         try:
-            service.client.post(f"/vms/{VM}/exec", {"command": ["true"]})
+            service.client.post(url_path("vms", VM, "exec"), {"command": ["true"]})
             return
         except ApiError:
             if time.monotonic() > deadline:
@@ -222,11 +223,11 @@ def run(tmp: Path) -> Section:
         api = service.client
         api.post("/vms", {"name": VM, "generation": 1, "memory": "256M", "image": "tiny",
                           "auto_start": "nothing", "auto_stop": "turn-off"})
-        api.request("PATCH", f"/vms/{VM}", json={"integration_services":
+        api.request("PATCH", url_path("vms", VM), json={"integration_services":
                                                  {"guest_services": True}})
-        api.wait_job(api.post(f"/vms/{VM}/start"), timeout=120)
+        api.wait_job(api.post(url_path("vms", VM, "start")), timeout=120)
         wait_for_agent(service)
-        socket_path = service.config.run_dir / api.get(f"/vms/{VM}")["id"] / "qga.sock"
+        socket_path = service.config.run_dir / api.get(url_path("vms", VM))["id"] / "qga.sock"
         api_exec(service)  # warm-up
         api_upload(service, payload[:WRITE_CHUNK], "/tmp/warm")
         for _ in range(ROUNDS):

@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from hvstack import __version__
-from hvstack.client import ApiError, Client
+from hvstack.client import ApiError, Client, url_path
 from hvstack.host.config import HostConfig, load_config
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.qemu import process
@@ -245,7 +245,7 @@ class ServiceProcess:
         self._proc = None
 
     def turn_off(self, name: str) -> None:
-        job = self.client.post(f"/vms/{name}/stop", {"mode": "turn-off"})
+        job = self.client.post(url_path("vms", name, "stop"), {"mode": "turn-off"})
         self.client.wait_job(job, timeout=JOB_TIMEOUT)
 
 

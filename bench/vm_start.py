@@ -39,6 +39,7 @@ from bench.support import (
     percentile,
     wait_exit,
 )
+from hvstack.client import url_path
 from hvstack.host.config import HostConfig
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore, SqliteStore
@@ -106,7 +107,7 @@ class HandStarter:
 
 def _api_start(service: ServiceProcess) -> float:
     began = time.perf_counter()
-    job = service.client.post(f"/vms/{VM_NAME}/start")
+    job = service.client.post(url_path("vms", VM_NAME, "start"))
     job = service.client.wait_job(job, timeout=JOB_TIMEOUT)
     elapsed = time.perf_counter() - began
     if (job.get("result") or {}).get("state") != "Running":
@@ -134,7 +135,7 @@ def _cli_start(service: ServiceProcess) -> float:
 
 def _check_same_argv(service: ServiceProcess, hand: HandStarter) -> None:
     """The service's QEMU must run exactly the argv the baseline runs."""
-    pid = service.client.get(f"/vms/{VM_NAME}")["pid"]
+    pid = service.client.get(url_path("vms", VM_NAME))["pid"]
     running = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     if running != hand.argv:
         differ = sorted(set(running) ^ set(hand.argv))

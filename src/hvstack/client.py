@@ -7,21 +7,54 @@ problem+json; a host service that cannot be reached is :class:`ApiError` too.
 
 from __future__ import annotations
 
+import ssl
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 
-from hvstack.host.config import default_listen, parse_listen
+def _import_httpx_without_its_cli() -> None:
+    """Import httpx without ``httpx._main``, its own command line tool, which its package
+    imports when click and rich are installed (they are, for hv): that alone is a third
+    of hv's start-up. A ``None`` in sys.modules makes that one import fail, which httpx
+    expects (it then defines a stub ``httpx.main``); the entry is removed afterwards, so
+    ``import httpx._main`` works as usual later."""
+    if "httpx" in sys.modules or "httpx._main" in sys.modules:
+        return
+    sys.modules["httpx._main"] = None  # type: ignore[assignment]
+    try:
+        import httpx  # noqa: F401
+    finally:
+        sys.modules.pop("httpx._main", None)
+
+
+_import_httpx_without_its_cli()
+
+import httpx  # noqa: E402
+
+from hvstack.host.config import default_listen, parse_listen  # noqa: E402
 
 
 def segment(value: str) -> str:
     """``value`` percent-encoded as one URL path segment: '/', '%', '?', '#' and every
-    other reserved character are escaped, so a name can never reach another object."""
+    other reserved character are escaped, so a name can never reach another object.
+    '.' and '..' are escaped too: URL normalization would remove them as dot-segments."""
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
     return quote(value, safe="")
+
+
+def url_path(*parts: str) -> str:
+    """``/PART/PART...`` with each part escaped by :func:`segment`: ``url_path("vms",
+    name, "start")``. Build every path that holds a name or an id with it. An empty
+    part would name another route (``/vms//start``): it is :class:`ApiError` 400."""
+    if not all(parts):
+        raise ApiError(400, {"title": "Invalid input",
+                             "detail": "a name or id must not be empty"})
+    return "".join("/" + segment(part) for part in parts)
 
 
 class ApiError(Exception):
@@ -36,7 +69,10 @@ class Client:
         address = parse_listen(host) if host else default_listen()
         self.address = address
         if address.kind == "unix":
-            transport = httpx.HTTPTransport(uds=address.path)
+            # Plain HTTP over the socket: the TLS context is never used, and the default
+            # one would load the CA bundle, a tenth of hv's start-up.
+            transport = httpx.HTTPTransport(uds=address.path,
+                                            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
             base = "http://hv"
         else:
             transport = httpx.HTTPTransport()
@@ -107,7 +143,7 @@ class Client:
         while job["state"] == "running":
             if deadline is not None and time.monotonic() > deadline:
                 raise ApiError(0, {"detail": f"job {job['id']} is still running"})
-            job = self.get(f"/jobs/{job['id']}", params={"wait": 0.5})
+            job = self.get(url_path("jobs", job["id"]), params={"wait": 0.5})
             if on_progress:
                 on_progress(job)
         if job["state"] != "completed":

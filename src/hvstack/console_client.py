@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from hvstack.client import ApiError
+from hvstack.client import ApiError, url_path
 from hvstack.host.config import ListenAddress, default_listen, parse_listen
 
 OPEN_TIMEOUT = 10.0
@@ -48,7 +48,7 @@ def parse_notice(text: str) -> ConsoleNotice:
 
 def vm_path(name: str, what: str, **params: str) -> str:
     """``/vms/NAME/WHAT?params`` with the VM name escaped."""
-    path = f"/vms/{quote(name, safe='')}/{what}"
+    path = url_path("vms", name, what)
     return f"{path}?{urlencode(params)}" if params else path
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from hvstack.client import url_path
 from hvstack.errors import HvError, HypervisorError
 from hvstack.hypervisor.driver import Driver, EventSink, Machine, ProgressSink
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
@@ -209,7 +210,7 @@ async def create_vm(api: httpx.AsyncClient, name: str, **body: object) -> dict[s
 
 
 async def show_vm(api: httpx.AsyncClient, name: str) -> dict[str, Any]:
-    response = await api.get(f"{API}/vms/{name}")
+    response = await api.get(API + url_path("vms", name))
     assert response.status_code == 200, response.text
     vm: dict[str, Any] = response.json()
     return vm
@@ -229,7 +230,7 @@ async def finish_job(api: httpx.AsyncClient, job: dict[str, Any]) -> dict[str, A
 async def run_job(api: httpx.AsyncClient, name: str, operation: str,
                   body: dict[str, Any] | None = None, *, ok: bool = True) -> dict[str, Any]:
     """POST an operation that runs as a job, and return the job once it has ended."""
-    response = await api.post(f"{API}/vms/{name}/{operation}", json=body)
+    response = await api.post(API + url_path("vms", name, operation), json=body)
     assert response.status_code == 202, response.text
     job = await finish_job(api, response.json())
     if ok:

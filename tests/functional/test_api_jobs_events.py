@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, MutableMapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -71,8 +72,26 @@ async def test_cancel_a_start(api: httpx.AsyncClient, driver: FakeDriver) -> Non
 async def test_cancel_a_finished_job(api: httpx.AsyncClient) -> None:
     await create_vm(api, "web")
     job = await run_job(api, "web", "start")
-    response = await api.post(f"{API}/jobs/{job['id']}/cancel")
-    assert response.json()["state"] == "completed"
+    problem = assert_problem(await api.post(f"{API}/jobs/{job['id']}/cancel"), 409,
+                             "conflict")
+    assert problem["detail"] == (f"job {job['id']} (start of web) has already completed; "
+                                 "only a running job can be cancelled")
+    assert (await api.get(f"{API}/jobs/{job['id']}")).json()["state"] == "completed"
+
+
+async def test_job_times_are_iso_8601_and_ids_take_a_prefix(api: httpx.AsyncClient) -> None:
+    await create_vm(api, "web")
+    job = await run_job(api, "web", "start")
+    created = datetime.fromisoformat(job["created_at"])
+    finished = datetime.fromisoformat(job["finished_at"])
+    assert created.utcoffset() == timedelta(0) and finished >= created
+    assert job["duration_seconds"] == pytest.approx((finished - created).total_seconds(),
+                                                    abs=0.002)
+    assert job["message"] == ""
+    shown = (await api.get(f"{API}/jobs/{job['id'][:5].upper()}")).json()
+    assert shown["id"] == job["id"]
+    problem = assert_problem(await api.get(f"{API}/jobs/zz"), 404, "not-found")
+    assert problem["detail"] == "no job has an id that is or starts with 'zz'"
 
 
 async def test_cancel_a_stop_keeps_the_vm_running(api: httpx.AsyncClient,

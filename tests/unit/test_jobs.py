@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hvstack.errors import Cancelled, HvError, NotFound
+from hvstack.errors import Cancelled, Conflict, HvError, InvalidInput, NotFound
 from hvstack.host.events import Event, EventBus
 from hvstack.host.jobs import Job, JobManager, JobState, Progress
 
@@ -76,7 +76,7 @@ async def test_progress_is_visible_while_running(jobs: JobManager) -> None:
     await finish(job)
     assert job.state is JobState.COMPLETED
     assert job.result is None
-    assert job.message == "almost"
+    assert job.message == ""  # a finished job keeps no stale progress message
 
 
 async def test_failure_is_captured_as_the_error(jobs: JobManager) -> None:
@@ -189,3 +189,48 @@ async def test_shutdown_cancels_running_jobs(bus: RecordingBus) -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(manager.shutdown(), 5)
     assert job.state is JobState.CANCELLED
+
+
+async def test_a_unique_prefix_names_a_job(jobs: JobManager) -> None:
+    async def body(progress: Progress) -> None:
+        return None
+
+    a, b = jobs.start("start", "a", body), jobs.start("start", "b", body)
+    a.id, b.id = "abc12345-0000-4000-8000-000000000000", "abd12345-0000-4000-8000-000000000000"
+    jobs._jobs = {a.id: a, b.id: b}  # ids chosen so that prefixes collide
+    assert jobs.get("abc") is a
+    assert jobs.get("ABD1") is b
+    assert jobs.get(a.id.upper()) is a
+    with pytest.raises(InvalidInput) as ambiguous:
+        jobs.get("ab")
+    assert ambiguous.value.message == (
+        f"job id prefix 'ab' matches 2 jobs ({a.id}, {b.id}); give more of the id")
+    assert ambiguous.value.data["matches"] == [a.id, b.id]
+    for unknown in ("abe", "", "zz"):
+        with pytest.raises(NotFound):
+            jobs.get(unknown)
+    await jobs.wait(a, 5)
+    await jobs.wait(b, 5)
+
+
+async def test_cancelling_a_finished_job_is_a_conflict(jobs: JobManager) -> None:
+    async def body(progress: Progress) -> dict[str, Any]:
+        progress(50, "halfway")
+        return {"ok": True}
+
+    job = await finish(jobs.start("start", "web", body))
+    with pytest.raises(Conflict) as caught:
+        jobs.cancel_running(job.id[:6])
+    assert caught.value.message == (f"job {job.id} (start of web) has already completed; "
+                                    "only a running job can be cancelled")
+    assert job.state is JobState.COMPLETED
+    assert job.message == ""
+
+
+async def test_a_failed_job_keeps_no_progress_message(jobs: JobManager) -> None:
+    async def body(progress: Progress) -> None:
+        progress(30, "copying")
+        raise NotFound("gone")
+
+    job = await finish(jobs.start("convert", "/d/a", body))
+    assert (job.state, job.message, job.progress) == (JobState.FAILED, "", 30.0)

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from hvstack import __version__
 from hvstack.api import problems
+from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import console, guest, host, storage, vms
 from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.host.console_ops import ConsoleOperations
@@ -32,6 +33,7 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None) ->
     app.state.guest_ops = GuestOperations(service, guest_policy)
     app.state.console_ops = ConsoleOperations(service)
     problems.install(app)
+    app.add_middleware(EscapedSlashGuard)
     app.include_router(host.router)
     app.include_router(vms.router)
     app.include_router(console.router)

@@ -6,6 +6,7 @@ Python client build them, the web UI posts the same JSON.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -153,8 +154,9 @@ class JobView(BaseModel):
     message: str
     result: dict[str, Any] | None
     error: dict[str, Any] | None
-    created_at: float
-    finished_at: float | None
+    created_at: datetime = Field(description="ISO 8601, UTC")
+    finished_at: datetime | None = Field(description="ISO 8601, UTC; null while running")
+    duration_seconds: float = Field(description="from creation to the end (or to now)")
 
 
 class HostView(BaseModel):

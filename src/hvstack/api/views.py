@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from hvstack.api.problems import problem_body
@@ -124,6 +126,8 @@ def job_view(job: Job) -> JobView:
         message=job.message,
         result=job.result,
         error=problem_body(job.error) if job.error else None,
-        created_at=job.created_at,
-        finished_at=job.finished_at,
+        created_at=datetime.fromtimestamp(job.created_at, UTC),
+        finished_at=(datetime.fromtimestamp(job.finished_at, UTC)
+                     if job.finished_at is not None else None),
+        duration_seconds=round((job.finished_at or time.time()) - job.created_at, 3),
     )

@@ -17,27 +17,27 @@ Several consoles may be open on one VM; one of them types (see
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import signal
 import sys
-import termios
-import threading
 import time
-import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
 from hvstack.cli.render import EXIT_ERROR, HostOption, client, console, fail
 from hvstack.cli.vm import app
 from hvstack.client import ApiError
-from hvstack.console_client import open_websocket, parse_notice, vm_path
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from websockets.asyncio.client import ClientConnection
+
+# asyncio and websockets are imported by the functions that use them: every other hv
+# command would pay for them at start-up (this module registers its commands).
 
 EXIT_NOT_SEEN = 1
 DEFAULT_ESCAPE = "^]"
@@ -73,6 +73,12 @@ class Session:
         self.write_err(f"[hv console: {text}]{eol}")
 
     async def run(self, websocket: ClientConnection, keys: asyncio.Queue[bytes | None]) -> int:
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        from hvstack.console_client import parse_notice
+
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         held: list[bytes] = []  # typed before the serial port was connected
         connected = waited = False
@@ -159,6 +165,9 @@ def _caret(byte: int) -> str:
 def _start_stdin_reader(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes | None]:
     """Read fd 0 in a daemon thread (works for terminals, pipes and files alike, and a
     read blocked at exit does not hold the process); None marks the end of input."""
+    import asyncio
+    import threading
+
     keys: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     def pump() -> None:
@@ -187,6 +196,11 @@ def _write_stderr(text: str) -> None:
 
 
 async def _console(host: str | None, session: Session) -> int:
+    import asyncio
+    import signal
+
+    from hvstack.console_client import open_websocket, vm_path
+
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -209,6 +223,9 @@ def _raw_terminal(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield None
         return
+    import termios
+    import tty
+
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     try:
@@ -256,6 +273,8 @@ def console_command(
         until=until.encode() if until else None, timeout=timeout, linger=linger,
         write_out=_write_stdout, write_err=_write_stderr,
     )
+    import asyncio
+
     try:
         with _raw_terminal(interactive):
             code = asyncio.run(_console(host, session))
@@ -275,6 +294,8 @@ def screenshot_command(
     host: str | None = HostOption,
 ) -> None:
     """Save a PNG of a VM's display (its graphical console)."""
+    from hvstack.console_client import vm_path
+
     params = {"max_width": max_width} if max_width else None
     with client(host) as api, api.stream("GET", vm_path(name, "screenshot"),
                                          params=params) as response:

@@ -19,6 +19,7 @@ from hvstack.cli.render import (
     size,
     table,
 )
+from hvstack.client import url_path
 
 app = typer.Typer(help="Create, inspect and convert virtual disks.", no_args_is_help=True)
 image_app = typer.Typer(help="Build and list guest images.", no_args_is_help=True)
@@ -110,7 +111,7 @@ def list_images(output: Output = OutputOption, host: str | None = HostOption) ->
 def build(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Build an image from Debian packages ('tiny': kernel, busybox, guest agent)."""
     with client(host) as api:
-        job = follow_job(api, api.post(f"/images/{name}/build"), f"Building {name}",
+        job = follow_job(api, api.post(url_path("images", name, "build")), f"Building {name}",
                          quiet=output is Output.json)
     if output is Output.json:
         print_json(job["result"])

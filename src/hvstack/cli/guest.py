@@ -28,14 +28,7 @@ from typing import Any
 
 import httpx
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.text import Text
 
 from hvstack.cli.render import (
     HostOption,
@@ -44,12 +37,13 @@ from hvstack.cli.render import (
     client,
     console,
     err_console,
+    escape_controls,
     fail,
     print_json,
     table,
 )
 from hvstack.cli.vm import app
-from hvstack.client import ApiError, Client
+from hvstack.client import ApiError, Client, url_path
 
 CHUNK = 1024 * 1024
 API_PREFIX = "/api/v1"
@@ -105,7 +99,7 @@ def exec_(
     if input_file is not None:
         body["input"] = base64.b64encode(_read_input(input_file)).decode()
     with client(host) as api:
-        result = api.post(f"/vms/{name}/exec", body, timeout=timeout + REPLY_MARGIN)
+        result = api.post(url_path("vms", name, "exec"), body, timeout=timeout + REPLY_MARGIN)
     if output is Output.json:
         print_json(result)
         return
@@ -127,10 +121,19 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
     if not err_console.is_terminal:
         yield lambda n: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(what, total=total)
+        task = bar.add_task(escape_controls(what), total=total)
         yield lambda n: bar.advance(task, n)
 
 
@@ -154,7 +157,7 @@ def _to_guest(api: Client, name: str, source: str, destination: str, create_dirs
         fail(f"{source} is not a file" if path.exists() else f"{source} does not exist")
     size = path.stat().st_size
     sha = _sha256(path)
-    started = api.post(f"/vms/{name}/files", {
+    started = api.post(url_path("vms", name, "files"), {
         "direction": "to-guest", "guest_path": destination, "size": size, "sha256": sha,
         "create_dirs": create_dirs, "overwrite": overwrite})
 
@@ -185,7 +188,7 @@ def _to_guest(api: Client, name: str, source: str, destination: str, create_dirs
 def _job_error(api: Client, job_id: str) -> str | None:
     """Why a copy job failed, if the service can still say (after a broken upload)."""
     try:
-        job = api.get(f"/jobs/{job_id}", params={"wait": 5})
+        job = api.get(url_path("jobs", job_id), params={"wait": 5})
     except (ApiError, httpx.HTTPError):
         return None
     error = job.get("error") or {}
@@ -212,8 +215,8 @@ def _local_destination(source: str, destination: str, create_dirs: bool,
 def _from_guest(api: Client, name: str, source: str, destination: str, create_dirs: bool,
                 overwrite: bool) -> dict[str, Any]:
     target = _local_destination(source, destination, create_dirs, overwrite)
-    started = api.post(f"/vms/{name}/files", {"direction": "from-guest",
-                                              "guest_path": source})
+    started = api.post(url_path("vms", name, "files"), {"direction": "from-guest",
+                                                   "guest_path": source})
     size, want = int(started["size"]), started["sha256"]
     tmp = target.with_name(f".{target.name}.hvtmp-{secrets.token_hex(4)}")
     digest, received = hashlib.sha256(), 0
@@ -297,7 +300,7 @@ def kvp_set(name: str, key: str, value: str, output: Output = OutputOption,
             host: str | None = HostOption) -> None:
     """Set a host-to-guest item (kept in the VM's settings, written into the guest)."""
     with client(host) as api:
-        change = api.request("PUT", f"/vms/{name}/kvp", json={"key": key, "value": value})
+        change = api.request("PUT", url_path("vms", name, "kvp"), json={"key": key, "value": value})
     print_json(change) if output is Output.json else console.print(
         _change_line(name, change, "Set"), highlight=False, soft_wrap=True)
 
@@ -307,7 +310,7 @@ def kvp_delete(name: str, key: str, output: Output = OutputOption,
                host: str | None = HostOption) -> None:
     """Delete a host-to-guest item."""
     with client(host) as api:
-        change = api.request("DELETE", f"/vms/{name}/kvp", params={"key": key})
+        change = api.request("DELETE", url_path("vms", name, "kvp"), params={"key": key})
     print_json(change) if output is Output.json else console.print(
         _change_line(name, change, "Deleted"), highlight=False, soft_wrap=True)
 
@@ -320,20 +323,20 @@ def _pairs(pool: dict[str, str]) -> list[dict[str, str]]:
 def kvp_list(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Show the host-to-guest and guest-to-host pools and the guest's intrinsic data."""
     with client(host) as api:
-        data = api.get(f"/vms/{name}/kvp")
+        data = api.get(url_path("vms", name, "kvp"))
     if output is Output.json:
         print_json(data)
         return
     columns = [("key", "Key"), ("value", "Value")]
-    console.print("[bold]Host to guest[/bold]")
+    console.print(Text("Host to guest", style="bold"))
     table(_pairs(data["host"]), columns)
     if not data["guest_available"]:
         console.print(f"\nThe guest does not answer: {data['guest_error']}", highlight=False)
         return
-    console.print("\n[bold]Guest to host[/bold]")
+    console.print(Text("\nGuest to host", style="bold"))
     table(_pairs(data["guest"]), columns)
     intrinsic = data.get("intrinsic") or {}
-    console.print("\n[bold]Intrinsic (from the guest)[/bold]")
+    console.print(Text("\nIntrinsic (from the guest)", style="bold"))
     table(_pairs(intrinsic.get("items", {})), columns)
     adapters = [{"name": a["name"], "mac": a["mac"],
                  "addresses": ", ".join([*a["ipv4"], *a["ipv6"]])}

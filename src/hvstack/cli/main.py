@@ -2,12 +2,13 @@
 
 Every failure prints one line to stderr and exits with code 2; no traceback reaches a
 user (an unexpected one is logged with ``HV_DEBUG=1``).
+
+Start-up time matters (every ``hv`` command pays it): modules only ``hv serve`` needs
+(asyncio, the host service, FastAPI, uvicorn) are imported inside it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import sys
 from typing import Any
@@ -25,11 +26,15 @@ from hvstack.cli.render import (
     client,
     console,
     details,
+    elapsed,
     err_console,
+    error_line,
+    local_time,
     print_json,
     size,
     table,
 )
+from hvstack.client import url_path
 from hvstack.errors import HvError
 
 app = typer.Typer(help="hvstack: Hyper-V's virtualization stack on KVM/QEMU.",
@@ -56,6 +61,9 @@ def serve(
                                         help="leave VMs running when the service stops"),
 ) -> None:
     """Run the host service in the foreground."""
+    import asyncio
+    import logging
+
     from hvstack.host.config import load_config
     from hvstack.server import serve as run_server
 
@@ -77,49 +85,65 @@ def host_info(output: Output = OutputOption, host: str | None = HostOption) -> N
 
 
 JOB_COLUMNS = [("id", "Id"), ("kind", "Kind"), ("target", "Target"), ("state", "State"),
-               ("progress", "%"), ("message", "Message")]
+               ("progress", "%"), ("created_at", "Started"), ("duration_seconds", "Duration"),
+               ("message", "Message")]
+JOB_FORMATS = {"id": lambda v: str(v)[:8], "created_at": local_time,
+               "finished_at": local_time, "duration_seconds": elapsed}
+
+
+def _job_row(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as a table shows it: a failed job's message is its error."""
+    error = job.get("error") or {}
+    return {**job, "message": job.get("message") or error.get("detail") or ""}
 
 
 @job_app.command("list")
 def job_list(output: Output = OutputOption, host: str | None = HostOption) -> None:
-    """List recent jobs."""
+    """List recent jobs (ids are shortened: any unique prefix names a job)."""
     with client(host) as api:
         jobs = api.get("/jobs")
-    print_json(jobs) if output is Output.json else table(jobs, JOB_COLUMNS)
+    if output is Output.json:
+        print_json(jobs)
+    else:
+        table([_job_row(j) for j in jobs], JOB_COLUMNS, JOB_FORMATS,
+              no_wrap={"id", "created_at", "duration_seconds"})
 
 
 def _job_details(job: dict[str, Any], output: Output) -> None:
     if output is Output.json:
         print_json(job)
     else:
-        details(job)
+        details(job, {**JOB_FORMATS, "id": str})
 
 
 @job_app.command("show")
-def job_show(job_id: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
+def job_show(job_id: str = typer.Argument(..., help="a job's id or a unique prefix of it"),
+             output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Show one job."""
     with client(host) as api:
-        _job_details(api.get(f"/jobs/{job_id}"), output)
+        _job_details(api.get(url_path("jobs", job_id)), output)
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
-    """Cancel a running job."""
+def job_cancel(job_id: str = typer.Argument(..., help="a job's id or a unique prefix of it"),
+               output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Cancel a running job (a job that has ended is an error)."""
     with client(host) as api:
-        job = api.post(f"/jobs/{job_id}/cancel")
-    print_json(job) if output is Output.json else console.print(f"job {job_id}: {job['state']}")
+        job = api.post(url_path("jobs", job_id, "cancel"))
+    print_json(job) if output is Output.json else console.print(
+        f"job {job['id']} ({job['kind']} of {job['target']}): {job['state']}")
 
 
 def run() -> None:
     try:
         app()
     except HvError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        err_console.print(error_line(exc.message))
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # no traceback for users; HV_DEBUG=1 shows it
         if os.environ.get("HV_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/red] unexpected failure: {exc}", highlight=False)
+        err_console.print(error_line(f"unexpected failure: {exc}"))
         sys.exit(EXIT_ERROR)

@@ -1,25 +1,71 @@
 """Rendering for the CLI: Rich tables for people, ``-o json`` for scripts, one-line
-errors with exit code 2, and progress bars for jobs."""
+errors with exit code 2, and progress bars for jobs.
+
+Every value shown is text, never Rich markup: names, notes, KVP values, guest data and
+error messages may hold ``[`` or escape sequences. The consoles here have markup,
+highlighting and emoji codes off, and escape control characters (an ESC is shown as
+the four characters ``\\x1b``) in every string they render; tables and details build
+:class:`rich.text.Text` cells. Styles are applied only to our own words.
+
+Rich's progress bars are imported only by commands that show one (start-up time).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from hvstack.client import ApiError, Client
 from hvstack.units import format_size
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+# C0 and C1 controls, DEL, lone surrogates, and the invisible bidirectional controls
+# that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e"
+                      "\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _NAMED.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\n``)."""
+    if keep_newlines:
+        return "\n".join(_CONTROL.sub(_escaped, line) for line in text.split("\n"))
+    return _CONTROL.sub(_escaped, text)
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` as a Rich Text that is shown as it is (markup-free, controls escaped)."""
+    return Text(escape_controls(str(value)), style=style)
+
+
+class PlainConsole(Console):
+    """A Console for untrusted text: no markup, no highlighting, no emoji codes, and
+    control characters escaped in every string it renders (newlines kept)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(markup=False, highlight=False, emoji=False, **options)
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(escape_controls(text, keep_newlines=True), **options)
+
+
+console = PlainConsole()
+err_console = PlainConsole(stderr=True, soft_wrap=True)
 
 EXIT_ERROR = 2
 
@@ -34,8 +80,13 @@ HostOption = typer.Option(None, "--host", envvar="HV_HOST",
                           help="host service: unix:PATH or tcp:HOST:PORT")
 
 
+def error_line(message: str) -> Text:
+    """``error: MESSAGE`` with the message as text."""
+    return Text.assemble(("error:", "red"), " ", escape_controls(message))
+
+
 def fail(message: str) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    err_console.print(error_line(message))
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -53,13 +104,15 @@ def print_json(data: Any) -> None:
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
-          formatters: Mapping[str, Callable[[Any], str]] | None = None) -> None:
+          formatters: Mapping[str, Callable[[Any], str]] | None = None,
+          no_wrap: Collection[str] = ()) -> None:
+    """Rows as a table; the columns named in ``no_wrap`` (ids, times) are never split."""
     formatters = formatters or {}
     out = Table(box=None, header_style="bold")
-    for _, title in columns:
-        out.add_column(title)
+    for key, title in columns:
+        out.add_column(title, no_wrap=key in no_wrap)
     for row in rows:
-        out.add_row(*(formatters.get(key, _cell)(row.get(key)) for key, _ in columns))
+        out.add_row(*(plain(formatters.get(key, _cell)(row.get(key))) for key, _ in columns))
     console.print(out)
 
 
@@ -70,7 +123,7 @@ def details(data: dict[str, Any], formatters: Mapping[str, Callable[[Any], str]]
     out.add_column(style="bold")
     out.add_column()
     for key, value in data.items():
-        out.add_row(key, formatters.get(key, _cell)(value))
+        out.add_row(plain(key), plain(formatters.get(key, _cell)(value)))
     console.print(out)
 
 
@@ -96,17 +149,45 @@ def duration(value: Any) -> str:
     return f"{hours}:{minutes:02}:{seconds:02}"
 
 
+def elapsed(value: Any) -> str:
+    """Seconds as a duration: ``0.4 s``, ``12.0 s``, ``1:02:03``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _cell(value)
+    return f"{value:.1f} s" if value < 60 else duration(int(value))
+
+
+def local_time(value: Any) -> str:
+    """An ISO 8601 time from the API as this machine's local time."""
+    if not isinstance(value, str):
+        return _cell(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def follow_job(api: Client, job: dict[str, Any], what: str, quiet: bool = False
                ) -> dict[str, Any]:
     """Wait for a job with a Rich progress bar (on stderr, only on a terminal)."""
     if quiet or not err_console.is_terminal:
         return api.wait_job(job)
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[message]}"), TimeElapsedColumn())
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(),
+               TaskProgressColumn(), TextColumn("{task.fields[message]}", markup=False),
+               TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(what, total=100, message="")
+        task = bar.add_task(escape_controls(what), total=100, message="")
 
         def update(view: dict[str, Any]) -> None:
-            bar.update(task, completed=view["progress"], message=view.get("message", ""))
+            bar.update(task, completed=view["progress"],
+                       message=escape_controls(view.get("message") or ""))
 
         return api.wait_job(job, update)

@@ -21,6 +21,7 @@ from hvstack.cli.render import (
     size,
     table,
 )
+from hvstack.client import url_path
 
 app = typer.Typer(help="Create, run and manage virtual machines.", no_args_is_help=True)
 
@@ -68,7 +69,7 @@ def list_vms(output: Output = OutputOption, host: str | None = HostOption) -> No
 def show(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Show a VM's settings and state."""
     with client(host) as api:
-        _show(api.get(f"/vms/{name}"), output)
+        _show(api.get(url_path("vms", name)), output)
 
 
 @app.command()
@@ -105,10 +106,10 @@ def create(
         console.print(f"Created VM '{vm['name']}' (Generation {vm['generation']}, {vm['id']})")
 
 
-def _run_job(path: str, what: str, body: dict[str, Any] | None, wait: bool, output: Output,
-             host: str | None) -> None:
+def _run_job(name: str, action: str, what: str, body: dict[str, Any] | None, wait: bool,
+             output: Output, host: str | None) -> None:
     with client(host) as api:
-        job = api.post(path, body)
+        job = api.post(url_path("vms", name, action), body)
         if wait:
             job = follow_job(api, job, what)
     if output is Output.json:
@@ -126,7 +127,7 @@ def start(name: str, wait: bool = typer.Option(True, "--wait/--no-wait",
                                                help="wait until the VM is running"),
           output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Start a VM (from its saved state if it has one)."""
-    _run_job(f"/vms/{name}/start", f"Starting {name}", None, wait, output, host)
+    _run_job(name, "start", f"Starting {name}", None, wait, output, host)
 
 
 @app.command()
@@ -150,14 +151,14 @@ def stop(
     if timeout is not None:
         body["timeout_seconds"] = timeout
     what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down"}[mode]
-    _run_job(f"/vms/{name}/stop", f"{what} {name}", body, wait, output, host)
+    _run_job(name, "stop", f"{what} {name}", body, wait, output, host)
 
 
 @app.command()
 def save(name: str, wait: bool = typer.Option(True, "--wait/--no-wait"),
          output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Save a VM's memory state and stop it; the next start resumes it."""
-    _run_job(f"/vms/{name}/save", f"Saving {name}", None, wait, output, host)
+    _run_job(name, "save", f"Saving {name}", None, wait, output, host)
 
 
 @app.command()
@@ -166,14 +167,14 @@ def restart(name: str, timeout: float | None = typer.Option(None, "--timeout"),
             output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Shut a VM down and start it again."""
     body = {"timeout_seconds": timeout} if timeout is not None else None
-    _run_job(f"/vms/{name}/restart", f"Restarting {name}", body, wait, output, host)
+    _run_job(name, "restart", f"Restarting {name}", body, wait, output, host)
 
 
 @app.command()
 def pause(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Pause a running VM."""
     with client(host) as api:
-        vm = api.post(f"/vms/{name}/pause")
+        vm = api.post(url_path("vms", name, "pause"))
     print_json(vm) if output is Output.json else console.print(f"{name}: {vm['state']}")
 
 
@@ -181,7 +182,7 @@ def pause(name: str, output: Output = OutputOption, host: str | None = HostOptio
 def resume(name: str, output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Resume a paused VM."""
     with client(host) as api:
-        vm = api.post(f"/vms/{name}/resume")
+        vm = api.post(url_path("vms", name, "resume"))
     print_json(vm) if output is Output.json else console.print(f"{name}: {vm['state']}")
 
 
@@ -190,7 +191,7 @@ def rename(name: str, new_name: str, output: Output = OutputOption,
            host: str | None = HostOption) -> None:
     """Rename a VM."""
     with client(host) as api:
-        vm = api.request("PATCH", f"/vms/{name}", json={"name": new_name})
+        vm = api.request("PATCH", url_path("vms", name), json={"name": new_name})
     print_json(vm) if output is Output.json else console.print(f"Renamed {name} to {vm['name']}")
 
 
@@ -233,13 +234,13 @@ def set_(
     with client(host) as api:
         vm = None
         if body:
-            vm = api.request("PATCH", f"/vms/{name}", json=body)
+            vm = api.request("PATCH", url_path("vms", name), json=body)
         if dvd is not None:
-            vm = api.request("PUT", f"/vms/{name}/dvd", json={"iso": _abs(dvd) or None})
+            vm = api.request("PUT", url_path("vms", name, "dvd"), json={"iso": _abs(dvd) or None})
         if attach_disk:
-            vm = api.post(f"/vms/{name}/disks", {"path": _abs(attach_disk), "bus": bus})
+            vm = api.post(url_path("vms", name, "disks"), {"path": _abs(attach_disk), "bus": bus})
         if detach_disk:
-            vm = api.request("DELETE", f"/vms/{name}/disks",
+            vm = api.request("DELETE", url_path("vms", name, "disks"),
                              params={"path": _abs(detach_disk)})
         if vm is None:
             fail("nothing to change; see hv vm set --help")
@@ -253,7 +254,7 @@ def delete(name: str,
            output: Output = OutputOption, host: str | None = HostOption) -> None:
     """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks."""
     with client(host) as api:
-        result = api.request("DELETE", f"/vms/{name}",
+        result = api.request("DELETE", url_path("vms", name),
                              params={"delete_disks": str(delete_disks).lower()})
     if output is Output.json:
         print_json(result)
@@ -268,5 +269,5 @@ def log(name: str, max_bytes: int = typer.Option(65536, "--bytes", help="at most
         host: str | None = HostOption) -> None:
     """Print the VM's serial console output so far."""
     with client(host) as api:
-        text = api.get(f"/vms/{name}/console-log", params={"max_bytes": max_bytes})
+        text = api.get(url_path("vms", name, "console-log"), params={"max_bytes": max_bytes})
     typer.echo(text, nl=False)

@@ -22,6 +22,8 @@ MAX_NAME_LENGTH = 100
 MAX_NOTES_LENGTH = 4000
 MIN_MEMORY = 32 * 1024 * 1024
 MAX_CPUS = 240
+_ID_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                      re.IGNORECASE)
 
 
 class Generation(enum.IntEnum):
@@ -179,7 +181,10 @@ def validate_name(name: str, *, what: str = "VM name") -> str:
     """Return ``name`` if it is a usable name; raise InvalidInput saying why if not.
 
     Names reach file names, logs and terminals, so they may not hold path separators,
-    '..', control characters or leading/trailing blanks.
+    '..', control or format characters (category C: no terminal escapes, no bidi
+    overrides) or leading/trailing blanks. Everything else is allowed, as in Hyper-V:
+    spaces, '%', '#', '?', quotes, any letter of any script; clients escape names in
+    URLs. A name may not have the form of an id (a UUID), so a reference is never both.
     """
     if not name or not name.strip():
         raise InvalidInput(f"{what} must not be empty", value=name)
@@ -196,7 +201,16 @@ def validate_name(name: str, *, what: str = "VM name") -> str:
         raise InvalidInput(f"{what} '{name}' must not contain '..'", value=name)
     if any(unicodedata.category(ch).startswith("C") for ch in name):
         raise InvalidInput(f"{what} {name!r} must not contain control characters", value=repr(name))
+    if is_id(name):
+        raise InvalidInput(f"{what} '{name}' has the form of an id; choose a name that "
+                           "is not a UUID", value=name)
     return name
+
+
+def is_id(ref: str) -> bool:
+    """Whether ``ref`` has the form of an id (a UUID). Such a reference is looked up as an
+    id only, never as a name."""
+    return _ID_FORM.fullmatch(ref) is not None
 
 
 def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> VmConfig:

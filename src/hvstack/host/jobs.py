@@ -2,7 +2,11 @@
 
 A job runs one coroutine as a task owned by the :class:`JobManager`; the coroutine
 receives a ``progress(percent, message)`` callback. Finished jobs are kept (the newest
-:data:`KEEP_FINISHED`) so clients can read their result after the fact.
+:data:`KEEP_FINISHED`) so clients can read their result after the fact; a finished job
+has no progress message (its state, result or error says how it ended).
+
+Clients name a job by its id or by a unique prefix of it (``get``); an ambiguous prefix
+is InvalidInput listing the matches. Cancelling a job that has ended is a Conflict.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvstack.errors import Cancelled, HvError, NotFound
+from hvstack.errors import Cancelled, Conflict, HvError, InvalidInput, NotFound
 from hvstack.host.events import EventBus
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 500
+AMBIGUOUS_SHOWN = 5  # matches an ambiguous prefix error lists
 
 Progress = Callable[[float, str], None]
 JobBody = Callable[[Progress], Awaitable[dict[str, Any] | None]]
@@ -32,6 +37,10 @@ class JobState(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+_ended = {JobState.COMPLETED: "completed", JobState.FAILED: "failed",
+          JobState.CANCELLED: "been cancelled"}
 
 
 @dataclass
@@ -93,6 +102,7 @@ class JobManager:
             job.state, job.error = JobState.FAILED, HvError(f"internal error: {exc}")
         finally:
             job.finished_at = time.time()
+            job.message = ""
             job.done.set()
             self._publish(job)
 
@@ -102,6 +112,7 @@ class JobManager:
             job.state = JobState.CANCELLED
             job.error = Cancelled(f"{job.kind} of {job.target} was cancelled")
             job.finished_at = time.time()
+            job.message = ""
             job.done.set()
             self._publish(job)
 
@@ -117,20 +128,42 @@ class JobManager:
         for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job.id]
 
-    def get(self, job_id: str) -> Job:
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise NotFound(f"job {job_id} does not exist", job=job_id) from None
+    def get(self, ref: str) -> Job:
+        """The job whose id is ``ref`` or, failing that, the one whose id starts with it."""
+        job = self._jobs.get(ref) or self._jobs.get(ref.lower())
+        if job is not None:
+            return job
+        prefix = ref.lower()
+        matches = [j for j in self._jobs.values() if prefix and j.id.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(f"no job has an id that is or starts with '{ref}'", job=ref)
+        shown = ", ".join(j.id for j in matches[:AMBIGUOUS_SHOWN])
+        more = f" and {len(matches) - AMBIGUOUS_SHOWN} more" * (len(matches) > AMBIGUOUS_SHOWN)
+        raise InvalidInput(f"job id prefix '{ref}' matches {len(matches)} jobs ({shown}{more}); "
+                           "give more of the id", job=ref,
+                           matches=[j.id for j in matches[:AMBIGUOUS_SHOWN]])
 
     def list(self) -> list[Job]:
         return list(self._jobs.values())
 
     def cancel(self, job_id: str) -> Job:
+        """Cancel the job if it still runs (for the service's own use: a job that ended
+        meanwhile is left as it is)."""
         job = self.get(job_id)
         if job.state is JobState.RUNNING and job.task is not None:
             job.task.cancel()
         return job
+
+    def cancel_running(self, ref: str) -> Job:
+        """A user's cancel: the job ``ref`` names must still run, else Conflict."""
+        job = self.get(ref)
+        if job.state is not JobState.RUNNING:
+            raise Conflict(f"job {job.id} ({job.kind} of {job.target}) has already "
+                           f"{_ended[job.state]}; only a running job can be cancelled",
+                           job=job.id, state=job.state.value)
+        return self.cancel(job.id)
 
     async def wait(self, job: Job, timeout: float | None = None) -> Job:
         await asyncio.wait_for(job.done.wait(), timeout)

@@ -33,6 +33,7 @@ from hvstack.compute.model import (
     VmConfig,
     VmRecord,
     VmState,
+    is_id,
     validate_config,
     validate_name,
 )
@@ -213,11 +214,17 @@ class HostService:
         )
 
     def get_vm(self, ref: str) -> VmController:
-        vm_id = self._names.get(ref, ref)
-        try:
-            return self._vms[vm_id]
-        except KeyError:
-            raise NotFound(f"no VM named '{ref}' exists on this host", vm=ref) from None
+        """The VM ``ref`` names: an id if it has the form of one, else a name (never
+        both, so a name can't reach another VM)."""
+        if is_id(ref):
+            vm = self._vms.get(ref.lower())
+            if vm is None:
+                raise NotFound(f"no VM with id {ref} exists on this host", vm=ref)
+            return vm
+        vm_id = self._names.get(ref)
+        if vm_id is None:
+            raise NotFound(f"no VM named '{ref}' exists on this host", vm=ref)
+        return self._vms[vm_id]
 
     def list_vms(self) -> list[VmController]:
         return list(self._vms.values())

@@ -77,7 +77,7 @@ async def start_copy(request: Request, ref: str, body: CopyFileRequest) -> CopyF
         transfer = await copies.start_download(ref, body.guest_path)
     assert transfer.job is not None
     return CopyFileStarted(
-        transfer_id=transfer.id, data_url=f"/api/v1/vms/{ref}/files/{transfer.id}",
+        transfer_id=transfer.id, data_url=f"/api/v1/vms/{transfer.vm_id}/files/{transfer.id}",
         direction=transfer.direction, guest_path=transfer.guest_path, size=transfer.size,
         sha256=transfer.sha256, job=job_view(transfer.job),
     )

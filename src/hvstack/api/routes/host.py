@@ -75,7 +75,7 @@ async def show_job(request: Request, job_id: str,
 @router.post("/jobs/{job_id}/cancel", response_model=JobView)
 async def cancel_job(request: Request, job_id: str) -> JobView:
     service = service_of(request)
-    job = service.jobs.cancel(job_id)
+    job = service.jobs.cancel_running(job_id)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(job.done.wait(), 10)
     return job_view(job)
