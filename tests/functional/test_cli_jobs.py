@@ -8,7 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -93,21 +93,19 @@ async def test_tables_show_local_time_and_duration(served: str) -> None:
     assert str(job["id"]) in result.stdout
 
 
-async def test_local_time_follows_tz(served: str) -> None:
+async def test_local_time_follows_tz(served: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The table's times are the local time of the machine running hv (TZ)."""
     assert (await hv(served, "vm", "create", "web")).exit_code == 0
     assert (await hv(served, "vm", "start", "web")).exit_code == 0
     [job] = await jobs_of(served)
     created = datetime.fromisoformat(str(job["created_at"]))
-    old_tz = __import__("os").environ.get("TZ")
-    try:
-        __import__("os").environ["TZ"] = "UTC"
+    for tz, offset in (("UTC0", 0), ("XYZ-5", 5)):  # POSIX TZ: XYZ-5 is UTC+5
+        monkeypatch.setenv("TZ", tz)
         time.tzset()
-        result = await hv(served, "job", "list", env={"COLUMNS": "200"})
-    finally:
-        if old_tz is None:
-            __import__("os").environ.pop("TZ", None)
-        else:
-            __import__("os").environ["TZ"] = old_tz
-        time.tzset()
-    assert created.strftime("%Y-%m-%d %H:%M:%S") in result.stdout
+        try:
+            result = await hv(served, "job", "list", env={"COLUMNS": "200"})
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        local = created + timedelta(hours=offset)
+        assert local.strftime("%Y-%m-%d %H:%M:%S") in result.stdout
