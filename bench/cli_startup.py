@@ -118,12 +118,11 @@ def run(workdir: Path) -> Section:
     )
     total = sum(seconds for _, seconds in imports)
     shown = imports[:8]
+    rest = total - sum(seconds for _, seconds in shown)
     breakdown = Table(
         headers=("package", "import time (self, summed)", "share"),
-        rows=tuple((f"`{name}`", ms(seconds), f"{seconds / total:.0%}")
-                   for name, seconds in shown)
-        + (("everything else", ms(total - sum(s for _, s in shown)),
-            f"{(total - sum(s for _, s in shown)) / total:.0%}"),),
+        rows=(*((f"`{name}`", ms(seconds), f"{seconds / total:.0%}") for name, seconds in shown),
+              ("everything else", ms(rest), f"{rest / total:.0%}")),
         caption=f"Where one `hv vm list`'s {ms(total)} of imports go (`python -X importtime`, "
                 "one run; the absolute numbers include importtime's own overhead):",
     )

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +21,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from hvstack.api.app import create_app
-from hvstack.cli.main import app
+from hvstack.cli.main import app, app_for
 from hvstack.client import ApiError, Client, segment, url_path
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
@@ -183,3 +186,28 @@ async def test_a_copy_s_data_url_holds_the_id_not_the_name(
             "direction": "from-guest", "guest_path": f"{guest_root}/copied.txt"})
     vm_id = guests.service.get_vm(name).record.id
     assert started["data_url"] == f"/api/v1/vms/{vm_id}/files/{started['transfer_id']}"
+
+
+async def test_the_real_entry_point_reaches_the_right_vm(served: str) -> None:
+    """``python -m hvstack.cli`` (run() builds only the group it runs) in a process."""
+    for name in ("aA", "a%41"):
+        assert (await hv(served, "vm", "create", name)).exit_code == 0
+    env = {**os.environ, "HV_HOST": served}
+    env.pop("HV_DEBUG", None)
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "hvstack.cli", "vm", "show", "a%41", "-o",
+                         "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["name"] == "a%41"
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "hvstack.cli", "vm", "show", "[/x]"],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.startswith("error: the URL holds an escaped '/'")
+
+
+def test_run_builds_only_the_group_it_runs() -> None:
+    assert app_for([]) is app and app_for(["serve"]) is app and app_for(["--help"]) is app
+    only_vm = app_for(["vm", "list"])
+    assert [g.name for g in only_vm.registered_groups] == ["vm"]
+    assert not only_vm.registered_commands
