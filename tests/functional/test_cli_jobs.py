@@ -8,7 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from hvstack.api.app import create_app
 from hvstack.cli.main import app
+from hvstack.cli.render import local_time
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -75,16 +76,15 @@ async def test_tables_show_local_time_and_duration(served: str) -> None:
     assert (await hv(served, "vm", "start", "web")).exit_code == 0
     [job] = await jobs_of(served)
     created = datetime.fromisoformat(str(job["created_at"]))
-    local = created.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    local = shown_time(created)
 
     result = await hv(served, "job", "list", env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     header, row = result.stdout.splitlines()
     assert header.split() == ["Id", "Kind", "Target", "State", "%", "Started", "Duration",
                               "Message"]
-    assert row.split()[:6] == [str(job["id"])[:8], "start", "web", "completed", "100.0",
-                               local.split()[0]]
-    assert local.split()[1] in row
+    assert row.split()[:5] == [str(job["id"])[:8], "start", "web", "completed", "100"]
+    assert f" {local} " in row
     assert f"{job['duration_seconds']:.1f} s" in row
 
     result = await hv(served, "job", "show", str(job["id"]))
@@ -107,5 +107,20 @@ async def test_local_time_follows_tz(served: str, monkeypatch: pytest.MonkeyPatc
         finally:
             monkeypatch.undo()
             time.tzset()
-        local = created + timedelta(hours=offset)
-        assert local.strftime("%Y-%m-%d %H:%M:%S") in result.stdout
+        local = (created + timedelta(hours=offset)).replace(tzinfo=None)
+        today = (datetime.now(UTC) + timedelta(hours=offset)).date()
+        form = "%H:%M:%S" if local.date() == today else "%Y-%m-%d %H:%M:%S"
+        assert f" {local.strftime(form)} " in result.stdout
+
+
+def shown_time(moment: datetime) -> str:
+    """How a table shows ``moment``: the local time, with the date unless it is today."""
+    local = moment.astimezone()
+    today = datetime.now().astimezone().date()
+    return local.strftime("%H:%M:%S" if local.date() == today else "%Y-%m-%d %H:%M:%S")
+
+
+def test_an_earlier_day_is_shown_with_its_date() -> None:
+    assert local_time("2020-02-03T04:05:06+00:00") == (
+        datetime(2020, 2, 3, 4, 5, 6, tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+    assert local_time(None) == "-" and local_time("not a time") == "not a time"

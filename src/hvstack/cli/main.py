@@ -30,6 +30,7 @@ from hvstack.cli.render import (
     err_console,
     error_line,
     local_time,
+    percent,
     print_json,
     size,
     table,
@@ -88,7 +89,7 @@ JOB_COLUMNS = [("id", "Id"), ("kind", "Kind"), ("target", "Target"), ("state", "
                ("progress", "%"), ("created_at", "Started"), ("duration_seconds", "Duration"),
                ("message", "Message")]
 JOB_FORMATS = {"id": lambda v: str(v)[:8], "created_at": local_time,
-               "finished_at": local_time, "duration_seconds": elapsed}
+               "finished_at": local_time, "duration_seconds": elapsed, "progress": percent}
 
 
 def _job_row(job: dict[str, Any]) -> dict[str, Any]:

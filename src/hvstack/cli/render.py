@@ -157,14 +157,21 @@ def elapsed(value: Any) -> str:
 
 
 def local_time(value: Any) -> str:
-    """An ISO 8601 time from the API as this machine's local time."""
+    """An ISO 8601 time from the API as this machine's local time: ``14:03:27`` today,
+    else ``2026-11-30 14:03:27``."""
     if not isinstance(value, str):
         return _cell(value)
     try:
-        moment = datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value).astimezone()
     except ValueError:
         return value
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    if moment.date() == datetime.now().astimezone().date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def percent(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, int | float) else _cell(value)
 
 
 def follow_job(api: Client, job: dict[str, Any], what: str, quiet: bool = False
