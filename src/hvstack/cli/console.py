@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from hvstack.cli.render import EXIT_ERROR, HostOption, client, console, fail
+from hvstack.cli.render import EXIT_ERROR, HostOption, client, console, escape_controls, fail
 from hvstack.cli.vm import app
 from hvstack.client import ApiError
 
@@ -70,7 +70,7 @@ class Session:
     def _status(self, text: str) -> None:
         # In raw mode a bare "\n" does not return the carriage.
         eol = "\r\n" if self.interactive else "\n"
-        self.write_err(f"[hv console: {text}]{eol}")
+        self.write_err(f"[hv console: {escape_controls(text)}]{eol}")
 
     async def run(self, websocket: ClientConnection, keys: asyncio.Queue[bytes | None]) -> int:
         import asyncio
