@@ -123,3 +123,26 @@ def test_escape_controls() -> None:
     assert render.escape_controls("one\ntwo\x1b", keep_newlines=True) == "one\ntwo\\x1b"
     assert render.escape_controls("lone \ud800 surrogate") == "lone \\ud800 surrogate"
     assert render.escape_controls("ünïcødé 名前 👍") == "ünïcødé 名前 👍"
+
+
+class _FakeApi:
+    """Stands in for the client: reports one progress step with hostile text."""
+
+    def wait_job(self, job: dict[str, object], update: object = None) -> dict[str, object]:
+        assert callable(update)
+        update({"progress": 50.0, "message": "copying [/x] [link=http://x]y \x1b[2J"})
+        return {**job, "state": "completed"}
+
+
+def test_progress_bars_show_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    terminal = render.PlainConsole(file=out, force_terminal=True, color_system="truecolor",
+                                   width=200, stderr=True)
+    monkeypatch.setattr(render, "err_console", terminal)
+    job = render.follow_job(_FakeApi(), {"id": "j", "state": "running"},  # type: ignore[arg-type]
+                            "Converting [/y]\x1b]8;;http://evil\x1b\\")
+    assert job["state"] == "completed"
+    text = out.getvalue()
+    assert "\x1b]8;" not in text and "\x1b[2J" not in text
+    assert "Converting [/y]\\x1b]8;;http://evil\\x1b\\" in text
+    assert "copying [/x] [link=http://x]y \\x1b[2J" in text

@@ -105,6 +105,8 @@ def job_list(output: Output = OutputOption, host: str | None = HostOption) -> No
         jobs = api.get("/jobs")
     if output is Output.json:
         print_json(jobs)
+    elif not jobs:
+        console.print("No jobs yet: starting, stopping, saving or converting makes one.")
     else:
         table([_job_row(j) for j in jobs], JOB_COLUMNS, JOB_FORMATS,
               no_wrap={"id", "created_at", "duration_seconds"})
