@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from hvstack.api.app import create_app
 from hvstack.cli.main import app, app_for
 from hvstack.client import ApiError, Client, segment, url_path
+from hvstack.console_client import open_websocket
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -211,3 +212,11 @@ def test_run_builds_only_the_group_it_runs() -> None:
     only_vm = app_for(["vm", "list"])
     assert [g.name for g in only_vm.registered_groups] == ["vm"]
     assert not only_vm.registered_commands
+
+
+async def test_an_escaped_slash_opens_no_websocket(served: str) -> None:
+    assert (await hv(served, "vm", "create", "web")).exit_code == 0
+    with pytest.raises(ApiError) as caught:
+        async with open_websocket(served, "/vms/web%2Fx/console"):
+            pass
+    assert caught.value.status == 403
