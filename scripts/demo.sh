@@ -38,8 +38,9 @@ if [ "${1:-}" = stop ]; then
   if [ -n "$pid" ]; then
     echo "==> stopping the demo's host service (pid $pid)"
     kill -TERM "$pid"
-    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then
+    # demo_pid, not kill -0: an exited process that is not yet reaped is gone too.
+    for _ in $(seq 1 300); do [ -n "$(demo_pid)" ] || break; sleep 0.2; done
+    if [ -n "$(demo_pid)" ]; then
       echo "the host service (pid $pid) did not stop within 60 s; see $DEMO_DATA/serve.log" >&2
       exit 1
     fi
