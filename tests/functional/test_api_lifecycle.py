@@ -72,7 +72,8 @@ async def test_create_with_a_new_disk(api: httpx.AsyncClient) -> None:
     assert Path(disk["path"]).is_file()
     # deleting the VM keeps its disk unless asked
     result = (await api.delete(f"{API}/vms/with-disk")).json()
-    assert result["kept_disks"] == [disk["path"]]
+    assert result["kept_disks"] == [
+        {"path": disk["path"], "reason": "disks are kept unless --delete-disks is given"}]
     assert Path(disk["path"]).is_file()
 
 

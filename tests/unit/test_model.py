@@ -20,6 +20,7 @@ from hvstack.compute.model import (
     VmConfig,
     VmRecord,
     VmState,
+    disk_id_of,
     validate_config,
     validate_name,
 )
@@ -208,7 +209,7 @@ def test_config_json_is_plain_json_with_stable_keys() -> None:
     raw = json.loads(full_config().to_json())
     assert raw["generation"] == 1
     assert raw["disks"][1] == {"path": "/d/b.raw", "bus": "virtio", "format": "raw",
-                               "read_only": True}
+                               "read_only": True, "owned": False, "id": disk_id_of("/d/b.raw")}
     assert raw["boot_order"] == ["network", "dvd"]
     assert raw["auto_start"] == "always-start"
     assert list(raw) == sorted(raw)

@@ -20,6 +20,8 @@ AutoStart = Literal["nothing", "start-if-running", "always-start"]
 AutoStop = Literal["save", "turn-off", "shut-down"]
 BootDevice = Literal["disk", "dvd", "network"]
 Bus = Literal["ide", "scsi", "virtio"]
+# A disk's format; without it, the extension decides (.qcow2, .vhdx, .vhd, .raw/.img).
+DiskFormat = Literal["qcow2", "raw", "vhdx", "vhd"]
 
 
 class VmCreate(Request):
@@ -30,6 +32,7 @@ class VmCreate(Request):
     notes: str = ""
     image: str | None = None
     disk: str | None = None
+    disk_format: DiskFormat | None = None
     new_disk: Size | None = None
     dvd: str | None = None
     boot_order: list[BootDevice] | None = None
@@ -76,6 +79,7 @@ class RestartRequest(Request):
 class DiskAttach(Request):
     path: str
     bus: Bus | None = None
+    format: DiskFormat | None = None
 
 
 class DvdSet(Request):
@@ -85,30 +89,37 @@ class DvdSet(Request):
 class DiskCreate(Request):
     path: str
     size: Size | None = None
-    type: Literal["fixed", "dynamic", "differencing"] = "dynamic"
+    type: Literal["fixed", "dynamic", "differencing"] | None = None
     parent: str | None = None
+    format: DiskFormat | None = None
+    parent_format: DiskFormat | None = None
 
 
 class DiskResize(Request):
     path: str
     size: Size
     allow_shrink: bool = False
+    format: DiskFormat | None = None
 
 
 class DiskConvert(Request):
     source: str
     destination: str
-    format: Literal["qcow2", "raw", "vhdx", "vhd"] = "qcow2"
+    format: DiskFormat | None = None
+    source_format: DiskFormat | None = None
 
 
 class DiskPath(Request):
     path: str
+    format: DiskFormat | None = None
 
 
 class DiskView(BaseModel):
     path: str
     bus: str
     format: str
+    owned: bool = False
+    id: str = ""
 
 
 class NicView(BaseModel):

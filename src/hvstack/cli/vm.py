@@ -79,6 +79,9 @@ def create(
     memory: str = typer.Option("512M", "--memory", "-m", help="startup memory, e.g. 1G"),
     image: str | None = typer.Option(None, "--image", help="image to give a disk from"),
     disk: str | None = typer.Option(None, "--disk", help="an existing virtual disk"),
+    disk_format: str | None = typer.Option(
+        None, "--disk-format", help="format of --disk (qcow2, raw, vhdx, vhd); default: as "
+        "its extension says"),
     new_disk: str | None = typer.Option(None, "--new-disk", help="size of a new empty disk"),
     dvd: str | None = typer.Option(None, "--dvd", help="ISO file for the DVD drive"),
     notes: str = typer.Option("", "--notes"),
@@ -94,7 +97,8 @@ def create(
     if generation not in (1, 2):
         fail("--generation must be 1 or 2")
     body = {"name": name, "generation": generation, "cpus": cpus, "memory": memory,
-            "image": image, "disk": _abs(disk), "new_disk": new_disk, "dvd": _abs(dvd),
+            "image": image, "disk": _abs(disk), "disk_format": disk_format,
+            "new_disk": new_disk, "dvd": _abs(dvd),
             "notes": notes, "os_type": os_type, "auto_start": auto_start,
             "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop}
     with client(host) as api:
@@ -209,6 +213,9 @@ def set_(
     dvd: str | None = typer.Option(None, "--dvd", help="ISO to insert; '' ejects"),
     attach_disk: str | None = typer.Option(None, "--attach-disk", help="disk to attach"),
     bus: str | None = typer.Option(None, "--bus", help="ide, scsi or virtio (with --attach-disk)"),
+    disk_format: str | None = typer.Option(
+        None, "--disk-format", help="format of --attach-disk (qcow2, raw, vhdx, vhd); "
+        "default: as its extension says, never probed from its content"),
     detach_disk: str | None = typer.Option(None, "--detach-disk", help="disk to detach"),
     enable: list[str] = typer.Option([], "--enable", help=f"integration service: {SERVICES}"),
     disable: list[str] = typer.Option([], "--disable", help="integration service to turn off"),
@@ -237,7 +244,8 @@ def set_(
         if dvd is not None:
             vm = api.request("PUT", f"/vms/{name}/dvd", json={"iso": _abs(dvd) or None})
         if attach_disk:
-            vm = api.post(f"/vms/{name}/disks", {"path": _abs(attach_disk), "bus": bus})
+            vm = api.post(f"/vms/{name}/disks", {"path": _abs(attach_disk), "bus": bus,
+                                                 "format": disk_format})
         if detach_disk:
             vm = api.request("DELETE", f"/vms/{name}/disks",
                              params={"path": _abs(detach_disk)})
@@ -249,9 +257,11 @@ def set_(
 @app.command()
 def delete(name: str,
            delete_disks: bool = typer.Option(False, "--delete-disks",
-                                             help="also delete the VM's disk files"),
+                                             help="also delete the disks created for it"),
            output: Output = OutputOption, host: str | None = HostOption) -> None:
-    """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks."""
+    """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks,
+    which deletes only the disks created for the VM: never an attached disk, a disk
+    another VM uses or the parent of another disk."""
     with client(host) as api:
         result = api.request("DELETE", f"/vms/{name}",
                              params={"delete_disks": str(delete_disks).lower()})
@@ -259,8 +269,10 @@ def delete(name: str,
         print_json(result)
         return
     console.print(f"Deleted VM '{name}'")
-    for path in result.get("kept_disks", []):
-        console.print(f"  kept disk {path}")
+    for path in result.get("deleted_disks", []):
+        console.print(f"  deleted disk {path}", markup=False)
+    for kept in result.get("kept_disks", []):
+        console.print(f"  kept disk {kept['path']}: {kept['reason']}", markup=False)
 
 
 @app.command()

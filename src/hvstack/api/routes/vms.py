@@ -62,7 +62,7 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
         config = replace(config, boot_order=tuple(BootDevice(b) for b in body.boot_order))
     new_disk = parse_size(body.new_disk, what="disk size") if body.new_disk is not None else None
     vm = await service.create_vm(NewVm(config, image=body.image, disk=body.disk,
-                                       new_disk_bytes=new_disk))
+                                       new_disk_bytes=new_disk, disk_format=body.disk_format))
     return vm_view(vm, service)
 
 
@@ -143,7 +143,7 @@ async def resume_vm(request: Request, ref: str) -> VmView:
 async def attach_disk(request: Request, ref: str, body: DiskAttach) -> VmView:
     service = service_of(request)
     bus = DiskBus(body.bus) if body.bus else None
-    return vm_view(await service.attach_disk(ref, body.path, bus), service)
+    return vm_view(await service.attach_disk(ref, body.path, bus, body.format), service)
 
 
 @router.delete("/{ref}/disks", response_model=VmView)
