@@ -270,9 +270,10 @@ def delete(name: str,
         return
     console.print(f"Deleted VM '{name}'")
     for path in result.get("deleted_disks", []):
-        console.print(f"  deleted disk {path}", markup=False)
+        console.print(f"  deleted disk {path}", markup=False, soft_wrap=True)
     for kept in result.get("kept_disks", []):
-        console.print(f"  kept disk {kept['path']}: {kept['reason']}", markup=False)
+        console.print(f"  kept disk {kept['path']}: {kept['reason']}", markup=False,
+                      soft_wrap=True)
 
 
 @app.command()

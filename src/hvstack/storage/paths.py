@@ -120,8 +120,8 @@ def check_disk_file(path: Path, data_dir: Path, run_dir: Path, *, what: str = "d
         path.suffix.lower() not in DISK_EXTENSIONS or path.name.startswith(".")
     ):
         raise PathNotAllowed(
-            f"{what} '{path}' is one of the host service's own files, not a disk; disks in "
-            f"the data directory have one of the extensions {', '.join(DISK_EXTENSIONS)}",
+            f"{what} '{path}' is not a disk: the host service keeps its own files in the "
+            f"data directory, where a disk's name ends in {', '.join(DISK_EXTENSIONS)}",
             path=str(path),
         )
     return path
