@@ -431,6 +431,11 @@ def test_every_chain_member_is_explicit_and_the_base_has_no_backing() -> None:
     assert image["backing"] is None  # QEMU opens no parent the image's header might name
     assert image["read-only"] is True and top["read-only"] is False
     assert nodes[f"{image['node-name']}-file"]["filename"] == IMAGE
+    order = [n["node-name"] for n in json_options(build_argv(spec), "-blockdev")]
+    for node in nodes.values():  # QEMU resolves a reference to a node defined before
+        for ref in (node.get("backing"), node.get("file")):
+            if ref is not None:
+                assert order.index(ref) < order.index(node["node-name"])
     devices = {d["id"]: d for d in json_options(build_argv(spec), "-device")}
     assert devices["disk0-dev"]["drive"] == disk_node(disk)
 

@@ -170,12 +170,14 @@ def backing_node(disk: DiskAttachment, parent: BackingFile) -> str:
 
 
 def _disk_nodes(disk: DiskAttachment, chain: tuple[BackingFile, ...]) -> list[str]:
-    """The disk and every parent, base last with ``"backing": null`` (as libvirt does)."""
+    """The disk and every parent, the base with ``"backing": null`` (as libvirt does).
+    The base comes first: QEMU resolves ``backing`` to a node defined before it."""
     names = [disk_node(disk), *(backing_node(disk, p) for p in chain)]
     members = [(disk.path, disk.format, disk.read_only), *((p.path, p.format, True)
                                                          for p in chain)]
     args: list[str] = []
-    for index, (path, fmt, read_only) in enumerate(members):
+    for index in reversed(range(len(members))):
+        path, fmt, read_only = members[index]
         below = names[index + 1] if index + 1 < len(names) else None
         args += _block_nodes(names[index], path, fmt, read_only, below)
     return args
