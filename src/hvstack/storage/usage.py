@@ -98,8 +98,8 @@ def check_use(
             raise _busy(path, operation, "it is attached to this VM already")
         for a in others:
             if not a.off:
-                raise _busy(path, operation, f"it is attached to VM '{a.vm}', which is "
-                            f"{a.state}", vm=a.vm)
+                raise _busy(path, operation, f"it is in use by VM '{a.vm}' ({a.state})",
+                            vm=a.vm)
     if image:
         raise _busy(path, operation, "it is a managed image, the read-only parent of the "
                     "VMs created from it; create a differencing disk from it instead")
