@@ -64,12 +64,7 @@ class DiskOperations:
                                          roots=self._roots, guard=self._use.guard)).to_dict()
 
     def _format(self, path: Path, fmt: str | None) -> str:
-        """The format hvstack recorded for an attached disk, else the name's (or fmt)."""
-        for attached in self._service.list_vms():
-            for disk in attached.record.config.disks:
-                if Path(disk.path) == path and fmt is None:
-                    return disk.format
-        return formats.format_for(path, fmt)
+        return self._use.format_of(path, fmt)
 
     async def resize(self, path: str, size: int, allow_shrink: bool,
                      fmt: str | None = None) -> dict[str, Any]:
@@ -95,9 +90,12 @@ class DiskOperations:
         target = formats.format_for(dst, fmt, what="destination")
         src_format = self._format(src, source_format)
         await self._use.check(src, "read")
-        return self._job("convert", src, "converting", lambda p: disks.convert_disk(
-            src, dst, target, p, src_format=src_format, roots=self._roots,
-            guard=self._use.guard))
+        async def run(progress: ProgressFn) -> disks.DiskInfo:
+            await self._use.check(src, "read")  # again: the job may have waited
+            return await disks.convert_disk(src, dst, target, progress, src_format=src_format,
+                                            roots=self._roots, guard=self._use.guard)
+
+        return self._job("convert", src, "converting", run)
 
     async def merge(self, path: str, fmt: str | None = None) -> Job:
         target = self._path(path, must_exist=True)
@@ -107,15 +105,25 @@ class DiskOperations:
                                         guard=self._use.guard)
         if info.parent is not None:
             await self._use.check(info.parent, "merge-into", child=target)
-        return self._job("merge", target, "merging", lambda p: disks.merge_disk(
-            target, p, format=target_format, roots=self._roots, guard=self._use.guard))
+        async def run(progress: ProgressFn) -> disks.DiskInfo:
+            await self._use.check(target, "modify")  # again: the job may have waited
+            if info.parent is not None:
+                await self._use.check(info.parent, "merge-into", child=target)
+            return await disks.merge_disk(target, progress, format=target_format,
+                                          roots=self._roots, guard=self._use.guard)
+
+        return self._job("merge", target, "merging", run)
 
     async def compact(self, path: str, fmt: str | None = None) -> Job:
         target = self._path(path, must_exist=True)
         target_format = formats.format_for(target, fmt)
         await self._use.check(target, "modify")
-        return self._job("compact", target, "compacting", lambda p: disks.compact_disk(
-            target, p, format=target_format, roots=self._roots, guard=self._use.guard))
+        async def run(progress: ProgressFn) -> disks.DiskInfo:
+            await self._use.check(target, "modify")  # again: the job may have waited
+            return await disks.compact_disk(target, progress, format=target_format,
+                                            roots=self._roots, guard=self._use.guard)
+
+        return self._job("compact", target, "compacting", run)
 
     # -- images ----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Protocol
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.host.config import HostConfig
 from hvstack.hypervisor.qemu.argv import BackingFile
-from hvstack.storage import disks, usage
+from hvstack.storage import disks, formats, usage
 from hvstack.storage.paths import check_disk_file, confine
 
 
@@ -50,6 +50,21 @@ class DiskUse:
             for vm in self._vms() if vm.record.id != but_vm
             for d in vm.record.config.disks
         ]
+
+    def recorded_format(self, path: Path) -> str | None:
+        """The format hvstack recorded for ``path`` when a VM got it, if one has it."""
+        for vm in self._vms():
+            for disk in vm.record.config.disks:
+                if Path(disk.path) == path:
+                    return disk.format
+        return None
+
+    def format_of(self, path: Path, fmt: str | None) -> str:
+        """The format to open ``path`` in: the user's (checked against the name), else
+        the one recorded for an attached disk, else the name's. Never probed."""
+        if fmt is None and (recorded := self.recorded_format(path)) is not None:
+            return recorded
+        return formats.format_for(path, fmt)
 
     async def parents(self, *, but_vm: str | None = None) -> dict[Path, Path]:
         """Child-to-parent links: qcow2 files under the roots and attached qcow2 disks

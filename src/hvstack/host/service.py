@@ -53,7 +53,7 @@ from hvstack.host.store import Store
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.qemu.argv import BackingFile, Firmware, QemuSpec, RuntimePaths
-from hvstack.storage import disks, formats
+from hvstack.storage import disks
 from hvstack.storage.paths import confine
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class HostService:
         existing = None
         if new.disk:
             existing = self.disk_use.confine(new.disk, must_exist=True)
-            existing_format = formats.format_for(existing, new.disk_format)
+            existing_format = self.disk_use.format_of(existing, new.disk_format)
             await self.disk_use.check(existing, "attach")
         elif new.disk_format:
             raise InvalidInput("a disk format is given only with an existing disk")
@@ -523,7 +523,7 @@ class HostService:
         own files."""
         vm = self.get_vm(ref)
         disk = self.disk_use.confine(path, must_exist=True)
-        disk_format = formats.format_for(disk, fmt)
+        disk_format = self.disk_use.format_of(disk, fmt)
         if any(d.path == str(disk) for d in vm.record.config.disks):
             raise InvalidInput(f"disk {disk} is already attached to VM '{vm.record.name}'")
         await self.disk_use.check(disk, "attach", vm_id=vm.record.id)
