@@ -7,6 +7,8 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     HvError
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
     │   └── PathNotAllowed      a path outside the storage roots            (400)
+    ├── NotAuthenticated        no valid token on a TCP listener             (401)
+    ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
@@ -50,6 +52,18 @@ class InvalidInput(HvError):
 class PathNotAllowed(InvalidInput):
     slug = "path-not-allowed"
     title = "Path outside the storage roots"
+
+
+class NotAuthenticated(HvError):
+    http_status = 401
+    slug = "not-authenticated"
+    title = "Not authenticated"
+
+
+class AccessDenied(HvError):
+    http_status = 403
+    slug = "access-denied"
+    title = "Access denied"
 
 
 class NotFound(HvError):
@@ -131,6 +145,8 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         HvError,
         InvalidInput,
         PathNotAllowed,
+        NotAuthenticated,
+        AccessDenied,
         NotFound,
         Conflict,
         AlreadyExists,
