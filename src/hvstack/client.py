@@ -42,13 +42,14 @@ def unreachable(address: str, exc: BaseException) -> ApiError:
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
     if cause is not None:
+        reason = cause.args[0] if len(cause.args) == 1 else cause
         return ApiError(0, {"title": "TLS failed", "detail":
-                            f"TLS with the host service at {address} failed ({cause}); "
+                            f"TLS with the host service at {address} failed ({reason}); "
                             f"trust its certificate with --fingerprint or $HV_FINGERPRINT "
                             f"(hv serve prints it) or $HV_CA_FILE"})
     return ApiError(0, {"title": "Cannot connect", "detail":
                         f"cannot reach the host service at {address}: is 'hv serve' "
-                        f"running? ({exc})"})
+                        f"running? ({exc or type(exc).__name__})"})
 
 
 class Client:

@@ -68,10 +68,12 @@ def _problem(exc: InvalidStatus) -> ApiError:
 @asynccontextmanager
 async def open_websocket(
     host: str | None, path: str, *, subprotocols: Sequence[str] | None = None,
-    open_timeout: float = OPEN_TIMEOUT,
+    open_timeout: float = OPEN_TIMEOUT, token: str | None = None,
+    fingerprint: str | None = None, ca_file: str | None = None,
 ) -> AsyncIterator[ClientConnection]:
-    """Connect to ``/api/v1`` + ``path`` on the host service."""
-    target = endpoint(host)
+    """Connect to ``/api/v1`` + ``path`` on the host service (token and TLS trust as
+    :class:`hvstack.client.Client` takes them)."""
+    target = endpoint(host, token, fingerprint, ca_file)
     address = target.address
     protocols = [Subprotocol(p) for p in subprotocols] if subprotocols else None
     options: dict[str, Any] = {"subprotocols": protocols, "open_timeout": open_timeout,

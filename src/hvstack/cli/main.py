@@ -20,11 +20,13 @@ from hvstack.cli import console as _console  # noqa: F401  (hv vm console, scree
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
 from hvstack.cli.render import (
     EXIT_ERROR,
+    Connection,
     HostOption,
     Output,
     OutputOption,
     client,
     console,
+    current_connection,
     details,
     err_console,
     print_json,
@@ -57,12 +59,7 @@ def connection(
                                        help="CA certificates that vouch for the service"),
 ) -> None:
     """Options before the command apply to every connection it makes."""
-    # Every client reads its settings from the environment (hvstack.transport), so the
-    # options reach every command without each one declaring them.
-    for name, value in (("HV_TOKEN", token), ("HV_FINGERPRINT", fingerprint),
-                        ("HV_CA_FILE", ca_file)):
-        if value:
-            os.environ[name] = value
+    current_connection.set(Connection(token, fingerprint, ca_file))
 
 
 @app.command()

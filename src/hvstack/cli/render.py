@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NoReturn
 
@@ -31,7 +33,8 @@ class Output(StrEnum):
 
 OutputOption = typer.Option(Output.table, "--output", "-o", help="table or json")
 HostOption = typer.Option(None, "--host", envvar="HV_HOST",
-                          help="host service: unix:PATH or tcp:HOST:PORT")
+                          help="host service: unix:PATH, tcp:HOST:PORT (TLS) or "
+                               "http+tcp:HOST:PORT")
 
 
 def fail(message: str) -> NoReturn:
@@ -39,10 +42,27 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_ERROR)
 
 
+@dataclass(frozen=True)
+class Connection:
+    """``--token``, ``--fingerprint`` and ``--ca-file`` as given before the command (``hv
+    --token T vm list``); None falls back to the environment variable."""
+
+    token: str | None = None
+    fingerprint: str | None = None
+    ca_file: str | None = None
+
+
+# Set by the root callback on every invocation, read by every command's client.
+current_connection: ContextVar[Connection] = ContextVar(
+    "hv_connection", default=Connection())  # noqa: B039 (frozen: not mutable)
+
+
 @contextmanager
 def client(host: str | None) -> Iterator[Client]:
     try:
-        with Client(host) as c:
+        options = current_connection.get()
+        with Client(host, token=options.token, fingerprint=options.fingerprint,
+                    ca_file=options.ca_file) as c:
             yield c
     except ApiError as exc:
         fail(str(exc))
