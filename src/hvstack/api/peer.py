@@ -23,6 +23,7 @@ from hvstack.host.auth import peer_allowed, peer_policy, user_of
 
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+DENIED_LINGER = 10.0  # seconds a refused peer may take to send its request
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -57,6 +58,8 @@ def peer_checked_protocol(group_gid: int) -> type[H11Protocol]:
                 self.denied_uid = uid
                 log.warning("refused a connection on the unix socket from uid %d (pid %d)",
                             uid, pid)
+                # one that sends nothing is not kept waiting on the service's resources
+                asyncio.get_running_loop().call_later(DENIED_LINGER, transport.close)
 
         def data_received(self, data: bytes) -> None:
             if self.denied_uid is None:

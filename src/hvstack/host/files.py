@@ -81,9 +81,14 @@ def _tighten(path: str, st: os.stat_result, private: int) -> None:
 
 def secure_data_dir(data_dir: Path, group: AccessGroup) -> None:
     os.umask(UMASK)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(data_dir, -1, group.gid)
-    os.chmod(data_dir, DATA_DIR_MODE)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(data_dir, -1, group.gid)
+        os.chmod(data_dir, DATA_DIR_MODE)
+    except OSError as exc:
+        raise Conflict(f"cannot make the data directory {data_dir} private "
+                       f"({exc.strerror or exc}): is it another user's?",
+                       path=str(data_dir)) from None
     for root, dirs, files in os.walk(data_dir):
         for name in dirs + files:
             path = os.path.join(root, name)
