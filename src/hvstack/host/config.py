@@ -15,7 +15,6 @@ only). Addresses are ``unix:PATH``, ``tcp:HOST:PORT`` (TLS) or ``http+tcp:HOST:P
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import tempfile
 from collections.abc import Sequence
@@ -71,6 +70,8 @@ def parse_listen(text: str) -> ListenAddress:
 def is_loopback(host: str) -> bool:
     """True for literal loopback addresses and ``localhost`` (never resolved: a name
     that resolves elsewhere must not pass)."""
+    import ipaddress  # only the service needs it; every CLI command imports this module
+
     if host.lower() == "localhost":
         return True
     try:
