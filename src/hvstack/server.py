@@ -203,6 +203,8 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
         message = _listening(config, tls, group)
         log.info("%s (accelerator %s: %s)", message.splitlines()[0],
                  service.facts.accelerator.name, service.facts.accelerator.reason)
+        if group.note:
+            log.warning("%s", group.note)
         if announce is not None:
             announce(message)
         await _serve_all(servers, ready)
