@@ -7,9 +7,9 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     HvError
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
     │   └── PathNotAllowed      a path outside the storage roots            (400)
+    ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── NotAuthenticated        no valid token on a TCP listener             (401)
     ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
-    ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
@@ -54,18 +54,6 @@ class PathNotAllowed(InvalidInput):
     title = "Path outside the storage roots"
 
 
-class NotAuthenticated(HvError):
-    http_status = 401
-    slug = "not-authenticated"
-    title = "Not authenticated"
-
-
-class AccessDenied(HvError):
-    http_status = 403
-    slug = "access-denied"
-    title = "Access denied"
-
-
 class NotFound(HvError):
     http_status = 404
     slug = "not-found"
@@ -101,6 +89,18 @@ class InvalidState(Conflict):
 class ResourceBusy(Conflict):
     slug = "resource-busy"
     title = "Resource in use"
+
+
+class NotAuthenticated(HvError):
+    http_status = 401
+    slug = "not-authenticated"
+    title = "Not authenticated"
+
+
+class AccessDenied(HvError):
+    http_status = 403
+    slug = "access-denied"
+    title = "Access denied"
 
 
 class ServiceDisabled(Conflict):
@@ -145,13 +145,13 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         HvError,
         InvalidInput,
         PathNotAllowed,
-        NotAuthenticated,
-        AccessDenied,
         NotFound,
         Conflict,
         AlreadyExists,
         InvalidState,
         ResourceBusy,
+        NotAuthenticated,
+        AccessDenied,
         ServiceDisabled,
         InsufficientResources,
         OperationTimeout,
