@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from hvstack import __version__
 from hvstack.api import problems
-from hvstack.api.routes import auth, console, guest, host, storage, vms
+from hvstack.api.routes import console, guest, host, storage, vms
+from hvstack.api.routes.auth import router as auth_router
 from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.host.auth import TokenStore
 from hvstack.host.console_ops import ConsoleOperations
@@ -36,11 +37,11 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None,
     app.state.guest_ops = GuestOperations(service, guest_policy)
     app.state.console_ops = ConsoleOperations(service)
     app.state.tokens = tokens if tokens is not None else TokenStore(":memory:")
+    app.include_router(auth_router)
     problems.install(app)
     app.include_router(host.router)
     app.include_router(vms.router)
     app.include_router(console.router)
     app.include_router(storage.router)
     app.include_router(guest.router)
-    app.include_router(auth.router)
     return app

@@ -113,12 +113,12 @@ class HostConfig:
     accelerator: str | None = None  # None or "auto": chosen from the host
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     detach_on_exit: bool = False  # leave VMs running when the service stops
-    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-    ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-    qemu_binary: str = "qemu-system-x86_64"
     tcp: ListenAddress | None = None  # the TCP listener, if any (tls=False: --insecure)
     tls_cert: Path | None = None  # None: a self-signed pair kept in tls_dir
     tls_key: Path | None = None
+    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    qemu_binary: str = "qemu-system-x86_64"
 
     @property
     def vms_dir(self) -> Path:
