@@ -24,7 +24,9 @@ from pathlib import Path
 from hvstack.errors import InvalidInput
 
 DEFAULT_STOP_TIMEOUT = 60.0
-PLAIN_TCP = "http+tcp:"
+
+
+PLAIN_TCP = "http+tcp:"  # the one address form for plain HTTP over TCP
 
 
 @dataclass(frozen=True)
