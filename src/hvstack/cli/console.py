@@ -34,14 +34,8 @@ import typer
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from hvstack.cli.render import (
-    EXIT_ERROR,
-    HostOption,
-    client,
-    console,
-    current_connection,
-    fail,
-)
+from hvstack.cli.connection import current_connection
+from hvstack.cli.render import EXIT_ERROR, HostOption, client, console, fail
 from hvstack.cli.vm import app
 from hvstack.client import ApiError
 from hvstack.console_client import open_websocket, parse_notice, vm_path

@@ -18,15 +18,14 @@ from rich.text import Text
 from hvstack.cli import auth, disk, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
+from hvstack.cli.connection import Connection, current_connection
 from hvstack.cli.render import (
     EXIT_ERROR,
-    Connection,
     HostOption,
     Output,
     OutputOption,
     client,
     console,
-    current_connection,
     details,
     err_console,
     print_json,

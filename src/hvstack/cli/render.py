@@ -7,8 +7,6 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NoReturn
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hvstack.cli.connection import current_connection
 from hvstack.client import ApiError, Client
 from hvstack.units import format_size
 
@@ -40,21 +39,6 @@ HostOption = typer.Option(None, "--host", envvar="HV_HOST",
 def fail(message: str) -> NoReturn:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     raise typer.Exit(EXIT_ERROR)
-
-
-@dataclass(frozen=True)
-class Connection:
-    """``--token``, ``--fingerprint`` and ``--ca-file`` as given before the command (``hv
-    --token T vm list``); None falls back to the environment variable."""
-
-    token: str | None = None
-    fingerprint: str | None = None
-    ca_file: str | None = None
-
-
-# Set by the root callback on every invocation, read by every command's client.
-current_connection: ContextVar[Connection] = ContextVar(
-    "hv_connection", default=Connection())  # noqa: B039 (frozen: not mutable)
 
 
 @contextmanager
