@@ -46,6 +46,18 @@ from hvstack.hypervisor.qemu.driver import QemuDriver
 log = logging.getLogger(__name__)
 
 
+class _DenialIsNoError(logging.Filter):
+    """uvicorn (websockets-sansio) logs a WebSocket refused with an HTTP response (the
+    denial-response extension: 401, 403, 404 as problem+json) as "returned without
+    completing handshake"; every refusal would be an ERROR line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+logging.getLogger("uvicorn.error").addFilter(_DenialIsNoError())
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service decides how to stop."""
 
