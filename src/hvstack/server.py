@@ -44,6 +44,7 @@ from hvstack.host.tls import TlsPair, tls_pair
 from hvstack.hypervisor.qemu.driver import QemuDriver
 
 log = logging.getLogger(__name__)
+BACKLOG = 2048  # uvicorn's default
 
 
 class _DenialIsNoError(logging.Filter):
@@ -101,13 +102,15 @@ def _prepare_unix_socket(path: str) -> None:
 
 def _bind_unix(path: str, gid: int) -> socket.socket:
     """The unix socket, 0660 for root and the group from the moment it exists (the
-    umask keeps it private until the chmod)."""
+    umask keeps it private until the chmod), listening at once: while the service
+    starts, clients wait in the backlog and no one takes it for a stale socket."""
     _prepare_unix_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
