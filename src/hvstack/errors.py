@@ -8,6 +8,8 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
     │   └── PathNotAllowed      a path outside the storage roots            (400)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
+    ├── NotAuthenticated        no valid token on a TCP listener             (401)
+    ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
@@ -89,6 +91,18 @@ class ResourceBusy(Conflict):
     title = "Resource in use"
 
 
+class NotAuthenticated(HvError):
+    http_status = 401
+    slug = "not-authenticated"
+    title = "Not authenticated"
+
+
+class AccessDenied(HvError):
+    http_status = 403
+    slug = "access-denied"
+    title = "Access denied"
+
+
 class ServiceDisabled(Conflict):
     slug = "integration-service-disabled"
     title = "Integration service disabled"
@@ -136,6 +150,8 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         AlreadyExists,
         InvalidState,
         ResourceBusy,
+        NotAuthenticated,
+        AccessDenied,
         ServiceDisabled,
         InsufficientResources,
         OperationTimeout,

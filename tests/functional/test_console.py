@@ -279,7 +279,7 @@ async def test_console_over_tcp(service: HostService, port: FakeSerialPort) -> N
                 assert not serving.done(), "uvicorn did not start"
                 await asyncio.sleep(0.01)
         tcp_port = server.servers[0].sockets[0].getsockname()[1]
-        async with console(f"tcp:127.0.0.1:{tcp_port}") as client:
+        async with console(f"http+tcp:127.0.0.1:{tcp_port}") as client:
             assert (await client.notice("attached"))["role"] == "writer"
             await client.notice("connected")
             await client.ws.send(b"echo tcp-$((4*4))\r")
