@@ -22,8 +22,9 @@ import httpx
 import uvicorn
 
 from hvstack.errors import HvError, HypervisorError
-from hvstack.hypervisor.driver import Driver, EventSink, Machine, ProgressSink
+from hvstack.hypervisor.driver import Driver, EventSink, Machine, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.progress import Progress
 from hvstack.server import QuietServer
 
 STATE_MAGIC = b"hvstack-fake-saved-state\n"
@@ -54,39 +55,39 @@ class FakeMachine:
     async def pause(self) -> None:
         self._check_alive()
         self.status_value = "paused"
-        self.events("STOP")
+        self.emit("STOP")
 
     async def resume(self) -> None:
         self._check_alive()
         self.status_value = "running"
-        self.events("RESUME")
+        self.emit("RESUME")
 
     async def power_button(self) -> None:
         self._check_alive()
         self.power_presses += 1
         if not self.ignore_power_button:
-            self.events("SHUTDOWN")
+            self.emit("SHUTDOWN")
             self.exit()
 
     async def reset(self) -> None:
         self._check_alive()
         self.resets += 1
-        self.events("RESET")
+        self.emit("RESET")
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         self._check_alive()
         if self.driver.save_error is not None:
             raise self.driver.save_error
-        progress(50)
+        progress(50, "")
         path.write_bytes(STATE_MAGIC + self.vm_id.encode())
-        progress(100)
+        progress(100, "")
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         self._check_alive()
         data = path.read_bytes()
         if data != STATE_MAGIC + self.vm_id.encode():
             raise HypervisorError(f"saved state {path} is not this VM's")
-        progress(100)
+        progress(100, "")
         self.status_value = "paused"
         self.driver.restored.append(self.vm_id)
 
@@ -108,6 +109,10 @@ class FakeMachine:
         self.closed = True
 
     # -- test controls -----------------------------------------------------------
+
+    def emit(self, name: str, **data: object) -> None:
+        """QEMU sends the event ``name`` with ``data`` (keys as QMP spells them)."""
+        self.events(QmpEvent(name, data))
 
     @property
     def alive(self) -> bool:

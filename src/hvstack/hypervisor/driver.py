@@ -7,15 +7,14 @@ implements it with QEMU; tests implement it with fakes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from hvstack.hypervisor.events import EventSink, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec
+from hvstack.progress import Progress
 
-# Called with each QMP event name ("STOP", "RESUME", "SHUTDOWN", ...).
-EventSink = Callable[[str], None]
-ProgressSink = Callable[[float], None]
+__all__ = ["Driver", "EventSink", "Machine", "QmpEvent"]
 
 
 class Machine(Protocol):
@@ -32,11 +31,11 @@ class Machine(Protocol):
     async def power_button(self) -> None: ...
     async def reset(self) -> None: ...
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         """Write the paused machine's memory and device state to ``path``."""
         ...
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         """Load state saved by :meth:`save_state` into a machine started to receive it."""
         ...
 

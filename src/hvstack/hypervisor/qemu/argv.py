@@ -140,6 +140,24 @@ def _machine_args(spec: QemuSpec) -> list[str]:
     return ["-machine", machine, "-accel", spec.accelerator, *args]
 
 
+def _disk_node(index: int) -> str:
+    return f"disk{index}"
+
+
+def block_node_paths(spec: QemuSpec) -> dict[str, str]:
+    """Each block node name :func:`build_argv` gives ``spec``'s disks, and the disk's path.
+
+    QEMU names nodes in its events (``BLOCK_IO_ERROR``'s ``node-name``); this maps them
+    back to the files the user knows. A protocol node (``<node>-file``) maps too.
+    """
+    nodes: dict[str, str] = {}
+    for index, disk in enumerate(spec.config.disks):
+        nodes[_disk_node(index)] = nodes[f"{_disk_node(index)}-file"] = disk.path
+    if spec.config.dvd is not None:
+        nodes["dvd0"] = nodes["dvd0-file"] = spec.config.dvd
+    return nodes
+
+
 def _storage_args(config: VmConfig) -> list[str]:
     args: list[str] = []
     ide_slot = 0
@@ -149,7 +167,7 @@ def _storage_args(config: VmConfig) -> list[str]:
     if need_scsi:
         args += ["-device", _json({"driver": "virtio-scsi-pci", "id": "scsi0"})]
     for index, disk in enumerate(config.disks):
-        node = f"disk{index}"
+        node = _disk_node(index)
         args += _block_nodes(node, disk.path, disk.format, disk.read_only)
         device: dict[str, object] = {"drive": node, "id": f"{node}-dev"}
         if disk.bus is DiskBus.IDE:

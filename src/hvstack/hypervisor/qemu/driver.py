@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
-from hvstack.hypervisor.driver import EventSink, ProgressSink
+from hvstack.hypervisor.events import EventSink
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
 from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,10 @@ class QemuMachine:
 
     async def _read_events(self) -> None:
         async for event in self._monitor.events():
-            name = str(event.get("event", ""))
             try:
-                self._sink(name)
+                self._sink(event)
             except Exception:
-                log.exception("event handler failed for %s on %s", name, self.vm_id)
+                log.exception("event handler failed for %s on %s", event.name, self.vm_id)
 
     async def status(self) -> str:
         reply = await self._monitor.execute("query-status")
@@ -59,15 +59,15 @@ class QemuMachine:
     async def reset(self) -> None:
         await self._monitor.execute("system_reset")
 
-    async def _wait_migration(self, progress: ProgressSink, what: str) -> None:
+    async def _wait_migration(self, progress: Progress, what: str) -> None:
         while True:
             info: dict[str, Any] = await self._monitor.execute("query-migrate")
             status = info.get("status", "none")
             ram = info.get("ram", {})
             if ram.get("total"):
-                progress(min(99.0, 100.0 * ram.get("transferred", 0) / ram["total"]))
+                progress(min(99.0, 100.0 * ram.get("transferred", 0) / ram["total"]), "")
             if status == "completed":
-                progress(100.0)
+                progress(100.0, "")
                 return
             if status in ("failed", "cancelled"):
                 desc = str(info.get("error-desc", status))
@@ -76,7 +76,7 @@ class QemuMachine:
                 raise HypervisorError(f"{what} failed: {desc}")
             await asyncio.sleep(MIGRATION_POLL)
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             await self._monitor.send_fd(fd, "savestate")
@@ -90,7 +90,7 @@ class QemuMachine:
                 await self._monitor.execute("migrate_cancel")
             raise
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             await self._monitor.send_fd(fd, "loadstate")
@@ -109,7 +109,7 @@ class QemuMachine:
             await asyncio.sleep(MIGRATION_POLL)
         if status not in ("paused", "running", "postmigrate"):
             raise HypervisorError(f"restoring the saved state left QEMU {status}")
-        progress(100.0)
+        progress(100.0, "")
 
     async def screendump(self, path: Path) -> None:
         # PPM, QEMU's default: every QEMU build writes it (PNG needs libpng), and the

@@ -16,6 +16,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from hvstack.errors import HypervisorError, OperationTimeout
+from hvstack.hypervisor.events import QmpEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ class Monitor:
             raise HypervisorError(f"cannot pass a file to {self.name}: {exc}") from exc
         await self.execute("getfd", {"fdname": fdname})
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[QmpEvent]:
         async for event in self._listener:
-            yield dict(event)
+            yield QmpEvent.from_message(dict(event))
 
     @property
     def connected(self) -> bool:
