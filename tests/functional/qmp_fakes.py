@@ -11,7 +11,7 @@ tested through the wire without QEMU.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -51,7 +51,8 @@ class Worker:
 
     def exit(self) -> None:
         if self.proc.returncode is None:
-            os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # reaped a moment ago
+                self.proc.send_signal(signal.SIGKILL)
 
     async def stop(self) -> None:
         self.exit()
