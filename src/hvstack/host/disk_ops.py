@@ -5,18 +5,20 @@ disks of running VMs protected, long work run as jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from hvstack import files
 from hvstack.compute.model import VmState, validate_name
 from hvstack.errors import AlreadyExists, InvalidInput, NotFound, ResourceBusy
 from hvstack.host.jobs import Job, Progress
 from hvstack.host.service import HostService
+from hvstack.progress import scaled
 from hvstack.storage import disks
 from hvstack.storage.paths import confine
-from hvstack.storage.qemu_img import ProgressFn
 
 IMAGE_SUFFIXES = (".qcow2", ".raw", ".img", ".vhdx")
 BUILDERS = ("tiny",)
@@ -65,9 +67,9 @@ class DiskOperations:
         return (await disks.resize_disk(target, size, allow_shrink=allow_shrink)).to_dict()
 
     def _job(self, kind: str, target: Path, verb: str,
-             run: Callable[[ProgressFn], Awaitable[disks.DiskInfo]]) -> Job:
+             run: Callable[[Progress], Awaitable[disks.DiskInfo]]) -> Job:
         async def body(progress: Progress) -> dict[str, Any]:
-            return (await run(lambda percent: progress(percent, verb))).to_dict()
+            return (await run(scaled(progress, 0, 100, verb))).to_dict()
 
         return self._service.jobs.start(kind, str(target), body)
 
@@ -112,15 +114,15 @@ class DiskOperations:
         async def body(progress: Progress) -> dict[str, Any]:
             from hvstack.images.tiny import build_tiny  # the builder's tools load on use
 
-            built = await build_tiny(config.cache_dir, lambda m, p: progress(p * 100, m))
+            built = await build_tiny(config.cache_dir, progress)
             config.images_dir.mkdir(parents=True, exist_ok=True)
             target = config.images_dir / f"{name}{built.suffix}"
             # An image that exists is never replaced: differencing disks of VMs use it
             # as their parent, and new content under them would corrupt them.
             if not target.exists():
-                tmp = target.with_name(f".{target.name}.tmp")
-                await asyncio.to_thread(shutil.copyfile, built, tmp)
-                tmp.replace(target)
+                with contextlib.suppress(AlreadyExists):  # built meanwhile: keep that one
+                    await files.write_new(
+                        target, lambda tmp: asyncio.to_thread(shutil.copyfile, built, tmp))
             info = await disks.inspect_disk(target)
             return {"name": name, **info.to_dict()}
 
