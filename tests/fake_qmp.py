@@ -268,17 +268,17 @@ class FakeQmp:
 
     def _do_stop(self, _c: _Connection, _a: dict[str, Any]) -> Any:
         self.status = "paused"
-        self._later(self.emit("STOP"))
+        self.later(self.emit("STOP"))
 
     def _do_cont(self, _c: _Connection, _a: dict[str, Any]) -> Any:
         self.status = "running"
-        self._later(self.emit("RESUME"))
+        self.later(self.emit("RESUME"))
 
     def _do_system_powerdown(self, _c: _Connection, _a: dict[str, Any]) -> Any:
-        self._later(self.emit("POWERDOWN"))
+        self.later(self.emit("POWERDOWN"))
 
     def _do_system_reset(self, _c: _Connection, _a: dict[str, Any]) -> Any:
-        self._later(self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
+        self.later(self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
 
     def _do_quit(self, _c: _Connection, _a: dict[str, Any]) -> Any:
         return None
@@ -315,8 +315,8 @@ class FakeQmp:
             os.close(fd)
         return None
 
-    def _later(self, coro: Any) -> None:
-        # Events follow the command's answer, as in QEMU.
+    def later(self, coro: Any) -> None:
+        """Run ``coro`` (an :meth:`emit`) after the current answer is sent, as QEMU does."""
         task = asyncio.get_running_loop().create_task(self._after(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -26,6 +26,12 @@ from hvstack.hypervisor.driver import Driver, EventSink, Machine, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
 from hvstack.progress import Progress
 from hvstack.server import QuietServer
+from tests.functional.fake_capabilities import (
+    FakeBlockJobs,
+    FakeDevices,
+    FakeMemory,
+    FakeMigration,
+)
 
 STATE_MAGIC = b"hvstack-fake-saved-state\n"
 
@@ -45,6 +51,10 @@ class FakeMachine:
     resets: int = 0
     power_presses: int = 0
     screen: tuple[int, int] = (64, 40)  # what screendump shows: width, height
+    devices: FakeDevices = field(default_factory=FakeDevices)
+    memory: FakeMemory = field(default_factory=FakeMemory)
+    migration: FakeMigration = field(default_factory=FakeMigration)
+    block_jobs: FakeBlockJobs = field(default_factory=FakeBlockJobs)
 
     # -- the Machine protocol --------------------------------------------------------
 
@@ -107,6 +117,7 @@ class FakeMachine:
 
     async def close(self) -> None:
         self.closed = True
+        self.devices.close()
 
     # -- test controls -----------------------------------------------------------
 

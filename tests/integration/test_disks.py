@@ -254,7 +254,8 @@ async def test_convert_round_trip_keeps_content(tmp_path: Path) -> None:
         dst = tmp_path / f"b-{fmt}.{fmt}"
         progress: list[float] = []
         info = await convert_disk(
-            current.path, dst, fmt, lambda p, _m: progress.append(p), src_format=current.format
+            current.path, dst, fmt, lambda p, _m, seen=progress: seen.append(p),
+            src_format=current.format,
         )
         assert (info.format, info.kind, info.virtual_size) == (qfmt, kind, 64 * MiB), fmt
         assert await pattern_ok(dst, qfmt, 0xAB, 0, MiB), fmt

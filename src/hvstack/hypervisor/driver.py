@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from hvstack.hypervisor.capabilities import BlockJobs, Devices, Memory, Migration
 from hvstack.hypervisor.events import EventSink, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec
 from hvstack.progress import Progress
@@ -18,9 +19,23 @@ __all__ = ["Driver", "EventSink", "Machine", "QmpEvent"]
 
 
 class Machine(Protocol):
-    """One running VM worker process."""
+    """One running VM worker process.
+
+    Beyond power and state, its capabilities are small interfaces of their own
+    (:mod:`hvstack.hypervisor.capabilities`): ``devices``, ``memory``, ``migration``
+    and ``block_jobs``.
+    """
 
     pid: int
+
+    @property
+    def devices(self) -> Devices: ...
+    @property
+    def memory(self) -> Memory: ...
+    @property
+    def migration(self) -> Migration: ...
+    @property
+    def block_jobs(self) -> BlockJobs: ...
 
     async def status(self) -> str:
         """QEMU's run state: "running", "paused", "inmigrate", "postmigrate", ..."""

@@ -82,6 +82,9 @@ class QemuSpec:
     firmware: Firmware | None = None
     incoming: bool = False  # wait for saved state on a migration channel (-incoming defer)
     binary: str = "qemu-system-x86_64"
+    # Descriptors QEMU inherits under the same numbers; options name them as fd=N or
+    # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
+    pass_fds: tuple[int, ...] = ()
 
 
 def escape_option(value: str) -> str:
