@@ -123,7 +123,7 @@ async def test_removing_a_device_waits_until_the_guest_released_it(
 
 async def test_a_device_the_guest_keeps_times_out(qmp: FakeQmp, machine: QemuMachine) -> None:
     _unplug(qmp, answer=False)
-    with pytest.raises(OperationTimeout, match="did not release device nic1 within 0.2 s"):
+    with pytest.raises(OperationTimeout, match=r"did not release device nic1 within 0\.2 s"):
         await machine.devices.remove_device("nic1", timeout=0.2)
 
 
