@@ -152,7 +152,7 @@ async def test_balloon_target_size_and_statistics(qmp: FakeQmp, machine: QemuMac
         "stat-total-memory": 1_000_000_000, "stat-free-memory": 600_000_000,
         "stat-available-memory": 700_000_000, "stat-disk-caches": 50_000_000,
         "stat-swap-in": 0, "stat-swap-out": 0, "stat-major-faults": 12,
-        "stat-minor-faults": 3400, "stat-htlb-pgalloc": -1}, "last-update": 1_800_000_000})
+        "stat-minor-faults": 3400, "stat-htlb-pgalloc": 2**64 - 1}, "last-update": 1_800_000_000})
     await machine.memory.set_balloon_target(512 * 2**20)
     assert await machine.memory.balloon_size() == 512 * 2**20
     await machine.memory.set_stats_interval(2)
@@ -172,7 +172,9 @@ async def test_balloon_target_size_and_statistics(qmp: FakeQmp, machine: QemuMac
 
 async def test_statistics_not_reported_yet_are_none(qmp: FakeQmp,
                                                     machine: QemuMachine) -> None:
-    qmp.reply("qom-get", {"stats": {"stat-free-memory": -1}, "last-update": 0})
+    # QEMU sends -1 as an unsigned 64-bit number.
+    qmp.reply("qom-get", {"stats": {"stat-free-memory": 2**64 - 1, "stat-swap-in": -1},
+                          "last-update": 0})
     assert await machine.memory.balloon_stats() == BalloonStats(last_update=0)
 
 

@@ -31,6 +31,7 @@ from hvstack.hypervisor.events import DeviceDeleted, QmpEvent
 from hvstack.hypervisor.qemu.monitor import Monitor
 
 BALLOON_PATH = "/machine/peripheral/balloon0"
+_UNREPORTED = 2**64 - 1
 
 
 class EventWaiters:
@@ -126,12 +127,16 @@ class QemuDevices:
 
 
 def parse_balloon_stats(reply: Mapping[str, Any]) -> BalloonStats:
-    """Parse ``qom-get guest-stats`` (QEMU reports -1 for a figure it has not got)."""
+    """Parse ``qom-get guest-stats``.
+
+    A figure the guest has not reported is -1 as an unsigned 64-bit number
+    (18446744073709551615 on the wire; QEMU's documentation says -1).
+    """
     stats = reply.get("stats") or {}
 
     def figure(key: str) -> int | None:
         value = _int(stats, key)
-        return None if value is None or value < 0 else value
+        return None if value is None or not 0 <= value < _UNREPORTED else value
 
     return BalloonStats(
         last_update=_int(reply, "last-update") or 0,
