@@ -4,19 +4,19 @@ Every error a user can cause or see derives from :class:`HvError`. Errors carry 
 (the VM, its state, what was required) so the API can render them as problem+json and
 the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
 
-    HvError
+    HvError                                                                  (500)
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
-    │   └── PathNotAllowed      a path outside the storage roots            (400)
+    │   └── PathNotAllowed      a path outside the storage roots             (400)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── NotAuthenticated        no valid token on a TCP listener             (401)
     ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
-    │   └── ResourceBusy        a disk in use by another running VM
+    │   ├── ResourceBusy        a disk in use by another running VM
+    │   └── ServiceDisabled     an integration service that is turned off
     ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
     ├── OperationTimeout        something outside did not answer in time     (504)
-    │   └── ServiceDisabled     an integration service that is turned off
     ├── Cancelled               a job that a user cancelled                  (409)
     └── HypervisorError         QEMU or a system tool failed                 (500)
 """

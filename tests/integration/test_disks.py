@@ -255,7 +255,8 @@ async def test_convert_round_trip_keeps_content(tmp_path: Path) -> None:
         dst = tmp_path / f"b-{fmt}.{fmt}"
         progress: list[float] = []
         info = await convert_disk(
-            current.path, dst, fmt, progress.append, src_format=current.format
+            current.path, dst, fmt, lambda p, _m, seen=progress: seen.append(p),
+            src_format=current.format,
         )
         assert (info.format, info.kind, info.virtual_size) == (qfmt, kind, 64 * MiB), fmt
         assert await pattern_ok(dst, qfmt, 0xAB, 0, MiB), fmt
@@ -312,7 +313,7 @@ async def test_convert_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
     task: asyncio.Task[DiskInfo] | None = None
     calls: list[float] = []
 
-    def cancel_on_first(value: float) -> None:
+    def cancel_on_first(value: float, _message: str) -> None:
         calls.append(value)
         if len(calls) == 1 and task is not None:
             task.cancel()
@@ -348,7 +349,7 @@ async def test_merge_moves_child_data_into_parent(tmp_path: Path) -> None:
     child = await create_disk(tmp_path / "child.qcow2", None, "differencing", base.path)
     await qemu_io(child.path, "qcow2", "write -P 0x22 1M 2M")
     progress: list[float] = []
-    merged = await merge_disk(child.path, progress.append, roots=[tmp_path])
+    merged = await merge_disk(child.path, lambda p, _m: progress.append(p), roots=[tmp_path])
     assert merged.path == base.path and merged.kind == "dynamic"
     assert not child.path.exists()
     assert listing(tmp_path) == ["base.qcow2"]
@@ -393,7 +394,7 @@ async def test_compact_dynamic(tmp_path: Path) -> None:
     await qemu_io(disk.path, "qcow2", "write -P 0x77 20M 1M")
     os.chmod(disk.path, 0o640)
     progress: list[float] = []
-    info = await compact_disk(disk.path, progress.append)
+    info = await compact_disk(disk.path, lambda p, _m: progress.append(p))
     assert info.actual_size_before is not None
     assert info.actual_size_before > 16 * MiB
     assert info.actual_size < 4 * MiB

@@ -23,13 +23,13 @@ from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, require
 from hvstack.errors import HvError, HypervisorError, InsufficientResources
 from hvstack.hypervisor.driver import Driver, Machine
+from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
-from hvstack.hypervisor.qemu.argv import QemuSpec
+from hvstack.hypervisor.qemu.argv import QemuSpec, block_node_paths
+from hvstack.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 
 class StopMode(enum.StrEnum):
@@ -144,15 +144,38 @@ class VmController:
 
     # -- the worker process ---------------------------------------------------
 
-    def _on_qmp_event(self, name: str) -> None:
+    def _on_qmp_event(self, event: QmpEvent) -> None:
+        io_error = BlockIoError.of(event)
+        if io_error is not None:
+            self._on_io_error(io_error)
+            return
         if self._busy:
             return
+        name = event.name
         if name == "STOP" and self.state is VmState.RUNNING:
             self._set(VmState.PAUSED, "paused")
         elif name == "RESUME" and self.state is VmState.PAUSED:
             self._set(VmState.RUNNING)
         elif name == "SHUTDOWN":
             self._expect_exit = True
+
+    def _on_io_error(self, error: BlockIoError) -> None:
+        """QEMU reports a failed disk request; with action "stop" it is pausing the VM.
+
+        BLOCK_IO_ERROR comes before the STOP it causes, so the VM is marked Paused here
+        with a reason naming the disk; the STOP that follows finds it Paused already.
+        """
+        node = error.node_name or error.device
+        disk = block_node_paths(self._spec_for(self.record, False)).get(node, node)
+        reason = io_error_reason(error, disk)
+        log.warning("VM %s: %s", self.record.name, reason)
+        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, disk=disk,
+                      operation=error.operation, action=error.action,
+                      nospace=error.nospace, error=error.reason)
+        if error.action == "stop" and not self._busy and self.state in (
+            VmState.RUNNING, VmState.PAUSED
+        ):
+            self._set(VmState.PAUSED, reason)
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine
@@ -228,7 +251,7 @@ class VmController:
             if resume_saved:
                 progress(20, "restoring memory state")
                 await machine.restore_state(
-                    self.files.saved_state, lambda p: progress(20 + 0.75 * p, "restoring")
+                    self.files.saved_state, scaled(progress, 20, 95, "restoring")
                 )
                 await machine.resume()
                 self.files.saved_state.unlink(missing_ok=True)
@@ -340,7 +363,7 @@ class VmController:
         try:
             if was is VmState.RUNNING:
                 await machine.pause()
-            await machine.save_state(target, lambda p: progress(0.95 * p, "saving memory"))
+            await machine.save_state(target, scaled(progress, 0, 95, "saving memory"))
             await machine.quit()
             await self._drop_machine()
         except BaseException as exc:
@@ -413,6 +436,19 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
+
+
+def io_error_reason(error: BlockIoError, disk: str) -> str:
+    """The state reason for a disk error: which disk, what failed, and why (pure).
+
+    >>> io_error_reason(BlockIoError("disk1", "", "write", "stop", True,
+    ...                              "No space left on device"), "/srv/data.qcow2")
+    'paused: disk /srv/data.qcow2 is full (write failed: No space left on device)'
+    """
+    what = f"{error.operation} failed: {error.reason or 'I/O error'}"
+    problem = f"is full ({what})" if error.nospace else f"has an I/O error ({what})"
+    prefix = "paused: " if error.action == "stop" else ""
+    return f"{prefix}disk {disk or '(unknown)'} {problem}"
 
 
 async def _nothing() -> None:

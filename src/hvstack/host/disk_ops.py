@@ -5,17 +5,19 @@ disks of running VMs protected, long work run as jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from hvstack import files
 from hvstack.compute.model import validate_name
 from hvstack.errors import AlreadyExists, InvalidInput, NotFound
 from hvstack.host.jobs import Job, Progress
 from hvstack.host.service import HostService
+from hvstack.progress import scaled
 from hvstack.storage import disks, formats
-from hvstack.storage.qemu_img import ProgressFn
 
 IMAGE_SUFFIXES = formats.DISK_EXTENSIONS
 BUILDERS = ("tiny",)
@@ -75,9 +77,9 @@ class DiskOperations:
                                         roots=self._roots, guard=self._use.guard)).to_dict()
 
     def _job(self, kind: str, target: Path, verb: str,
-             run: Callable[[ProgressFn], Awaitable[disks.DiskInfo]]) -> Job:
+             run: Callable[[Progress], Awaitable[disks.DiskInfo]]) -> Job:
         async def body(progress: Progress) -> dict[str, Any]:
-            return (await run(lambda percent: progress(percent, verb))).to_dict()
+            return (await run(scaled(progress, 0, 100, verb))).to_dict()
 
         return self._service.jobs.start(kind, str(target), body)
 
@@ -90,7 +92,7 @@ class DiskOperations:
         target = formats.format_for(dst, fmt, what="destination")
         src_format = self._format(src, source_format)
         await self._use.check(src, "read")
-        async def run(progress: ProgressFn) -> disks.DiskInfo:
+        async def run(progress: Progress) -> disks.DiskInfo:
             await self._use.check(src, "read")  # again: the job may have waited
             return await disks.convert_disk(src, dst, target, progress, src_format=src_format,
                                             roots=self._roots, guard=self._use.guard)
@@ -105,7 +107,7 @@ class DiskOperations:
                                         guard=self._use.guard)
         if info.parent is not None:
             await self._use.check(info.parent, "merge-into", child=target)
-        async def run(progress: ProgressFn) -> disks.DiskInfo:
+        async def run(progress: Progress) -> disks.DiskInfo:
             await self._use.check(target, "modify")  # again: the job may have waited
             if info.parent is not None:
                 await self._use.check(info.parent, "merge-into", child=target)
@@ -118,7 +120,7 @@ class DiskOperations:
         target = self._path(path, must_exist=True)
         target_format = formats.format_for(target, fmt)
         await self._use.check(target, "modify")
-        async def run(progress: ProgressFn) -> disks.DiskInfo:
+        async def run(progress: Progress) -> disks.DiskInfo:
             await self._use.check(target, "modify")  # again: the job may have waited
             return await disks.compact_disk(target, progress, format=target_format,
                                             roots=self._roots, guard=self._use.guard)
@@ -146,15 +148,15 @@ class DiskOperations:
         async def body(progress: Progress) -> dict[str, Any]:
             from hvstack.images.tiny import build_tiny  # the builder's tools load on use
 
-            built = await build_tiny(config.cache_dir, lambda m, p: progress(p * 100, m))
+            built = await build_tiny(config.cache_dir, progress)
             config.images_dir.mkdir(parents=True, exist_ok=True)
             target = config.images_dir / f"{name}{built.suffix}"
             # An image that exists is never replaced: differencing disks of VMs use it
             # as their parent, and new content under them would corrupt them.
             if not target.exists():
-                tmp = target.with_name(f".{target.name}.tmp")
-                await asyncio.to_thread(shutil.copyfile, built, tmp)
-                tmp.replace(target)
+                with contextlib.suppress(AlreadyExists):  # built meanwhile: keep that one
+                    await files.write_new(
+                        target, lambda tmp: asyncio.to_thread(shutil.copyfile, built, tmp))
             info = await disks.inspect_disk(target)
             return {"name": name, **info.to_dict()}
 

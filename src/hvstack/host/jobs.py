@@ -18,12 +18,14 @@ from typing import Any
 
 from hvstack.errors import Cancelled, HvError, NotFound
 from hvstack.host.events import EventBus
+from hvstack.progress import Progress
+
+__all__ = ["Job", "JobBody", "JobManager", "JobState", "Progress"]
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 500
 
-Progress = Callable[[float, str], None]
 JobBody = Callable[[Progress], Awaitable[dict[str, Any] | None]]
 
 

@@ -36,7 +36,6 @@ Contract, for every operation here:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -48,6 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from hvstack import files
 from hvstack.errors import (
     AlreadyExists,
     HypervisorError,
@@ -179,19 +179,7 @@ def _remove_quietly(path: Path) -> None:
 
 def _publish(tmp: Path, dst: Path) -> None:
     """Give ``tmp`` the name ``dst`` unless ``dst`` exists; never replace a file."""
-    try:
-        os.link(tmp, dst)
-    except FileExistsError as exc:
-        raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        # The file system has no hard links: check, then rename (a small race).
-        if os.path.lexists(dst):
-            raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
-        os.replace(tmp, dst)
-        return
-    os.unlink(tmp)
+    files.publish(tmp, dst)
 
 
 async def _write_new(dst: Path, write: Callable[[Path], Awaitable[None]]) -> None:

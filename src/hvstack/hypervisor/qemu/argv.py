@@ -112,6 +112,9 @@ class QemuSpec:
     backing: Mapping[str, tuple[BackingFile, ...]] = field(default_factory=dict)
     """Each attached disk's parents by disk id, nearest first; a disk missing here is
     opened without a parent."""
+    # Descriptors QEMU inherits under the same numbers; options name them as fd=N or
+    # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
+    pass_fds: tuple[int, ...] = ()
 
 
 def escape_option(value: str) -> str:
@@ -205,6 +208,25 @@ def _machine_args(spec: QemuSpec) -> list[str]:
         args += _block_nodes("fw-vars", spec.firmware.vars, "raw", False)
         machine += ",pflash0=fw-code,pflash1=fw-vars"
     return ["-machine", machine, "-accel", spec.accelerator, *args]
+
+
+def block_node_paths(spec: QemuSpec) -> dict[str, str]:
+    """Each block node name :func:`build_argv` gives ``spec``'s disks, and its file.
+
+    QEMU names nodes in its events (``BLOCK_IO_ERROR``'s ``node-name``); this maps them
+    back to the files the user knows. Protocol nodes (``<node>-file``) and the nodes of
+    parents in a backing chain map too.
+    """
+    nodes: dict[str, str] = {}
+    for disk in spec.config.disks:
+        node = disk_node(disk)
+        nodes[node] = nodes[f"{node}-file"] = disk.path
+        for parent in spec.backing.get(disk.id, ()):
+            below = backing_node(disk, parent)
+            nodes[below] = nodes[f"{below}-file"] = parent.path
+    if spec.config.dvd is not None:
+        nodes["dvd0"] = nodes["dvd0-file"] = spec.config.dvd
+    return nodes
 
 
 def _storage_args(config: VmConfig, backing: Mapping[str, tuple[BackingFile, ...]]) -> list[str]:
