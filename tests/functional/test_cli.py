@@ -131,7 +131,7 @@ async def test_cli_drives_a_vm(served: str) -> None:
     result = await hv(served, "vm", "start", "web")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "error: cannot start VM 'web': it is Running; start requires Off or Saved")
+        "error: cannot start VM 'web': it is already Running")
 
     result = await hv(served, "vm", "stop", "web", "--turn-off", "-o", "json")
     assert result.exit_code == 0, result.output

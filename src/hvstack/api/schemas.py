@@ -64,7 +64,7 @@ class VmUpdate(Request):
 
 
 class StopRequest(Request):
-    mode: Literal["shut-down", "turn-off", "save"] = "shut-down"
+    mode: Literal["shut-down", "turn-off", "save", "discard-saved-state"] = "shut-down"
     force: bool = False
     timeout_seconds: float | None = Field(None, ge=0, le=3600)
 

@@ -36,6 +36,7 @@ from hvstack.compute.model import (
     validate_config,
     validate_name,
 )
+from hvstack.compute.settings import check_change
 from hvstack.compute.states import Operation
 from hvstack.errors import (
     HvError,
@@ -297,16 +298,21 @@ class HostService:
         vm = self.get_vm(ref)
         if mode is StopMode.SAVE:
             vm.require(Operation.SAVE)
+        elif mode is StopMode.DISCARD_SAVED_STATE:
+            vm.require(Operation.DISCARD_SAVED_STATE)
         elif mode is StopMode.TURN_OFF or force:
             vm.require(Operation.TURN_OFF)
         else:
-            vm.require(Operation.STOP)
+            vm.require(Operation.SHUT_DOWN)
         wait = self.config.stop_timeout if timeout is None else timeout
 
         async def body(progress: Progress) -> dict[str, Any]:
             if mode is StopMode.SAVE:
                 await vm.save(progress)
                 how = "saved"
+            elif mode is StopMode.DISCARD_SAVED_STATE:
+                await vm.discard_saved_state()
+                how = "saved state discarded"
             elif mode is StopMode.TURN_OFF or (force and vm.state is not VmState.RUNNING):
                 await vm.turn_off()
                 how = "turned off"
@@ -439,11 +445,7 @@ class HostService:
         hardware (processors, memory, generation) only while the VM is Off."""
         vm = self.get_vm(ref)
         async with vm.lock:
-            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop",
-                      "integration_services", "kvp_pool"}
-            offline = set(changes) - online
-            if offline:
-                vm.require(Operation.CHANGE_OFFLINE_SETTINGS)
+            check_change(changes, vm.state, vm.record.name)
             new = replace(vm.record.config, **changes)
             validate_config(new, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
             old_name = vm.record.name
