@@ -11,10 +11,11 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
-    │   └── ResourceBusy        a disk in use by another running VM
+    │   ├── ResourceBusy        a disk in use by another running VM
+    │   └── ServiceDisabled     an integration service that is turned off
     ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
     ├── OperationTimeout        something outside did not answer in time     (504)
-    │   └── ServiceDisabled     an integration service that is turned off
+    │   └── WaitTimedOut        ``vm wait``: the condition did not hold in time
     ├── Cancelled               a job that a user cancelled                  (409)
     ├── HypervisorError         QEMU or a system tool failed                 (500)
     └── InvalidTransition       a state change the state machine does not have (500)
@@ -120,6 +121,11 @@ class OperationTimeout(HvError):
     title = "Operation timed out"
 
 
+class WaitTimedOut(OperationTimeout):
+    slug = "wait-timeout"
+    title = "Condition not met in time"
+
+
 class Cancelled(HvError):
     http_status = 409
     slug = "cancelled"
@@ -154,6 +160,7 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         ServiceDisabled,
         InsufficientResources,
         OperationTimeout,
+        WaitTimedOut,
         Cancelled,
         HypervisorError,
         InvalidTransition,
