@@ -255,24 +255,28 @@ class HostService:
         """Checks that need the whole host: files present, disks free, memory there."""
         for disk in record.config.disks:
             if not os.path.exists(disk.path):
-                raise NotFound(f"disk {disk.path} of VM '{record.name}' does not exist")
+                raise NotFound(f"cannot start VM '{record.name}': its disk {disk.path} "
+                               "does not exist", vm=record.name, disk=disk.path)
             for other in self._vms.values():
                 if other.record.id == record.id or other.state is VmState.OFF:
                     continue
                 if any(d.path == disk.path for d in other.record.config.disks):
                     raise ResourceBusy(
-                        f"disk {disk.path} is in use by VM '{other.record.name}' "
-                        f"({other.state.value})", disk=disk.path, vm=other.record.name,
+                        f"cannot start VM '{record.name}': its disk {disk.path} is in use "
+                        f"by VM '{other.record.name}', which is {other.state.value}",
+                        disk=disk.path, vm=other.record.name,
                     )
         if record.config.dvd and not os.path.exists(record.config.dvd):
-            raise NotFound(f"ISO {record.config.dvd} of VM '{record.name}' does not exist")
+            raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
+                           "does not exist", vm=record.name)
         if record.config.accelerator:
             accel.choose(accel.probe(), record.config.accelerator)  # raises if unusable
         available = _meminfo("MemAvailable")
         if record.config.memory_bytes > available:
             raise InsufficientResources(
-                f"VM '{record.name}' needs {record.config.memory_bytes >> 20} MiB of memory; "
-                f"the host has {available >> 20} MiB available"
+                f"cannot start VM '{record.name}': it needs "
+                f"{record.config.memory_bytes >> 20} MiB of memory and the host has "
+                f"{available >> 20} MiB available"
             )
 
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:

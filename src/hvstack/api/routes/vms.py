@@ -54,7 +54,7 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
         name=body.name,
         generation=Generation(body.generation),
         cpus=body.cpus,
-        memory_bytes=parse_size(body.memory, what="memory"),
+        memory_bytes=parse_size(body.memory, what="memory", bare_unit="M"),
         notes=body.notes,
         dvd=body.dvd,
         auto_start=AutoStartAction(body.auto_start),
@@ -65,7 +65,8 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
     )
     if body.boot_order is not None:
         config = replace(config, boot_order=tuple(BootDevice(b) for b in body.boot_order))
-    new_disk = parse_size(body.new_disk, what="disk size") if body.new_disk is not None else None
+    new_disk = (parse_size(body.new_disk, what="disk size", bare_unit="G")
+                if body.new_disk is not None else None)
     vm = await service.create_vm(NewVm(config, image=body.image, disk=body.disk,
                                        new_disk_bytes=new_disk))
     return vm_view(vm, service)
@@ -86,7 +87,7 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         if key in fields:
             changes[key] = fields[key]
     if "memory" in fields:
-        changes["memory_bytes"] = parse_size(fields["memory"], what="memory")
+        changes["memory_bytes"] = parse_size(fields["memory"], what="memory", bare_unit="M")
     if "boot_order" in fields:
         changes["boot_order"] = tuple(BootDevice(b) for b in fields["boot_order"])
     if "auto_start" in fields:
