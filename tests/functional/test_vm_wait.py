@@ -213,6 +213,11 @@ async def test_cli_wait(service: HostService, guest_served: str) -> None:
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         "error: --for 'tea' is not one of heartbeat, ip, running, off")
+    for bad in ("0", "-1", "86401"):
+        result = await hv(guest_served, "vm", "wait", "web", "--for", "off", "--timeout", bad)
+        assert result.exit_code == 2
+        assert result.stderr.strip() == (
+            "error: --timeout must be more than 0 and at most 86400 seconds")
 
 
 # -- vm stop --discard-saved-state --------------------------------------------------------------

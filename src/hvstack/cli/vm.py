@@ -171,9 +171,9 @@ def wait_(
     condition: str = typer.Option(..., "--for",
                                   help="heartbeat, ip (the guest reported an address), "
                                        "running or off"),
-    timeout: float | None = typer.Option(None, "--timeout", min=0.001,
-                                         help="give up after this many seconds "
-                                              "(default: wait for good)"),
+    timeout: float | None = typer.Option(None, "--timeout",
+                                         help="give up after this many seconds, at most "
+                                              "86400 (default: wait for good)"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
@@ -182,6 +182,8 @@ def wait_(
     Exits 0 once the condition holds, 2 with a sentence when --timeout passes first."""
     if condition not in WAIT_CONDITIONS:
         fail(f"--for '{condition}' is not one of {', '.join(WAIT_CONDITIONS)}")
+    if timeout is not None and not 0 < timeout <= 86400:
+        fail("--timeout must be more than 0 and at most 86400 seconds")
     with client(host) as api:
         reached = api.wait_vm(name, condition, timeout)
     if output is Output.json:
