@@ -283,3 +283,15 @@ async def test_an_unexpected_state_change_is_logged_and_refused(
     assert vm.state is VmState.OFF
     assert (await show_vm(api, "web"))["state"] == "Off"
     assert "refused the move from Off to Saved" in caplog.text
+
+
+async def test_shut_down_falls_back_to_acpi_when_the_agent_fails(
+        guests: Guests, guest_api: httpx.AsyncClient, service: HostService) -> None:
+    """Stopping → Stopping with a new reason, not a step on to Off while QEMU runs."""
+    fake = await guests.boot("g1")
+    response = await guest_api.get(f"{API}/vms/g1/wait", params={"for": "heartbeat",
+                                                                 "timeout": 30})
+    assert response.json()["heartbeat"] == "OK"
+    fake.hang = True  # the agent stops answering: guest-shutdown times out
+    job = await run_job(guest_api, "g1", "stop")
+    assert job["result"] == {"state": "Off", "how": "the guest shut down (ACPI power button)"}

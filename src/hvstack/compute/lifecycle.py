@@ -141,7 +141,13 @@ class VmController:
 
     def _step(self, operation: Operation, reason: str = "", **changes: object) -> None:
         """Take ``operation``'s next step in the state machine's table."""
-        self._set(next_state(operation, self.state), reason, **changes)
+        try:
+            state = next_state(operation, self.state)
+        except ValueError as exc:
+            log.error("VM %s: refused a step: %s", self.record.name, exc)
+            raise InvalidTransition(f"VM '{self.record.name}' cannot {operation.value} from "
+                                    f"{self.state.value}", vm=self.record.name) from None
+        self._set(state, reason, **changes)
 
     @property
     def machine_running(self) -> bool:
@@ -319,7 +325,11 @@ class VmController:
             except HvError as exc:
                 log.info("VM %s: shutdown through the agent failed (%s); using ACPI",
                          self.record.name, exc)
-        self._step(Operation.SHUT_DOWN, "shutting down (ACPI power button)")
+        acpi = "shutting down (ACPI power button)"
+        if self.state is VmState.STOPPING:
+            self._set(VmState.STOPPING, acpi)  # the agent failed: same step, new reason
+        else:
+            self._step(Operation.SHUT_DOWN, acpi)
         progress(10, "pressing the ACPI power button")
         await machine.power_button()
         return "ACPI power button"
