@@ -169,3 +169,18 @@ def test_required_states_are_listed_in_state_order() -> None:
     with pytest.raises(InvalidState) as info:
         require(Operation.SHUT_DOWN, VmState.SAVED, "db")
     assert info.value.data["required"] == ["Starting", "Running", "Paused", "Stopping"]
+
+
+def test_every_step_of_every_row_is_a_move_the_controller_may_make() -> None:
+    for operation, row in TABLE.items():
+        for state in row.allowed:
+            if row.steps:
+                assert can_move(state, next_state(operation, state)), (operation, state)
+        for current, following in itertools.pairwise(row.steps):
+            assert can_move(current, following)
+
+
+@pytest.mark.parametrize("state", sorted(set(VmState) - {S.STARTING, S.SAVING, S.STOPPING}))
+def test_a_failed_operation_may_leave_the_vm_where_it_really_is(state: VmState) -> None:
+    for transitional in (S.STARTING, S.SAVING, S.STOPPING):
+        assert can_move(transitional, state)
