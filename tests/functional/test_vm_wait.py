@@ -295,3 +295,27 @@ async def test_shut_down_falls_back_to_acpi_when_the_agent_fails(
     fake.hang = True  # the agent stops answering: guest-shutdown times out
     job = await run_job(guest_api, "g1", "stop")
     assert job["result"] == {"state": "Off", "how": "the guest shut down (ACPI power button)"}
+
+
+async def test_client_waits_for_good_one_long_poll_after_another(
+        service: HostService, guest_served: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvstack import client as client_module
+
+    monkeypatch.setattr(client_module, "WAIT_CHUNK", 0.05)  # many polls time out first
+    polls: list[str] = []
+    with client_module.Client(guest_served) as api:
+        # the server runs in this loop: the blocking client runs in threads
+        await asyncio.to_thread(api.post, "/vms", {"name": "web", "memory": "64M"})
+        original = api.request
+
+        def counting(method: str, path: str, **kwargs: Any) -> Any:
+            polls.append(path)
+            return original(method, path, **kwargs)
+
+        monkeypatch.setattr(api, "request", counting)
+        waiter = asyncio.create_task(asyncio.to_thread(api.wait_vm, "web", "running"))
+        await eventually(lambda: len(polls) >= 3, "several polls timed out", timeout=30)
+        await service.start_vm("web").done.wait()
+        reached = await asyncio.wait_for(waiter, 30)
+    assert reached["state"] == "Running"
+    assert set(polls) == {"/vms/web/wait"}
