@@ -21,6 +21,8 @@ import httpx
 
 from hvstack.transport import endpoint
 
+WAIT_CHUNK = 3600.0  # one long poll of wait_vm when it waits without a limit
+
 
 def segment(value: str) -> str:
     """``value`` percent-encoded as one URL path segment: '/', '%', '?', '#' and every
@@ -128,3 +130,28 @@ class Client:
             error = job.get("error") or {"detail": f"job {job['state']}"}
             raise ApiError(int(error.get("status", 500)), error)
         return job
+
+    def discard_saved_state(self, ref: str) -> dict[str, Any]:
+        """Turn a Saved VM Off without starting it (its saved memory is deleted);
+        return the finished job. Hyper-V's Remove-VMSavedState."""
+        job = self.post(f"/vms/{segment(ref)}/stop", {"mode": "discard-saved-state"})
+        return self.wait_job(job)
+
+    def wait_vm(self, ref: str, condition: str, timeout: float | None = None
+                ) -> dict[str, Any]:
+        """Block until the VM meets ``condition`` (heartbeat, ip, running, off) and
+        return the server's view of it; ApiError with problem type
+        ``/problems/wait-timeout`` (504) if ``timeout`` seconds pass first. Without a
+        timeout it waits for good, one long poll of :data:`WAIT_CHUNK` after another."""
+        path = f"/vms/{segment(ref)}/wait"
+        while True:
+            chunk = WAIT_CHUNK if timeout is None else timeout
+            try:
+                result: dict[str, Any] = self.request(
+                    "GET", path, params={"for": condition, "timeout": chunk},
+                    timeout=httpx.Timeout(chunk + 30.0, connect=10.0))
+                return result
+            except ApiError as exc:
+                if timeout is None and exc.problem.get("type") == "/problems/wait-timeout":
+                    continue
+                raise

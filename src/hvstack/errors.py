@@ -17,8 +17,10 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   └── ServiceDisabled     an integration service that is turned off
     ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
     ├── OperationTimeout        something outside did not answer in time     (504)
+    │   └── WaitTimedOut        ``vm wait``: the condition did not hold in time
     ├── Cancelled               a job that a user cancelled                  (409)
-    └── HypervisorError         QEMU or a system tool failed                 (500)
+    ├── HypervisorError         QEMU or a system tool failed                 (500)
+    └── InvalidTransition       a state change the state machine does not have (500)
 """
 
 from __future__ import annotations
@@ -75,10 +77,16 @@ class InvalidState(Conflict):
     slug = "invalid-state"
     title = "Operation not allowed in this state"
 
-    def __init__(self, vm: str, state: str, operation: str, required: list[str]) -> None:
-        need = " or ".join(required)
+    def __init__(self, vm: str, state: str, operation: str, required: list[str], *,
+                 advice: str | None = None, already: bool = False) -> None:
+        # ``operation`` is a verb phrase: "start", "change the memory of".
+        if already:
+            message = f"cannot {operation} VM '{vm}': it is already {state}"
+        else:
+            message = (f"cannot {operation} VM '{vm}' while it is {state}: "
+                       f"{advice or 'it must be ' + ' or '.join(required)}")
         super().__init__(
-            f"cannot {operation} VM '{vm}': it is {state}; {operation} requires {need}",
+            message,
             vm=vm,
             state=state,
             operation=operation,
@@ -127,6 +135,11 @@ class OperationTimeout(HvError):
     title = "Operation timed out"
 
 
+class WaitTimedOut(OperationTimeout):
+    slug = "wait-timeout"
+    title = "Condition not met in time"
+
+
 class Cancelled(HvError):
     http_status = 409
     slug = "cancelled"
@@ -137,6 +150,14 @@ class HypervisorError(HvError):
     http_status = 500
     slug = "hypervisor-error"
     title = "Hypervisor error"
+
+
+class InvalidTransition(HvError):
+    """A programming error: the code tried a state change the state machine lacks."""
+
+    http_status = 500
+    slug = "invalid-transition"
+    title = "Invalid state transition"
 
 
 ERROR_TYPES: dict[str, type[HvError]] = {
@@ -155,7 +176,9 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         ServiceDisabled,
         InsufficientResources,
         OperationTimeout,
+        WaitTimedOut,
         Cancelled,
         HypervisorError,
+        InvalidTransition,
     )
 }

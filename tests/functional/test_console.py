@@ -244,6 +244,8 @@ async def test_screenshot(api: httpx.AsyncClient, service: HostService) -> None:
     await create_vm(api, "vm1")
     off = await api.get(f"{API}/vms/vm1/screenshot")
     assert off.status_code == 409 and off.json()["required"] == ["Running", "Paused"]
+    assert off.json()["detail"] == ("cannot take a screenshot of VM 'vm1' while it is Off: "
+                                    "start it first")
 
     await run_job(api, "vm1", "start")
     response = await api.get(f"{API}/vms/vm1/screenshot")

@@ -67,9 +67,23 @@ class VmUpdate(Request):
 
 
 class StopRequest(Request):
-    mode: Literal["shut-down", "turn-off", "save"] = "shut-down"
+    mode: Literal["shut-down", "turn-off", "save", "discard-saved-state"] = "shut-down"
     force: bool = False
     timeout_seconds: float | None = Field(None, ge=0, le=3600)
+
+
+WaitCondition = Literal["heartbeat", "ip", "running", "off"]
+MAX_WAIT_SECONDS = 86400.0
+
+
+class WaitView(BaseModel):
+    """``GET /vms/{ref}/wait``: the condition held; the VM's facts at that moment."""
+
+    vm: str
+    condition: WaitCondition
+    state: str
+    heartbeat: str
+    ip_addresses: list[str]
 
 
 class RestartRequest(Request):

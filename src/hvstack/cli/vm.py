@@ -140,6 +140,9 @@ def stop(
     save: bool = typer.Option(False, "--save", help="save the memory state instead"),
     force: bool = typer.Option(False, "--force",
                                help="turn off at once if the VM cannot be shut down"),
+    discard: bool = typer.Option(False, "--discard-saved-state",
+                                 help="turn a Saved VM Off without starting it: its "
+                                      "saved memory is deleted"),
     timeout: float | None = typer.Option(None, "--timeout",
                                          help="seconds to wait for the guest"),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
@@ -147,14 +150,57 @@ def stop(
     host: str | None = HostOption,
 ) -> None:
     """Shut a VM down (guest agent, else ACPI power button); turn off after a timeout."""
-    if turn_off and save:
-        fail("--turn-off and --save exclude each other")
-    mode = "turn-off" if turn_off else "save" if save else "shut-down"
+    chosen = [o for o, on in (("--turn-off", turn_off), ("--save", save),
+                              ("--discard-saved-state", discard)) if on]
+    if len(chosen) > 1:
+        fail(f"{' and '.join(chosen)} exclude each other: give one")
+    if discard and (force or timeout is not None):
+        fail("--discard-saved-state takes neither --force nor --timeout: nothing runs")
+    mode = ("turn-off" if turn_off else "save" if save
+            else "discard-saved-state" if discard else "shut-down")
     body: dict[str, Any] = {"mode": mode, "force": force}
     if timeout is not None:
         body["timeout_seconds"] = timeout
-    what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down"}[mode]
+    what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down",
+            "discard-saved-state": "Discarding the saved state of"}[mode]
     _run_job(f"/vms/{name}/stop", f"{what} {name}", body, wait, output, host)
+
+
+WAIT_CONDITIONS = ("heartbeat", "ip", "running", "off")
+
+
+@app.command("wait")
+def wait_(
+    name: str,
+    condition: str = typer.Option(..., "--for",
+                                  help="heartbeat, ip (the guest reported an address), "
+                                       "running or off"),
+    timeout: float | None = typer.Option(None, "--timeout",
+                                         help="give up after this many seconds, at most "
+                                              "86400 (default: wait for good)"),
+    output: Output = OutputOption,
+    host: str | None = HostOption,
+) -> None:
+    """Wait until a VM is Running, Off, has a heartbeat or an IP address (Wait-VM).
+
+    Exits 0 once the condition holds, 2 with a sentence when --timeout passes first."""
+    if condition not in WAIT_CONDITIONS:
+        fail(f"--for '{condition}' is not one of {', '.join(WAIT_CONDITIONS)}")
+    if timeout is not None and not 0 < timeout <= 86400:
+        fail("--timeout must be more than 0 and at most 86400 seconds")
+    with client(host) as api:
+        reached = api.wait_vm(name, condition, timeout)
+    if output is Output.json:
+        print_json(reached)
+        return
+    vm = reached["vm"]
+    message = {
+        "running": f"VM '{vm}' is Running",
+        "off": f"VM '{vm}' is Off",
+        "heartbeat": f"VM '{vm}' is Running, heartbeat {reached['heartbeat']}",
+        "ip": f"VM '{vm}' reported {', '.join(reached['ip_addresses'])}",
+    }[condition]
+    console.print(message, markup=False, highlight=False)
 
 
 @app.command()

@@ -239,8 +239,10 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
             value=config.cpus,
         )
     if config.memory_bytes < MIN_MEMORY:
+        hint = (f"; did you mean {config.memory_bytes}M?"
+                if 32 <= config.memory_bytes < 1024 * 1024 else "")
         raise InvalidInput(
-            f"memory {config.memory_bytes} bytes is below the minimum of 32 MiB",
+            f"memory {config.memory_bytes} bytes is below the minimum of 32 MiB{hint}",
             value=config.memory_bytes,
         )
     if config.memory_bytes % (1024 * 1024):

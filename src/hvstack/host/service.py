@@ -37,6 +37,7 @@ from hvstack.compute.model import (
     validate_config,
     validate_name,
 )
+from hvstack.compute.settings import check_change
 from hvstack.compute.states import Operation
 from hvstack.errors import (
     HvError,
@@ -261,21 +262,24 @@ class HostService:
         """Checks that need the whole host: files present, disks free, memory there."""
         for disk in record.config.disks:
             if not os.path.exists(disk.path):
-                raise NotFound(f"disk {disk.path} of VM '{record.name}' does not exist")
+                raise NotFound(f"cannot start VM '{record.name}': its disk {disk.path} "
+                               "does not exist", vm=record.name, disk=disk.path)
         parents = await self.disk_use.parents()
         chains = await self.disk_use.chains(record)
         # No await from here on: the VM turns Starting before another start can check.
         self.disk_use.check_start(record, parents, chains)
         self._chains[record.id] = chains
         if record.config.dvd and not os.path.exists(record.config.dvd):
-            raise NotFound(f"ISO {record.config.dvd} of VM '{record.name}' does not exist")
+            raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
+                           "does not exist", vm=record.name)
         if record.config.accelerator:
             accel.choose(accel.probe(), record.config.accelerator)  # raises if unusable
         available = _meminfo("MemAvailable")
         if record.config.memory_bytes > available:
             raise InsufficientResources(
-                f"VM '{record.name}' needs {record.config.memory_bytes >> 20} MiB of memory; "
-                f"the host has {available >> 20} MiB available"
+                f"cannot start VM '{record.name}': it needs "
+                f"{record.config.memory_bytes >> 20} MiB of memory and the host has "
+                f"{available >> 20} MiB available"
             )
 
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:
@@ -301,16 +305,21 @@ class HostService:
         vm = self.get_vm(ref)
         if mode is StopMode.SAVE:
             vm.require(Operation.SAVE)
+        elif mode is StopMode.DISCARD_SAVED_STATE:
+            vm.require(Operation.DISCARD_SAVED_STATE)
         elif mode is StopMode.TURN_OFF or force:
             vm.require(Operation.TURN_OFF)
         else:
-            vm.require(Operation.STOP)
+            vm.require(Operation.SHUT_DOWN)
         wait = self.config.stop_timeout if timeout is None else timeout
 
         async def body(progress: Progress) -> dict[str, Any]:
             if mode is StopMode.SAVE:
                 await vm.save(progress)
                 how = "saved"
+            elif mode is StopMode.DISCARD_SAVED_STATE:
+                await vm.discard_saved_state()
+                how = "saved state discarded"
             elif mode is StopMode.TURN_OFF or (force and vm.state is not VmState.RUNNING):
                 await vm.turn_off()
                 how = "turned off"
@@ -437,11 +446,7 @@ class HostService:
         hardware (processors, memory, generation) only while the VM is Off."""
         vm = self.get_vm(ref)
         async with vm.lock:
-            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop",
-                      "integration_services", "kvp_pool"}
-            offline = set(changes) - online
-            if offline:
-                vm.require(Operation.CHANGE_OFFLINE_SETTINGS)
+            check_change(changes, vm.state, vm.record.name)
             new = replace(vm.record.config, **changes)
             validate_config(new, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
             old_name = vm.record.name

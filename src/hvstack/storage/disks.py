@@ -427,9 +427,9 @@ async def resize_disk(
     if size < info.virtual_size:
         if not allow_shrink:
             raise InvalidInput(
-                f"refusing to shrink '{path}' from {format_size(info.virtual_size)} to "
-                f"{format_size(size)}: shrinking loses data beyond the new end. Shrink the "
-                "partitions in the guest first, then allow shrinking explicitly",
+                f"cannot shrink '{path}' from {format_size(info.virtual_size)} to "
+                f"{format_size(size)} without --allow-shrink: shrinking loses the data "
+                "beyond the new end; shrink the partitions in the guest first",
                 path=str(path),
                 size=size,
                 virtual_size=info.virtual_size,

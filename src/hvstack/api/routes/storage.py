@@ -24,7 +24,7 @@ router = APIRouter(prefix="/api/v1", tags=["storage"])
 
 @router.post("/disks", status_code=201)
 async def create_disk(request: Request, body: DiskCreate) -> dict[str, Any]:
-    size = parse_size(body.size, what="disk size") if body.size is not None else None
+    size = parse_size(body.size, what="disk size", bare_unit="G") if body.size is not None else None
     return await disk_ops_of(request).create(body.path, size, body.type, body.parent,
                                              body.format, body.parent_format)
 
@@ -37,7 +37,7 @@ async def inspect_disk(request: Request, path: str = Query(...),
 
 @router.post("/disks/resize")
 async def resize_disk(request: Request, body: DiskResize) -> dict[str, Any]:
-    size = parse_size(body.size, what="disk size")
+    size = parse_size(body.size, what="disk size", bare_unit="G")
     return await disk_ops_of(request).resize(body.path, size, body.allow_shrink, body.format)
 
 
