@@ -1,8 +1,11 @@
 """The Python client of the host service's REST API (httpx), used by the CLI.
 
-``Client(host)`` takes ``unix:PATH`` or ``tcp:HOST:PORT`` (default from ``$HV_HOST``,
-else the default socket). Errors come back as :class:`ApiError` carrying the server's
-problem+json; a host service that cannot be reached is :class:`ApiError` too.
+``Client(host, token=, fingerprint=, ca_file=)`` takes ``unix:PATH``, ``tcp:HOST:PORT``
+(HTTPS) or ``http+tcp:HOST:PORT`` (default from ``$HV_HOST``, else the default socket);
+the token and the server certificate's trust default from ``$HV_TOKEN``,
+``$HV_FINGERPRINT`` and ``$HV_CA_FILE`` (see :mod:`hvstack.transport`). Errors come
+back as :class:`ApiError` carrying the server's problem+json; a host service that cannot
+be reached is :class:`ApiError` too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ _import_httpx_without_its_cli()
 
 import httpx  # noqa: E402
 
-from hvstack.host.config import default_listen, parse_listen  # noqa: E402
+from hvstack.transport import endpoint  # noqa: E402
+
+WAIT_CHUNK = 3600.0  # one long poll of wait_vm when it waits without a limit
 
 
 def segment(value: str) -> str:
@@ -64,21 +69,32 @@ class ApiError(Exception):
         super().__init__(str(problem.get("detail") or problem.get("title") or status))
 
 
+def unreachable(address: str, exc: BaseException) -> ApiError:
+    """The error for a service that cannot be reached, or whose certificate is not
+    trusted (then saying how to trust it)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        reason = cause.args[0] if len(cause.args) == 1 else cause
+        return ApiError(0, {"title": "TLS failed", "detail":
+                            f"TLS with the host service at {address} failed ({reason}); "
+                            f"trust its certificate with --fingerprint or $HV_FINGERPRINT "
+                            f"(hv serve prints it) or $HV_CA_FILE"})
+    return ApiError(0, {"title": "Cannot connect", "detail":
+                        f"cannot reach the host service at {address}: is 'hv serve' "
+                        f"running? ({exc or type(exc).__name__})"})
+
+
 class Client:
-    def __init__(self, host: str | None = None, timeout: float = 120.0) -> None:
-        address = parse_listen(host) if host else default_listen()
-        self.address = address
-        if address.kind == "unix":
-            # Plain HTTP over the socket: the TLS context is never used, and the default
-            # one would load the CA bundle (about 20 ms of every hv command).
-            transport = httpx.HTTPTransport(uds=address.path,
-                                            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-            base = "http://hv"
-        else:
-            transport = httpx.HTTPTransport()
-            base = f"http://{address.host}:{address.port}"
-        self._http = httpx.Client(transport=transport, base_url=base + "/api/v1",
-                                  timeout=timeout)
+    def __init__(self, host: str | None = None, timeout: float = 120.0, *,
+                 token: str | None = None, fingerprint: str | None = None,
+                 ca_file: str | None = None) -> None:
+        self.endpoint = endpoint(host, token, fingerprint, ca_file)
+        self.address = self.endpoint.address
+        transport = httpx.HTTPTransport(**self.endpoint.httpx_options())
+        self._http = httpx.Client(transport=transport, base_url=self.endpoint.url("/api/v1"),
+                                  headers=self.endpoint.headers(), timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -93,9 +109,7 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise ApiError(0, {"title": "Cannot connect", "detail":
-                               f"cannot reach the host service at {self.address}: is "
-                               f"'hv serve' running? ({exc})"}) from exc
+            raise unreachable(str(self.address), exc) from exc
         except httpx.TimeoutException as exc:
             raise ApiError(0, {"title": "Timeout", "detail":
                                f"the host service at {self.address} did not answer in time"}
@@ -125,9 +139,7 @@ class Client:
                     raise ApiError(response.status_code, problem)
                 yield response
         except (httpx.ConnectError, FileNotFoundError) as exc:
-            raise ApiError(0, {"title": "Cannot connect", "detail":
-                               f"cannot reach the host service at {self.address}: is "
-                               f"'hv serve' running? ({exc})"}) from exc
+            raise unreachable(str(self.address), exc) from exc
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
@@ -150,3 +162,28 @@ class Client:
             error = job.get("error") or {"detail": f"job {job['state']}"}
             raise ApiError(int(error.get("status", 500)), error)
         return job
+
+    def discard_saved_state(self, ref: str) -> dict[str, Any]:
+        """Turn a Saved VM Off without starting it (its saved memory is deleted);
+        return the finished job. Hyper-V's Remove-VMSavedState."""
+        job = self.post(url_path("vms", ref, "stop"), {"mode": "discard-saved-state"})
+        return self.wait_job(job)
+
+    def wait_vm(self, ref: str, condition: str, timeout: float | None = None
+                ) -> dict[str, Any]:
+        """Block until the VM meets ``condition`` (heartbeat, ip, running, off) and
+        return the server's view of it; ApiError with problem type
+        ``/problems/wait-timeout`` (504) if ``timeout`` seconds pass first. Without a
+        timeout it waits for good, one long poll of :data:`WAIT_CHUNK` after another."""
+        path = url_path("vms", ref, "wait")
+        while True:
+            chunk = WAIT_CHUNK if timeout is None else timeout
+            try:
+                result: dict[str, Any] = self.request(
+                    "GET", path, params={"for": condition, "timeout": chunk},
+                    timeout=httpx.Timeout(chunk + 30.0, connect=10.0))
+                return result
+            except ApiError as exc:
+                if timeout is None and exc.problem.get("type") == "/problems/wait-timeout":
+                    continue
+                raise

@@ -1,7 +1,7 @@
 """WebSocket access to the host service's consoles, for the CLI and Python callers.
 
 ``open_websocket(host, path)`` connects to a WebSocket route of the API over the same
-address the REST client uses (``unix:PATH`` or ``tcp:HOST:PORT``) with the
+address, TLS trust and token the REST client uses (:mod:`hvstack.transport`) with the
 ``websockets`` library, which speaks WebSocket over a unix socket (httpx does not).
 Failures come back as :class:`hvstack.client.ApiError`: a refused handshake carries the
 server's problem+json, an unreachable service says so.
@@ -24,8 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from hvstack.client import ApiError, url_path
-from hvstack.host.config import ListenAddress, default_listen, parse_listen
+from hvstack.client import ApiError, unreachable, url_path
+from hvstack.transport import endpoint
 
 OPEN_TIMEOUT = 10.0
 
@@ -68,27 +68,28 @@ def _problem(exc: InvalidStatus) -> ApiError:
 @asynccontextmanager
 async def open_websocket(
     host: str | None, path: str, *, subprotocols: Sequence[str] | None = None,
-    open_timeout: float = OPEN_TIMEOUT,
+    open_timeout: float = OPEN_TIMEOUT, token: str | None = None,
+    fingerprint: str | None = None, ca_file: str | None = None,
 ) -> AsyncIterator[ClientConnection]:
-    """Connect to ``/api/v1`` + ``path`` on the host service."""
-    address: ListenAddress = parse_listen(host) if host else default_listen()
+    """Connect to ``/api/v1`` + ``path`` on the host service (token and TLS trust as
+    :class:`hvstack.client.Client` takes them)."""
+    target = endpoint(host, token, fingerprint, ca_file)
+    address = target.address
     protocols = [Subprotocol(p) for p in subprotocols] if subprotocols else None
     options: dict[str, Any] = {"subprotocols": protocols, "open_timeout": open_timeout,
-                               "max_size": 4 * 1024 * 1024, "compression": None}
+                               "max_size": 4 * 1024 * 1024, "compression": None,
+                               "additional_headers": target.headers()}
+    url = target.url(f"/api/v1{path}", websocket=True)
     try:
         if address.kind == "unix":
-            opener = unix_connect(address.path, f"ws://hv/api/v1{path}", **options)
+            opener = unix_connect(address.path, url, **options)
         else:
-            host_part = f"[{address.host}]" if ":" in address.host else address.host
-            opener = connect(f"ws://{host_part}:{address.port}/api/v1{path}", proxy=None,
-                             **options)
+            opener = connect(url, proxy=None, ssl=target.ssl, **options)
         websocket = await opener
     except InvalidStatus as exc:
         raise _problem(exc) from exc
     except (OSError, InvalidHandshake, TimeoutError) as exc:
-        raise ApiError(0, {"title": "Cannot connect", "detail":
-                           f"cannot reach the host service at {address}: is 'hv serve' "
-                           f"running? ({exc or type(exc).__name__})"}) from exc
+        raise unreachable(str(address), exc) from exc
     try:
         yield websocket
     finally:

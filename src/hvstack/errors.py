@@ -4,19 +4,23 @@ Every error a user can cause or see derives from :class:`HvError`. Errors carry 
 (the VM, its state, what was required) so the API can render them as problem+json and
 the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
 
-    HvError
+    HvError                                                                  (500)
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
-    │   └── PathNotAllowed      a path outside the storage roots            (400)
+    │   └── PathNotAllowed      a path outside the storage roots             (400)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
+    ├── NotAuthenticated        no valid token on a TCP listener             (401)
+    ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
-    │   └── ResourceBusy        a disk in use by another running VM
+    │   ├── ResourceBusy        a disk in use by another running VM
+    │   └── ServiceDisabled     an integration service that is turned off
     ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
     ├── OperationTimeout        something outside did not answer in time     (504)
-    │   └── ServiceDisabled     an integration service that is turned off
+    │   └── WaitTimedOut        ``vm wait``: the condition did not hold in time
     ├── Cancelled               a job that a user cancelled                  (409)
-    └── HypervisorError         QEMU or a system tool failed                 (500)
+    ├── HypervisorError         QEMU or a system tool failed                 (500)
+    └── InvalidTransition       a state change the state machine does not have (500)
 """
 
 from __future__ import annotations
@@ -73,10 +77,16 @@ class InvalidState(Conflict):
     slug = "invalid-state"
     title = "Operation not allowed in this state"
 
-    def __init__(self, vm: str, state: str, operation: str, required: list[str]) -> None:
-        need = " or ".join(required)
+    def __init__(self, vm: str, state: str, operation: str, required: list[str], *,
+                 advice: str | None = None, already: bool = False) -> None:
+        # ``operation`` is a verb phrase: "start", "change the memory of".
+        if already:
+            message = f"cannot {operation} VM '{vm}': it is already {state}"
+        else:
+            message = (f"cannot {operation} VM '{vm}' while it is {state}: "
+                       f"{advice or 'it must be ' + ' or '.join(required)}")
         super().__init__(
-            f"cannot {operation} VM '{vm}': it is {state}; {operation} requires {need}",
+            message,
             vm=vm,
             state=state,
             operation=operation,
@@ -87,6 +97,18 @@ class InvalidState(Conflict):
 class ResourceBusy(Conflict):
     slug = "resource-busy"
     title = "Resource in use"
+
+
+class NotAuthenticated(HvError):
+    http_status = 401
+    slug = "not-authenticated"
+    title = "Not authenticated"
+
+
+class AccessDenied(HvError):
+    http_status = 403
+    slug = "access-denied"
+    title = "Access denied"
 
 
 class ServiceDisabled(Conflict):
@@ -113,6 +135,11 @@ class OperationTimeout(HvError):
     title = "Operation timed out"
 
 
+class WaitTimedOut(OperationTimeout):
+    slug = "wait-timeout"
+    title = "Condition not met in time"
+
+
 class Cancelled(HvError):
     http_status = 409
     slug = "cancelled"
@@ -123,6 +150,14 @@ class HypervisorError(HvError):
     http_status = 500
     slug = "hypervisor-error"
     title = "Hypervisor error"
+
+
+class InvalidTransition(HvError):
+    """A programming error: the code tried a state change the state machine lacks."""
+
+    http_status = 500
+    slug = "invalid-transition"
+    title = "Invalid state transition"
 
 
 ERROR_TYPES: dict[str, type[HvError]] = {
@@ -136,10 +171,14 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         AlreadyExists,
         InvalidState,
         ResourceBusy,
+        NotAuthenticated,
+        AccessDenied,
         ServiceDisabled,
         InsufficientResources,
         OperationTimeout,
+        WaitTimedOut,
         Cancelled,
         HypervisorError,
+        InvalidTransition,
     )
 }

@@ -2,7 +2,9 @@
 
 Binary multiples throughout (as Hyper-V and QEMU use them): K, KB and KiB all mean 1024.
 A plain number is bytes. Negative, fractional-byte, empty and unknown-unit sizes are
-:class:`~hvstack.errors.InvalidInput`.
+:class:`~hvstack.errors.InvalidInput`. Where a plain number of bytes is surely a slip
+(``--memory 512``), ``bare_unit`` makes one below 1 MiB an error that says what was
+probably meant ("did you mean 512M?").
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECAS
 MAX_SIZE = 1 << 60
 
 
-def parse_size(text: str | int, *, what: str = "size") -> int:
-    """Return the size in bytes that ``text`` names; raise InvalidInput if it names none."""
+def parse_size(text: str | int, *, what: str = "size", bare_unit: str | None = None) -> int:
+    """Return the size in bytes that ``text`` names; raise InvalidInput if it names none.
+
+    With ``bare_unit`` (e.g. "M"), a number without a unit below 1 MiB is refused with a
+    hint that adds that unit."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise InvalidInput(f"{what} must not be negative: {text}", value=text)
@@ -39,6 +44,10 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         raise InvalidInput(f"{what} '{text}' is too large", value=str(text))
     if value != value.to_integral_value():
         raise InvalidInput(f"{what} '{text}' is not a whole number of bytes", value=str(text))
+    if bare_unit and not unit and value < 1024 * 1024 and not str(text).strip().upper(
+            ).endswith("B"):
+        raise InvalidInput(f"{what} '{text}' means {value} bytes: did you mean "
+                           f"{number}{bare_unit}?", value=str(text))
     return int(value)
 
 

@@ -23,9 +23,16 @@ import uvicorn
 
 from hvstack.client import url_path
 from hvstack.errors import HvError, HypervisorError
-from hvstack.hypervisor.driver import Driver, EventSink, Machine, ProgressSink
+from hvstack.hypervisor.driver import Driver, EventSink, Machine, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.progress import Progress
 from hvstack.server import QuietServer
+from tests.functional.fake_capabilities import (
+    FakeBlockJobs,
+    FakeDevices,
+    FakeMemory,
+    FakeMigration,
+)
 
 STATE_MAGIC = b"hvstack-fake-saved-state\n"
 
@@ -45,6 +52,10 @@ class FakeMachine:
     resets: int = 0
     power_presses: int = 0
     screen: tuple[int, int] = (64, 40)  # what screendump shows: width, height
+    devices: FakeDevices = field(default_factory=FakeDevices)
+    memory: FakeMemory = field(default_factory=FakeMemory)
+    migration: FakeMigration = field(default_factory=FakeMigration)
+    block_jobs: FakeBlockJobs = field(default_factory=FakeBlockJobs)
 
     # -- the Machine protocol --------------------------------------------------------
 
@@ -55,39 +66,39 @@ class FakeMachine:
     async def pause(self) -> None:
         self._check_alive()
         self.status_value = "paused"
-        self.events("STOP")
+        self.emit("STOP")
 
     async def resume(self) -> None:
         self._check_alive()
         self.status_value = "running"
-        self.events("RESUME")
+        self.emit("RESUME")
 
     async def power_button(self) -> None:
         self._check_alive()
         self.power_presses += 1
         if not self.ignore_power_button:
-            self.events("SHUTDOWN")
+            self.emit("SHUTDOWN")
             self.exit()
 
     async def reset(self) -> None:
         self._check_alive()
         self.resets += 1
-        self.events("RESET")
+        self.emit("RESET")
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         self._check_alive()
         if self.driver.save_error is not None:
             raise self.driver.save_error
-        progress(50)
+        progress(50, "")
         path.write_bytes(STATE_MAGIC + self.vm_id.encode())
-        progress(100)
+        progress(100, "")
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         self._check_alive()
         data = path.read_bytes()
         if data != STATE_MAGIC + self.vm_id.encode():
             raise HypervisorError(f"saved state {path} is not this VM's")
-        progress(100)
+        progress(100, "")
         self.status_value = "paused"
         self.driver.restored.append(self.vm_id)
 
@@ -107,8 +118,13 @@ class FakeMachine:
 
     async def close(self) -> None:
         self.closed = True
+        self.devices.close()
 
     # -- test controls -----------------------------------------------------------
+
+    def emit(self, name: str, **data: object) -> None:
+        """QEMU sends the event ``name`` with ``data`` (keys as QMP spells them)."""
+        self.events(QmpEvent(name, data))
 
     @property
     def alive(self) -> bool:

@@ -20,18 +20,26 @@ from tests.functional.fakes import (
 # -- 409: operations the state does not allow ---------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path", "body", "operation", "required"), [
-    ("post", "pause", None, "pause", ["Running"]),
-    ("post", "resume", None, "resume", ["Paused"]),
-    ("post", "save", None, "save", ["Running", "Paused"]),
-    ("post", "stop", None, "stop", ["Starting", "Running", "Paused", "Stopping"]),
+@pytest.mark.parametrize(("method", "path", "body", "operation", "required", "detail"), [
+    ("post", "pause", None, "pause", ["Running"],
+     "cannot pause VM 'web' while it is Off: start it first"),
+    ("post", "resume", None, "resume", ["Paused"],
+     "cannot resume VM 'web' while it is Off: it must be Paused"),
+    ("post", "save", None, "save", ["Running", "Paused"],
+     "cannot save VM 'web' while it is Off: start it first"),
+    ("post", "stop", None, "shut down", ["Starting", "Running", "Paused", "Stopping"],
+     "cannot shut down VM 'web': it is already Off"),
     ("post", "stop", {"mode": "turn-off"}, "turn off",
-     ["Starting", "Running", "Paused", "Saving", "Stopping"]),
-    ("post", "restart", None, "restart", ["Running"]),
+     ["Starting", "Running", "Paused", "Saving", "Stopping"],
+     "cannot turn off VM 'web': it is already Off"),
+    ("post", "stop", {"mode": "discard-saved-state"}, "discard the saved state of",
+     ["Saved"], "cannot discard the saved state of VM 'web': it is already Off"),
+    ("post", "restart", None, "restart", ["Running"],
+     "cannot restart VM 'web' while it is Off: start it first"),
 ])
 async def test_operations_on_an_off_vm(api: httpx.AsyncClient, method: str, path: str,
                                        body: dict[str, Any] | None, operation: str,
-                                       required: list[str]) -> None:
+                                       required: list[str], detail: str) -> None:
     await create_vm(api, "web")
     response = await api.request(method.upper(), f"{API}/vms/web/{path}", json=body)
     problem = assert_problem(response, 409, "invalid-state")
@@ -39,8 +47,7 @@ async def test_operations_on_an_off_vm(api: httpx.AsyncClient, method: str, path
     assert problem["state"] == "Off"
     assert problem["operation"] == operation
     assert problem["required"] == required
-    assert problem["detail"] == (f"cannot {operation} VM 'web': it is Off; {operation} "
-                                 f"requires {' or '.join(required)}")
+    assert problem["detail"] == detail
     assert (await show_vm(api, "web"))["state"] == "Off"
 
 
@@ -57,6 +64,14 @@ async def test_operations_on_a_running_vm(api: httpx.AsyncClient) -> None:
     problem = assert_problem(await api.patch(f"{API}/vms/web", json={"cpus": 1}), 409,
                              "invalid-state")
     assert problem["state"] == "Running" and problem["required"] == ["Off"]
+    assert problem["detail"] == ("cannot change the processor count of VM 'web' while it "
+                                 "is Running: stop it first")
+    problem = assert_problem(await api.patch(f"{API}/vms/web", json={"memory": "1G",
+                                                                     "notes": "n"}),
+                             409, "invalid-state")
+    assert problem["detail"] == ("cannot change the memory of VM 'web' while it is "
+                                 "Running: stop it first")
+    assert (await show_vm(api, "web"))["notes"] == ""
     assert (await show_vm(api, "web"))["state"] == "Running"
 
 
@@ -91,6 +106,11 @@ def outside(tmp_path: Path) -> Path:
     ({"name": "web", "memory": "-1G"}, "invalid-input", "not a size"),
     ({"name": "web", "memory": "1.5"}, "invalid-input", "whole number of bytes"),
     ({"name": "web", "memory": "16M"}, "invalid-input", "minimum of 32 MiB"),
+    ({"name": "web", "memory": "512"}, "invalid-input",
+     "memory '512' means 512 bytes: did you mean 512M?"),
+    ({"name": "web", "memory": 512}, "invalid-input", "did you mean 512M?"),
+    ({"name": "web", "new_disk": "20"}, "invalid-input",
+     "disk size '20' means 20 bytes: did you mean 20G?"),
     ({"name": "web", "memory": 1.5}, "invalid-input", "memory"),
     ({"name": "web", "colour": "blue"}, "invalid-input", "colour"),
     ({"name": "web", "generation": 3}, "invalid-input", "generation"),

@@ -72,7 +72,8 @@ async def test_create_with_a_new_disk(api: httpx.AsyncClient) -> None:
     assert Path(disk["path"]).is_file()
     # deleting the VM keeps its disk unless asked
     result = (await api.delete(f"{API}/vms/with-disk")).json()
-    assert result["kept_disks"] == [disk["path"]]
+    assert result["kept_disks"] == [
+        {"path": disk["path"], "reason": "disks are kept unless --delete-disks is given"}]
     assert Path(disk["path"]).is_file()
 
 
@@ -242,7 +243,7 @@ async def test_guest_shuts_down_by_itself(api: httpx.AsyncClient, driver: FakeDr
     vm = await create_vm(api, "web")
     await run_job(api, "web", "start")
     machine = driver.machine_of(vm["id"])
-    machine.events("SHUTDOWN")
+    machine.emit("SHUTDOWN")
     machine.exit()
     controller = service.get_vm("web")
     await eventually(lambda: controller.state.value == "Off", "the VM is Off")
@@ -269,9 +270,9 @@ async def test_pause_inside_the_guest_is_noticed(api: httpx.AsyncClient, driver:
     vm = await create_vm(api, "web")
     await run_job(api, "web", "start")
     machine = driver.machine_of(vm["id"])
-    machine.events("STOP")  # e.g. a QMP 'stop' from elsewhere, or an I/O error pause
+    machine.emit("STOP")  # e.g. a QMP 'stop' from elsewhere, or an I/O error pause
     assert (await show_vm(api, "web"))["state"] == "Paused"
-    machine.events("RESUME")
+    machine.emit("RESUME")
     assert (await show_vm(api, "web"))["state"] == "Running"
 
 

@@ -112,7 +112,10 @@ async def test_attach_and_detach_a_disk(api: httpx.AsyncClient, tmp_path: Path,
     vm = await create_vm(api, "web")
     response = await api.post(f"{API}/vms/web/disks", json={"path": disk, "bus": "virtio"})
     assert response.status_code == 200, response.text
-    assert response.json()["disks"] == [{"path": disk, "bus": "virtio", "format": "qcow2"}]
+    [attached] = response.json()["disks"]
+    assert attached["path"] == disk and (attached["bus"], attached["format"]) == (
+        "virtio", "qcow2")
+    assert attached["owned"] is False and len(attached["id"]) == 10
     # attaching it twice is refused
     assert_problem(await api.post(f"{API}/vms/web/disks", json={"path": disk}), 400,
                    "invalid-input")

@@ -66,7 +66,7 @@ def test_stop_with_turn_off_and_save(tmp_path: Path) -> None:
     result = runner.invoke(app, ["vm", "stop", "web", "--turn-off", "--save"],
                            env={"HV_HOST": nowhere(tmp_path)})
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --turn-off and --save exclude each other"
+    assert result.stderr.strip() == "error: --turn-off and --save exclude each other: give one"
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ async def test_cli_drives_a_vm(served: str) -> None:
     result = await hv(served, "vm", "start", "web")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "error: cannot start VM 'web': it is Running; start requires Off or Saved")
+        "error: cannot start VM 'web': it is already Running")
 
     result = await hv(served, "vm", "stop", "web", "--turn-off", "-o", "json")
     assert result.exit_code == 0, result.output

@@ -244,6 +244,8 @@ async def test_screenshot(api: httpx.AsyncClient, service: HostService) -> None:
     await create_vm(api, "vm1")
     off = await api.get(f"{API}/vms/vm1/screenshot")
     assert off.status_code == 409 and off.json()["required"] == ["Running", "Paused"]
+    assert off.json()["detail"] == ("cannot take a screenshot of VM 'vm1' while it is Off: "
+                                    "start it first")
 
     await run_job(api, "vm1", "start")
     response = await api.get(f"{API}/vms/vm1/screenshot")
@@ -279,7 +281,7 @@ async def test_console_over_tcp(service: HostService, port: FakeSerialPort) -> N
                 assert not serving.done(), "uvicorn did not start"
                 await asyncio.sleep(0.01)
         tcp_port = server.servers[0].sockets[0].getsockname()[1]
-        async with console(f"tcp:127.0.0.1:{tcp_port}") as client:
+        async with console(f"http+tcp:127.0.0.1:{tcp_port}") as client:
             assert (await client.notice("attached"))["role"] == "writer"
             await client.notice("connected")
             await client.ws.send(b"echo tcp-$((4*4))\r")

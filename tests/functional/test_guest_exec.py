@@ -66,6 +66,7 @@ async def test_errors(guest_api: httpx.AsyncClient, guests: Guests) -> None:
     await create_vm(guest_api, "off")
     off = assert_problem(await run(guest_api, "off", "true"), 409, "invalid-state")
     assert off["required"] == ["Running"]
+    assert off["detail"] == "cannot run a command in VM 'off' while it is Off: start it first"
 
 
 def _alive_with(marker: str) -> list[int]:

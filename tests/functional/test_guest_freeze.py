@@ -121,7 +121,8 @@ async def test_api_freeze_thaw_status(guest_api: httpx.AsyncClient, guests: Gues
     assert status["status"] == "frozen"
     # Guest commands are refused with a clear reason while frozen.
     blocked = await guest_api.post(f"{API}/vms/g1/exec", json={"command": ["true"]})
-    assert "frozen for a backup" in assert_problem(blocked, 409, "conflict")["detail"]
+    assert assert_problem(blocked, 409, "conflict")["detail"].startswith(
+        "cannot run a command in VM 'g1': its file systems are frozen for a backup")
     thawed = (await guest_api.post(f"{API}/vms/g1/fsfreeze", json={"action": "thaw"})).json()
     assert (thawed["status"], thawed["filesystems"], thawed["holds"]) == ("thawed", 1, 0)
     assert not fake.frozen
@@ -168,7 +169,8 @@ async def test_backup_service_and_state_required(guest_api: httpx.AsyncClient, g
     await guests.boot("g2", agent=False)
     await run_job(guest_api, "g2", "stop", {"mode": "turn-off"})
     reply = await guest_api.post(f"{API}/vms/g2/fsfreeze", json={"action": "freeze"})
-    assert_problem(reply, 409, "invalid-state")
+    assert assert_problem(reply, 409, "invalid-state")["detail"] == (
+        "cannot freeze the file systems of VM 'g2' while it is Off: start it first")
 
 
 async def test_leftover_freezes_are_thawed(guests: Guests, service: HostService,

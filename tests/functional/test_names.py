@@ -211,6 +211,7 @@ def test_run_builds_only_the_group_it_runs() -> None:
     assert app_for([]) is app and app_for(["serve"]) is app and app_for(["--help"]) is app
     only_vm = app_for(["vm", "list"])
     assert [g.name for g in only_vm.registered_groups] == ["vm"]
+    assert only_vm.registered_callback is app.registered_callback  # --token and the like
     assert not only_vm.registered_commands
 
 

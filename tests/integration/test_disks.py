@@ -30,6 +30,7 @@ from hvstack.storage.disks import (
     inspect_disk,
     merge_disk,
     resize_disk,
+    vhd_kind,
 )
 from hvstack.storage.qemu_img import run_qemu_img
 
@@ -202,7 +203,7 @@ async def test_resize_grow_and_shrink(tmp_path: Path) -> None:
     disk = await create_disk(tmp_path / "a.qcow2", 16 * MiB, "dynamic")
     grown = await resize_disk(disk.path, 32 * MiB)
     assert grown.virtual_size == 32 * MiB
-    with pytest.raises(InvalidInput, match="shrinking loses data"):
+    with pytest.raises(InvalidInput, match="without --allow-shrink: shrinking loses the data"):
         await resize_disk(disk.path, 16 * MiB)
     assert (await inspect_disk(disk.path)).virtual_size == 32 * MiB
     shrunk = await resize_disk(disk.path, 8 * MiB, allow_shrink=True)
@@ -254,7 +255,8 @@ async def test_convert_round_trip_keeps_content(tmp_path: Path) -> None:
         dst = tmp_path / f"b-{fmt}.{fmt}"
         progress: list[float] = []
         info = await convert_disk(
-            current.path, dst, fmt, progress.append, src_format=current.format
+            current.path, dst, fmt, lambda p, _m, seen=progress: seen.append(p),
+            src_format=current.format,
         )
         assert (info.format, info.kind, info.virtual_size) == (qfmt, kind, 64 * MiB), fmt
         assert await pattern_ok(dst, qfmt, 0xAB, 0, MiB), fmt
@@ -311,7 +313,7 @@ async def test_convert_cancelled_midway_leaves_nothing(tmp_path: Path) -> None:
     task: asyncio.Task[DiskInfo] | None = None
     calls: list[float] = []
 
-    def cancel_on_first(value: float) -> None:
+    def cancel_on_first(value: float, _message: str) -> None:
         calls.append(value)
         if len(calls) == 1 and task is not None:
             task.cancel()
@@ -347,7 +349,7 @@ async def test_merge_moves_child_data_into_parent(tmp_path: Path) -> None:
     child = await create_disk(tmp_path / "child.qcow2", None, "differencing", base.path)
     await qemu_io(child.path, "qcow2", "write -P 0x22 1M 2M")
     progress: list[float] = []
-    merged = await merge_disk(child.path, progress.append, roots=[tmp_path])
+    merged = await merge_disk(child.path, lambda p, _m: progress.append(p), roots=[tmp_path])
     assert merged.path == base.path and merged.kind == "dynamic"
     assert not child.path.exists()
     assert listing(tmp_path) == ["base.qcow2"]
@@ -392,7 +394,7 @@ async def test_compact_dynamic(tmp_path: Path) -> None:
     await qemu_io(disk.path, "qcow2", "write -P 0x77 20M 1M")
     os.chmod(disk.path, 0o640)
     progress: list[float] = []
-    info = await compact_disk(disk.path, progress.append)
+    info = await compact_disk(disk.path, lambda p, _m: progress.append(p))
     assert info.actual_size_before is not None
     assert info.actual_size_before > 16 * MiB
     assert info.actual_size < 4 * MiB
@@ -514,3 +516,117 @@ async def test_runner_timeout_kills_the_process() -> None:
 async def test_runner_missing_binary() -> None:
     with pytest.raises(HypervisorError, match="not installed"):
         await run_qemu_img(["info"], binary="/nonexistent/qemu-img")
+
+
+# -- formats follow the name; chains are read member by member and checked --------------
+
+
+async def qemu_img_format(path: Path) -> str:
+    """What qemu-img finds in the file (a probe, fine for a test's own files)."""
+    rc, out = await _run("qemu-img", "info", "--output=json", str(path))
+    assert rc == 0, out
+    fmt: str = json.loads(out)["format"]
+    return fmt
+
+
+@pytest.mark.parametrize(("name", "kind", "fmt", "expected_kind"), [
+    ("win.vhdx", "dynamic", "vhdx", "dynamic"),
+    ("fixed.vhdx", "fixed", "vhdx", "fixed"),
+    ("old.vhd", "dynamic", "vpc", "dynamic"),
+    ("old-fixed.vhd", "fixed", "vpc", "fixed"),
+    ("plain.img", "fixed", "raw", "fixed"),
+])
+async def test_create_writes_the_format_its_name_says(tmp_path: Path, name: str, kind: str,
+                                                      fmt: str, expected_kind: str) -> None:
+    info = await create_disk(tmp_path / name, 4 * MiB, kind)  # type: ignore[arg-type]
+    assert (info.format, info.kind) == (fmt, expected_kind)
+    if name == "old-fixed.vhd":  # raw data and a footer: qemu-img's probe cannot tell
+        assert vhd_kind(tmp_path / name) == "fixed"
+    else:
+        assert await qemu_img_format(tmp_path / name) == fmt
+
+
+async def test_create_refuses_what_the_format_cannot_be(tmp_path: Path) -> None:
+    base = await create_disk(tmp_path / "base.qcow2", MiB, "dynamic")
+    with pytest.raises(InvalidInput, match="differencing disk is a qcow2"):
+        await create_disk(tmp_path / "c.vhdx", None, "differencing", base.path)
+    with pytest.raises(InvalidInput, match="named as a vhdx disk but --format says qcow2"):
+        await create_disk(tmp_path / "x.vhdx", MiB, "dynamic", fmt="qcow2")
+    with pytest.raises(InvalidInput, match="no known extension"):
+        await create_disk(tmp_path / "x.bin", MiB, "dynamic")
+    with pytest.raises(InvalidInput, match="raw disk is always fixed"):
+        await create_disk(tmp_path / "x.raw", MiB, "dynamic")
+    assert listing(tmp_path) == ["base.qcow2"]
+
+
+async def test_convert_writes_the_format_of_the_destination_name(tmp_path: Path) -> None:
+    src = await create_disk(tmp_path / "a.qcow2", 4 * MiB, "dynamic")
+    out = await convert_disk(src.path, tmp_path / "a.vhd")
+    assert out.format == "vpc" and await qemu_img_format(tmp_path / "a.vhd") == "vpc"
+    with pytest.raises(InvalidInput, match="named as a vhdx disk"):
+        await convert_disk(src.path, tmp_path / "b.vhdx", "qcow2")
+    assert not (tmp_path / "b.vhdx").exists()
+
+
+async def make_child(path: Path, backing: str, backing_format: str | None,
+                     *extra: str) -> None:
+    args = ["create", "-q", "-f", "qcow2", "-u", "-b", backing]
+    if backing_format:
+        args += ["-F", backing_format]
+    await run_qemu_img([*args, *extra, str(path), "1M"])
+
+
+@pytest.mark.parametrize(("backing", "backing_format", "error", "needle"), [
+    ("/etc/shadow", "raw", PathNotAllowed, "outside the storage roots"),
+    ("../outside/secret.raw", "raw", PathNotAllowed, "outside the storage roots"),
+    ('json:{"driver":"raw","file":{"driver":"file","filename":"/etc/shadow"}}', "raw",
+     InvalidInput, "not a file path"),
+    ("nbd:localhost:10809", "raw", InvalidInput, "not a file path"),
+    ("base.raw", "qcow2", InvalidInput, "named as raw"),
+    ("base.raw", "vmdk", InvalidInput, "without a known format"),
+])
+async def test_chain_refusals(tmp_path: Path, backing: str, backing_format: str,
+                              error: type[Exception], needle: str) -> None:
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.raw").write_bytes(b"\0" * MiB)
+    (inside / "base.raw").write_bytes(b"\0" * MiB)
+    evil = inside / "evil.qcow2"
+    await make_child(evil, backing, backing_format)
+    with pytest.raises(error, match=needle):
+        await inspect_disk(evil, roots=[inside])
+    with pytest.raises(error, match=needle):
+        await convert_disk(evil, inside / "out.raw", roots=[inside])
+    assert not (inside / "out.raw").exists()
+
+
+async def test_chain_guard_refuses_a_service_file_as_parent(tmp_path: Path) -> None:
+    (tmp_path / "hvstack.db").write_bytes(b"\0" * MiB)
+    evil = tmp_path / "evil.qcow2"
+    await make_child(evil, str(tmp_path / "hvstack.db"), "raw")
+
+    def guard(path: Path) -> None:
+        if path.name == "hvstack.db":
+            raise PathNotAllowed("a service file")
+
+    with pytest.raises(PathNotAllowed, match="a service file"):
+        await inspect_disk(evil, roots=[tmp_path], guard=guard)
+
+
+async def test_external_data_files_are_refused(tmp_path: Path) -> None:
+    disk = tmp_path / "data-file.qcow2"
+    await run_qemu_img(["create", "-q", "-f", "qcow2", "-o",
+                        f"data_file={tmp_path / 'elsewhere.raw'}", str(disk), "1M"])
+    with pytest.raises(InvalidInput, match="external file"):
+        await inspect_disk(disk, roots=[tmp_path])
+
+
+async def test_inspect_never_probes(tmp_path: Path) -> None:
+    """A raw disk holding a qcow2 header is a raw disk: the header is guest data."""
+    header = tmp_path / "header.qcow2"
+    await make_child(header, "/etc/shadow", "raw")
+    guest_disk = tmp_path / "guest.raw"
+    guest_disk.write_bytes(header.read_bytes().ljust(MiB, b"\0"))
+    info = await inspect_disk(guest_disk, roots=[tmp_path])
+    assert (info.format, info.kind, info.chain) == ("raw", "fixed", (guest_disk,))

@@ -26,10 +26,13 @@ from hvstack.compute.model import (
 )
 from hvstack.hypervisor.qemu.argv import (
     HYPERV_ENLIGHTENMENTS,
+    BackingFile,
     Firmware,
     QemuSpec,
     RuntimePaths,
+    backing_node,
     build_argv,
+    disk_node,
     escape_option,
 )
 
@@ -39,6 +42,7 @@ FOLDER = f"/var/lib/hvstack/vms/{VM_ID}"
 RUN = f"/run/hvstack-0123456789/{VM_ID}"
 MAC = "52:54:00:12:34:56"
 GIB = 1024**3
+IMAGE = "/var/lib/hvstack/images/tiny.qcow2"
 
 # Options whose value QEMU parses with its classic ``key=value,...`` syntax.
 OPTION_SYNTAX = {"-name", "-machine", "-accel", "-m", "-rtc", "-chardev", "-mon", "-sandbox",
@@ -62,12 +66,13 @@ def gen1_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
         generation=Generation.GEN1,
         cpus=2,
         memory_bytes=1 * GIB,
-        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2"),),
+        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2", id="0a1b2c3d4e"),),
         dvd="/var/lib/hvstack/iso/install.iso",
         network_adapters=(NetworkAdapter(MAC, NicModel.E1000),),
         os_type=os_type,
     )
-    return QemuSpec(vm_id=VM_ID, config=config, accelerator=accelerator, paths=paths())
+    return QemuSpec(vm_id=VM_ID, config=config, accelerator=accelerator, paths=paths(),
+                    backing={"0a1b2c3d4e": (BackingFile(IMAGE, "qcow2"),)})
 
 
 def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
@@ -77,8 +82,8 @@ def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
         cpus=2,
         memory_bytes=1 * GIB,
         disks=(
-            DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.SCSI, "qcow2"),
-            DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw"),
+            DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.SCSI, "qcow2", id="0a1b2c3d4e"),
+            DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw", id="5f6a7b8c9d"),
         ),
         dvd="/var/lib/hvstack/iso/install.iso",
         network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),),
@@ -91,6 +96,8 @@ def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
         accelerator=accelerator,
         paths=paths(),
         firmware=Firmware("/usr/share/OVMF/OVMF_CODE_4M.fd", f"{FOLDER}/efivars.fd"),
+        backing={"0a1b2c3d4e": (BackingFile("/srv/disks/mid.qcow2", "qcow2"),
+                                BackingFile("/srv/disks/base.raw", "raw"))},
     )
 
 
@@ -326,13 +333,14 @@ def test_equals_sign_in_vnc_path_cannot_rename_the_option() -> None:
 ])
 def test_disk_path_stays_inside_one_json_value(path: str) -> None:
     spec = gen2_spec()
-    config = replace(spec.config, disks=(DiskAttachment(path, DiskBus.SCSI, "qcow2"),),
-                     dvd=path.replace("disks", "iso"))
+    disk = DiskAttachment(path, DiskBus.SCSI, "qcow2")
+    config = replace(spec.config, disks=(disk,), dvd=path.replace("disks", "iso"))
     argv = build_argv(replace(spec, config=config))
     nodes = {n["node-name"]: n for n in json_options(argv, "-blockdev")}
-    assert nodes["disk0-file"]["filename"] == path
-    assert nodes["disk0-file"]["driver"] == "file"
-    assert set(nodes["disk0-file"]) == {"driver", "filename", "node-name", "read-only", "discard"}
+    file_node = nodes[f"{disk_node(disk)}-file"]
+    assert file_node["filename"] == path
+    assert file_node["driver"] == "file"
+    assert set(file_node) == {"driver", "filename", "node-name", "read-only", "discard"}
     assert nodes["dvd0-file"]["filename"] == path.replace("disks", "iso")
     # every -blockdev value is one JSON object, never classic option syntax
     assert all(v.startswith("{") for v in option_values(argv, "-blockdev"))
@@ -409,3 +417,51 @@ def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> N
     # every user string reached the command line, and none was dropped on the way
     assert seen == user_strings
     assert not any("notes" in a for a in argv)
+
+
+# -- backing chains ---------------------------------------------------------------------
+
+
+def test_every_chain_member_is_explicit_and_the_base_has_no_backing() -> None:
+    spec = gen1_spec()
+    disk = spec.config.disks[0]
+    nodes = {n["node-name"]: n for n in json_options(build_argv(spec), "-blockdev")}
+    top, image = nodes[disk_node(disk)], nodes[backing_node(disk, BackingFile(IMAGE, "qcow2"))]
+    assert top["backing"] == image["node-name"]
+    assert image["backing"] is None  # QEMU opens no parent the image's header might name
+    assert image["read-only"] is True and top["read-only"] is False
+    assert nodes[f"{image['node-name']}-file"]["filename"] == IMAGE
+    order = [n["node-name"] for n in json_options(build_argv(spec), "-blockdev")]
+    for node in nodes.values():  # QEMU resolves a reference to a node defined before
+        for ref in (node.get("backing"), node.get("file")):
+            if ref is not None:
+                assert order.index(ref) < order.index(node["node-name"])
+    devices = {d["id"]: d for d in json_options(build_argv(spec), "-device")}
+    assert devices["disk0-dev"]["drive"] == disk_node(disk)
+
+
+def test_a_disk_without_a_known_chain_opens_no_parent() -> None:
+    spec = replace(gen1_spec(), backing={})
+    disk = spec.config.disks[0]
+    nodes = {n["node-name"]: n for n in json_options(build_argv(spec), "-blockdev")}
+    assert nodes[disk_node(disk)]["backing"] is None
+    assert all(n["driver"] != "raw" or "backing" not in n for n in nodes.values())
+
+
+def test_node_names_follow_the_disk_not_its_position() -> None:
+    a = DiskAttachment("/srv/a.qcow2", DiskBus.VIRTIO, "qcow2", id="aaaaaaaaaa")
+    b = DiskAttachment("/srv/b.qcow2", DiskBus.VIRTIO, "qcow2", id="bbbbbbbbbb")
+    base = BackingFile("/srv/base.qcow2", "qcow2")
+    spec = gen2_spec()
+    for order in ((a, b), (b, a)):
+        config = replace(spec.config, disks=order)
+        argv = build_argv(replace(spec, config=config, backing={a.id: (base,), b.id: (base,)}))
+        names = [n["node-name"] for n in json_options(argv, "-blockdev")]
+        assert len(names) == len(set(names))  # a shared parent gets a node per child
+        assert {"disk-aaaaaaaaaa", "disk-bbbbbbbbbb", backing_node(a, base),
+                backing_node(b, base)} <= set(names)
+        assert all(len(name) <= 31 for name in names)  # QEMU's limit
+    old = DiskAttachment("/srv/old.qcow2", DiskBus.VIRTIO)  # a record from before ids
+    assert old.id and old.id == DiskAttachment("/srv/old.qcow2", DiskBus.IDE).id
+    loaded = VmConfig.from_json(replace(spec.config, disks=(old,)).to_json())
+    assert loaded.disks[0].id == old.id and loaded.disks[0].owned is False

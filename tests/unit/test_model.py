@@ -20,6 +20,7 @@ from hvstack.compute.model import (
     VmConfig,
     VmRecord,
     VmState,
+    disk_id_of,
     validate_config,
     validate_name,
 )
@@ -123,7 +124,9 @@ def test_valid_configs(cfg: VmConfig) -> None:
     (config(cpus=0), "processor count 0 is out of range; this host allows 1 to 4"),
     (config(cpus=-1), "processor count -1"),
     (config(cpus=241), "processor count 241"),
-    (config(memory_bytes=16 * 1024 * 1024), "below the minimum of 32 MiB"),
+    (config(memory_bytes=16 * 1024 * 1024), "16777216 bytes is below the minimum of 32 MiB"),
+    (config(memory_bytes=512), "memory 512 bytes is below the minimum of 32 MiB; did you "
+                               "mean 512M?"),
     (config(memory_bytes=GIB + 1), "whole number of MiB"),
     (config(notes="n" * 4001), "notes are longer than 4000"),
     (config(auto_start_delay_seconds=-1), "automatic start delay"),
@@ -208,7 +211,7 @@ def test_config_json_is_plain_json_with_stable_keys() -> None:
     raw = json.loads(full_config().to_json())
     assert raw["generation"] == 1
     assert raw["disks"][1] == {"path": "/d/b.raw", "bus": "virtio", "format": "raw",
-                               "read_only": True}
+                               "read_only": True, "owned": False, "id": disk_id_of("/d/b.raw")}
     assert raw["boot_order"] == ["network", "dvd"]
     assert raw["auto_start"] == "always-start"
     assert list(raw) == sorted(raw)

@@ -69,6 +69,23 @@ def test_parse_size_message_names_what_and_value() -> None:
     assert info.value.data["value"] == "lots"
 
 
+@pytest.mark.parametrize(("text", "unit", "hint"), [
+    ("512", "M", "memory '512' means 512 bytes: did you mean 512M?"),
+    (" 2048 ", "M", "memory ' 2048 ' means 2048 bytes: did you mean 2048M?"),
+    ("20", "G", "memory '20' means 20 bytes: did you mean 20G?"),
+])
+def test_a_bare_number_that_is_surely_a_slip_gets_a_hint(text: str, unit: str,
+                                                         hint: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse_size(text, what="memory", bare_unit=unit)
+    assert info.value.message == hint
+
+
+@pytest.mark.parametrize("text", ["512B", "512K", "1048576", "1M", 512])
+def test_sizes_with_a_unit_or_large_enough_get_no_hint(text: str | int) -> None:
+    parse_size(text, what="memory", bare_unit="M")
+
+
 def test_parse_size_absurdly_long_number_is_invalid_input() -> None:
     with pytest.raises(InvalidInput):
         parse_size("9" * 400)

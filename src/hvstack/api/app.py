@@ -1,7 +1,9 @@
 """The FastAPI application: ``create_app(service)`` wires routes and error rendering.
 
 The service's lifecycle belongs to whoever created it (``hv serve`` or a test), so the
-app holds a reference and never starts or stops it.
+app holds a reference and never starts or stops it. Access checks wrap the app per
+listener (:class:`hvstack.api.guard.ListenerGuard`); the token store is given by
+``hv serve`` (an in-memory one otherwise).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from hvstack import __version__
 from hvstack.api import problems
 from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import console, guest, host, storage, vms
+from hvstack.api.routes.auth import router as auth_router
 from hvstack.compute.guest_rules import GuestPolicy
+from hvstack.host.auth import TokenStore
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
 
 
-def create_app(service: HostService, guest_policy: GuestPolicy | None = None) -> FastAPI:
+def create_app(service: HostService, guest_policy: GuestPolicy | None = None,
+               tokens: TokenStore | None = None) -> FastAPI:
     app = FastAPI(
         title="hvstack",
         version=__version__,
@@ -32,6 +37,8 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None) ->
     app.state.disk_ops = DiskOperations(service)
     app.state.guest_ops = GuestOperations(service, guest_policy)
     app.state.console_ops = ConsoleOperations(service)
+    app.state.tokens = tokens if tokens is not None else TokenStore(":memory:")
+    app.include_router(auth_router)
     problems.install(app)
     app.add_middleware(EscapedSlashGuard)
     app.include_router(host.router)

@@ -21,6 +21,8 @@ AutoStart = Literal["nothing", "start-if-running", "always-start"]
 AutoStop = Literal["save", "turn-off", "shut-down"]
 BootDevice = Literal["disk", "dvd", "network"]
 Bus = Literal["ide", "scsi", "virtio"]
+# A disk's format; without it, the extension decides (.qcow2, .vhdx, .vhd, .raw/.img).
+DiskFormat = Literal["qcow2", "raw", "vhdx", "vhd"]
 
 
 class VmCreate(Request):
@@ -31,6 +33,7 @@ class VmCreate(Request):
     notes: str = ""
     image: str | None = None
     disk: str | None = None
+    disk_format: DiskFormat | None = None
     new_disk: Size | None = None
     dvd: str | None = None
     boot_order: list[BootDevice] | None = None
@@ -65,9 +68,23 @@ class VmUpdate(Request):
 
 
 class StopRequest(Request):
-    mode: Literal["shut-down", "turn-off", "save"] = "shut-down"
+    mode: Literal["shut-down", "turn-off", "save", "discard-saved-state"] = "shut-down"
     force: bool = False
     timeout_seconds: float | None = Field(None, ge=0, le=3600)
+
+
+WaitCondition = Literal["heartbeat", "ip", "running", "off"]
+MAX_WAIT_SECONDS = 86400.0
+
+
+class WaitView(BaseModel):
+    """``GET /vms/{ref}/wait``: the condition held; the VM's facts at that moment."""
+
+    vm: str
+    condition: WaitCondition
+    state: str
+    heartbeat: str
+    ip_addresses: list[str]
 
 
 class RestartRequest(Request):
@@ -77,6 +94,7 @@ class RestartRequest(Request):
 class DiskAttach(Request):
     path: str
     bus: Bus | None = None
+    format: DiskFormat | None = None
 
 
 class DvdSet(Request):
@@ -86,30 +104,37 @@ class DvdSet(Request):
 class DiskCreate(Request):
     path: str
     size: Size | None = None
-    type: Literal["fixed", "dynamic", "differencing"] = "dynamic"
+    type: Literal["fixed", "dynamic", "differencing"] | None = None
     parent: str | None = None
+    format: DiskFormat | None = None
+    parent_format: DiskFormat | None = None
 
 
 class DiskResize(Request):
     path: str
     size: Size
     allow_shrink: bool = False
+    format: DiskFormat | None = None
 
 
 class DiskConvert(Request):
     source: str
     destination: str
-    format: Literal["qcow2", "raw", "vhdx", "vhd"] = "qcow2"
+    format: DiskFormat | None = None
+    source_format: DiskFormat | None = None
 
 
 class DiskPath(Request):
     path: str
+    format: DiskFormat | None = None
 
 
 class DiskView(BaseModel):
     path: str
     bus: str
     format: str
+    owned: bool = False
+    id: str = ""
 
 
 class NicView(BaseModel):

@@ -65,7 +65,8 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "cpus": config.cpus,
         "memory_bytes": config.memory_bytes,
         "notes": config.notes,
-        "disks": [{"path": d.path, "bus": d.bus.value, "format": d.format}
+        "disks": [{"path": d.path, "bus": d.bus.value, "format": d.format, "owned": d.owned,
+                   "id": d.id}
                   for d in config.disks],
         "dvd": config.dvd,
         "network_adapters": [{"mac": n.mac, "model": n.model.value, "mode": n.mode}

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from hvstack.cli.connection import current_connection
 from hvstack.cli.render import EXIT_ERROR, HostOption, client, console, escape_controls, fail
 from hvstack.cli.vm import app
 from hvstack.client import ApiError
@@ -207,8 +208,10 @@ async def _console(host: str | None, session: Session) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, main.cancel)
     try:
-        async with open_websocket(host, vm_path(session.name, "console", mode=session.mode)
-                                  ) as websocket:
+        options = current_connection.get()
+        async with open_websocket(host, vm_path(session.name, "console", mode=session.mode),
+                                  token=options.token, fingerprint=options.fingerprint,
+                                  ca_file=options.ca_file) as websocket:
             keys = _start_stdin_reader(loop)
             return await session.run(websocket, keys)
     except asyncio.CancelledError:

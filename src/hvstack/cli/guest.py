@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import secrets
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import httpx
 import typer
 from rich.text import Text
 
+from hvstack import files
 from hvstack.cli.render import (
     HostOption,
     Output,
@@ -44,6 +44,7 @@ from hvstack.cli.render import (
 )
 from hvstack.cli.vm import app
 from hvstack.client import ApiError, Client, url_path
+from hvstack.errors import AlreadyExists
 
 CHUNK = 1024 * 1024
 API_PREFIX = "/api/v1"
@@ -218,7 +219,7 @@ def _from_guest(api: Client, name: str, source: str, destination: str, create_di
     started = api.post(url_path("vms", name, "files"), {"direction": "from-guest",
                                                    "guest_path": source})
     size, want = int(started["size"]), started["sha256"]
-    tmp = target.with_name(f".{target.name}.hvtmp-{secrets.token_hex(4)}")
+    tmp = files.temp_path(target)
     digest, received = hashlib.sha256(), 0
     try:
         with open(tmp, "xb") as out, _progress(f"{name}:{source} → {target}", size) as advance:
@@ -234,13 +235,10 @@ def _from_guest(api: Client, name: str, source: str, destination: str, create_di
             fail(f"the copy of {name}:{source} is incomplete or damaged ({received} of "
                  f"{size} bytes, sha256 {digest.hexdigest()}, expected {want}); "
                  f"{target} was left as it was")
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # fails, rather than replaces, if it appeared meanwhile
-            except FileExistsError:
-                fail(f"{target} exists; --overwrite replaces it")
+        try:
+            files.publish(tmp, target, replace=overwrite)
+        except AlreadyExists:
+            fail(f"{target} exists; --overwrite replaces it")
     except httpx.HTTPError as exc:
         fail(f"the copy of {name}:{source} broke off after {received} of {size} bytes "
              f"({exc}); {target} was left as it was")

@@ -14,10 +14,12 @@ import sys
 from typing import Any
 
 import typer
+from rich.text import Text
 
+from hvstack.cli import auth, disk, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
-from hvstack.cli import disk, vm
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
+from hvstack.cli.connection import Connection, current_connection
 from hvstack.cli.render import (
     EXIT_ERROR,
     HostOption,
@@ -43,23 +45,46 @@ app = typer.Typer(help="hvstack: Hyper-V's virtualization stack on KVM/QEMU.",
 app.add_typer(vm.app, name="vm")
 app.add_typer(disk.app, name="disk")
 app.add_typer(disk.image_app, name="image")
+app.add_typer(auth.app, name="auth")
 host_app = typer.Typer(help="The host and its service.", no_args_is_help=True)
 job_app = typer.Typer(help="Long operations: list, show, cancel.", no_args_is_help=True)
 app.add_typer(host_app, name="host")
 app.add_typer(job_app, name="job")
 
 
+@app.callback()
+def connection(
+    token: str | None = typer.Option(None, "--token", envvar="HV_TOKEN", show_envvar=True,
+                                     help="API token, for a tcp: host"),
+    fingerprint: str | None = typer.Option(
+        None, "--fingerprint", envvar="HV_FINGERPRINT", show_envvar=True,
+        help="SHA-256 fingerprint of the service's TLS certificate (pins it)"),
+    ca_file: str | None = typer.Option(None, "--ca-file", envvar="HV_CA_FILE",
+                                       show_envvar=True,
+                                       help="CA certificates that vouch for the service"),
+) -> None:
+    """Options before the command apply to every connection it makes."""
+    current_connection.set(Connection(token, fingerprint, ca_file))
+
+
 @app.command()
 def serve(
     data_dir: str | None = typer.Option(None, "--data-dir", help="default $HV_DATA_DIR"),
-    listen: str | None = typer.Option(None, "--listen",
-                                      help="unix:PATH or tcp:HOST:PORT (default: hv.sock "
-                                           "in the data directory)"),
+    listen: list[str] = typer.Option(
+        [], "--listen",
+        help="unix:PATH moves the socket (default: hv.sock in the data directory); "
+             "tcp:HOST:PORT adds a TCP listener (TLS and tokens); may be given twice"),
     storage_root: list[str] = typer.Option([], "--storage-root",
                                            help="another folder disks may live in"),
     accelerator: str | None = typer.Option(None, "--accelerator", help="auto, kvm or tcg"),
     detach_on_exit: bool = typer.Option(False, "--detach-on-exit",
                                         help="leave VMs running when the service stops"),
+    tls_cert: str | None = typer.Option(None, "--tls-cert",
+                                        help="certificate (PEM) for the TCP listener; "
+                                             "default: a self-signed one kept in DATA/tls"),
+    tls_key: str | None = typer.Option(None, "--tls-key", help="its private key (PEM)"),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="plain HTTP on the TCP listener (loopback only)"),
 ) -> None:
     """Run the host service in the foreground."""
     import asyncio
@@ -71,10 +96,13 @@ def serve(
     logging.basicConfig(level=logging.DEBUG if os.environ.get("HV_DEBUG") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every disconnect
-    config = load_config(data_dir, listen, storage_root or None, accelerator, detach_on_exit)
-    err_console.print(f"hvstack host service: data {config.data_dir}, listening on "
-                      f"{config.listen}")
-    asyncio.run(run_server(config))
+    config = load_config(data_dir, listen, storage_root or None, accelerator, detach_on_exit,
+                         tls_cert=tls_cert, tls_key=tls_key, insecure=insecure)
+
+    def announce(message: str) -> None:
+        err_console.print(Text(message), highlight=False)
+
+    asyncio.run(run_server(config, announce=announce))
 
 
 @host_app.command("info")
@@ -145,6 +173,7 @@ def app_for(argv: list[str]) -> typer.Typer:
         if argv and group.name == argv[0]:
             root = typer.Typer(help=app.info.help, no_args_is_help=True,
                                pretty_exceptions_enable=False)
+            root.registered_callback = app.registered_callback  # the root options
             root.registered_groups = [group]
             return root
     return app

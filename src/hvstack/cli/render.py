@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hvstack.cli.connection import current_connection
 from hvstack.client import ApiError, Client
 from hvstack.units import format_size
 
@@ -77,7 +78,8 @@ class Output(StrEnum):
 
 OutputOption = typer.Option(Output.table, "--output", "-o", help="table or json")
 HostOption = typer.Option(None, "--host", envvar="HV_HOST",
-                          help="host service: unix:PATH or tcp:HOST:PORT")
+                          help="host service: unix:PATH, tcp:HOST:PORT (TLS) or "
+                               "http+tcp:HOST:PORT")
 
 
 def error_line(message: str) -> Text:
@@ -93,7 +95,9 @@ def fail(message: str) -> NoReturn:
 @contextmanager
 def client(host: str | None) -> Iterator[Client]:
     try:
-        with Client(host) as c:
+        options = current_connection.get()
+        with Client(host, token=options.token, fingerprint=options.fingerprint,
+                    ca_file=options.ca_file) as c:
             yield c
     except ApiError as exc:
         fail(str(exc))

@@ -80,6 +80,9 @@ def create(
     memory: str = typer.Option("512M", "--memory", "-m", help="startup memory, e.g. 1G"),
     image: str | None = typer.Option(None, "--image", help="image to give a disk from"),
     disk: str | None = typer.Option(None, "--disk", help="an existing virtual disk"),
+    disk_format: str | None = typer.Option(
+        None, "--disk-format", help="format of --disk (qcow2, raw, vhdx, vhd); default: as "
+        "its extension says"),
     new_disk: str | None = typer.Option(None, "--new-disk", help="size of a new empty disk"),
     dvd: str | None = typer.Option(None, "--dvd", help="ISO file for the DVD drive"),
     notes: str = typer.Option("", "--notes"),
@@ -95,7 +98,8 @@ def create(
     if generation not in (1, 2):
         fail("--generation must be 1 or 2")
     body = {"name": name, "generation": generation, "cpus": cpus, "memory": memory,
-            "image": image, "disk": _abs(disk), "new_disk": new_disk, "dvd": _abs(dvd),
+            "image": image, "disk": _abs(disk), "disk_format": disk_format,
+            "new_disk": new_disk, "dvd": _abs(dvd),
             "notes": notes, "os_type": os_type, "auto_start": auto_start,
             "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop}
     with client(host) as api:
@@ -137,6 +141,9 @@ def stop(
     save: bool = typer.Option(False, "--save", help="save the memory state instead"),
     force: bool = typer.Option(False, "--force",
                                help="turn off at once if the VM cannot be shut down"),
+    discard: bool = typer.Option(False, "--discard-saved-state",
+                                 help="turn a Saved VM Off without starting it: its "
+                                      "saved memory is deleted"),
     timeout: float | None = typer.Option(None, "--timeout",
                                          help="seconds to wait for the guest"),
     wait: bool = typer.Option(True, "--wait/--no-wait"),
@@ -144,14 +151,57 @@ def stop(
     host: str | None = HostOption,
 ) -> None:
     """Shut a VM down (guest agent, else ACPI power button); turn off after a timeout."""
-    if turn_off and save:
-        fail("--turn-off and --save exclude each other")
-    mode = "turn-off" if turn_off else "save" if save else "shut-down"
+    chosen = [o for o, on in (("--turn-off", turn_off), ("--save", save),
+                              ("--discard-saved-state", discard)) if on]
+    if len(chosen) > 1:
+        fail(f"{' and '.join(chosen)} exclude each other: give one")
+    if discard and (force or timeout is not None):
+        fail("--discard-saved-state takes neither --force nor --timeout: nothing runs")
+    mode = ("turn-off" if turn_off else "save" if save
+            else "discard-saved-state" if discard else "shut-down")
     body: dict[str, Any] = {"mode": mode, "force": force}
     if timeout is not None:
         body["timeout_seconds"] = timeout
-    what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down"}[mode]
+    what = {"turn-off": "Turning off", "save": "Saving", "shut-down": "Shutting down",
+            "discard-saved-state": "Discarding the saved state of"}[mode]
     _run_job(name, "stop", f"{what} {name}", body, wait, output, host)
+
+
+WAIT_CONDITIONS = ("heartbeat", "ip", "running", "off")
+
+
+@app.command("wait")
+def wait_(
+    name: str,
+    condition: str = typer.Option(..., "--for",
+                                  help="heartbeat, ip (the guest reported an address), "
+                                       "running or off"),
+    timeout: float | None = typer.Option(None, "--timeout",
+                                         help="give up after this many seconds, at most "
+                                              "86400 (default: wait for good)"),
+    output: Output = OutputOption,
+    host: str | None = HostOption,
+) -> None:
+    """Wait until a VM is Running, Off, has a heartbeat or an IP address (Wait-VM).
+
+    Exits 0 once the condition holds, 2 with a sentence when --timeout passes first."""
+    if condition not in WAIT_CONDITIONS:
+        fail(f"--for '{condition}' is not one of {', '.join(WAIT_CONDITIONS)}")
+    if timeout is not None and not 0 < timeout <= 86400:
+        fail("--timeout must be more than 0 and at most 86400 seconds")
+    with client(host) as api:
+        reached = api.wait_vm(name, condition, timeout)
+    if output is Output.json:
+        print_json(reached)
+        return
+    vm = reached["vm"]
+    message = {
+        "running": f"VM '{vm}' is Running",
+        "off": f"VM '{vm}' is Off",
+        "heartbeat": f"VM '{vm}' is Running, heartbeat {reached['heartbeat']}",
+        "ip": f"VM '{vm}' reported {', '.join(reached['ip_addresses'])}",
+    }[condition]
+    console.print(message, markup=False, highlight=False)
 
 
 @app.command()
@@ -210,6 +260,9 @@ def set_(
     dvd: str | None = typer.Option(None, "--dvd", help="ISO to insert; '' ejects"),
     attach_disk: str | None = typer.Option(None, "--attach-disk", help="disk to attach"),
     bus: str | None = typer.Option(None, "--bus", help="ide, scsi or virtio (with --attach-disk)"),
+    disk_format: str | None = typer.Option(
+        None, "--disk-format", help="format of --attach-disk (qcow2, raw, vhdx, vhd); "
+        "default: as its extension says, never probed from its content"),
     detach_disk: str | None = typer.Option(None, "--detach-disk", help="disk to detach"),
     enable: list[str] = typer.Option([], "--enable", help=f"integration service: {SERVICES}"),
     disable: list[str] = typer.Option([], "--disable", help="integration service to turn off"),
@@ -238,7 +291,8 @@ def set_(
         if dvd is not None:
             vm = api.request("PUT", url_path("vms", name, "dvd"), json={"iso": _abs(dvd) or None})
         if attach_disk:
-            vm = api.post(url_path("vms", name, "disks"), {"path": _abs(attach_disk), "bus": bus})
+            vm = api.post(url_path("vms", name, "disks"), {"path": _abs(attach_disk), "bus": bus,
+                                                           "format": disk_format})
         if detach_disk:
             vm = api.request("DELETE", url_path("vms", name, "disks"),
                              params={"path": _abs(detach_disk)})
@@ -250,9 +304,11 @@ def set_(
 @app.command()
 def delete(name: str,
            delete_disks: bool = typer.Option(False, "--delete-disks",
-                                             help="also delete the VM's disk files"),
+                                             help="also delete the disks created for it"),
            output: Output = OutputOption, host: str | None = HostOption) -> None:
-    """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks."""
+    """Delete a VM (it must be Off or Saved). Its disks are kept unless --delete-disks,
+    which deletes only the disks created for the VM: never an attached disk, a disk
+    another VM uses or the parent of another disk."""
     with client(host) as api:
         result = api.request("DELETE", url_path("vms", name),
                              params={"delete_disks": str(delete_disks).lower()})
@@ -260,8 +316,11 @@ def delete(name: str,
         print_json(result)
         return
     console.print(f"Deleted VM '{name}'")
-    for path in result.get("kept_disks", []):
-        console.print(f"  kept disk {path}")
+    for path in result.get("deleted_disks", []):
+        console.print(f"  deleted disk {path}", markup=False, soft_wrap=True)
+    for kept in result.get("kept_disks", []):
+        console.print(f"  kept disk {kept['path']}: {kept['reason']}", markup=False,
+                      soft_wrap=True)
 
 
 @app.command()

@@ -10,11 +10,14 @@
   (key 1..512 bytes, value at most 2048 bytes of UTF-8, no control characters or line
   breaks, and no ``=`` in keys: the guest files hold ``key=value`` lines);
   :func:`format_kvp` and :func:`parse_kvp` write and read that file format.
-* :func:`intrinsic_data`: the agent's answers turned into Hyper-V's intrinsic items.
+* :func:`intrinsic_data`: the agent's answers turned into Hyper-V's intrinsic items;
+  :func:`reachable_addresses`: the addresses among them another machine could use (no
+  loopback, no link-local), what ``hv vm wait --for ip`` waits for.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import posixpath
 import unicodedata
@@ -265,3 +268,18 @@ def intrinsic_data(answers: Mapping[str, Any], errors: Mapping[str, str]) -> Int
         items["NetworkAddressIPv6"] = ";".join(v6)
     return IntrinsicData(items, adapters, _filesystems(answers.get("guest-get-fsinfo")),
                          dict(errors))
+
+
+def reachable_addresses(adapters: Sequence[AdapterInfo]) -> list[str]:
+    """The guest's IPv4 then IPv6 addresses, without loopback and link-local ones (a
+    guest has those before any network configured it)."""
+    found = []
+    for text in [a for nic in adapters for a in nic.ipv4] + [
+            a for nic in adapters for a in nic.ipv6]:
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if not (address.is_loopback or address.is_link_local or address.is_unspecified):
+            found.append(text)
+    return found

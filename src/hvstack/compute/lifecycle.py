@@ -2,8 +2,10 @@
 
 A :class:`VmController` owns a VM's record and its worker process handle. Operations on
 one VM are serialised by its lock; different VMs run side by side. Every state change
-goes through :meth:`VmController._set`, which persists the record and publishes an
-event (through the ``on_change`` callback the host service supplies).
+goes through :meth:`VmController._set`, which checks it against the state machine
+(:mod:`hvstack.compute.states`; a move it lacks is refused as a programming error),
+persists the record and publishes an event (through the ``on_change`` callback the host
+service supplies). An operation's steps come from the machine: :meth:`_step`.
 """
 
 from __future__ import annotations
@@ -20,22 +22,23 @@ from pathlib import Path
 
 from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
-from hvstack.compute.states import Operation, require
-from hvstack.errors import HvError, HypervisorError, InsufficientResources
+from hvstack.compute.states import Operation, can_move, next_state, require
+from hvstack.errors import HvError, HypervisorError, InsufficientResources, InvalidTransition
 from hvstack.hypervisor.driver import Driver, Machine
+from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
-from hvstack.hypervisor.qemu.argv import QemuSpec
+from hvstack.hypervisor.qemu.argv import QemuSpec, block_node_paths
+from hvstack.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 
 class StopMode(enum.StrEnum):
     SHUT_DOWN = "shut-down"
     TURN_OFF = "turn-off"
     SAVE = "save"
+    DISCARD_SAVED_STATE = "discard-saved-state"
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,13 @@ class VmController:
         return self.record.state
 
     def _set(self, state: VmState, reason: str = "", **changes: object) -> None:
+        """Move to ``state``; InvalidTransition (logged) if the state machine lacks it."""
+        if not can_move(self.state, state):
+            log.error("VM %s: refused the move from %s to %s (%s): the state machine has "
+                      "no such move", self.record.name, self.state.value, state.value, reason)
+            raise InvalidTransition(
+                f"VM '{self.record.name}' cannot move from {self.state.value} to "
+                f"{state.value}", vm=self.record.name, state=self.state.value, to=state.value)
         if state in (VmState.OFF, VmState.SAVED):
             changes.setdefault("pid", None)
             shutil.rmtree(self.files.run_dir, ignore_errors=True)  # its sockets are dead
@@ -128,6 +138,16 @@ class VmController:
             changes.setdefault("started_at", None)
         self.record = self.record.evolve(state=state, state_reason=reason, **changes)
         self._on_change(self.record)
+
+    def _step(self, operation: Operation, reason: str = "", **changes: object) -> None:
+        """Take ``operation``'s next step in the state machine's table."""
+        try:
+            state = next_state(operation, self.state)
+        except ValueError as exc:
+            log.error("VM %s: refused a step: %s", self.record.name, exc)
+            raise InvalidTransition(f"VM '{self.record.name}' cannot {operation.value} from "
+                                    f"{self.state.value}", vm=self.record.name) from None
+        self._set(state, reason, **changes)
 
     @property
     def machine_running(self) -> bool:
@@ -144,15 +164,38 @@ class VmController:
 
     # -- the worker process ---------------------------------------------------
 
-    def _on_qmp_event(self, name: str) -> None:
+    def _on_qmp_event(self, event: QmpEvent) -> None:
+        io_error = BlockIoError.of(event)
+        if io_error is not None:
+            self._on_io_error(io_error)
+            return
         if self._busy:
             return
+        name = event.name
         if name == "STOP" and self.state is VmState.RUNNING:
             self._set(VmState.PAUSED, "paused")
         elif name == "RESUME" and self.state is VmState.PAUSED:
             self._set(VmState.RUNNING)
         elif name == "SHUTDOWN":
             self._expect_exit = True
+
+    def _on_io_error(self, error: BlockIoError) -> None:
+        """QEMU reports a failed disk request; with action "stop" it is pausing the VM.
+
+        BLOCK_IO_ERROR comes before the STOP it causes, so the VM is marked Paused here
+        with a reason naming the disk; the STOP that follows finds it Paused already.
+        """
+        node = error.node_name or error.device
+        disk = block_node_paths(self._spec_for(self.record, False)).get(node, node)
+        reason = io_error_reason(error, disk)
+        log.warning("VM %s: %s", self.record.name, reason)
+        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, disk=disk,
+                      operation=error.operation, action=error.action,
+                      nospace=error.nospace, error=error.reason)
+        if error.action == "stop" and not self._busy and self.state in (
+            VmState.RUNNING, VmState.PAUSED
+        ):
+            self._set(VmState.PAUSED, reason)
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine
@@ -219,7 +262,7 @@ class VmController:
         previous = self.state
         self._busy = True
         try:
-            self._set(VmState.STARTING, "restoring saved state" if resume_saved else "")
+            self._step(Operation.START, "restoring saved state" if resume_saved else "")
             progress(5, "launching the VM worker process")
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             spec = self._spec_for(self.record, resume_saved)
@@ -228,7 +271,7 @@ class VmController:
             if resume_saved:
                 progress(20, "restoring memory state")
                 await machine.restore_state(
-                    self.files.saved_state, lambda p: progress(20 + 0.75 * p, "restoring")
+                    self.files.saved_state, scaled(progress, 20, 95, "restoring")
                 )
                 await machine.resume()
                 self.files.saved_state.unlink(missing_ok=True)
@@ -239,7 +282,7 @@ class VmController:
             raise
         finally:
             self._busy = False
-        self._set(VmState.RUNNING, pid=machine.pid, started_at=self.record.started_at
+        self._step(Operation.START, pid=machine.pid, started_at=self.record.started_at
                   if resume_saved and self.record.started_at else time.time())
         progress(100, "running")
 
@@ -261,14 +304,14 @@ class VmController:
             await self._drop_machine()
         finally:
             self._busy = False
-        self._set(VmState.OFF, reason)
+        self._step(Operation.TURN_OFF, reason)
 
     async def shut_down(self, timeout: float, progress: Progress) -> str:
         """Press the power button; turn the VM off if the guest is not off by ``timeout``.
 
         Returns how it ended: "guest shut down" or "turned off after N s".
         """
-        self.require(Operation.STOP)
+        self.require(Operation.SHUT_DOWN)
         machine = self._running_machine()
         if self.state is VmState.PAUSED:
             await machine.resume()
@@ -289,14 +332,14 @@ class VmController:
             raise
         finally:
             self._busy = False
-        self._set(VmState.OFF, how)
+        self._step(Operation.SHUT_DOWN, how)
         return how
 
     async def _ask_guest_to_shut_down(self, machine: Machine, progress: Progress) -> str:
         """The shutdown integration service if the agent answers, else the power button."""
         services = self.record.config.integration_services
         if services.shutdown and self.link.status is ServiceStatus.OK:
-            self._set(VmState.STOPPING, "shutting down (guest agent)")
+            self._step(Operation.SHUT_DOWN, "shutting down (guest agent)")
             progress(10, "asking the guest agent to shut down")
             try:
                 await self.agent.call("guest-shutdown", {"mode": "powerdown"},
@@ -305,7 +348,11 @@ class VmController:
             except HvError as exc:
                 log.info("VM %s: shutdown through the agent failed (%s); using ACPI",
                          self.record.name, exc)
-        self._set(VmState.STOPPING, "shutting down (ACPI power button)")
+        acpi = "shutting down (ACPI power button)"
+        if self.state is VmState.STOPPING:
+            self._set(VmState.STOPPING, acpi)  # the agent failed: same step, new reason
+        else:
+            self._step(Operation.SHUT_DOWN, acpi)
         progress(10, "pressing the ACPI power button")
         await machine.power_button()
         return "ACPI power button"
@@ -317,7 +364,7 @@ class VmController:
             await self._running_machine().pause()
         finally:
             self._busy = False
-        self._set(VmState.PAUSED, "paused")
+        self._step(Operation.PAUSE, "paused")
 
     async def resume(self) -> None:
         self.require(Operation.RESUME)
@@ -326,7 +373,7 @@ class VmController:
             await self._running_machine().resume()
         finally:
             self._busy = False
-        self._set(VmState.RUNNING)
+        self._step(Operation.RESUME)
         self._in_background(self.link.sync_time(), "time-sync")
 
     async def save(self, progress: Progress) -> None:
@@ -334,13 +381,13 @@ class VmController:
         machine = self._running_machine()
         was = self.state
         self._busy = True
-        self._set(VmState.SAVING)
+        self._step(Operation.SAVE)
         target = self.files.saved_state
         target.unlink(missing_ok=True)
         try:
             if was is VmState.RUNNING:
                 await machine.pause()
-            await machine.save_state(target, lambda p: progress(0.95 * p, "saving memory"))
+            await machine.save_state(target, scaled(progress, 0, 95, "saving memory"))
             await machine.quit()
             await self._drop_machine()
         except BaseException as exc:
@@ -359,7 +406,7 @@ class VmController:
             raise
         finally:
             self._busy = False
-        self._set(VmState.SAVED, "saved")
+        self._step(Operation.SAVE, "saved")
         progress(100, "saved")
 
     async def restart(self, timeout: float, progress: Progress) -> str:
@@ -368,10 +415,11 @@ class VmController:
         await self.start(lambda p, m: progress(50 + p / 2, m))
         return how
 
-    async def delete_saved_state(self) -> None:
-        self.require(Operation.DELETE_SAVED_STATE)
+    async def discard_saved_state(self) -> None:
+        """Turn a Saved VM Off without starting it (Hyper-V's Remove-VMSavedState)."""
+        self.require(Operation.DISCARD_SAVED_STATE)
         self.files.saved_state.unlink(missing_ok=True)
-        self._set(VmState.OFF, "saved state deleted")
+        self._step(Operation.DISCARD_SAVED_STATE, "saved state discarded")
 
     # -- after a restart of the host service ----------------------------------
 
@@ -413,6 +461,19 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
+
+
+def io_error_reason(error: BlockIoError, disk: str) -> str:
+    """The state reason for a disk error: which disk, what failed, and why (pure).
+
+    >>> io_error_reason(BlockIoError("disk1", "", "write", "stop", True,
+    ...                              "No space left on device"), "/srv/data.qcow2")
+    'paused: disk /srv/data.qcow2 is full (write failed: No space left on device)'
+    """
+    what = f"{error.operation} failed: {error.reason or 'I/O error'}"
+    problem = f"is full ({what})" if error.nospace else f"has an I/O error ({what})"
+    prefix = "paused: " if error.action == "stop" else ""
+    return f"{prefix}disk {disk or '(unknown)'} {problem}"
 
 
 async def _nothing() -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import re
+import secrets
 import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,14 +74,39 @@ class BootDevice(enum.StrEnum):
     NETWORK = "network"
 
 
+def disk_id_of(path: str) -> str:
+    """The id of a disk recorded before disks had ids: derived from its path, so it is
+    the same on every load."""
+    return hashlib.sha256(path.encode()).hexdigest()[:DISK_ID_LENGTH]
+
+
+def new_disk_id() -> str:
+    return secrets.token_hex(DISK_ID_LENGTH // 2)
+
+
+DISK_ID_LENGTH = 10
+
+
 @dataclass(frozen=True)
 class DiskAttachment:
-    """A virtual disk attached to a VM; ``path`` is absolute and confined."""
+    """A virtual disk attached to a VM; ``path`` is absolute and confined.
+
+    ``format`` is QEMU's name of the format hvstack recorded when it created or attached
+    the disk (never probed later); ``owned`` is true for a disk created for this VM (the
+    only kind ``delete --delete-disks`` deletes); ``id`` is a stable identity that names
+    the disk's nodes in QEMU (see :mod:`hvstack.hypervisor.qemu.argv`).
+    """
 
     path: str
     bus: DiskBus
     format: str = "qcow2"
     read_only: bool = False
+    owned: bool = False
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", disk_id_of(self.path))
 
 
 @dataclass(frozen=True)
@@ -139,7 +166,7 @@ class VmConfig:
         raw["generation"] = Generation(raw["generation"])
         raw["disks"] = tuple(
             DiskAttachment(d["path"], DiskBus(d["bus"]), d.get("format", "qcow2"),
-                           d.get("read_only", False))
+                           d.get("read_only", False), d.get("owned", False), d.get("id", ""))
             for d in raw.get("disks", ())
         )
         raw["network_adapters"] = tuple(
@@ -226,8 +253,10 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
             value=config.cpus,
         )
     if config.memory_bytes < MIN_MEMORY:
+        hint = (f"; did you mean {config.memory_bytes}M?"
+                if 32 <= config.memory_bytes < 1024 * 1024 else "")
         raise InvalidInput(
-            f"memory {config.memory_bytes} bytes is below the minimum of 32 MiB",
+            f"memory {config.memory_bytes} bytes is below the minimum of 32 MiB{hint}",
             value=config.memory_bytes,
         )
     if config.memory_bytes % (1024 * 1024):

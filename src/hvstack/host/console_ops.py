@@ -21,15 +21,14 @@ from pathlib import Path
 
 from hvstack import pixmap
 from hvstack.compute.lifecycle import VmController
-from hvstack.compute.model import VmState
-from hvstack.errors import HypervisorError, InvalidState, OperationTimeout
+from hvstack.compute.states import Operation
+from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.host.console_hub import AttachMode, ConsoleHub, ConsoleViewer
 from hvstack.host.service import HostService
 
 log = logging.getLogger(__name__)
 
 VNC_CONNECT_TIMEOUT = 5.0
-LIVE_STATES = (VmState.RUNNING, VmState.PAUSED)
 
 
 class ConsoleOperations:
@@ -74,16 +73,14 @@ class ConsoleOperations:
 
     # -- graphical console --------------------------------------------------------------
 
-    def _live_vm(self, ref: str, operation: str) -> VmController:
+    def _live_vm(self, ref: str, operation: Operation) -> VmController:
         vm = self._service.get_vm(ref)
-        if vm.state not in LIVE_STATES:
-            raise InvalidState(vm.record.name, vm.state.value, operation,
-                               [s.value for s in LIVE_STATES])
+        vm.require(operation)
         return vm
 
     async def open_vnc(self, ref: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the VM's VNC server (its unix socket in the run directory)."""
-        vm = self._live_vm(ref, "open the graphical console of")
+        vm = self._live_vm(ref, Operation.OPEN_GRAPHICAL_CONSOLE)
         path = vm.files.vnc_socket
         try:
             return await asyncio.wait_for(asyncio.open_unix_connection(str(path)),
@@ -100,7 +97,7 @@ class ConsoleOperations:
 
     async def screenshot(self, ref: str, max_width: int | None = None) -> bytes:
         """The VM's display as PNG, at most ``max_width`` pixels wide when given."""
-        vm = self._live_vm(ref, "take a screenshot of")
+        vm = self._live_vm(ref, Operation.TAKE_SCREENSHOT)
         # Private until the compute layer exposes its worker handle; read-only use.
         machine = vm.running_machine()
         dump = vm.files.run_dir / f"screendump-{secrets.token_hex(6)}.ppm"

@@ -52,6 +52,7 @@ from hvstack.compute.guest_rules import (
     is_denied,
 )
 from hvstack.compute.lifecycle import VmController
+from hvstack.compute.states import Operation
 from hvstack.errors import (
     AlreadyExists,
     Cancelled,
@@ -134,7 +135,7 @@ class Transfer:
 class GuestCopies:
     """The copies of one host service; a transfer lives as long as its job."""
 
-    def __init__(self, policy: GuestPolicy, vm_for: Callable[[str, str], VmController],
+    def __init__(self, policy: GuestPolicy, vm_for: Callable[[str, Operation], VmController],
                  start_job: Callable[[str, str, Callable[[Progress], Awaitable[Any]]], Job],
                  cancel_job: Callable[[str], object],
                  spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
@@ -176,7 +177,7 @@ class GuestCopies:
 
     async def start_upload(self, ref: str, guest_path: str, size: int, sha256: str | None,
                            *, create_dirs: bool, overwrite: bool) -> Transfer:
-        vm = self._vm_for(ref, "copy-file")
+        vm = self._vm_for(ref, Operation.COPY_FILES)
         path = guest_file_path(guest_path, self.policy, what="destination")
         check_size(size, self.policy, path)
         facts = await self._facts(vm, UPLOAD_CHECK, path, str(int(create_dirs)),
@@ -330,7 +331,7 @@ class GuestCopies:
     # -- downloads ----------------------------------------------------------------------
 
     async def start_download(self, ref: str, guest_path: str) -> Transfer:
-        vm = self._vm_for(ref, "copy-file")
+        vm = self._vm_for(ref, Operation.COPY_FILES)
         path = guest_file_path(guest_path, self.policy, what="source")
         facts = await self._facts(vm, DOWNLOAD_CHECK, path)
         error = facts.get("error")

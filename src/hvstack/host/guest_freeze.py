@@ -36,7 +36,8 @@ from typing import Any
 
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
-from hvstack.errors import Conflict, HvError, InvalidState, ServiceDisabled
+from hvstack.compute.states import Operation
+from hvstack.errors import Conflict, HvError, ServiceDisabled
 from hvstack.host.service import HostService
 
 log = logging.getLogger(__name__)
@@ -140,17 +141,16 @@ class Freezer:
         return state
 
     @staticmethod
-    def _require(vm: VmController, operation: str) -> None:
+    def _require(vm: VmController, operation: Operation) -> None:
         if not vm.record.config.integration_services.backup:
             raise ServiceDisabled(vm.record.name, "backup")
-        if vm.state is not VmState.RUNNING:
-            raise InvalidState(vm.record.name, vm.state.value, operation, ["Running"])
+        vm.require(operation)
 
     def holds(self, vm: VmController) -> int:
         state = self._states.get(vm.record.id)
         return state.holds if state else 0
 
-    def check_not_frozen(self, vm: VmController, operation: str) -> None:
+    def check_not_frozen(self, vm: VmController, operation: Operation) -> None:
         if self.holds(vm):
             raise Conflict(
                 f"cannot {operation} VM '{vm.record.name}': its file systems are frozen "
@@ -218,7 +218,7 @@ class Freezer:
     @contextlib.asynccontextmanager
     async def frozen(self, vm: VmController) -> AsyncIterator[int]:
         """Freeze ``vm``'s file systems for the body; yields how many are frozen."""
-        self._require(vm, "freeze")
+        self._require(vm, Operation.FREEZE)
         count = await self._hold(vm)
         try:
             yield count
@@ -228,14 +228,14 @@ class Freezer:
     # -- the API -------------------------------------------------------------------------
 
     async def status(self, vm: VmController) -> FreezeStatus:
-        self._require(vm, "fsfreeze")
+        self._require(vm, Operation.READ_FREEZE_STATUS)
         status = str(await vm.agent.call("guest-fsfreeze-status",
                                          timeout=self._thaw_timeout))
         state = self._state(vm)
         return FreezeStatus(status, None, state.holds, state.auto_thaw_at)
 
     async def freeze(self, vm: VmController, hold_seconds: float) -> FreezeStatus:
-        self._require(vm, "freeze")
+        self._require(vm, Operation.FREEZE)
         state = self._state(vm)
         count = state.frozen_count
         if not state.api_hold:
@@ -257,7 +257,7 @@ class Freezer:
             await self._release(vm)
 
     async def thaw(self, vm: VmController) -> FreezeStatus:
-        self._require(vm, "thaw")
+        self._require(vm, Operation.THAW)
         state = self._state(vm)
         if state.api_hold:
             if state.auto_thaw is not None:

@@ -44,10 +44,10 @@ from hvstack.compute.guest_rules import (
 )
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
+from hvstack.compute.states import Operation
 from hvstack.errors import (
     HvError,
     InvalidInput,
-    InvalidState,
     NotFound,
     ServiceDisabled,
 )
@@ -127,10 +127,9 @@ class GuestOperations:
 
     # -- checks ----------------------------------------------------------------------
 
-    def _running(self, ref: str, operation: str) -> VmController:
+    def _running(self, ref: str, operation: Operation) -> VmController:
         vm = self._service.get_vm(ref)
-        if vm.state is not VmState.RUNNING:
-            raise InvalidState(vm.record.name, vm.state.value, operation, ["Running"])
+        vm.require(operation)
         self.freezer.check_not_frozen(vm, operation)
         return vm
 
@@ -139,7 +138,7 @@ class GuestOperations:
         if not getattr(vm.record.config.integration_services, service):
             raise ServiceDisabled(vm.record.name, service)
 
-    def _copy_vm(self, ref: str, operation: str) -> VmController:
+    def _copy_vm(self, ref: str, operation: Operation) -> VmController:
         vm = self._service.get_vm(ref)
         self._require(vm, "guest_services")
         return self._running(ref, operation)
@@ -155,7 +154,7 @@ class GuestOperations:
             raise InvalidInput(f"the input is {len(stdin)} bytes; commands take at most "
                                f"{self.policy.max_exec_input} (copy larger files with "
                                "copy-file)", size=len(stdin))
-        vm = self._running(ref, "exec")
+        vm = self._running(ref, Operation.RUN_COMMAND)
         return await guest_io.run(vm.agent, command, stdin=stdin, timeout=timeout,
                                   max_output=max_output,
                                   call_timeout=self.policy.agent_timeout, spawn=self.spawn)

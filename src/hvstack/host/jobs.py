@@ -22,13 +22,15 @@ from typing import Any
 
 from hvstack.errors import Cancelled, Conflict, HvError, InvalidInput, NotFound
 from hvstack.host.events import EventBus
+from hvstack.progress import Progress
+
+__all__ = ["Job", "JobBody", "JobManager", "JobState", "Progress"]
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 500
 AMBIGUOUS_SHOWN = 5  # matches an ambiguous prefix error lists
 
-Progress = Callable[[float, str], None]
 JobBody = Callable[[Progress], Awaitable[dict[str, Any] | None]]
 
 

@@ -34,9 +34,11 @@ from hvstack.compute.model import (
     VmRecord,
     VmState,
     is_id,
+    new_disk_id,
     validate_config,
     validate_name,
 )
+from hvstack.compute.settings import check_change
 from hvstack.compute.states import Operation
 from hvstack.errors import (
     HvError,
@@ -44,15 +46,15 @@ from hvstack.errors import (
     InsufficientResources,
     InvalidInput,
     NotFound,
-    ResourceBusy,
 )
 from hvstack.host.config import HostConfig
+from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
 from hvstack.host.jobs import Job, JobManager, Progress
 from hvstack.host.store import Store
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
-from hvstack.hypervisor.qemu.argv import Firmware, QemuSpec, RuntimePaths
+from hvstack.hypervisor.qemu.argv import BackingFile, Firmware, QemuSpec, RuntimePaths
 from hvstack.storage import disks
 from hvstack.storage.paths import confine
 
@@ -89,6 +91,7 @@ class NewVm:
     image: str | None = None
     disk: str | None = None
     new_disk_bytes: int | None = None
+    disk_format: str | None = None  # of ``disk``; default: as its extension says
 
 
 class HostService:
@@ -104,6 +107,10 @@ class HostService:
             accelerator=accel.choose(accel.probe(), config.accelerator),
         )
         self._vms: dict[str, VmController] = {}
+        self.disk_use = DiskUse(config, self.list_vms)
+        # The checked backing chains of each VM's disks, read by _before_start for the
+        # QEMU command line _spec_for builds right after it.
+        self._chains: dict[str, dict[str, tuple[BackingFile, ...]]] = {}
         self._names: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
@@ -255,30 +262,31 @@ class HostService:
             firmware=firmware,
             incoming=incoming,
             binary=self.config.qemu_binary,
+            backing=self._chains.get(record.id, {}),
         )
 
     async def _before_start(self, record: VmRecord) -> None:
         """Checks that need the whole host: files present, disks free, memory there."""
         for disk in record.config.disks:
             if not os.path.exists(disk.path):
-                raise NotFound(f"disk {disk.path} of VM '{record.name}' does not exist")
-            for other in self._vms.values():
-                if other.record.id == record.id or other.state is VmState.OFF:
-                    continue
-                if any(d.path == disk.path for d in other.record.config.disks):
-                    raise ResourceBusy(
-                        f"disk {disk.path} is in use by VM '{other.record.name}' "
-                        f"({other.state.value})", disk=disk.path, vm=other.record.name,
-                    )
+                raise NotFound(f"cannot start VM '{record.name}': its disk {disk.path} "
+                               "does not exist", vm=record.name, disk=disk.path)
+        parents = await self.disk_use.parents()
+        chains = await self.disk_use.chains(record)
+        # No await from here on: the VM turns Starting before another start can check.
+        self.disk_use.check_start(record, parents, chains)
+        self._chains[record.id] = chains
         if record.config.dvd and not os.path.exists(record.config.dvd):
-            raise NotFound(f"ISO {record.config.dvd} of VM '{record.name}' does not exist")
+            raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
+                           "does not exist", vm=record.name)
         if record.config.accelerator:
             accel.choose(accel.probe(), record.config.accelerator)  # raises if unusable
         available = _meminfo("MemAvailable")
         if record.config.memory_bytes > available:
             raise InsufficientResources(
-                f"VM '{record.name}' needs {record.config.memory_bytes >> 20} MiB of memory; "
-                f"the host has {available >> 20} MiB available"
+                f"cannot start VM '{record.name}': it needs "
+                f"{record.config.memory_bytes >> 20} MiB of memory and the host has "
+                f"{available >> 20} MiB available"
             )
 
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:
@@ -304,16 +312,21 @@ class HostService:
         vm = self.get_vm(ref)
         if mode is StopMode.SAVE:
             vm.require(Operation.SAVE)
+        elif mode is StopMode.DISCARD_SAVED_STATE:
+            vm.require(Operation.DISCARD_SAVED_STATE)
         elif mode is StopMode.TURN_OFF or force:
             vm.require(Operation.TURN_OFF)
         else:
-            vm.require(Operation.STOP)
+            vm.require(Operation.SHUT_DOWN)
         wait = self.config.stop_timeout if timeout is None else timeout
 
         async def body(progress: Progress) -> dict[str, Any]:
             if mode is StopMode.SAVE:
                 await vm.save(progress)
                 how = "saved"
+            elif mode is StopMode.DISCARD_SAVED_STATE:
+                await vm.discard_saved_state()
+                how = "saved state discarded"
             elif mode is StopMode.TURN_OFF or (force and vm.state is not VmState.RUNNING):
                 await vm.turn_off()
                 how = "turned off"
@@ -378,8 +391,11 @@ class HostService:
             config = replace(config, network_adapters=(NetworkAdapter(new_mac(), model),))
         existing = None
         if new.disk:
-            existing = self._confine(new.disk, must_exist=True, what="disk")
-            self._ensure_disk_free(str(existing), None)
+            existing = self.disk_use.confine(new.disk, must_exist=True)
+            existing_format = self.disk_use.format_of(existing, new.disk_format)
+            await self.disk_use.check(existing, "attach")
+        elif new.disk_format:
+            raise InvalidInput("a disk format is given only with an existing disk")
         base = self._image_path(new.image) if new.image else None
 
         if config.generation is Generation.GEN2 and not (
@@ -398,17 +414,20 @@ class HostService:
                 if base is not None:
                     info = await disks.create_disk(
                         target, None, "differencing", parent=base,
-                        roots=self.config.storage_roots,
+                        roots=self.config.storage_roots, guard=self.disk_use.guard,
                     )
                 else:
                     assert new.new_disk_bytes is not None
                     info = await disks.create_disk(target, new.new_disk_bytes, "dynamic")
-                config = replace(config, image=new.image, disks=(
-                    DiskAttachment(str(target), bus, info.format), *config.disks))
+                config = replace(config, image=new.image, disks=(DiskAttachment(
+                    str(target), bus, info.format, owned=True, id=new_disk_id()),
+                    *config.disks))
             elif existing is not None:
-                info = await disks.inspect_disk(existing)
-                config = replace(config, disks=(
-                    DiskAttachment(str(existing), bus, info.format), *config.disks))
+                info = await disks.inspect_disk(
+                    existing, format=existing_format, roots=self.config.storage_roots,
+                    guard=self.disk_use.guard)
+                config = replace(config, disks=(DiskAttachment(
+                    str(existing), bus, info.format, id=new_disk_id()), *config.disks))
             if config.generation is Generation.GEN2:
                 shutil.copyfile(self.config.ovmf_vars, files.efi_vars)
             validate_config(config, host_cpus=self.facts.cpus,
@@ -429,28 +448,12 @@ class HostService:
         with contextlib.suppress(OSError):
             (vm.files.folder / "vm.json").write_text(vm.record.config.to_json())
 
-    def _ensure_disk_free(self, path: str, owner: str | None) -> None:
-        for other in self._vms.values():
-            if other.record.id == owner:
-                continue
-            if any(d.path == path for d in other.record.config.disks) and other.state not in (
-                VmState.OFF,
-            ):
-                raise ResourceBusy(
-                    f"disk {path} is attached to VM '{other.record.name}', which is "
-                    f"{other.state.value}", disk=path, vm=other.record.name,
-                )
-
     async def update_vm(self, ref: str, **changes: Any) -> VmController:
         """Change settings. Names, notes and automatic actions change in any state; the
         hardware (processors, memory, generation) only while the VM is Off."""
         vm = self.get_vm(ref)
         async with vm.lock:
-            online = {"name", "notes", "auto_start", "auto_start_delay_seconds", "auto_stop",
-                      "integration_services", "kvp_pool"}
-            offline = set(changes) - online
-            if offline:
-                vm.require(Operation.CHANGE_OFFLINE_SETTINGS)
+            check_change(changes, vm.state, vm.record.name)
             new = replace(vm.record.config, **changes)
             validate_config(new, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
             old_name = vm.record.name
@@ -472,24 +475,24 @@ class HostService:
 
     async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in
-        place, even inside the folder) unless ``delete_disks``; a disk another VM also
-        uses is always kept."""
+        place, even inside the folder) unless ``delete_disks``; even then only the disks
+        created for it are deleted, never a disk attached from elsewhere, one another VM
+        uses or the parent of another disk. The result lists each kept disk's reason."""
         vm = self.get_vm(ref)
         async with vm.lock:
             vm.require(Operation.DELETE)
-            paths = [d.path for d in vm.record.config.disks]
-            shared = {d.path for other in self._vms.values() if other is not vm
-                      for d in other.record.config.disks}
-            doomed = [p for p in paths if delete_disks and p not in shared]
+            kept = await self._disks_to_keep(vm, delete_disks)
+            doomed = [d.path for d in vm.record.config.disks if d.path not in kept]
             self.store.delete(vm.record.id)
             del self._vms[vm.record.id]
             del self._names[vm.record.name]
+            self._chains.pop(vm.record.id, None)
             for path in doomed:
                 Path(path).unlink(missing_ok=True)
-            kept = {Path(p) for p in paths if p not in doomed}
+            keep_files = {Path(p) for p in kept}
             if vm.files.folder.exists():
                 for entry in vm.files.folder.iterdir():
-                    if entry in kept:
+                    if entry in keep_files:
                         continue
                     if entry.is_dir():
                         shutil.rmtree(entry, ignore_errors=True)
@@ -500,17 +503,47 @@ class HostService:
             shutil.rmtree(vm.files.run_dir, ignore_errors=True)
             self.events.publish("vm.deleted", vm=vm.record.name, id=vm.record.id)
             return {"deleted": vm.record.name, "deleted_disks": doomed,
-                    "kept_disks": [p for p in paths if p not in doomed]}
+                    "kept_disks": [{"path": p, "reason": why} for p, why in kept.items()]}
 
-    async def attach_disk(self, ref: str, path: str, bus: DiskBus | None = None) -> VmController:
+    async def _disks_to_keep(self, vm: VmController, delete_disks: bool) -> dict[str, str]:
+        """Each of ``vm``'s disks that delete keeps, with the reason."""
+        disks_ = vm.record.config.disks
+        if not delete_disks:
+            return {d.path: "disks are kept unless --delete-disks is given" for d in disks_}
+        kept: dict[str, str] = {}
+        for d in disks_:
+            if not d.owned:
+                kept[d.path] = "it was not created for this VM (it was attached)"
+        for other in self.disk_use.attachments(but_vm=vm.record.id):
+            if str(other.path) in {d.path for d in disks_} and str(other.path) not in kept:
+                kept[str(other.path)] = f"VM '{other.vm}' uses it too"
+        links = await self.disk_use.parents()
+        changed = True
+        while changed:  # a child that is deleted too does not keep its parent
+            changed = False
+            doomed = {Path(d.path) for d in disks_ if d.path not in kept}
+            for child, parent in links.items():
+                if parent in doomed and child not in doomed:
+                    kept[str(parent)] = f"it is the parent of '{child}'"
+                    changed = True
+        return kept
+
+    async def attach_disk(self, ref: str, path: str, bus: DiskBus | None = None,
+                          fmt: str | None = None) -> VmController:
+        """Attach ``path``, opened in the format its extension names or ``fmt`` gives
+        (never probed), after checking its chain against the roots and the service's
+        own files."""
         vm = self.get_vm(ref)
-        disk = self._confine(path, must_exist=True, what="disk")
-        self._ensure_disk_free(str(disk), vm.record.id)
+        disk = self.disk_use.confine(path, must_exist=True)
+        disk_format = self.disk_use.format_of(disk, fmt)
         if any(d.path == str(disk) for d in vm.record.config.disks):
             raise InvalidInput(f"disk {disk} is already attached to VM '{vm.record.name}'")
-        info = await disks.inspect_disk(disk)
+        await self.disk_use.check(disk, "attach", vm_id=vm.record.id)
+        info = await disks.inspect_disk(disk, format=disk_format,
+                                        roots=self.config.storage_roots,
+                                        guard=self.disk_use.guard)
         default = DiskBus.IDE if vm.record.config.generation is Generation.GEN1 else DiskBus.SCSI
-        attachment = DiskAttachment(str(disk), bus or default, info.format)
+        attachment = DiskAttachment(str(disk), bus or default, info.format, id=new_disk_id())
         return await self.update_vm(ref, disks=(*vm.record.config.disks, attachment))
 
     async def detach_disk(self, ref: str, path: str) -> VmController:

@@ -7,21 +7,35 @@ implements it with QEMU; tests implement it with fakes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from hvstack.hypervisor.capabilities import BlockJobs, Devices, Memory, Migration
+from hvstack.hypervisor.events import EventSink, QmpEvent
 from hvstack.hypervisor.qemu.argv import QemuSpec
+from hvstack.progress import Progress
 
-# Called with each QMP event name ("STOP", "RESUME", "SHUTDOWN", ...).
-EventSink = Callable[[str], None]
-ProgressSink = Callable[[float], None]
+__all__ = ["Driver", "EventSink", "Machine", "QmpEvent"]
 
 
 class Machine(Protocol):
-    """One running VM worker process."""
+    """One running VM worker process.
+
+    Beyond power and state, its capabilities are small interfaces of their own
+    (:mod:`hvstack.hypervisor.capabilities`): ``devices``, ``memory``, ``migration``
+    and ``block_jobs``.
+    """
 
     pid: int
+
+    @property
+    def devices(self) -> Devices: ...
+    @property
+    def memory(self) -> Memory: ...
+    @property
+    def migration(self) -> Migration: ...
+    @property
+    def block_jobs(self) -> BlockJobs: ...
 
     async def status(self) -> str:
         """QEMU's run state: "running", "paused", "inmigrate", "postmigrate", ..."""
@@ -32,11 +46,11 @@ class Machine(Protocol):
     async def power_button(self) -> None: ...
     async def reset(self) -> None: ...
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         """Write the paused machine's memory and device state to ``path``."""
         ...
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         """Load state saved by :meth:`save_state` into a machine started to receive it."""
         ...
 

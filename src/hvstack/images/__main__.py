@@ -17,8 +17,8 @@ from hvstack.errors import HvError
 from hvstack.images.catalog import CATALOG, build_image
 
 
-def _progress(step: str, fraction: float) -> None:
-    sys.stderr.write(f"[{fraction * 100:3.0f}%] {step}\n")
+def _progress(percent: float, step: str) -> None:
+    sys.stderr.write(f"[{percent:3.0f}%] {step}\n")
 
 
 def _parser() -> argparse.ArgumentParser:

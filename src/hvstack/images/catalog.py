@@ -15,9 +15,9 @@ from types import MappingProxyType
 
 from hvstack.errors import NotFound
 from hvstack.images import tiny
+from hvstack.progress import Progress
 
-ProgressFn = Callable[[str, float], None]
-Builder = Callable[[Path, ProgressFn | None], Awaitable[Path]]
+Builder = Callable[[Path, Progress | None], Awaitable[Path]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,6 @@ def get_image(name: str) -> ImageSpec:
     return spec
 
 
-async def build_image(name: str, cache_dir: Path, progress: ProgressFn | None = None) -> Path:
+async def build_image(name: str, cache_dir: Path, progress: Progress | None = None) -> Path:
     """Build (or take from the cache) the image ``name`` and return its path."""
     return await get_image(name).build(cache_dir, progress)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hvstack.errors import HypervisorError
+from hvstack.files import publish, write_bytes
 from hvstack.images import kmod
 from hvstack.images.tools import run
 
@@ -175,9 +176,7 @@ async def resolve_kernel_package_cached(tools: Mapping[str, str], memo: Path) ->
     record = {"stamp": stamp, "name": package.name, "version": package.version}
     record["sha256"] = package.sha256
     memo.parent.mkdir(parents=True, exist_ok=True)
-    partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, memo)
+    write_bytes(memo, (json.dumps(record, indent=1) + "\n").encode())
     return package
 
 
@@ -213,7 +212,7 @@ async def ensure_kernel_deb(
         if got != package.sha256:
             raise HypervisorError(f"{files[0].name} has SHA256 {got}, apt expects {package.sha256}")
         os.chmod(files[0], 0o644)
-        os.replace(files[0], target)
+        publish(files[0], target, replace=True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target

@@ -21,7 +21,8 @@ Contract:
   work folders left by builds that died and kernel ``.deb`` files other than the
   current one. Built images are never removed: overlays may use them as backing
   files. Nothing is mounted and no kernel is installed on the host.
-* ``progress(step, fraction)`` is called with a short step name and 0..1.
+* ``progress(percent, step)`` (:data:`hvstack.progress.Progress`) is called with
+  0..100 and a short step name.
 * A missing host tool raises :class:`~hvstack.errors.HypervisorError` naming the
   packages to install (:data:`TINY_APT_PACKAGES`); failing tools raise it with their
   message, and a tool that hangs raises :class:`~hvstack.errors.OperationTimeout`.
@@ -43,10 +44,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
+from hvstack import files
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.images import disk, guest, kernel, layout, userland
 from hvstack.images.cpio import Initramfs
 from hvstack.images.tools import require_tools, run
+from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,6 @@ REQUIRED_TOOLS: tuple[str, ...] = (
 
 READY_LINE = guest.READY_LINE
 
-ProgressFn = Callable[[str, float], None]
 
 
 def cache_key(inputs: Mapping[str, str]) -> str:
@@ -177,13 +179,13 @@ async def _build_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> AsyncIterato
         os.close(fd)
 
 
-async def build_tiny(cache_dir: Path, progress: ProgressFn | None = None) -> Path:
+async def build_tiny(cache_dir: Path, progress: Progress | None = None) -> Path:
     """Build (or find in the cache) the tiny guest image and return its path."""
 
     def report(step: str, fraction: float) -> None:
         log.info("tiny image: %s (%.0f%%)", step, fraction * 100)
         if progress is not None:
-            progress(step, fraction)
+            progress(fraction * 100, step)
 
     cache_dir = cache_dir.absolute()
     report("checking tools", 0.0)
@@ -268,17 +270,15 @@ async def _build(
     )
     report(f"writing {IMAGE_FORMAT}", 0.9)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.{os.getpid()}.partial"
-    try:
+
+    async def write(partial: Path) -> None:
         await run(
             [tools["qemu-img"], "convert", "-q", "-f", "raw", "-O", IMAGE_FORMAT, raw, partial],
             timeout=CONVERT_TIMEOUT,
         )
         os.chmod(partial, 0o644)
-        os.replace(partial, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
+
+    await files.write_new(final, write, replace=True)
 
 
 def _remove_stale(work_root: Path) -> None:

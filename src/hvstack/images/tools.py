@@ -6,29 +6,26 @@ Contract:
   and returns their absolute paths; when any is missing it raises one
   :class:`~hvstack.errors.HypervisorError` naming all missing tools and the Debian
   packages that provide them (``apt-get install ...``).
-* :func:`run` starts one tool with an argv list (never a shell), stdin from ``input``
-  or closed, and returns its stdout as bytes when it exits 0. Every run has a timeout:
-  on expiry the process is killed and :class:`~hvstack.errors.OperationTimeout` raised.
-  A non-zero exit raises ``HypervisorError`` carrying the tool, exit code and the tail
-  of stderr. On cancellation the process is killed and reaped and the cancellation
-  re-raised.
+* :func:`run` runs one tool through :func:`hvstack.runner.run` (argv list, stdin from
+  ``input`` or closed, a timeout, the process group killed on timeout or cancellation)
+  with the sbin directories on ``PATH`` and ``LC_ALL=C``, and returns its stdout as
+  bytes. A non-zero exit raises ``HypervisorError`` carrying the tool, exit code and
+  the tail of stderr.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hvstack.errors import HypervisorError, OperationTimeout
+from hvstack import runner
+from hvstack.errors import HypervisorError
 
 log = logging.getLogger(__name__)
 
-KILL_TIMEOUT = 10.0
 DEFAULT_TIMEOUT = 120.0
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin", "/bin")
 
@@ -81,20 +78,6 @@ def require_tools(names: Sequence[str]) -> dict[str, str]:
     return found
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    try:
-        await asyncio.wait_for(proc.wait(), KILL_TIMEOUT)
-    except TimeoutError:
-        log.warning("pid %s did not exit %ss after SIGKILL", proc.pid, KILL_TIMEOUT)
-
-
-def _tail(data: bytes, limit: int = 2000) -> str:
-    return data.decode("utf-8", errors="replace").strip()[-limit:]
-
-
 async def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -108,42 +91,5 @@ async def run(
     args = [os.fspath(a) for a in argv]
     tool = Path(args[0]).name
     full_env = {**os.environ, "PATH": search_path(), "LC_ALL": "C", **(env or {})}
-    log.debug("running %s", args)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=cwd,
-            env=full_env,
-        )
-    except FileNotFoundError as exc:
-        package = TOOL_PACKAGES.get(tool, tool)
-        raise HypervisorError(
-            f"{tool} is not installed (apt-get install {package})", tool=tool
-        ) from exc
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await proc.communicate(input)
-    except TimeoutError as exc:
-        await _kill(proc)
-        raise OperationTimeout(
-            f"{tool} did not finish within {timeout:g} s; it was stopped",
-            tool=tool,
-            timeout=timeout,
-        ) from exc
-    except BaseException:
-        await _kill(proc)
-        raise
-    assert proc.returncode is not None
-    if proc.returncode not in ok_codes:
-        message = _tail(stderr) or _tail(stdout) or "no message"
-        raise HypervisorError(
-            f"{tool} failed (exit {proc.returncode}): {message}",
-            tool=tool,
-            argv=args,
-            exit_code=proc.returncode,
-            stderr=message,
-        )
-    return stdout
+    return await runner.run(args, timeout=timeout, input=input, cwd=cwd, env=full_env,
+                            ok_codes=ok_codes, package=TOOL_PACKAGES.get(tool, tool))

@@ -1,5 +1,7 @@
-"""Storage: virtual disks (fixed, dynamic, differencing), the qemu-img runner, and
-confinement of paths to the storage roots.
+"""Storage: virtual disks (fixed, dynamic, differencing), the qemu-img runner,
+confinement of paths to the storage roots, formats decided by name (``formats``, never
+probed), backing chains read member by member (``chain``) and the one disk-in-use rule
+(``usage``).
 
 Everything here takes absolute paths that :func:`confine` has resolved; no module of this
 package knows about VMs, the API or the CLI.

@@ -3,16 +3,22 @@
 Hyper-V's three kinds of virtual disk map onto QEMU formats as follows:
 
 * fixed: raw, fully allocated (``preallocation=falloc``); an imported fixed VHD/VHDX;
-* dynamic: qcow2 (and imported dynamic VHDX/VHD) without a backing file;
-* differencing: qcow2 with a backing file (its parent).
+* dynamic: qcow2, dynamic VHDX or VHD, without a backing file;
+* differencing: qcow2 with a backing file (its parent); qemu-img writes no VHD/VHDX
+  with a parent.
+
+A disk's format is the one its extension names, or the one the caller passes; never
+one probed from its bytes (:mod:`hvstack.storage.formats`).
 
 Contract, for every operation here:
 
 * paths are absolute and already confined (:func:`hvstack.storage.paths.confine`).
-  Operations that read or write a whole backing chain take ``roots``: when given,
-  every disk of the chain must lie inside them (a disk whose header names
-  ``/etc/shadow`` as its parent is :class:`~hvstack.errors.PathNotAllowed`). The host
-  passes its storage roots;
+  Every operation reads a disk's chain member by member
+  (:func:`hvstack.storage.chain.read_chain`) and takes ``roots`` and ``guard``: when
+  given, every disk of the chain must lie inside the roots and pass the guard (a disk
+  whose header names ``/etc/shadow`` as its parent is
+  :class:`~hvstack.errors.PathNotAllowed`). The host passes its storage roots and a
+  guard that refuses its own files;
 * formats are passed to qemu-img explicitly wherever they are known, and backing
   files with ``-b``/``-B`` and ``-F``, never inside an ``-o`` string;
 * a new file is written under a hidden temporary name in the destination's folder
@@ -30,8 +36,6 @@ Contract, for every operation here:
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
 import secrets
@@ -43,6 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from hvstack import files
 from hvstack.errors import (
     AlreadyExists,
     HypervisorError,
@@ -51,6 +56,8 @@ from hvstack.errors import (
     NotFound,
     ResourceBusy,
 )
+from hvstack.storage.chain import Guard, Member, read_chain
+from hvstack.storage.formats import DIFFERENCING_FORMATS, format_for, user_name
 from hvstack.storage.paths import confine
 from hvstack.storage.qemu_img import LONG_TIMEOUT, QUICK_TIMEOUT, ProgressFn, run_qemu_img
 from hvstack.units import MAX_SIZE, format_size
@@ -63,7 +70,6 @@ TargetFormat = Literal["qcow2", "raw", "vhdx", "vhd"]
 TARGET_FORMATS: tuple[str, ...] = get_args(TargetFormat)
 SECTOR = 512
 
-_QEMU_FORMAT = {"qcow2": "qcow2", "raw": "raw", "vhdx": "vhdx", "vhd": "vpc"}
 _CREATE_OPTIONS = {
     "qcow2": [],
     "raw": [],
@@ -89,6 +95,8 @@ class DiskInfo:
     backing_format: str | None = None
     chain: tuple[Path, ...] = ()
     """This disk, its parent, ... down to the base."""
+    chain_formats: tuple[str, ...] = ()
+    """The format of each member of ``chain``."""
     cluster_size: int | None = None
     actual_size_before: int | None = None
     """For :func:`compact_disk`: the bytes the disk took before compaction."""
@@ -108,6 +116,7 @@ class DiskInfo:
             "backing_file": self.backing_file,
             "backing_format": self.backing_format,
             "chain": [str(p) for p in self.chain],
+            "chain_formats": list(self.chain_formats),
             "cluster_size": self.cluster_size,
             "actual_size_before": self.actual_size_before,
         }
@@ -156,14 +165,6 @@ def _check_new(path: Path) -> None:
         raise NotFound(f"folder '{path.parent}' does not exist", path=str(path.parent))
 
 
-def _check_chain(info: DiskInfo, roots: Sequence[Path] | None) -> None:
-    """Confine every parent in the chain of ``info`` (``info.path`` is confined already)."""
-    if roots is None:
-        return
-    for member in info.chain[1:]:
-        confine(member, roots, what=f"parent disk of '{info.path}'")
-
-
 # -- temporary files ----------------------------------------------------------------------
 
 
@@ -178,19 +179,7 @@ def _remove_quietly(path: Path) -> None:
 
 def _publish(tmp: Path, dst: Path) -> None:
     """Give ``tmp`` the name ``dst`` unless ``dst`` exists; never replace a file."""
-    try:
-        os.link(tmp, dst)
-    except FileExistsError as exc:
-        raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        # The file system has no hard links: check, then rename (a small race).
-        if os.path.lexists(dst):
-            raise AlreadyExists(f"'{dst}' appeared meanwhile; not replaced", path=str(dst)) from exc
-        os.replace(tmp, dst)
-        return
-    os.unlink(tmp)
+    files.publish(tmp, dst)
 
 
 async def _write_new(dst: Path, write: Callable[[Path], Awaitable[None]]) -> None:
@@ -286,28 +275,10 @@ def _int(entry: _Json, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def _info_entries(path: Path, fmt: str | None, timeout: float) -> list[_Json]:
-    _check_existing(path)
-    args = ["info", "-U", "--output=json", "--backing-chain"]
-    if fmt:
-        args += ["-f", fmt]
-    stdout = await run_qemu_img([*args, "--", str(path)], timeout=timeout)
-    try:
-        data: object = json.loads(stdout)
-    except json.JSONDecodeError as exc:
-        raise HypervisorError(f"qemu-img info printed no JSON for '{path}': {exc}") from exc
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
-        raise HypervisorError(f"qemu-img info printed unexpected JSON for '{path}'")
-    return data
-
-
-def _info_from_entries(path: Path, entries: list[_Json]) -> DiskInfo:
-    top = entries[0]
-    fmt = _str(top, "format") or "raw"
-    backing = _str(top, "full-backing-filename") or _str(top, "backing-filename")
-    chain = [path] + [Path(_str(e, "filename") or "?") for e in entries[1:]]
+def _info_from_chain(path: Path, members: list[Member]) -> DiskInfo:
+    top = members[0].info
+    fmt = members[0].format
+    backing = str(members[1].path) if len(members) > 1 else None
     actual = _int(top, "actual-size")
     if actual is None:
         actual = os.stat(path).st_blocks * 512
@@ -318,32 +289,52 @@ def _info_from_entries(path: Path, entries: list[_Json]) -> DiskInfo:
         virtual_size=_int(top, "virtual-size") or 0,
         actual_size=actual,
         backing_file=backing,
-        backing_format=_str(top, "backing-filename-format") if backing else None,
-        chain=tuple(chain),
+        backing_format=members[1].format if backing else None,
+        chain=tuple(m.path for m in members),
+        chain_formats=tuple(m.format for m in members),
         cluster_size=_int(top, "cluster-size"),
     )
 
 
 async def inspect_disk(
-    path: Path, *, format: str | None = None, timeout: float = QUICK_TIMEOUT
+    path: Path,
+    *,
+    format: str | None = None,
+    roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
+    timeout: float = QUICK_TIMEOUT,
 ) -> DiskInfo:
-    """Return what ``path`` is. Give ``format`` when known: probing trusts the guest.
-
-    qemu-img cannot probe a fixed VHD (a footer after raw data); a ``.vhd`` file it
-    calls raw is read as VHD when it ends in a valid fixed-disk footer.
+    """Return what ``path`` is, opened as ``format`` (default: as its extension says;
+    never probed). Its chain is read member by member and checked
+    (:func:`hvstack.storage.chain.read_chain`) against ``roots`` and ``guard``.
     """
-    info = _info_from_entries(path, await _info_entries(path, format, timeout))
-    if format is None and info.format == "raw" and path.suffix.lower() == ".vhd":
-        try:
-            fixed_vhd = vhd_kind(path) == "fixed"
-        except OSError:
-            fixed_vhd = False
-        if fixed_vhd:
-            info = _info_from_entries(path, await _info_entries(path, "vpc", timeout))
-    return info
+    fmt = format or format_for(path)
+    return _info_from_chain(path, await read_chain(path, fmt, roots=roots, guard=guard,
+                                                   timeout=timeout))
 
 
 # -- create, resize -----------------------------------------------------------------------
+
+
+def _create_args(path: Path, fmt: str, kind: DiskKind) -> list[str]:
+    """qemu-img create options for a fixed or dynamic disk of ``fmt``."""
+    options = {
+        ("raw", "fixed"): ["-o", "preallocation=falloc"],
+        ("qcow2", "dynamic"): [],
+        ("vhdx", "fixed"): ["-o", "subformat=fixed"],
+        ("vhdx", "dynamic"): ["-o", "subformat=dynamic"],
+        ("vpc", "fixed"): ["-o", "subformat=fixed,force_size=on"],
+        ("vpc", "dynamic"): ["-o", "subformat=dynamic,force_size=on"],
+    }.get((fmt, kind))
+    if options is None:
+        hint = "a raw disk is always fixed" if fmt == "raw" else "a qcow2 disk is dynamic"
+        raise InvalidInput(
+            f"cannot create a {kind} disk in {user_name(fmt)} format ('{path.name}'): {hint}; "
+            "fixed disks are raw, vhdx or vhd",
+            path=str(path),
+            format=user_name(fmt),
+        )
+    return ["create", "-q", "-f", fmt, *options]
 
 
 async def create_disk(
@@ -352,25 +343,38 @@ async def create_disk(
     kind: DiskKind,
     parent: Path | None = None,
     *,
+    fmt: str | None = None,
+    parent_format: str | None = None,
     roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
     timeout: float = QUICK_TIMEOUT,
 ) -> DiskInfo:
     """Create a new disk of ``kind`` at ``path``; a differencing disk needs ``parent``.
 
-    A differencing disk's size defaults to its parent's and may not be smaller.
+    The format is ``path``'s extension's unless ``fmt`` says it (see
+    :func:`hvstack.storage.formats.format_for`); the parent's is its extension's unless
+    ``parent_format`` says it. A differencing disk's size defaults to its parent's and
+    may not be smaller.
     """
     if kind not in DISK_KINDS:
         raise InvalidInput(f"disk kind {kind!r} is not one of {', '.join(DISK_KINDS)}")
+    target = format_for(path, fmt)
     _check_new(path)
     args: list[str]
     if kind == "differencing":
+        if target not in DIFFERENCING_FORMATS:
+            raise InvalidInput(
+                f"a differencing disk is a qcow2 file (qemu-img cannot write a "
+                f"{user_name(target)} with a parent); name it {path.stem}.qcow2",
+                path=str(path),
+            )
         if parent is None:
             raise InvalidInput("a differencing disk needs a parent disk", path=str(path))
         if roots is not None:
             confine(parent, roots, what="parent disk")
         _check_existing(parent, what="parent disk")
-        base = await inspect_disk(parent, timeout=timeout)
-        _check_chain(base, roots)
+        base = await inspect_disk(parent, format=parent_format, roots=roots, guard=guard,
+                                  timeout=timeout)
         size = base.virtual_size if size_bytes is None else _check_size(size_bytes)
         if size < base.virtual_size:
             raise InvalidInput(
@@ -386,25 +390,30 @@ async def create_disk(
         if size_bytes is None:
             raise InvalidInput(f"a {kind} disk needs a size", path=str(path))
         size = _check_size(size_bytes)
+        args = _create_args(path, target, kind)
         if kind == "fixed":
             _check_free(path.parent, size, what=f"a fixed disk of {format_size(size)}")
-            args = ["create", "-q", "-f", "raw", "-o", "preallocation=falloc"]
-        else:
-            args = ["create", "-q", "-f", "qcow2"]
 
     async def write(tmp: Path) -> None:
         await run_qemu_img([*args, "--", str(tmp), str(size)], timeout=timeout)
 
     await _write_new(path, write)
-    log.info("created %s disk %s (%s)", kind, path, format_size(size))
-    return await inspect_disk(path, format="raw" if kind == "fixed" else "qcow2")
+    log.info("created %s %s disk %s (%s)", kind, target, path, format_size(size))
+    return await inspect_disk(path, format=target, roots=roots, guard=guard)
 
 
 async def resize_disk(
-    path: Path, size_bytes: int, *, allow_shrink: bool = False, timeout: float = QUICK_TIMEOUT
+    path: Path,
+    size_bytes: int,
+    *,
+    allow_shrink: bool = False,
+    format: str | None = None,
+    roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
+    timeout: float = QUICK_TIMEOUT,
 ) -> DiskInfo:
     """Set the virtual size of ``path``; shrinking needs ``allow_shrink`` (it loses data)."""
-    info = await inspect_disk(path, timeout=timeout)
+    info = await inspect_disk(path, format=format, roots=roots, guard=guard, timeout=timeout)
     size = _check_size(size_bytes)
     if size == info.virtual_size:
         return info
@@ -418,9 +427,9 @@ async def resize_disk(
     if size < info.virtual_size:
         if not allow_shrink:
             raise InvalidInput(
-                f"refusing to shrink '{path}' from {format_size(info.virtual_size)} to "
-                f"{format_size(size)}: shrinking loses data beyond the new end. Shrink the "
-                "partitions in the guest first, then allow shrinking explicitly",
+                f"cannot shrink '{path}' from {format_size(info.virtual_size)} to "
+                f"{format_size(size)} without --allow-shrink: shrinking loses the data "
+                "beyond the new end; shrink the partitions in the guest first",
                 path=str(path),
                 size=size,
                 virtual_size=info.virtual_size,
@@ -440,25 +449,25 @@ async def resize_disk(
 async def convert_disk(
     src: Path,
     dst: Path,
-    fmt: TargetFormat,
+    fmt: str | None = None,
     progress: ProgressFn | None = None,
     *,
     src_format: str | None = None,
     roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
     timeout: float = LONG_TIMEOUT,
 ) -> DiskInfo:
-    """Copy ``src`` (its whole chain, flattened) into a new ``dst`` in ``fmt``.
+    """Copy ``src`` (its whole chain, flattened) into a new ``dst``.
 
-    ``fmt`` is qcow2, raw (sparse), vhdx (dynamic) or vhd (dynamic, exact size). Give
-    ``src_format`` when known (a raw disk is guest data that could look like any format).
+    The target format is ``dst``'s extension's unless ``fmt`` says it: qcow2, raw
+    (sparse), vhdx (dynamic) or vhd (dynamic, exact size). ``src`` is read as its
+    extension says unless ``src_format`` says it (never probed).
     """
-    if fmt not in TARGET_FORMATS:
-        raise InvalidInput(f"format {fmt!r} is not one of {', '.join(TARGET_FORMATS)}")
-    target = _QEMU_FORMAT[fmt]
+    target = format_for(dst, fmt, what="destination")
     _check_existing(src)
     _check_new(dst)
-    info = await inspect_disk(src, format=src_format, timeout=min(timeout, QUICK_TIMEOUT))
-    _check_chain(info, roots)
+    info = await inspect_disk(src, format=src_format, roots=roots, guard=guard,
+                              timeout=min(timeout, QUICK_TIMEOUT))
     args = ["convert", "-f", info.format, "-O", target, *_CREATE_OPTIONS[target]]
     if progress is not None:
         args.append("-p")
@@ -467,7 +476,7 @@ async def convert_disk(
         await run_qemu_img([*args, "--", str(src), str(tmp)], timeout=timeout, progress=progress)
 
     await _write_new(dst, write)
-    log.info("converted %s to %s (%s)", src, dst, fmt)
+    log.info("converted %s to %s (%s)", src, dst, target)
     return await inspect_disk(dst, format=target)
 
 
@@ -475,15 +484,18 @@ async def merge_disk(
     path: Path,
     progress: ProgressFn | None = None,
     *,
+    format: str | None = None,
     roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
     timeout: float = LONG_TIMEOUT,
 ) -> DiskInfo:
     """Merge the differencing disk ``path`` into its parent, delete it, return the parent.
 
-    Other differencing disks of the same parent see its new content: merge only into
-    a parent that has no other children. If interrupted, ``path`` stays valid.
+    Other differencing disks of the same parent see its new content: the host merges
+    only into a parent that nothing else uses. If interrupted, ``path`` stays valid.
     """
-    info = await inspect_disk(path, timeout=min(timeout, QUICK_TIMEOUT))
+    info = await inspect_disk(path, format=format, roots=roots, guard=guard,
+                              timeout=min(timeout, QUICK_TIMEOUT))
     if info.kind != "differencing" or info.parent is None:
         raise InvalidInput(
             f"'{path}' is a {info.kind} disk, not a differencing disk; only a differencing "
@@ -491,7 +503,6 @@ async def merge_disk(
             path=str(path),
             kind=info.kind,
         )
-    _check_chain(info, roots)
     parent = info.parent
     args = ["commit", "-f", info.format, "-d"]  # -d: keep the child intact until deleted
     if progress is not None:
@@ -499,7 +510,7 @@ async def merge_disk(
     await run_qemu_img([*args, "--", str(path)], timeout=timeout, progress=progress)
     os.unlink(path)
     log.info("merged %s into %s and removed it", path, parent)
-    return await inspect_disk(parent, format=info.backing_format)
+    return await inspect_disk(parent, format=info.backing_format, roots=roots, guard=guard)
 
 
 def _copy_owner(src: Path, dst: Path) -> None:
@@ -513,7 +524,9 @@ async def compact_disk(
     path: Path,
     progress: ProgressFn | None = None,
     *,
+    format: str | None = None,
     roots: Sequence[Path] | None = None,
+    guard: Guard | None = None,
     timeout: float = LONG_TIMEOUT,
 ) -> DiskInfo:
     """Rewrite a dynamic or differencing disk without its unused space.
@@ -521,8 +534,10 @@ async def compact_disk(
     The copy keeps the backing file; it replaces ``path`` atomically only when complete.
     The result's ``actual_size_before`` holds the size before compaction.
     """
-    entries = await _info_entries(path, None, min(timeout, QUICK_TIMEOUT))
-    info = _info_from_entries(path, entries)
+    fmt = format or format_for(path)
+    members = await read_chain(path, fmt, roots=roots, guard=guard,
+                               timeout=min(timeout, QUICK_TIMEOUT))
+    info = _info_from_chain(path, members)
     if info.kind == "fixed":
         raise InvalidInput(
             f"'{path}' is a fixed disk; a fixed disk cannot be compacted (convert it to a "
@@ -531,11 +546,10 @@ async def compact_disk(
         )
     if info.format not in _CREATE_OPTIONS or info.format == "raw":
         raise InvalidInput(f"a {info.format} disk cannot be compacted", path=str(path))
-    _check_chain(info, roots)
     args = ["convert", "-f", info.format, "-O", info.format, *_CREATE_OPTIONS[info.format]]
     if info.format == "qcow2" and info.cluster_size:
         args += ["-o", f"cluster_size={info.cluster_size}"]
-    stored_backing = _str(entries[0], "backing-filename")  # as written, maybe relative
+    stored_backing = _str(members[0].info, "backing-filename")  # as written, maybe relative
     if stored_backing and info.backing_format:
         args += ["-B", stored_backing, "-F", info.backing_format]
     if progress is not None:
@@ -555,14 +569,19 @@ async def compact_disk(
 # -- delete -------------------------------------------------------------------------------
 
 
-async def delete_disk(path: Path, *, timeout: float = QUICK_TIMEOUT) -> None:
+async def delete_disk(
+    path: Path, *, format: str | None = None, timeout: float = QUICK_TIMEOUT
+) -> None:
     """Delete the disk file ``path``; refuse while a process (a VM) holds it open.
 
-    It does not look for differencing disks that name ``path`` as their parent.
+    It does not look for differencing disks that name ``path`` as their parent (the
+    host does that before calling it).
     """
     _check_existing(path)
+    fmt = format or format_for(path)
     try:  # without -U, qemu-img fails on an image another process holds a lock on
-        await run_qemu_img(["info", "--output=json", "--", str(path)], timeout=timeout)
+        await run_qemu_img(["info", "--output=json", "-f", fmt, "--", str(path)],
+                           timeout=timeout)
     except ResourceBusy as exc:
         raise ResourceBusy(
             f"'{path}' is in use (a running VM has it open); stop the VM first",

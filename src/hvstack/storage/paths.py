@@ -15,7 +15,10 @@ Contract of :func:`confine`:
   (so nothing is revealed about files outside the roots).
 
 The result is the resolved absolute :class:`~pathlib.Path`; callers use it, never the
-input. Confinement is a check at one moment: whoever later creates files under the
+input. :func:`check_disk_file` then keeps the service's own files (its database, lock,
+sockets, VM configs, firmware variables, saved state, logs) from being used as a disk.
+
+Confinement is a check at one moment: whoever later creates files under the
 result must still refuse to follow a link planted in between (the disk operations
 create files under temporary names and link them into place).
 """
@@ -96,3 +99,29 @@ def confine(
     if must_exist and not resolved.exists():
         raise NotFound(f"{what} '{text}' does not exist", path=text)
     return resolved
+
+
+def check_disk_file(path: Path, data_dir: Path, run_dir: Path, *, what: str = "disk") -> Path:
+    """Return ``path`` (resolved) if it may be a disk; PathNotAllowed if it is one of
+    the service's own files.
+
+    Nothing in the run directory is a disk. Inside the data directory only a visible
+    file with a disk extension is (the service's files have none: hvstack.db, hv.lock,
+    vm.json, efivars.fd, saved-state.bin, console.log, qemu.pid, ...), whatever
+    ``--format`` says.
+    """
+    from hvstack.storage.formats import DISK_EXTENSIONS
+
+    data, run = resolve_roots([data_dir, run_dir])
+    if path.is_relative_to(run):
+        raise PathNotAllowed(f"{what} '{path}' is a runtime file of the host service",
+                             path=str(path))
+    if path.is_relative_to(data) and (
+        path.suffix.lower() not in DISK_EXTENSIONS or path.name.startswith(".")
+    ):
+        raise PathNotAllowed(
+            f"{what} '{path}' is not a disk: the host service keeps its own files in the "
+            f"data directory, where a disk's name ends in {', '.join(DISK_EXTENSIONS)}",
+            path=str(path),
+        )
+    return path

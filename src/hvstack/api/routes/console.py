@@ -12,11 +12,12 @@
 ``GET /api/v1/vms/{ref}/screenshot?max_width=N``
     The display as ``image/png``.
 
-Access to all three goes through :func:`console_access`, the one place the access rule
-lives: today whoever can reach the API may use a console (on a unix socket that is who
-may open the socket; TCP listening has no authentication yet). An error known before a
-WebSocket is accepted is answered as an HTTP problem+json (the denial-response
-extension), or, on a server without it, by closing with code 4000 + HTTP status.
+Who may connect at all is decided before any route runs, for HTTP and WebSocket alike
+(:mod:`hvstack.api.guard`: a token on TCP, the peer check on the unix socket, and the
+Origin rule on both); :func:`console_access` is where a finer, per-console rule would
+plug in. An error known before a WebSocket is accepted is answered as an HTTP
+problem+json (the denial-response extension), or, on a server without it, by closing
+with code 4000 + HTTP status.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ VNC_CHUNK = 64 * 1024
 def console_access(connection: HTTPConnection) -> ConsoleOperations:
     """The access check for consoles, and the console operations of this app.
 
-    Whoever reaches the API may use consoles today. Authentication and authorization
-    plug in here (raise an HTTP or WebSocket exception) for every console route at once.
+    Authentication happened before the route ran (:class:`hvstack.api.guard.
+    ListenerGuard`): every authenticated caller may use every console, as every token
+    grants the whole API. A per-console rule (roles, read-only viewers) plugs in here
+    for every console route at once.
     """
     return console_ops_of(connection)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -10,6 +12,7 @@ from fastapi.responses import PlainTextResponse
 
 from hvstack.api.deps import service_of
 from hvstack.api.schemas import (
+    MAX_WAIT_SECONDS,
     DiskAttach,
     DvdSet,
     JobView,
@@ -18,6 +21,8 @@ from hvstack.api.schemas import (
     VmCreate,
     VmUpdate,
     VmView,
+    WaitCondition,
+    WaitView,
 )
 from hvstack.api.views import job_view, vm_view, vms_json
 from hvstack.compute.lifecycle import StopMode
@@ -29,11 +34,11 @@ from hvstack.compute.model import (
     Generation,
     VmConfig,
 )
+from hvstack.host import vm_wait
 from hvstack.host.service import NewVm
 from hvstack.units import parse_size
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
-
 
 
 @router.get("", response_model=list[VmView])
@@ -49,7 +54,7 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
         name=body.name,
         generation=Generation(body.generation),
         cpus=body.cpus,
-        memory_bytes=parse_size(body.memory, what="memory"),
+        memory_bytes=parse_size(body.memory, what="memory", bare_unit="M"),
         notes=body.notes,
         dvd=body.dvd,
         auto_start=AutoStartAction(body.auto_start),
@@ -60,9 +65,10 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
     )
     if body.boot_order is not None:
         config = replace(config, boot_order=tuple(BootDevice(b) for b in body.boot_order))
-    new_disk = parse_size(body.new_disk, what="disk size") if body.new_disk is not None else None
+    new_disk = (parse_size(body.new_disk, what="disk size", bare_unit="G")
+                if body.new_disk is not None else None)
     vm = await service.create_vm(NewVm(config, image=body.image, disk=body.disk,
-                                       new_disk_bytes=new_disk))
+                                       new_disk_bytes=new_disk, disk_format=body.disk_format))
     return vm_view(vm, service)
 
 
@@ -81,7 +87,7 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         if key in fields:
             changes[key] = fields[key]
     if "memory" in fields:
-        changes["memory_bytes"] = parse_size(fields["memory"], what="memory")
+        changes["memory_bytes"] = parse_size(fields["memory"], what="memory", bare_unit="M")
     if "boot_order" in fields:
         changes["boot_order"] = tuple(BootDevice(b) for b in fields["boot_order"])
     if "auto_start" in fields:
@@ -143,7 +149,7 @@ async def resume_vm(request: Request, ref: str) -> VmView:
 async def attach_disk(request: Request, ref: str, body: DiskAttach) -> VmView:
     service = service_of(request)
     bus = DiskBus(body.bus) if body.bus else None
-    return vm_view(await service.attach_disk(ref, body.path, bus), service)
+    return vm_view(await service.attach_disk(ref, body.path, bus, body.format), service)
 
 
 @router.delete("/{ref}/disks", response_model=VmView)
@@ -162,3 +168,36 @@ async def set_dvd(request: Request, ref: str, body: DvdSet) -> VmView:
 async def console_log(request: Request, ref: str,
                       max_bytes: int = Query(65536, ge=1, le=16 * 1024 * 1024)) -> Response:
     return PlainTextResponse(service_of(request).console_log(ref, max_bytes))
+
+
+@router.get("/{ref}/wait", response_model=WaitView, responses={504: {
+    "description": "the condition did not hold within the timeout (problem "
+                   "/problems/wait-timeout)"}})
+async def wait_vm(request: Request, ref: str,
+                  condition: WaitCondition = Query(..., alias="for"),
+                  timeout: float = Query(300.0, gt=0, le=MAX_WAIT_SECONDS)) -> Response:
+    """Answer once the VM meets the condition (Hyper-V's Wait-VM): a long poll."""
+    waiter = asyncio.ensure_future(
+        vm_wait.wait_for(service_of(request), ref, vm_wait.WaitFor(condition), timeout))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, gone):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if not waiter.done() or waiter.cancelled():
+        return Response(status_code=499)  # the client went away; nobody reads this
+    reached = waiter.result()  # raises the waiter's HvError: a problem response
+    view = WaitView(vm=reached.vm, condition=reached.condition.value,
+                    state=reached.state.value, heartbeat=reached.heartbeat.value,
+                    ip_addresses=list(reached.addresses))
+    return Response(view.model_dump_json(), media_type="application/json")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes its connection (a long poll it gave up on)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -7,6 +7,12 @@ in options; the few classic ``key=value`` options left have commas doubled by
 :func:`escape_option`, QEMU's own escaping, and name every key explicitly (an implied
 first key would let an ``=`` in a path split it).
 
+Disks: every member of a disk's backing chain is its own pair of ``-blockdev`` nodes
+(protocol and format), each format node naming the next with ``backing`` and the base
+with ``"backing": null``, every format explicit: QEMU opens exactly the files listed
+here and never a parent a qcow2 header names. Node names derive from the disk's id
+(:func:`disk_node`, :func:`backing_node`).
+
 Consoles: the serial port is a socket server (one client: the host service's console
 hub) with a log file; the display is QEMU's VNC server on a unix socket in the run
 directory, never a TCP port.
@@ -22,12 +28,24 @@ TCG guest never sees them, and it refuses ``hv-vpindex`` (which ``hv-synic``,
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from hvstack.compute.model import BootDevice, DiskBus, Generation, NicModel, VmConfig
+from hvstack.compute.model import (
+    BootDevice,
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NicModel,
+    VmConfig,
+    disk_id_of,
+)
 
 QGA_CHANNEL = "org.qemu.guest_agent.0"
+_NODE_ID = re.compile(r"^[0-9A-Za-z]{1,10}$")
 
 # Hyper-V enlightenments for Windows on KVM (QEMU docs/system/i386/hyperv.rst), in
 # dependency order. All are migratable. Left out on purpose: hv-passthrough (the set
@@ -74,6 +92,15 @@ class Firmware:
 
 
 @dataclass(frozen=True)
+class BackingFile:
+    """A parent in a disk's backing chain, with the format its child's header records
+    (checked by :func:`hvstack.storage.chain.read_chain` before it gets here)."""
+
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
 class QemuSpec:
     vm_id: str
     config: VmConfig
@@ -82,6 +109,12 @@ class QemuSpec:
     firmware: Firmware | None = None
     incoming: bool = False  # wait for saved state on a migration channel (-incoming defer)
     binary: str = "qemu-system-x86_64"
+    backing: Mapping[str, tuple[BackingFile, ...]] = field(default_factory=dict)
+    """Each attached disk's parents by disk id, nearest first; a disk missing here is
+    opened without a parent."""
+    # Descriptors QEMU inherits under the same numbers; options name them as fd=N or
+    # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
+    pass_fds: tuple[int, ...] = ()
 
 
 def escape_option(value: str) -> str:
@@ -98,7 +131,15 @@ def _socket_chardev(chardev_id: str, path: str, extra: str = "") -> list[str]:
     return ["-chardev", options]
 
 
-def _block_nodes(node: str, path: str, fmt: str, read_only: bool) -> list[str]:
+_WITH_BACKING = ("qcow2",)
+"""Formats whose node takes a ``backing`` option (raw, vhdx and vpc have none)."""
+_UNSET = object()
+
+
+def _block_nodes(node: str, path: str, fmt: str, read_only: bool,
+                 backing: object = _UNSET) -> list[str]:
+    """A protocol node and a format node; ``backing`` (a node name or None) is given to
+    formats that can have one, so QEMU never opens a parent a header names."""
     file_node: dict[str, object] = {
         "driver": "file",
         "filename": path,
@@ -113,7 +154,36 @@ def _block_nodes(node: str, path: str, fmt: str, read_only: bool) -> list[str]:
         "read-only": read_only,
         "discard": "unmap",
     }
+    if fmt in _WITH_BACKING and backing is not _UNSET:
+        fmt_node["backing"] = backing
     return ["-blockdev", _json(file_node), "-blockdev", _json(fmt_node)]
+
+
+def disk_node(disk: DiskAttachment) -> str:
+    """The node name of an attached disk's format node, from its stable id (not from
+    its position, so checkpoints and migration can address it)."""
+    ident = disk.id if _NODE_ID.match(disk.id) else disk_id_of(disk.id)
+    return f"disk-{ident}"
+
+
+def backing_node(disk: DiskAttachment, parent: BackingFile) -> str:
+    """The node name of a parent in ``disk``'s chain: the disk's node and the parent's
+    path, so two disks sharing a parent get two nodes."""
+    return f"{disk_node(disk)}-{hashlib.sha256(parent.path.encode()).hexdigest()[:8]}"
+
+
+def _disk_nodes(disk: DiskAttachment, chain: tuple[BackingFile, ...]) -> list[str]:
+    """The disk and every parent, the base with ``"backing": null`` (as libvirt does).
+    The base comes first: QEMU resolves ``backing`` to a node defined before it."""
+    names = [disk_node(disk), *(backing_node(disk, p) for p in chain)]
+    members = [(disk.path, disk.format, disk.read_only), *((p.path, p.format, True)
+                                                         for p in chain)]
+    args: list[str] = []
+    for index in reversed(range(len(members))):
+        path, fmt, read_only = members[index]
+        below = names[index + 1] if index + 1 < len(names) else None
+        args += _block_nodes(names[index], path, fmt, read_only, below)
+    return args
 
 
 def _boot_index(config: VmConfig, device: BootDevice) -> int | None:
@@ -140,7 +210,26 @@ def _machine_args(spec: QemuSpec) -> list[str]:
     return ["-machine", machine, "-accel", spec.accelerator, *args]
 
 
-def _storage_args(config: VmConfig) -> list[str]:
+def block_node_paths(spec: QemuSpec) -> dict[str, str]:
+    """Each block node name :func:`build_argv` gives ``spec``'s disks, and its file.
+
+    QEMU names nodes in its events (``BLOCK_IO_ERROR``'s ``node-name``); this maps them
+    back to the files the user knows. Protocol nodes (``<node>-file``) and the nodes of
+    parents in a backing chain map too.
+    """
+    nodes: dict[str, str] = {}
+    for disk in spec.config.disks:
+        node = disk_node(disk)
+        nodes[node] = nodes[f"{node}-file"] = disk.path
+        for parent in spec.backing.get(disk.id, ()):
+            below = backing_node(disk, parent)
+            nodes[below] = nodes[f"{below}-file"] = parent.path
+    if spec.config.dvd is not None:
+        nodes["dvd0"] = nodes["dvd0-file"] = spec.config.dvd
+    return nodes
+
+
+def _storage_args(config: VmConfig, backing: Mapping[str, tuple[BackingFile, ...]]) -> list[str]:
     args: list[str] = []
     ide_slot = 0
     need_scsi = any(d.bus is DiskBus.SCSI for d in config.disks) or (
@@ -149,9 +238,8 @@ def _storage_args(config: VmConfig) -> list[str]:
     if need_scsi:
         args += ["-device", _json({"driver": "virtio-scsi-pci", "id": "scsi0"})]
     for index, disk in enumerate(config.disks):
-        node = f"disk{index}"
-        args += _block_nodes(node, disk.path, disk.format, disk.read_only)
-        device: dict[str, object] = {"drive": node, "id": f"{node}-dev"}
+        args += _disk_nodes(disk, tuple(backing.get(disk.id, ())))
+        device: dict[str, object] = {"drive": disk_node(disk), "id": f"disk{index}-dev"}
         if disk.bus is DiskBus.IDE:
             device |= {"driver": "ide-hd", "bus": f"ide.{ide_slot // 2}", "unit": ide_slot % 2}
             ide_slot += 1
@@ -245,7 +333,7 @@ def build_argv(spec: QemuSpec) -> list[str]:
         "-device", _json({"driver": "virtserialport", "chardev": "qga0",
                           "name": QGA_CHANNEL, "id": "qga0-port"}),
         "-device", _json({"driver": "virtio-rng-pci", "id": "rng0"}),
-        *_storage_args(config),
+        *_storage_args(config, spec.backing),
         *_network_args(config),
         # spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid.
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",

@@ -12,13 +12,20 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
-from hvstack.hypervisor.driver import EventSink, ProgressSink
+from hvstack.hypervisor.events import EventSink
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.hypervisor.qemu.capabilities import (
+    EventWaiters,
+    QemuBlockJobs,
+    QemuDevices,
+    QemuMemory,
+    QemuMigration,
+)
 from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +40,20 @@ class QemuMachine:
         self.pid = pid
         self._monitor = monitor
         self._sink = events
+        self._waiters = EventWaiters()
+        self.devices = QemuDevices(monitor, self._waiters)
+        self.memory = QemuMemory(monitor)
+        self.migration = QemuMigration(monitor)
+        self.block_jobs = QemuBlockJobs(monitor)
         self._reader = asyncio.create_task(self._read_events(), name=f"qmp-events-{vm_id}")
 
     async def _read_events(self) -> None:
         async for event in self._monitor.events():
-            name = str(event.get("event", ""))
+            self._waiters.notify(event)
             try:
-                self._sink(name)
+                self._sink(event)
             except Exception:
-                log.exception("event handler failed for %s on %s", name, self.vm_id)
+                log.exception("event handler failed for %s on %s", event.name, self.vm_id)
 
     async def status(self) -> str:
         reply = await self._monitor.execute("query-status")
@@ -59,57 +71,55 @@ class QemuMachine:
     async def reset(self) -> None:
         await self._monitor.execute("system_reset")
 
-    async def _wait_migration(self, progress: ProgressSink, what: str) -> None:
+    async def _wait_migration(self, progress: Progress, what: str) -> None:
         while True:
-            info: dict[str, Any] = await self._monitor.execute("query-migrate")
-            status = info.get("status", "none")
-            ram = info.get("ram", {})
-            if ram.get("total"):
-                progress(min(99.0, 100.0 * ram.get("transferred", 0) / ram["total"]))
-            if status == "completed":
-                progress(100.0)
+            stats = await self.migration.stats()
+            if stats.status == "completed":
+                progress(100.0, "")
                 return
-            if status in ("failed", "cancelled"):
-                desc = str(info.get("error-desc", status))
+            if stats.status in ("failed", "cancelled"):
+                desc = stats.error or stats.status
                 if "No space left" in desc or "ENOSPC" in desc:
                     raise InsufficientResources(f"{what} failed: no space left on the disk")
                 raise HypervisorError(f"{what} failed: {desc}")
+            if stats.percent is not None:
+                progress(min(99.0, stats.percent), "")
             await asyncio.sleep(MIGRATION_POLL)
 
-    async def save_state(self, path: Path, progress: ProgressSink) -> None:
+    async def save_state(self, path: Path, progress: Progress) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             await self._monitor.send_fd(fd, "savestate")
         finally:
             os.close(fd)
-        await self._monitor.execute("migrate", {"uri": "fd:savestate"})
+        await self.migration.start("fd:savestate")
         try:
             await self._wait_migration(progress, "saving the VM state")
         except BaseException:
             with contextlib.suppress(HypervisorError):
-                await self._monitor.execute("migrate_cancel")
+                await self.migration.cancel()
             raise
 
-    async def restore_state(self, path: Path, progress: ProgressSink) -> None:
+    async def restore_state(self, path: Path, progress: Progress) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             await self._monitor.send_fd(fd, "loadstate")
         finally:
             os.close(fd)
-        await self._monitor.execute("migrate-incoming", {"uri": "fd:loadstate"})
+        await self.migration.incoming("fd:loadstate")
         while True:
             # During an incoming migration query-migrate reports little; the run state
             # leaves "inmigrate" once the state is loaded.
             status = await self.status()
             if status != "inmigrate":
                 break
-            info = await self._monitor.execute("query-migrate")
-            if info.get("status") == "failed":
-                raise HypervisorError(f"restoring the saved state failed: {info.get('error-desc')}")
+            stats = await self.migration.stats()
+            if stats.status == "failed":
+                raise HypervisorError(f"restoring the saved state failed: {stats.error}")
             await asyncio.sleep(MIGRATION_POLL)
         if status not in ("paused", "running", "postmigrate"):
             raise HypervisorError(f"restoring the saved state left QEMU {status}")
-        progress(100.0)
+        progress(100.0, "")
 
     async def screendump(self, path: Path) -> None:
         # PPM, QEMU's default: every QEMU build writes it (PNG needs libpng), and the
@@ -143,7 +153,7 @@ class QemuDriver:
         # daemonizing parent exits, so the monitor is ready the moment QEMU is.
         connecting = asyncio.create_task(monitor.connect(spec.paths.qmp_socket, retry=0.005))
         try:
-            pid = await process.launch(build_argv(spec), pidfile)
+            pid = await process.launch(build_argv(spec), pidfile, pass_fds=spec.pass_fds)
         except BaseException:
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError, HypervisorError):

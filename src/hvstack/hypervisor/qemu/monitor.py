@@ -16,6 +16,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from hvstack.errors import HypervisorError, OperationTimeout
+from hvstack.hypervisor.events import QmpEvent
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Monitor:
         self._client = QMPClient(name)
         self._listener = EventListener()
         self._client.register_listener(self._listener)
+        self._fd_lock = asyncio.Lock()
         self.name = name
 
     async def connect(self, socket_path: str, timeout: float = CONNECT_TIMEOUT,
@@ -63,15 +65,23 @@ class Monitor:
 
     async def send_fd(self, fd: int, fdname: str) -> None:
         """Hand QEMU an open file descriptor under ``fdname`` (QMP getfd)."""
-        try:
-            self._client.send_fd_scm(fd)
-        except (QMPError, OSError) as exc:
-            raise HypervisorError(f"cannot pass a file to {self.name}: {exc}") from exc
-        await self.execute("getfd", {"fdname": fdname})
+        await self.execute_with_fd(fd, "getfd", {"fdname": fdname})
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def execute_with_fd(self, fd: int, command: str, arguments: dict[str, Any]) -> Any:
+        """Send ``fd`` (SCM_RIGHTS) and run the command that takes it (getfd, add-fd).
+
+        One at a time: QEMU gives a command the descriptors that arrived before it.
+        """
+        async with self._fd_lock:
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise HypervisorError(f"cannot pass a file to {self.name}: {exc}") from exc
+            return await self.execute(command, arguments)
+
+    async def events(self) -> AsyncIterator[QmpEvent]:
         async for event in self._listener:
-            yield dict(event)
+            yield QmpEvent.from_message(dict(event))
 
     @property
     def connected(self) -> bool:

@@ -11,47 +11,44 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
-from hvstack.errors import HypervisorError, OperationTimeout, ResourceBusy
+from hvstack import runner
+from hvstack.errors import HvError, HypervisorError, OperationTimeout, ResourceBusy
 
 LAUNCH_TIMEOUT = 60.0
 
 
-async def launch(argv: list[str], pidfile: Path, *, timeout: float = LAUNCH_TIMEOUT) -> int:
+async def launch(argv: list[str], pidfile: Path, *, timeout: float = LAUNCH_TIMEOUT,
+                 pass_fds: Sequence[int] = ()) -> int:
     """Run a daemonizing QEMU argv; return the daemon's pid once it is initialised.
 
     QEMU's parent exits only after the machine is set up, so failures (a locked disk,
     a bad option) come back here as a non-zero exit with the reason on stderr.
+    ``pass_fds`` stay open in QEMU under their numbers, for options that name them
+    (``fd=N``, ``/dev/fdset/N`` with ``-add-fd fd=N,set=S``); QEMU closes the others.
     """
     with contextlib.suppress(FileNotFoundError):
         pidfile.unlink()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-    except FileNotFoundError as exc:
-        raise HypervisorError(f"QEMU is not installed: {argv[0]} was not found") from exc
-    try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError as exc:
-        proc.kill()
-        await proc.wait()
-        raise OperationTimeout(f"QEMU did not finish starting within {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        message = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        if "Failed to get" in message and "lock" in message:
-            raise ResourceBusy(f"a disk of this VM is in use by another process: {message}",
-                               qemu_stderr=message)
-        raise HypervisorError(f"QEMU failed to start: {message}", qemu_stderr=message)
+        await runner.run(argv, timeout=timeout, errors=_launch_error, pass_fds=pass_fds,
+                         package="qemu-system-x86", stdout=False)
+    except OperationTimeout as exc:
+        raise OperationTimeout(
+            f"QEMU did not finish starting within {timeout:.0f} s") from exc
     pid = read_pid(pidfile)
     if pid is None:
         raise HypervisorError("QEMU started but wrote no pidfile")
     return pid
+
+
+def _launch_error(returncode: int, stderr: str) -> HvError:
+    message = stderr or f"exit status {returncode}"
+    if "Failed to get" in message and "lock" in message:
+        return ResourceBusy(f"a disk of this VM is in use by another process: {message}",
+                            qemu_stderr=message)
+    return HypervisorError(f"QEMU failed to start: {message}", qemu_stderr=message)
 
 
 def read_pid(pidfile: Path) -> int | None:

@@ -1,0 +1,60 @@
+"""Which settings of a VM may change in which state, as pure functions.
+
+Names, notes, the automatic actions, the integration services and the KVP pool change
+in any state; the hardware (processors, memory, generation, disks, DVD, boot order, ...)
+only while the VM is Off. :func:`check_change` raises
+:class:`~hvstack.errors.InvalidState` naming the settings, e.g. ``cannot change the
+memory of VM 'demo' while it is Running: stop it first``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hvstack.compute.model import VmConfig, VmState
+from hvstack.errors import InvalidState
+
+ANY_STATE = frozenset({"name", "notes", "auto_start", "auto_start_delay_seconds",
+                       "auto_stop", "integration_services", "kvp_pool"})
+ALL = frozenset(VmConfig.__dataclass_fields__)
+
+# How a message names each setting ("cannot change the ... of VM 'x'").
+LABELS = {
+    "cpus": "processor count",
+    "memory_bytes": "memory",
+    "generation": "generation",
+    "disks": "disks",
+    "dvd": "DVD drive",
+    "network_adapters": "network adapters",
+    "boot_order": "boot order",
+    "os_type": "OS type",
+    "accelerator": "accelerator",
+    "image": "image",
+    "extra": "extra settings",
+}
+
+
+def changeable_while(state: VmState) -> frozenset[str]:
+    """The settings (VmConfig field names) that may change while the VM is ``state``."""
+    return ALL if state is VmState.OFF else ANY_STATE
+
+
+def label(names: Iterable[str]) -> str:
+    """'memory', 'memory and processor count', 'a, b and c' (in the order given)."""
+    words = [LABELS.get(n, n.replace("_", " ")) for n in names]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def check_change(changes: Iterable[str], state: VmState, vm: str) -> None:
+    """Raise InvalidState unless every setting in ``changes`` may change in ``state``."""
+    refused = [name for name in changes if name not in changeable_while(state)]
+    if refused:
+        raise InvalidState(vm, state.value, f"change the {label(refused)} of",
+                           [VmState.OFF.value], advice=_ADVICE.get(state))
+
+
+_ADVICE = {
+    VmState.RUNNING: "stop it first",
+    VmState.PAUSED: "stop it first",
+    VmState.SAVED: "start it and shut it down first, or discard its saved state",
+}

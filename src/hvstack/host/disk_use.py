@@ -1,0 +1,105 @@
+"""The host's view of its disks: which paths may be disks, who uses each, and the
+checked backing chains a VM starts with.
+
+:class:`DiskUse` gathers what the pure rule :func:`hvstack.storage.usage.check_use`
+needs (every VM's attachments, the child-to-parent links under the storage roots, the
+images folder) and applies it; the service, the disk operations and VM deletion all
+ask it, so "in use" means one thing everywhere. It also confines a user's path and
+refuses the service's own files (:func:`hvstack.storage.paths.check_disk_file`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from hvstack.compute.model import VmRecord, VmState
+from hvstack.host.config import HostConfig
+from hvstack.hypervisor.qemu.argv import BackingFile
+from hvstack.storage import disks, formats, usage
+from hvstack.storage.paths import check_disk_file, confine
+
+
+class _Vm(Protocol):
+    @property
+    def record(self) -> VmRecord: ...
+    @property
+    def state(self) -> VmState: ...
+
+
+class DiskUse:
+    def __init__(self, config: HostConfig, vms: Callable[[], Iterable[_Vm]]) -> None:
+        self._config = config
+        self._vms = vms
+        self.roots: Sequence[Path] = config.storage_roots
+
+    def guard(self, path: Path) -> Path:
+        """Refuse the service's own files as disks (PathNotAllowed)."""
+        return check_disk_file(path, self._config.data_dir, self._config.run_dir)
+
+    def confine(self, path: str, *, must_exist: bool, what: str = "disk") -> Path:
+        """A user's path, resolved inside the roots, that may be a disk."""
+        resolved = confine(path, self.roots, must_exist=must_exist, what=what)
+        return check_disk_file(resolved, self._config.data_dir, self._config.run_dir, what=what)
+
+    def attachments(self, *, but_vm: str | None = None) -> list[usage.Attached]:
+        return [
+            usage.Attached(Path(d.path), vm.record.name, vm.record.id, vm.state.value)
+            for vm in self._vms() if vm.record.id != but_vm
+            for d in vm.record.config.disks
+        ]
+
+    def recorded_format(self, path: Path) -> str | None:
+        """The format hvstack recorded for ``path`` when a VM got it, if one has it."""
+        for vm in self._vms():
+            for disk in vm.record.config.disks:
+                if Path(disk.path) == path:
+                    return disk.format
+        return None
+
+    def format_of(self, path: Path, fmt: str | None) -> str:
+        """The format to open ``path`` in: the user's (checked against the name), else
+        the one recorded for an attached disk, else the name's. Never probed."""
+        if fmt is None and (recorded := self.recorded_format(path)) is not None:
+            return recorded
+        return formats.format_for(path, fmt)
+
+    async def parents(self, *, but_vm: str | None = None) -> dict[Path, Path]:
+        """Child-to-parent links: qcow2 files under the roots and attached qcow2 disks
+        (a raw disk's bytes are its guest's, so never read as a header)."""
+        attached = [Path(d.path) for vm in self._vms() if vm.record.id != but_vm
+                    for d in vm.record.config.disks if d.format == "qcow2"]
+        return await asyncio.to_thread(usage.scan_parents, self.roots, attached,
+                                       [self._config.run_dir])
+
+    async def check(self, path: Path, operation: usage.Operation, *,
+                    vm_id: str | None = None, child: Path | None = None) -> None:
+        """Raise ResourceBusy if ``operation`` may not touch ``path`` now."""
+        usage.check_use(path, operation, self.attachments(), await self.parents(),
+                        images_dir=self._config.images_dir, vm_id=vm_id, child=child)
+
+    async def chains(self, record: VmRecord) -> dict[str, tuple[BackingFile, ...]]:
+        """Each disk's parents, checked (roots, the service's files, formats from the
+        headers hvstack trusts), read with the format recorded for the disk."""
+        result: dict[str, tuple[BackingFile, ...]] = {}
+        for disk in record.config.disks:
+            info = await disks.inspect_disk(Path(disk.path), format=disk.format,
+                                            roots=self.roots, guard=self.guard)
+            result[disk.id] = tuple(BackingFile(str(p), f) for p, f in
+                                    zip(info.chain[1:], info.chain_formats[1:], strict=True))
+        return result
+
+    def check_start(self, record: VmRecord, parents: dict[Path, Path],
+                    chains: dict[str, tuple[BackingFile, ...]]) -> None:
+        """The start rule for each disk and the read rule for each parent, against the
+        attachments of this moment (no await: the caller changes state right after)."""
+        attachments = self.attachments()
+        images = self._config.images_dir
+        for disk in record.config.disks:
+            usage.check_use(Path(disk.path), "start", attachments, parents,
+                            images_dir=images, vm_id=record.id)
+            for parent in chains.get(disk.id, ()):
+                usage.check_use(Path(parent.path), "read", attachments, {},
+                                images_dir=images, vm_id=record.id)

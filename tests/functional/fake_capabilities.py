@@ -1,0 +1,274 @@
+"""In-memory fakes of the machine capabilities (:mod:`hvstack.hypervisor.capabilities`).
+
+Each fake keeps what a test asserts on (devices, fds, balloon size, migration state,
+block jobs, bitmaps, exports) and refuses what QEMU would refuse (a duplicate id, an
+unknown one) with the same error types. :class:`FakeDevices` holds a device removal
+until the test lets the guest release it (``auto_release`` False) to exercise timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hvstack.errors import HypervisorError, OperationTimeout
+from hvstack.hypervisor.capabilities import (
+    BalloonStats,
+    BlockJobInfo,
+    BlockJobs,
+    BlockNodeSpec,
+    Devices,
+    DeviceSpec,
+    DirtyBitmap,
+    FdSetMember,
+    Memory,
+    Migration,
+    MigrationParameters,
+    MigrationStats,
+    NbdExport,
+    NetdevSpec,
+    Snapshot,
+)
+
+
+def _refuse(message: str, qmp_class: str = "GenericError") -> HypervisorError:
+    return HypervisorError(f"QEMU refused: {message}", qmp_class=qmp_class)
+
+
+@dataclass
+class FakeDevices:
+    devices: dict[str, DeviceSpec] = field(default_factory=dict)
+    netdevs: dict[str, NetdevSpec] = field(default_factory=dict)
+    fds: dict[str, int] = field(default_factory=dict)  # name -> our duplicate
+    fdsets: dict[int, list[int]] = field(default_factory=dict)
+    auto_release: bool = True  # the guest releases a device as soon as asked
+    released: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        if name in self.fds:
+            os.close(self.fds[name])
+        self.fds[name] = os.dup(fd)
+
+    async def close_fd(self, name: str) -> None:
+        if name not in self.fds:
+            raise _refuse(f"File descriptor named '{name}' not found")
+        os.close(self.fds.pop(name))
+
+    async def add_fd(self, fd: int, fdset: int | None = None, opaque: str = "") -> FdSetMember:
+        chosen = max(self.fdsets, default=-1) + 1 if fdset is None else fdset
+        copy = os.dup(fd)
+        self.fdsets.setdefault(chosen, []).append(copy)
+        return FdSetMember(chosen, copy)
+
+    async def remove_fdset(self, fdset: int) -> None:
+        if fdset not in self.fdsets:
+            raise _refuse(f"File descriptor set {fdset} not found")
+        for fd in self.fdsets.pop(fdset):
+            os.close(fd)
+
+    async def add_device(self, device: DeviceSpec) -> None:
+        if device.id in self.devices:
+            raise _refuse(f"Duplicate device ID '{device.id}'")
+        netdev = device.properties.get("netdev")
+        if netdev is not None and netdev not in self.netdevs:
+            raise _refuse(f"Property 'netdev' can't find value '{netdev}'")
+        self.devices[device.id] = device
+
+    async def remove_device(self, device_id: str, timeout: float) -> None:
+        if device_id not in self.devices:
+            raise _refuse(f"Device '{device_id}' not found", "DeviceNotFound")
+        released = self.released.setdefault(device_id, asyncio.Event())
+        if self.auto_release:
+            released.set()
+        try:
+            await asyncio.wait_for(released.wait(), timeout)
+        except TimeoutError:
+            raise OperationTimeout(
+                f"the guest did not release device {device_id} within {timeout:g} s") from None
+        del self.devices[device_id]
+        del self.released[device_id]
+
+    def release(self, device_id: str) -> None:
+        """The guest lets go of a device whose removal is pending."""
+        self.released.setdefault(device_id, asyncio.Event()).set()
+
+    async def add_netdev(self, netdev: NetdevSpec) -> None:
+        if netdev.id in self.netdevs:
+            raise _refuse(f"Duplicate ID '{netdev.id}' for netdev")
+        fd = netdev.properties.get("fd")
+        if isinstance(fd, str) and not fd.isdigit() and fd not in self.fds:
+            raise _refuse(f"File descriptor named '{fd}' has not been found")
+        self.netdevs[netdev.id] = netdev
+
+    async def remove_netdev(self, netdev_id: str) -> None:
+        if self.netdevs.pop(netdev_id, None) is None:
+            raise _refuse(f"Device '{netdev_id}' not found", "DeviceNotFound")
+
+    def close(self) -> None:
+        for fd in [*self.fds.values(), *(f for s in self.fdsets.values() for f in s)]:
+            os.close(fd)
+        self.fds.clear()
+        self.fdsets.clear()
+
+
+@dataclass
+class FakeMemory:
+    size: int = 0  # what the guest has now
+    target: int | None = None
+    stats: BalloonStats = field(default_factory=lambda: BalloonStats(last_update=0))
+    stats_interval: int = 0
+    memory_devices: dict[str, int] = field(default_factory=dict)
+
+    async def set_balloon_target(self, size: int) -> None:
+        if size <= 0:
+            raise _refuse("Parameter 'value' expects a size")
+        self.target = self.size = size  # a cooperative guest, at once
+
+    async def balloon_size(self) -> int:
+        return self.size
+
+    async def set_stats_interval(self, seconds: int) -> None:
+        self.stats_interval = seconds
+
+    async def balloon_stats(self) -> BalloonStats:
+        return self.stats
+
+    async def set_memory_device_size(self, device_id: str, size: int) -> None:
+        if device_id not in self.memory_devices:
+            raise _refuse(f"Device '{device_id}' not found", "DeviceNotFound")
+        self.memory_devices[device_id] = size
+
+
+@dataclass
+class FakeMigration:
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    parameters: MigrationParameters = field(default_factory=MigrationParameters)
+    uri: str | None = None
+    incoming_uri: str | None = None
+    # What stats() returns, in turn; the last one repeats.
+    script: list[MigrationStats] = field(default_factory=list)
+    current: MigrationStats = field(default_factory=lambda: MigrationStats("none"))
+
+    async def set_capabilities(self, capabilities: Mapping[str, bool]) -> None:
+        if self.current.status in ("setup", "active"):
+            raise _refuse("There's a migration process in progress")
+        self.capabilities.update(capabilities)
+
+    async def set_parameters(self, parameters: MigrationParameters) -> None:
+        given = {k: v for k, v in vars(parameters).items() if v is not None}
+        self.parameters = MigrationParameters(**{**vars(self.parameters), **given})
+
+    async def start(self, uri: str) -> None:
+        self.uri = uri
+        self.current = MigrationStats("active")
+
+    async def incoming(self, uri: str) -> None:
+        self.incoming_uri = uri
+
+    async def stats(self) -> MigrationStats:
+        if self.script:
+            self.current = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return self.current
+
+    async def cancel(self) -> None:
+        if not self.current.finished:
+            self.current = MigrationStats("cancelled")
+
+
+@dataclass
+class FakeBlockJobs:
+    nodes: dict[str, BlockNodeSpec] = field(default_factory=dict)
+    overlays: dict[str, str] = field(default_factory=dict)  # node -> overlay on top
+    running: dict[str, BlockJobInfo] = field(default_factory=dict)
+    bitmaps: set[tuple[str, str]] = field(default_factory=set)
+    nbd_socket: str | None = None
+    exports: dict[str, NbdExport] = field(default_factory=dict)
+
+    async def add_node(self, node: BlockNodeSpec) -> None:
+        if node.node_name in self.nodes:
+            raise _refuse(f"Duplicate nodes with node-name='{node.node_name}'")
+        self.nodes[node.node_name] = node
+
+    async def remove_node(self, node_name: str) -> None:
+        if self.nodes.pop(node_name, None) is None:
+            raise _refuse(f"Failed to find node with node-name='{node_name}'")
+
+    async def snapshot(self, snapshots: Sequence[Snapshot],
+                       bitmaps: Sequence[DirtyBitmap] = ()) -> None:
+        for snap in snapshots:  # all or nothing, as a transaction
+            if snap.overlay not in self.nodes:
+                raise _refuse(f"Cannot find device='' nor node-name='{snap.overlay}'")
+        for bitmap in bitmaps:
+            if (bitmap.node, bitmap.name) in self.bitmaps:
+                raise _refuse(f"Bitmap already exists: {bitmap.name}")
+        self.overlays.update({snap.node: snap.overlay for snap in snapshots})
+        self.bitmaps.update((b.node, b.name) for b in bitmaps)
+
+    def _start(self, job_id: str, kind: str) -> None:
+        if job_id in self.running:
+            raise _refuse(f"Job ID '{job_id}' already in use")
+        self.running[job_id] = BlockJobInfo(job_id, kind, "running", 0, 100)
+
+    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full") -> None:
+        self._start(job_id, "mirror")
+
+    async def commit(self, job_id: str, node: str, top: str | None = None,
+                     base: str | None = None) -> None:
+        self._start(job_id, "commit")
+
+    async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
+        self._start(job_id, "stream")
+
+    async def jobs(self) -> list[BlockJobInfo]:
+        return list(self.running.values())
+
+    def _job(self, job_id: str) -> BlockJobInfo:
+        if job_id not in self.running:
+            raise _refuse(f"Block job '{job_id}' not found", "DeviceNotActive")
+        return self.running[job_id]
+
+    async def complete(self, job_id: str) -> None:
+        self._job(job_id)
+        del self.running[job_id]
+
+    async def cancel(self, job_id: str, force: bool = False) -> None:
+        self._job(job_id)
+        del self.running[job_id]
+
+    async def dismiss(self, job_id: str) -> None:
+        self._job(job_id)
+        del self.running[job_id]
+
+    async def add_bitmap(self, bitmap: DirtyBitmap) -> None:
+        await self.snapshot((), (bitmap,))
+
+    async def remove_bitmap(self, node: str, name: str) -> None:
+        if (node, name) not in self.bitmaps:
+            raise _refuse(f"Dirty bitmap '{name}' not found")
+        self.bitmaps.discard((node, name))
+
+    async def start_nbd_server(self, socket_path: str) -> None:
+        if self.nbd_socket is not None:
+            raise _refuse("NBD server already running")
+        self.nbd_socket = socket_path
+
+    async def add_export(self, export: NbdExport) -> None:
+        if self.nbd_socket is None:
+            raise _refuse("NBD server not running")
+        self.exports[export.name] = export
+
+    async def remove_export(self, name: str) -> None:
+        if self.exports.pop(name, None) is None:
+            raise _refuse(f"Export '{name}' is not found")
+
+    async def stop_nbd_server(self) -> None:
+        self.nbd_socket = None
+        self.exports.clear()
+
+
+def _conforms(d: FakeDevices, m: FakeMemory, g: FakeMigration,
+              b: FakeBlockJobs) -> tuple[Devices, Memory, Migration, BlockJobs]:
+    """Never called: lets mypy check that the fakes implement the capability protocols."""
+    return d, m, g, b
