@@ -12,10 +12,12 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
     │   └── ResourceBusy        a disk in use by another running VM
-    ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
+    ├── InsufficientResources   more memory/CPUs than the host has           (422)
+    │   └── NoSpace             a host file system (or the store on it) is full (507)
     ├── OperationTimeout        something outside did not answer in time     (504)
     │   └── ServiceDisabled     an integration service that is turned off
     ├── Cancelled               a job that a user cancelled                  (409)
+    ├── Interrupted             a job that a restart of the service ended     (500)
     └── HypervisorError         QEMU or a system tool failed                 (500)
 """
 
@@ -107,6 +109,14 @@ class InsufficientResources(HvError):
     title = "Insufficient resources"
 
 
+class NoSpace(InsufficientResources):
+    """A host file system is full: a disk, a saved state or the store cannot be written."""
+
+    http_status = 507
+    slug = "no-space"
+    title = "No space left on the host"
+
+
 class OperationTimeout(HvError):
     http_status = 504
     slug = "timeout"
@@ -117,6 +127,11 @@ class Cancelled(HvError):
     http_status = 409
     slug = "cancelled"
     title = "Cancelled"
+
+
+class Interrupted(HvError):
+    slug = "interrupted"
+    title = "Interrupted by a restart of the host service"
 
 
 class HypervisorError(HvError):
@@ -138,8 +153,10 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         ResourceBusy,
         ServiceDisabled,
         InsufficientResources,
+        NoSpace,
         OperationTimeout,
         Cancelled,
+        Interrupted,
         HypervisorError,
     )
 }

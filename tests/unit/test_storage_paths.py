@@ -9,8 +9,8 @@ import pytest
 
 from hvstack.errors import (
     HypervisorError,
-    InsufficientResources,
     InvalidInput,
+    NoSpace,
     NotFound,
     PathNotAllowed,
     ResourceBusy,
@@ -237,7 +237,7 @@ def test_progress_parser_clamps() -> None:
         ),
         (
             "qemu-img: error while writing at byte 0: No space left on device\n",
-            InsufficientResources,
+            NoSpace,
         ),
         (
             "qemu-img: Could not open '/x': Could not open '/x': No such file or directory\n",

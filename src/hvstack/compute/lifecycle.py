@@ -4,6 +4,14 @@ A :class:`VmController` owns a VM's record and its worker process handle. Operat
 one VM are serialised by its lock; different VMs run side by side. Every state change
 goes through :meth:`VmController._set`, which persists the record and publishes an
 event (through the ``on_change`` callback the host service supplies).
+
+Failures: the state in memory is the truth while the service runs. An operation that
+fails, or is cancelled, leaves the VM in the state it is really in, asked from QEMU
+(``query-status``; Off when the worker process is gone), never in a transition such as
+Saving. A store that cannot record a change (a full disk) fails the operation before it
+begins (:class:`~hvstack.errors.NoSpace`); once the VM has really changed, the change
+is kept and published, the failure to record it logged (the next change records the
+whole record again, and after a restart the real state is found by reattaching).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import shutil
 import time
@@ -21,13 +30,16 @@ from pathlib import Path
 from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, require
-from hvstack.errors import HvError, HypervisorError, InsufficientResources
+from hvstack.errors import HvError, HypervisorError, InsufficientResources, NoSpace
 from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import QemuSpec
 
 log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT = 10.0  # asking QEMU its run state after a failure
+EXIT_GRACE = 2.0  # for a worker that stopped answering to show it has exited
 
 Progress = Callable[[float, str], None]
 
@@ -120,14 +132,55 @@ class VmController:
     def state(self) -> VmState:
         return self.record.state
 
-    def _set(self, state: VmState, reason: str = "", **changes: object) -> None:
+    def _set(self, state: VmState, reason: str = "", *, strict: bool = False,
+             **changes: object) -> None:
+        """Change the state. ``strict``: the change must be recorded, or nothing changes
+        and the store's error is raised (used before an operation begins)."""
         if state in (VmState.OFF, VmState.SAVED):
             changes.setdefault("pid", None)
             shutil.rmtree(self.files.run_dir, ignore_errors=True)  # its sockets are dead
         if state is VmState.OFF:
             changes.setdefault("started_at", None)
+        before = self.record
         self.record = self.record.evolve(state=state, state_reason=reason, **changes)
-        self._on_change(self.record)
+        try:
+            self._on_change(self.record)
+        except HvError as exc:
+            if strict:
+                self.record = before
+                with contextlib.suppress(HvError):
+                    self._on_change(before)  # tells followers it went back
+                raise
+            log.error("VM %s is %s, but the store cannot record it: %s",
+                      self.record.name, state.value, exc)
+
+    async def _real_state(self) -> VmState:
+        """The state the VM is really in, asked from QEMU; Off without a live worker."""
+        machine = self._machine
+        if machine is None:
+            return VmState.OFF
+        try:
+            status = await asyncio.wait_for(machine.status(), STATUS_TIMEOUT)
+        except (HvError, TimeoutError):
+            try:
+                await asyncio.wait_for(asyncio.shield(machine.wait_exit()), EXIT_GRACE)
+            except TimeoutError:
+                return VmState.RUNNING  # alive but not answering; turn off still works
+            return VmState.OFF
+        return VmState.RUNNING if status == "running" else VmState.PAUSED
+
+    async def _recover(self, operation: str, exc: BaseException, *,
+                       resume: bool = False) -> None:
+        """After ``operation`` failed: resume the guest if asked (it was running before
+        the operation paused it), then set the state QEMU reports."""
+        if resume and self._machine is not None:
+            with contextlib.suppress(HvError):
+                await self._machine.resume()
+        state = await self._real_state()
+        if state is VmState.OFF:
+            await self._drop_machine()
+        why = exc.message if isinstance(exc, HvError) else "it was cancelled"
+        self._set(state, f"{operation} failed: {why}")
 
     @property
     def machine_running(self) -> bool:
@@ -219,7 +272,12 @@ class VmController:
         previous = self.state
         self._busy = True
         try:
-            self._set(VmState.STARTING, "restoring saved state" if resume_saved else "")
+            self._set(VmState.STARTING, "restoring saved state" if resume_saved else "",
+                      strict=True)
+        except BaseException:
+            self._busy = False
+            raise
+        try:
             progress(5, "launching the VM worker process")
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             spec = self._spec_for(self.record, resume_saved)
@@ -259,6 +317,9 @@ class VmController:
         try:
             await machine.quit()
             await self._drop_machine()
+        except BaseException as exc:
+            await self._recover("turn off", exc)
+            raise
         finally:
             self._busy = False
         self._set(VmState.OFF, reason)
@@ -283,9 +344,8 @@ class VmController:
                 await machine.quit()
                 how = f"turned off: the guest did not shut down within {timeout:g} s"
             await self._drop_machine()
-        except BaseException:
-            if self._machine is not None:
-                self._set(VmState.RUNNING, "shut down was interrupted")
+        except BaseException as exc:
+            await self._recover("shut down", exc)
             raise
         finally:
             self._busy = False
@@ -315,6 +375,9 @@ class VmController:
         self._busy = True
         try:
             await self._running_machine().pause()
+        except BaseException as exc:
+            await self._recover("pause", exc)
+            raise
         finally:
             self._busy = False
         self._set(VmState.PAUSED, "paused")
@@ -324,6 +387,9 @@ class VmController:
         self._busy = True
         try:
             await self._running_machine().resume()
+        except BaseException as exc:
+            await self._recover("resume", exc)
+            raise
         finally:
             self._busy = False
         self._set(VmState.RUNNING)
@@ -333,11 +399,19 @@ class VmController:
         self.require(Operation.SAVE)
         machine = self._running_machine()
         was = self.state
-        self._busy = True
-        self._set(VmState.SAVING)
         target = self.files.saved_state
-        target.unlink(missing_ok=True)
+        self._busy = True
         try:
+            self._set(VmState.SAVING, strict=True)
+        except NoSpace as exc:
+            self._busy = False
+            raise NoSpace(f"cannot save VM '{self.record.name}': {exc.message}; the VM "
+                          f"keeps running", **exc.data) from exc
+        except BaseException:
+            self._busy = False
+            raise
+        try:
+            target.unlink(missing_ok=True)
             if was is VmState.RUNNING:
                 await machine.pause()
             await machine.save_state(target, lambda p: progress(0.95 * p, "saving memory"))
@@ -345,16 +419,12 @@ class VmController:
             await self._drop_machine()
         except BaseException as exc:
             target.unlink(missing_ok=True)
-            if self._machine is not None:
-                with contextlib.suppress(HvError):
-                    if was is VmState.RUNNING:
-                        await machine.resume()
-                why = exc.message if isinstance(exc, HvError) else "cancelled"
-                self._set(was, f"save failed: {why}")
-            if isinstance(exc, InsufficientResources):
-                raise InsufficientResources(
+            await self._recover("save", exc, resume=was is VmState.RUNNING)
+            if isinstance(exc, InsufficientResources) or _no_space(exc):
+                raise NoSpace(
                     f"cannot save VM '{self.record.name}': no space left for its memory "
-                    f"state in {target.parent}; the VM keeps running"
+                    f"state in the file system of its folder; it is "
+                    f"{self.state.value} again", vm=self.record.name,
                 ) from exc
             raise
         finally:
@@ -413,6 +483,10 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 async def _nothing() -> None:

@@ -96,7 +96,7 @@ class HostService:
         self.store = store
         self.driver = driver
         self.events = EventBus()
-        self.jobs = JobManager(self.events)
+        self.jobs = JobManager(self.events, store)
         self.facts = HostFacts(
             cpus=os.cpu_count() or 1,
             memory_bytes=_meminfo("MemTotal"),
@@ -206,11 +206,13 @@ class HostService:
         self.store.update(record)
 
     def _on_change(self, record: VmRecord) -> None:
-        self._persist(record)
-        self.events.publish(
-            "vm.state", vm=record.name, id=record.id, state=record.state.value,
-            reason=record.state_reason,
-        )
+        try:
+            self._persist(record)
+        finally:  # the change happened (or was undone) even if the store failed
+            self.events.publish(
+                "vm.state", vm=record.name, id=record.id, state=record.state.value,
+                reason=record.state_reason,
+            )
 
     def get_vm(self, ref: str) -> VmController:
         vm_id = self._names.get(ref, ref)
