@@ -6,7 +6,8 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
 
     HvError
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
-    │   └── PathNotAllowed      a path outside the storage roots            (400)
+    │   ├── PathNotAllowed      a path outside the storage roots            (400)
+    │   └── TooLarge            a request body over the service's limit      (413)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── Conflict                                                             (409)
     │   ├── AlreadyExists       a name or file that is taken
@@ -52,6 +53,12 @@ class InvalidInput(HvError):
 class PathNotAllowed(InvalidInput):
     slug = "path-not-allowed"
     title = "Path outside the storage roots"
+
+
+class TooLarge(InvalidInput):
+    http_status = 413
+    slug = "too-large"
+    title = "Request body too large"
 
 
 class NotFound(HvError):
@@ -146,6 +153,7 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         HvError,
         InvalidInput,
         PathNotAllowed,
+        TooLarge,
         NotFound,
         Conflict,
         AlreadyExists,
