@@ -6,7 +6,8 @@ data fields are extension members, so clients can read ``vm``, ``state`` and
 
 A 5xx answer carries an ``error_id`` that the service's log line (with the traceback)
 also carries; an unexpected exception shows only that id, never its text (which may
-name host paths or internals). Every failure answered with 5xx or 507 is logged once.
+name host paths or internals). Every error answered is logged once: a refusal (4xx) at
+INFO, a failure (5xx) at WARNING or, unexpected, at ERROR with its traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HvError)
     async def on_hv_error(request: Request, exc: HvError) -> JSONResponse:
         if exc.http_status < 500:
+            log.info("%s %s refused (%d %s): %s", request.method, request.url.path,
+                     exc.http_status, exc.slug, exc)
             return problem_response(exc)
         error_id = new_error_id()
         log.warning("%s %s failed (error id %s): %s", request.method, request.url.path,
