@@ -189,12 +189,13 @@ def locked_temp(config: HostConfig) -> Iterator[Path]:
          "sys.stdin.read()\n", str(temp)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-    try:
-        yield temp
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(10)
+    with holder:  # closes its pipes
+        try:
+            yield temp
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(10)
 
 
 async def test_nothing_else_is_touched(config: HostConfig, boot: object,
