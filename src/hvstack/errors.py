@@ -6,7 +6,8 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
 
     HvError                                                                  (500)
     ├── InvalidInput            bad names, sizes, paths, option strings      (400)
-    │   └── PathNotAllowed      a path outside the storage roots             (400)
+    │   ├── PathNotAllowed      a path outside the storage roots            (400)
+    │   └── TooLarge            a request body over the service's limit      (413)
     ├── NotFound                a VM, disk, image or job that does not exist (404)
     ├── NotAuthenticated        no valid token on a TCP listener             (401)
     ├── AccessDenied            a foreign Origin, a peer not allowed         (403)
@@ -15,10 +16,12 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   ├── InvalidState        the VM's state does not allow the operation
     │   ├── ResourceBusy        a disk in use by another running VM
     │   └── ServiceDisabled     an integration service that is turned off
-    ├── InsufficientResources   more memory/CPUs than the host has, disk full (422)
+    ├── InsufficientResources   more memory/CPUs than the host has           (422)
+    │   └── NoSpace             a host file system (or the store on it) is full (507)
     ├── OperationTimeout        something outside did not answer in time     (504)
     │   └── WaitTimedOut        ``vm wait``: the condition did not hold in time
     ├── Cancelled               a job that a user cancelled                  (409)
+    ├── Interrupted             a job that a restart of the service ended     (500)
     ├── HypervisorError         QEMU or a system tool failed                 (500)
     └── InvalidTransition       a state change the state machine does not have (500)
 """
@@ -54,6 +57,12 @@ class InvalidInput(HvError):
 class PathNotAllowed(InvalidInput):
     slug = "path-not-allowed"
     title = "Path outside the storage roots"
+
+
+class TooLarge(InvalidInput):
+    http_status = 413
+    slug = "too-large"
+    title = "Request body too large"
 
 
 class NotFound(HvError):
@@ -129,6 +138,14 @@ class InsufficientResources(HvError):
     title = "Insufficient resources"
 
 
+class NoSpace(InsufficientResources):
+    """A host file system is full: a disk, a saved state or the store cannot be written."""
+
+    http_status = 507
+    slug = "no-space"
+    title = "No space left on the host"
+
+
 class OperationTimeout(HvError):
     http_status = 504
     slug = "timeout"
@@ -144,6 +161,11 @@ class Cancelled(HvError):
     http_status = 409
     slug = "cancelled"
     title = "Cancelled"
+
+
+class Interrupted(HvError):
+    slug = "interrupted"
+    title = "Interrupted by a restart of the host service"
 
 
 class HypervisorError(HvError):
@@ -166,6 +188,7 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         HvError,
         InvalidInput,
         PathNotAllowed,
+        TooLarge,
         NotFound,
         Conflict,
         AlreadyExists,
@@ -175,9 +198,11 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         AccessDenied,
         ServiceDisabled,
         InsufficientResources,
+        NoSpace,
         OperationTimeout,
         WaitTimedOut,
         Cancelled,
+        Interrupted,
         HypervisorError,
         InvalidTransition,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from tests.functional.fakes import (
     FakeDriver,
     assert_problem,
     create_vm,
+    eventually,
     finish_job,
     run_job,
     show_vm,
@@ -47,31 +49,66 @@ async def test_many_concurrent_creates_with_distinct_names(api: httpx.AsyncClien
     assert len({r.json()["id"] for r in responses}) == 8
 
 
-async def test_concurrent_starts_launch_one_machine(api: httpx.AsyncClient,
+class CountingLock(asyncio.Lock):
+    """A VM lock that tells how many are waiting for it, so a test can wait until an
+    operation is really queued instead of hoping one loop tick was enough."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def acquire(self) -> Literal[True]:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
+
+
+def counting_lock(service: HostService, name: str) -> CountingLock:
+    lock = CountingLock()
+    service.get_vm(name).lock = lock
+    return lock
+
+
+async def test_concurrent_starts_launch_one_machine(service: HostService,
                                                     driver: FakeDriver) -> None:
-    vm = await create_vm(api, "web")
-    responses = await asyncio.gather(*(api.post(f"{API}/vms/web/start") for _ in range(2)))
-    jobs = []
-    for response in responses:
-        if response.status_code == 202:
-            jobs.append(await finish_job(api, response.json()))
-        else:  # refused up front: already starting
-            assert_problem(response, 409, "invalid-state")
-    completed = [j for j in jobs if j["state"] == "completed"]
-    failed = [j for j in jobs if j["state"] == "failed"]
-    assert len(completed) == 1
-    assert all(j["error"]["type"] == "/problems/invalid-state" for j in failed)
-    assert len([m for m in driver.machines if m.vm_id == vm["id"]]) == 1
+    """Both starts are accepted while the VM is Off; they run one after the other, and
+    the second finds the VM Running."""
+    from hvstack.compute.model import VmConfig
+    from hvstack.host.service import NewVm
+
+    vm = await service.create_vm(NewVm(VmConfig(name="web", memory_bytes=64 << 20)))
+    first, second = service.start_vm("web"), service.start_vm("web")
+    await asyncio.wait_for(asyncio.gather(first.done.wait(), second.done.wait()), 5)
+    assert first.state is JobState.COMPLETED
+    assert second.state is JobState.FAILED
+    assert getattr(second.error, "slug", None) == "invalid-state"
+    assert len([m for m in driver.machines if m.vm_id == vm.record.id]) == 1
     assert driver.violations == []
-    assert (await show_vm(api, "web"))["state"] == "Running"
+    assert vm.state is VmState.RUNNING
+
+
+async def test_a_start_while_starting_is_refused_at_once(api: httpx.AsyncClient,
+                                                         driver: FakeDriver) -> None:
+    driver.launch_gate = asyncio.Event()
+    await create_vm(api, "web")
+    start = (await api.post(f"{API}/vms/web/start")).json()
+    await asyncio.wait_for(driver.launching.wait(), 5)
+    assert_problem(await api.post(f"{API}/vms/web/start"), 409, "invalid-state")
+    driver.launch_gate.set()
+    assert (await finish_job(api, start))["state"] == "completed"
+    assert len(driver.machines) == 1
 
 
 async def test_operations_wait_for_a_start_in_progress(api: httpx.AsyncClient,
                                                        driver: FakeDriver,
                                                        service: HostService) -> None:
-    """While a start is in progress, a second start fails or waits; a stop waits its turn."""
+    """While a start is in progress, a second start is refused; a stop and then a pause
+    queue behind it, in order: the pause finds the VM Off."""
     driver.launch_gate = asyncio.Event()
     vm = await create_vm(api, "web")
+    lock = counting_lock(service, "web")
     start = (await api.post(f"{API}/vms/web/start")).json()
     await asyncio.wait_for(driver.launching.wait(), 5)
     assert (await show_vm(api, "web"))["state"] == "Starting"
@@ -80,8 +117,9 @@ async def test_operations_wait_for_a_start_in_progress(api: httpx.AsyncClient,
     assert_problem(second, 409, "invalid-state")
     stop = await api.post(f"{API}/vms/web/stop", json={"mode": "turn-off"})
     assert stop.status_code == 202  # Starting allows turn off: it queues behind the start
+    await eventually(lambda: lock.waiting == 1, "the stop waits for the VM")
     pause = asyncio.ensure_future(api.post(f"{API}/vms/web/pause"))
-    await asyncio.sleep(0)
+    await eventually(lambda: lock.waiting == 2, "the pause waits behind the stop")
     assert not pause.done()
 
     driver.launch_gate.set()
@@ -89,9 +127,8 @@ async def test_operations_wait_for_a_start_in_progress(api: httpx.AsyncClient,
     stop_job = await finish_job(api, stop.json())
     assert start["state"] == "completed"
     assert stop_job["state"] == "completed"
-    pause_response = await asyncio.wait_for(pause, 5)
-    # the pause ran either between the start and the stop, or after the stop
-    assert pause_response.status_code in (200, 409)
+    problem = assert_problem(await asyncio.wait_for(pause, 5), 409, "invalid-state")
+    assert problem["state"] == "Off"
     assert (await show_vm(api, "web"))["state"] == "Off"
     assert driver.violations == []
     assert len([m for m in driver.machines if m.vm_id == vm["id"]]) == 1
@@ -179,10 +216,11 @@ async def test_delete_waits_for_a_running_operation(service: HostService,
 
     driver.launch_gate = asyncio.Event()
     await service.create_vm(NewVm(VmConfig(name="busy", memory_bytes=64 << 20)))
+    lock = counting_lock(service, "busy")
     job = service.start_vm("busy")
     await asyncio.wait_for(driver.launching.wait(), 5)
     deleting = asyncio.ensure_future(service.delete_vm("busy"))
-    await asyncio.sleep(0)
+    await eventually(lambda: lock.waiting == 1, "the delete waits for the start")
     assert not deleting.done()
     driver.launch_gate.set()
     await asyncio.wait_for(job.done.wait(), 5)

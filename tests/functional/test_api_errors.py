@@ -217,13 +217,30 @@ async def test_more_memory_than_the_host_has(api: httpx.AsyncClient) -> None:
     assert "more than this host has" in problem["detail"]
 
 
+@pytest.fixture
+def four_cpus(service: HostService) -> HostService:
+    """The host's facts are the test's, not the machine's that runs it."""
+    from dataclasses import replace
+
+    service.facts = replace(service.facts, cpus=4)
+    return service
+
+
 async def test_more_cpus_than_the_host_has(api: httpx.AsyncClient,
-                                           service: HostService) -> None:
-    response = await api.post(f"{API}/vms", json={"name": "web", "cpus": service.facts.cpus + 1})
-    # errors.py documents InsufficientResources (422); validate_config says InvalidInput (400)
-    assert response.status_code in (400, 422)
-    assert response.headers["content-type"] == "application/problem+json"
-    assert "processor count" in response.json()["detail"]
+                                           four_cpus: HostService) -> None:
+    response = await api.post(f"{API}/vms", json={"name": "web", "cpus": 5})
+    problem = assert_problem(response, 422, "insufficient-resources")
+    assert problem["detail"] == ("processor count 5 is out of range; this host allows 1 to 4")
+    assert problem["value"] == 5
+
+
+async def test_more_cpus_than_any_vm_may_have(api: httpx.AsyncClient,
+                                              four_cpus: HostService) -> None:
+    from hvstack.compute.model import MAX_CPUS
+
+    response = await api.post(f"{API}/vms", json={"name": "web", "cpus": MAX_CPUS + 1})
+    problem = assert_problem(response, 400, "invalid-input")
+    assert "processor count" in problem["detail"]
 
 
 async def test_absurd_memory_is_a_400(api: httpx.AsyncClient) -> None:

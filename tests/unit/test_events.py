@@ -52,15 +52,22 @@ async def test_a_slow_subscriber_loses_the_oldest_events(
     await close(sub)
 
 
-async def test_closing_a_subscription_unsubscribes() -> None:
+async def test_closing_a_subscription_unsubscribes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_module, "QUEUE_SIZE", 2)
     bus = EventBus()
-    sub = bus.subscribe()
-    pending = asyncio.ensure_future(anext(sub))
-    await asyncio.sleep(0)
-    bus.publish("e")
-    await asyncio.wait_for(pending, 5)
+    sub, other = bus.subscribe(), bus.subscribe()
+    bus.publish("e", n=0)
+    assert (await asyncio.wait_for(anext(sub), 5)).data == {"n": 0}
     await close(sub)
-    bus.publish("e")  # nobody listens; nothing blocks or fails
+    for n in range(1, 5):  # more than its queue holds: nothing blocks or fails
+        bus.publish("e", n=n)
+    # The closed subscription ends instead of delivering what came after ...
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(sub), 5)
+    # ... while the other one still gets everything its queue holds.
+    got = [(await asyncio.wait_for(anext(other), 5)).data["n"] for _ in range(2)]
+    assert got == [3, 4]
+    await close(other)
 
 
 async def test_a_subscription_survives_a_timed_out_wait() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hvstack.errors import Cancelled, Conflict, HvError, InvalidInput, NotFound
+from hvstack.errors import Cancelled, Conflict, HvError, Interrupted, InvalidInput, NotFound
 from hvstack.host.events import Event, EventBus
 from hvstack.host.jobs import Job, JobManager, JobState, Progress
 
@@ -91,14 +91,21 @@ async def test_failure_is_captured_as_the_error(jobs: JobManager) -> None:
     assert job.result is None
 
 
-async def test_unexpected_exception_becomes_an_internal_error(jobs: JobManager) -> None:
+async def test_unexpected_exception_becomes_an_internal_error_with_an_id(
+    jobs: JobManager, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body(progress: Progress) -> None:
-        raise RuntimeError("boom")
+        raise RuntimeError("boom /proc/self/fd/3")
 
     job = await finish(jobs.start("start", "web", body))
     assert job.state is JobState.FAILED
     assert type(job.error) is HvError
-    assert job.error.message == "internal error: boom"
+    error_id = job.error.data["error_id"]
+    assert isinstance(error_id, str) and error_id in job.error.message
+    assert "boom" not in job.error.message and "/proc" not in job.error.message
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "web" in logged[0].getMessage()
 
 
 async def test_cancel(jobs: JobManager) -> None:
@@ -179,7 +186,7 @@ async def test_get_list_and_unknown(jobs: JobManager) -> None:
     assert b.state is JobState.COMPLETED
 
 
-async def test_shutdown_cancels_running_jobs(bus: RecordingBus) -> None:
+async def test_shutdown_ends_running_jobs_as_interrupted(bus: RecordingBus) -> None:
     manager = JobManager(bus)
 
     async def body(progress: Progress) -> None:
@@ -188,7 +195,9 @@ async def test_shutdown_cancels_running_jobs(bus: RecordingBus) -> None:
     job = manager.start("start", "web", body)
     await asyncio.sleep(0)
     await asyncio.wait_for(manager.shutdown(), 5)
-    assert job.state is JobState.CANCELLED
+    assert job.state is JobState.FAILED
+    assert isinstance(job.error, Interrupted)
+    assert "interrupted by a restart of the host service" in job.error.message
 
 
 async def test_a_unique_prefix_names_a_job(jobs: JobManager) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from hvstack.errors import (
     HypervisorError,
-    InsufficientResources,
     InvalidInput,
+    NoSpace,
     NotFound,
     PathNotAllowed,
     ResourceBusy,
@@ -73,7 +73,17 @@ def test_prefix_of_root_name_is_outside(root: Path) -> None:
 def test_dotdot_escape(root: Path, outside: Path) -> None:
     with pytest.raises(PathNotAllowed) as info:
         confine(f"{root}/../elsewhere/secret.img", [root])
-    assert "resolves to" in str(info.value)
+    assert "through a symbolic link or '..'" in str(info.value)
+    assert f"'{root}/../elsewhere/secret.img'" in str(info.value)
+
+
+def test_where_a_link_leads_outside_is_not_told(root: Path) -> None:
+    (root / "fd.img").symlink_to("/proc/self/fd/0")
+    with pytest.raises(PathNotAllowed) as info:
+        confine(root / "fd.img", [root])
+    shown = f"{info.value} {info.value.data}"
+    assert "/proc" not in shown
+    assert str(root / "fd.img") in shown
 
 
 def test_dotdot_staying_inside(root: Path) -> None:
@@ -237,7 +247,7 @@ def test_progress_parser_clamps() -> None:
         ),
         (
             "qemu-img: error while writing at byte 0: No space left on device\n",
-            InsufficientResources,
+            NoSpace,
         ),
         (
             "qemu-img: Could not open '/x': Could not open '/x': No such file or directory\n",

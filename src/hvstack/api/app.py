@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from hvstack import __version__
 from hvstack.api import problems
+from hvstack.api.body import BodyGuard, exempt_routes
 from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import console, guest, host, storage, vms
 from hvstack.api.routes.auth import router as auth_router
@@ -41,9 +42,9 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None,
     app.include_router(auth_router)
     problems.install(app)
     app.add_middleware(EscapedSlashGuard)
-    app.include_router(host.router)
-    app.include_router(vms.router)
-    app.include_router(console.router)
-    app.include_router(storage.router)
-    app.include_router(guest.router)
+    routers = (host.router, vms.router, console.router, storage.router, guest.router)
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(BodyGuard, limit=service.config.max_request_body,
+                       exempt=exempt_routes(r for router in routers for r in router.routes))
     return app

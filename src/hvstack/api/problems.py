@@ -3,11 +3,17 @@
 The ``type`` is ``/problems/<slug>`` (resolvable later to documentation); the error's
 data fields are extension members, so clients can read ``vm``, ``state`` and
 ``required`` without parsing the message.
+
+A 5xx answer carries an ``error_id`` that the service's log line (with the traceback)
+also carries; an unexpected exception shows only that id, never its text (which may
+name host paths or internals). Every error answered is logged once: a refusal (4xx) at
+INFO, a failure (5xx) at WARNING or, unexpected, at ERROR with its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,10 +49,23 @@ def _describe(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(HvError)
     async def on_hv_error(request: Request, exc: HvError) -> JSONResponse:
-        return problem_response(exc)
+        if exc.http_status < 500:
+            log.info("%s %s refused (%d %s): %s", request.method, request.url.path,
+                     exc.http_status, exc.slug, exc)
+            return problem_response(exc)
+        error_id = new_error_id()
+        log.warning("%s %s failed (error id %s): %s", request.method, request.url.path,
+                    error_id, exc, exc_info=exc.http_status != 507)
+        body = problem_body(exc)
+        body["error_id"] = error_id
+        return JSONResponse(body, status_code=exc.http_status, media_type=MEDIA_TYPE)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,9 +83,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        error_id = new_error_id()
+        log.error("unexpected error in %s %s (error id %s)", request.method,
+                  request.url.path, error_id, exc_info=exc)
         body = {"type": "/problems/internal", "title": "Internal error", "status": 500,
-                "detail": f"internal error: {type(exc).__name__}: {exc}"}
+                "detail": f"internal error (error id {error_id}; the host service's log "
+                          "has the details)",
+                "error_id": error_id}
         return JSONResponse(body, status_code=500, media_type=MEDIA_TYPE)
 
     @app.exception_handler(StarletteHTTPException)

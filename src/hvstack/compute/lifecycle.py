@@ -6,6 +6,14 @@ goes through :meth:`VmController._set`, which checks it against the state machin
 (:mod:`hvstack.compute.states`; a move it lacks is refused as a programming error),
 persists the record and publishes an event (through the ``on_change`` callback the host
 service supplies). An operation's steps come from the machine: :meth:`_step`.
+
+Failures: the state in memory is the truth while the service runs. An operation that
+fails, or is cancelled, leaves the VM in the state it is really in, asked from QEMU
+(``query-status``; Off when the worker process is gone), never in a transition such as
+Saving. A store that cannot record a change (a full disk) fails the operation before it
+begins (:class:`~hvstack.errors.NoSpace`); once the VM has really changed, the change
+is kept and published, the failure to record it logged (the next change records the
+whole record again, and after a restart the real state is found by reattaching).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import shutil
 import time
@@ -23,7 +32,13 @@ from pathlib import Path
 from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, can_move, next_state, require
-from hvstack.errors import HvError, HypervisorError, InsufficientResources, InvalidTransition
+from hvstack.errors import (
+    HvError,
+    HypervisorError,
+    InsufficientResources,
+    InvalidTransition,
+    NoSpace,
+)
 from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
@@ -32,6 +47,9 @@ from hvstack.hypervisor.qemu.argv import QemuSpec, block_node_paths
 from hvstack.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT = 10.0  # asking QEMU its run state after a failure
+EXIT_GRACE = 2.0  # for a worker that stopped answering to show it has exited
 
 
 class StopMode(enum.StrEnum):
@@ -123,8 +141,11 @@ class VmController:
     def state(self) -> VmState:
         return self.record.state
 
-    def _set(self, state: VmState, reason: str = "", **changes: object) -> None:
-        """Move to ``state``; InvalidTransition (logged) if the state machine lacks it."""
+    def _set(self, state: VmState, reason: str = "", *, strict: bool = False,
+             **changes: object) -> None:
+        """Move to ``state``; InvalidTransition (logged) if the state machine lacks it.
+        ``strict``: the change must be recorded, or nothing changes and the store's error
+        is raised (used before an operation begins)."""
         if not can_move(self.state, state):
             log.error("VM %s: refused the move from %s to %s (%s): the state machine has "
                       "no such move", self.record.name, self.state.value, state.value, reason)
@@ -136,10 +157,49 @@ class VmController:
             shutil.rmtree(self.files.run_dir, ignore_errors=True)  # its sockets are dead
         if state is VmState.OFF:
             changes.setdefault("started_at", None)
+        before = self.record
         self.record = self.record.evolve(state=state, state_reason=reason, **changes)
-        self._on_change(self.record)
+        try:
+            self._on_change(self.record)
+        except HvError as exc:
+            if strict:
+                self.record = before
+                with contextlib.suppress(HvError):
+                    self._on_change(before)  # tells followers it went back
+                raise
+            log.error("VM %s is %s, but the store cannot record it: %s",
+                      self.record.name, state.value, exc)
 
-    def _step(self, operation: Operation, reason: str = "", **changes: object) -> None:
+    async def _real_state(self) -> VmState:
+        """The state the VM is really in, asked from QEMU; Off without a live worker."""
+        machine = self._machine
+        if machine is None:
+            return VmState.OFF
+        try:
+            status = await asyncio.wait_for(machine.status(), STATUS_TIMEOUT)
+        except (HvError, TimeoutError):
+            try:
+                await asyncio.wait_for(asyncio.shield(machine.wait_exit()), EXIT_GRACE)
+            except TimeoutError:
+                return VmState.RUNNING  # alive but not answering; turn off still works
+            return VmState.OFF
+        return VmState.RUNNING if status == "running" else VmState.PAUSED
+
+    async def _recover(self, operation: str, exc: BaseException, *,
+                       resume: bool = False) -> None:
+        """After ``operation`` failed: resume the guest if asked (it was running before
+        the operation paused it), then set the state QEMU reports."""
+        if resume and self._machine is not None:
+            with contextlib.suppress(HvError):
+                await self._machine.resume()
+        state = await self._real_state()
+        if state is VmState.OFF:
+            await self._drop_machine()
+        why = exc.message if isinstance(exc, HvError) else "it was cancelled"
+        self._set(state, f"{operation} failed: {why}")
+
+    def _step(self, operation: Operation, reason: str = "", *, strict: bool = False,
+              **changes: object) -> None:
         """Take ``operation``'s next step in the state machine's table."""
         try:
             state = next_state(operation, self.state)
@@ -147,7 +207,7 @@ class VmController:
             log.error("VM %s: refused a step: %s", self.record.name, exc)
             raise InvalidTransition(f"VM '{self.record.name}' cannot {operation.value} from "
                                     f"{self.state.value}", vm=self.record.name) from None
-        self._set(state, reason, **changes)
+        self._set(state, reason, strict=strict, **changes)
 
     @property
     def machine_running(self) -> bool:
@@ -262,7 +322,12 @@ class VmController:
         previous = self.state
         self._busy = True
         try:
-            self._step(Operation.START, "restoring saved state" if resume_saved else "")
+            self._step(Operation.START, "restoring saved state" if resume_saved else "",
+                       strict=True)
+        except BaseException:
+            self._busy = False
+            raise
+        try:
             progress(5, "launching the VM worker process")
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             spec = self._spec_for(self.record, resume_saved)
@@ -302,6 +367,9 @@ class VmController:
         try:
             await machine.quit()
             await self._drop_machine()
+        except BaseException as exc:
+            await self._recover("turn off", exc)
+            raise
         finally:
             self._busy = False
         self._step(Operation.TURN_OFF, reason)
@@ -326,9 +394,8 @@ class VmController:
                 await machine.quit()
                 how = f"turned off: the guest did not shut down within {timeout:g} s"
             await self._drop_machine()
-        except BaseException:
-            if self._machine is not None:
-                self._set(VmState.RUNNING, "shut down was interrupted")
+        except BaseException as exc:
+            await self._recover("shut down", exc)
             raise
         finally:
             self._busy = False
@@ -362,6 +429,9 @@ class VmController:
         self._busy = True
         try:
             await self._running_machine().pause()
+        except BaseException as exc:
+            await self._recover("pause", exc)
+            raise
         finally:
             self._busy = False
         self._step(Operation.PAUSE, "paused")
@@ -371,6 +441,9 @@ class VmController:
         self._busy = True
         try:
             await self._running_machine().resume()
+        except BaseException as exc:
+            await self._recover("resume", exc)
+            raise
         finally:
             self._busy = False
         self._step(Operation.RESUME)
@@ -380,11 +453,19 @@ class VmController:
         self.require(Operation.SAVE)
         machine = self._running_machine()
         was = self.state
-        self._busy = True
-        self._step(Operation.SAVE)
         target = self.files.saved_state
-        target.unlink(missing_ok=True)
+        self._busy = True
         try:
+            self._step(Operation.SAVE, strict=True)
+        except NoSpace as exc:
+            self._busy = False
+            raise NoSpace(f"cannot save VM '{self.record.name}': {exc.message}; the VM "
+                          f"keeps running", **exc.data) from exc
+        except BaseException:
+            self._busy = False
+            raise
+        try:
+            target.unlink(missing_ok=True)
             if was is VmState.RUNNING:
                 await machine.pause()
             await machine.save_state(target, scaled(progress, 0, 95, "saving memory"))
@@ -392,16 +473,12 @@ class VmController:
             await self._drop_machine()
         except BaseException as exc:
             target.unlink(missing_ok=True)
-            if self._machine is not None:
-                with contextlib.suppress(HvError):
-                    if was is VmState.RUNNING:
-                        await machine.resume()
-                why = exc.message if isinstance(exc, HvError) else "cancelled"
-                self._set(was, f"save failed: {why}")
-            if isinstance(exc, InsufficientResources):
-                raise InsufficientResources(
+            await self._recover("save", exc, resume=was is VmState.RUNNING)
+            if isinstance(exc, InsufficientResources) or _no_space(exc):
+                raise NoSpace(
                     f"cannot save VM '{self.record.name}': no space left for its memory "
-                    f"state in {target.parent}; the VM keeps running"
+                    f"state in the file system of its folder; it is "
+                    f"{self.state.value} again", vm=self.record.name,
                 ) from exc
             raise
         finally:
@@ -474,6 +551,10 @@ def io_error_reason(error: BlockIoError, disk: str) -> str:
     problem = f"is full ({what})" if error.nospace else f"has an I/O error ({what})"
     prefix = "paused: " if error.action == "stop" else ""
     return f"{prefix}disk {disk or '(unknown)'} {problem}"
+
+
+def _no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 async def _nothing() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from hvstack.errors import InvalidInput
 
 DEFAULT_STOP_TIMEOUT = 60.0
+DEFAULT_MAX_REQUEST_BODY = 1024 * 1024  # JSON requests; uploads stream with their own limit
 
 
 PLAIN_TCP = "http+tcp:"  # the one address form for plain HTTP over TCP
@@ -121,6 +122,7 @@ class HostConfig:
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     qemu_binary: str = "qemu-system-x86_64"
+    max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes of a request body the API reads
 
     @property
     def vms_dir(self) -> Path:

@@ -297,6 +297,9 @@ class ConsoleHub:
                 first = None  # quiet but alive: a real connection
             except OSError:
                 first = b""
+            except BaseException:
+                writer.close()  # cancelled while settling: nobody keeps this connection
+                raise
             if first == b"":
                 # Closed at once: the socket of a QEMU that is exiting (it takes the next
                 # client while it shuts down). Not worth a notice either way.

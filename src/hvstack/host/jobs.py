@@ -7,12 +7,19 @@ has no progress message (its state, result or error says how it ended).
 
 Clients name a job by its id or by a unique prefix of it (``get``); an ambiguous prefix
 is InvalidInput listing the matches. Cancelling a job that has ended is a Conflict.
+
+With a store, each job is recorded when it starts and when it ends (a store that cannot
+write, e.g. a full disk, is logged and does not fail the job). :meth:`JobManager.restore`
+loads the records at start-up; a job still recorded as running was cut short by a crash
+or restart of the host service, and is marked failed with
+:class:`~hvstack.errors.Interrupted`. Every failure of a job is logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 import uuid
@@ -20,8 +27,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvstack.errors import Cancelled, Conflict, HvError, InvalidInput, NotFound
+from hvstack.errors import (
+    ERROR_TYPES,
+    Cancelled,
+    Conflict,
+    HvError,
+    Interrupted,
+    InvalidInput,
+    NotFound,
+)
 from hvstack.host.events import EventBus
+from hvstack.host.store import JobRecord, Store
 from hvstack.progress import Progress
 
 __all__ = ["Job", "JobBody", "JobManager", "JobState", "Progress"]
@@ -61,11 +77,76 @@ class Job:
     task: asyncio.Task[None] | None = None
 
 
+INTERRUPTED = "interrupted by a restart of the host service"
+
+
+def _record(job: Job) -> JobRecord:
+    return JobRecord(
+        id=job.id, kind=job.kind, target=job.target, state=job.state.value,
+        created_at=job.created_at, finished_at=job.finished_at,
+        result=json.dumps(job.result, default=str) if job.result is not None else None,
+        error=job.error.message if job.error else None,
+        error_type=job.error.slug if job.error else None,
+    )
+
+
+def _error(slug: str | None, message: str) -> HvError:
+    """The error of a stored job, of its original class (without its data)."""
+    cls = ERROR_TYPES.get(slug or "", HvError)
+    error = cls.__new__(cls)
+    HvError.__init__(error, message)
+    return error
+
+
+def _job(record: JobRecord) -> Job:
+    job = Job(id=record.id, kind=record.kind, target=record.target,
+              state=JobState(record.state), created_at=record.created_at,
+              finished_at=record.finished_at)
+    if record.result is not None:
+        job.result = json.loads(record.result)
+    if record.error is not None:
+        job.error = _error(record.error_type, record.error)
+    if job.state is JobState.COMPLETED:
+        job.progress = 100.0
+    job.done.set()
+    return job
+
+
 class JobManager:
-    def __init__(self, events: EventBus) -> None:
+    def __init__(self, events: EventBus, store: Store | None = None) -> None:
         self._events = events
+        self._store = store
         self._jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False  # the service stops: a cancel is an interruption
+
+    def restore(self) -> list[Job]:
+        """Load the stored jobs; return those a restart interrupted, now failed."""
+        if self._store is None:
+            return []
+        interrupted = []
+        for record in self._store.jobs():
+            job = _job(record)
+            if job.state is JobState.RUNNING:
+                job.state = JobState.FAILED
+                job.error = Interrupted(f"{job.kind} of {job.target} was {INTERRUPTED}")
+                job.finished_at = job.finished_at or time.time()
+                log.warning("job %s (%s of %s) was %s", job.id, job.kind, job.target,
+                            INTERRUPTED)
+                self._save(job)
+                interrupted.append(job)
+            self._jobs[job.id] = job
+        self._trim()
+        return interrupted
+
+    def _save(self, job: Job) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save_job(_record(job))
+        except HvError as exc:
+            log.warning("cannot record job %s (%s of %s): %s", job.id, job.kind,
+                        job.target, exc)
 
     def start(self, kind: str, target: str, body: JobBody) -> Job:
         job = Job(id=str(uuid.uuid4()), kind=kind, target=target)
@@ -74,6 +155,7 @@ class JobManager:
         self._tasks.add(job.task)
         job.task.add_done_callback(self._tasks.discard)
         job.task.add_done_callback(lambda _: self._settle(job))
+        self._save(job)
         self._publish(job)
         self._trim()
         return job
@@ -94,29 +176,42 @@ class JobManager:
             job.result = await body(progress)
             job.state, job.progress = JobState.COMPLETED, 100.0
         except asyncio.CancelledError:
-            job.state = JobState.CANCELLED
-            job.error = Cancelled(f"{job.kind} of {job.target} was cancelled")
+            self._end_cancelled(job)
             raise
         except HvError as exc:
+            log.warning("%s of %s failed (job %s): %s", job.kind, job.target, job.id, exc)
             job.state, job.error = JobState.FAILED, exc
-        except Exception as exc:
-            log.exception("job %s (%s of %s) failed", job.id, job.kind, job.target)
-            job.state, job.error = JobState.FAILED, HvError(f"internal error: {exc}")
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("%s of %s failed (job %s, error id %s)", job.kind, job.target,
+                          job.id, error_id)
+            job.state, job.error = JobState.FAILED, HvError(
+                f"internal error (error id {error_id}; the host service's log has the "
+                f"details)", error_id=error_id)
         finally:
             job.finished_at = time.time()
             job.message = ""
             job.done.set()
+            self._save(job)
             self._publish(job)
 
     def _settle(self, job: Job) -> None:
         """A task cancelled before its first step never ran ``_run``: end its job here."""
         if job.state is JobState.RUNNING:
-            job.state = JobState.CANCELLED
-            job.error = Cancelled(f"{job.kind} of {job.target} was cancelled")
+            self._end_cancelled(job)
             job.finished_at = time.time()
             job.message = ""
             job.done.set()
+            self._save(job)
             self._publish(job)
+
+    def _end_cancelled(self, job: Job) -> None:
+        if self._closing:
+            job.state = JobState.FAILED
+            job.error = Interrupted(f"{job.kind} of {job.target} was {INTERRUPTED}")
+        else:
+            job.state = JobState.CANCELLED
+            job.error = Cancelled(f"{job.kind} of {job.target} was cancelled")
 
     def _publish(self, job: Job) -> None:
         self._events.publish(
@@ -129,6 +224,11 @@ class JobManager:
         finished = [j for j in self._jobs.values() if j.state is not JobState.RUNNING]
         for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job.id]
+            if self._store is not None:
+                try:
+                    self._store.delete_job(job.id)
+                except HvError as exc:
+                    log.warning("cannot forget job %s: %s", job.id, exc)
 
     def get(self, ref: str) -> Job:
         """The job whose id is ``ref`` or, failing that, the one whose id starts with it."""
@@ -172,6 +272,7 @@ class JobManager:
         return job
 
     async def shutdown(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

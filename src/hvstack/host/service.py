@@ -47,6 +47,7 @@ from hvstack.errors import (
     InvalidInput,
     NotFound,
 )
+from hvstack.host import cleanup
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
@@ -100,7 +101,7 @@ class HostService:
         self.store = store
         self.driver = driver
         self.events = EventBus()
-        self.jobs = JobManager(self.events)
+        self.jobs = JobManager(self.events, store)
         self.facts = HostFacts(
             cpus=os.cpu_count() or 1,
             memory_bytes=_meminfo("MemTotal"),
@@ -114,6 +115,7 @@ class HostService:
         self._names: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
+        self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
         # Called when a VM's guest agent answers after it did not (boot, reattach):
         # domain operations register here, e.g. to push the KVP pool into the guest.
         self.contact_hooks: list[Callable[[VmController], Awaitable[None]]] = []
@@ -121,15 +123,29 @@ class HostService:
     # -- lifecycle of the service --------------------------------------------
 
     async def startup(self) -> None:
+        """Load the VMs and reattach to their workers; first clean what a killed service
+        left (see :mod:`hvstack.host.cleanup`) and fail the jobs it was running."""
         for path in (self.config.data_dir, self.config.vms_dir, self.config.images_dir):
             path.mkdir(parents=True, exist_ok=True)
-        for record in self.store.all():
+        self.jobs.restore()
+        records = self.store.all()
+        report = cleanup.CleanupReport()
+        await asyncio.to_thread(cleanup.remove_temporaries, self.config, report)
+        cleanup.clean_vm_folders(self.config, (r.id for r in records), report)
+        for record in records:
             self._register(record)
         vms = list(self._vms.values())
         results = await asyncio.gather(*(vm.reattach() for vm in vms), return_exceptions=True)
         for vm, result in zip(vms, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("reattaching to VM %s failed: %s", vm.record.name, result)
+        idle = [vm for vm in vms
+                if not vm.machine_running and vm.state in (VmState.OFF, VmState.SAVED)]
+        cleanup.clean_run_dirs(self.config, (vm.record.id for vm in vms if vm not in idle),
+                               report)
+        for vm in idle:
+            vm.files.pidfile.unlink(missing_ok=True)  # a stale pid may be reused
+        self.cleanup_report = report
         for vm in self._vms.values():
             self._schedule_auto_start(vm)
 
@@ -161,19 +177,24 @@ class HostService:
 
         async def later() -> None:
             await asyncio.sleep(config.auto_start_delay_seconds)
+            log.info("VM %s: automatic start action (%s)", vm.record.name,
+                     config.auto_start.value)
             try:
                 job = self.start_vm(vm.record.id)
-                await job.done.wait()
-            except HvError as exc:
-                log.warning("automatic start of %s failed: %s", vm.record.name, exc)
+            except HvError as exc:  # refused at once; a failing job logs its own failure
+                log.warning("VM %s: automatic start failed: %s", vm.record.name, exc)
+                return
+            await job.done.wait()
 
         self._spawn(later(), f"auto-start-{vm.record.id}")
 
     async def _auto_stop(self, vm: VmController) -> None:
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
-            self._persist(vm.record.evolve(was_running=False))
+            with contextlib.suppress(HvError):  # a full store: nothing to lose here
+                self._persist(vm.record.evolve(was_running=False))
             return
         action = vm.record.config.auto_stop
+        log.info("VM %s: automatic stop action (%s)", vm.record.name, action.value)
         async with vm.lock:
             try:
                 noop = _no_progress
@@ -184,9 +205,13 @@ class HostService:
                 else:
                     await vm.turn_off("turned off by the automatic stop action")
             except HvError as exc:
-                log.error("automatic stop action of %s failed: %s", vm.record.name, exc)
+                log.error("VM %s: automatic stop action (%s) failed: %s", vm.record.name,
+                          action.value, exc)
             vm.record = vm.record.evolve(was_running=True)
-            self._persist(vm.record)
+            try:
+                self._persist(vm.record)
+            except HvError as exc:
+                log.error("VM %s: cannot record that it was running: %s", vm.record.name, exc)
 
     # -- the registry -----------------------------------------------------------
 
@@ -214,11 +239,13 @@ class HostService:
         self.store.update(record)
 
     def _on_change(self, record: VmRecord) -> None:
-        self._persist(record)
-        self.events.publish(
-            "vm.state", vm=record.name, id=record.id, state=record.state.value,
-            reason=record.state_reason,
-        )
+        try:
+            self._persist(record)
+        finally:  # the change happened (or was undone) even if the store failed
+            self.events.publish(
+                "vm.state", vm=record.name, id=record.id, state=record.state.value,
+                reason=record.state_reason,
+            )
 
     def get_vm(self, ref: str) -> VmController:
         """The VM ``ref`` names: an id if it has the form of one, else a name (never

@@ -14,6 +14,10 @@ Contract of :func:`confine`:
 * only then, with ``must_exist``, a missing path is :class:`~hvstack.errors.NotFound`
   (so nothing is revealed about files outside the roots).
 
+Messages show what the user typed, never where it resolves to when that is outside the
+roots (a link to ``/proc/self/fd/...`` or elsewhere on the host reveals the host's
+layout): they say only that it leads out through a link or ``..``.
+
 The result is the resolved absolute :class:`~pathlib.Path`; callers use it, never the
 input. :func:`check_disk_file` then keeps the service's own files (its database, lock,
 sockets, VM configs, firmware variables, saved state, logs) from being used as a disk.
@@ -52,7 +56,9 @@ def _resolve(text: str, *, what: str) -> Path:
     try:
         return Path(text).resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
-        raise InvalidInput(f"{what} {text!r} cannot be resolved: {exc}", path=text) from exc
+        why = "a loop of symbolic links" if isinstance(exc, RuntimeError) else (
+            exc.strerror or "an error")
+        raise InvalidInput(f"{what} {text!r} cannot be resolved ({why})", path=text) from exc
 
 
 def resolve_roots(roots: Sequence[Path]) -> list[Path]:
@@ -83,12 +89,11 @@ def confine(
     shown_roots = [str(root) for root in allowed]
     resolved = _resolve(text, what=what)
     if not any(resolved.is_relative_to(root) for root in allowed):
-        via = "" if str(resolved) == text else f" (it resolves to '{resolved}')"
+        via = "" if str(resolved) == text else " (through a symbolic link or '..')"
         inside = ", ".join(shown_roots) if shown_roots else "none are configured"
         raise PathNotAllowed(
-            f"{what} '{text}'{via} is outside the storage roots: {inside}",
+            f"{what} '{text}' leads outside the storage roots{via}: {inside}",
             path=text,
-            resolved=str(resolved),
             roots=shown_roots,
         )
     problem = _problem(str(resolved))

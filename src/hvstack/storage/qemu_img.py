@@ -8,7 +8,7 @@ Contract:
   it wrote.
 * A non-zero exit becomes an :class:`~hvstack.errors.HvError` chosen by
   :func:`error_from_stderr` from qemu-img's own message: a lock held by another process
-  is ``ResourceBusy``, a missing file ``NotFound``, a full disk ``InsufficientResources``,
+  is ``ResourceBusy``, a missing file ``NotFound``, a full disk ``NoSpace``,
   an unsupported or invalid request ``InvalidInput``, anything else ``HypervisorError``.
 * With ``progress``, the percentages qemu-img prints for ``-p`` (``"    (12.34/100%)\\r"``)
   are parsed from stdout as they arrive (:func:`parse_progress`, pure) and passed to
@@ -31,8 +31,8 @@ from hvstack import runner
 from hvstack.errors import (
     HvError,
     HypervisorError,
-    InsufficientResources,
     InvalidInput,
+    NoSpace,
     NotFound,
     OperationTimeout,
     ResourceBusy,
@@ -80,8 +80,8 @@ def _message(stderr: str) -> str:
 
 _CLASSES: tuple[tuple[tuple[str, ...], type[HvError]], ...] = (
     (("failed to get", "lock"), ResourceBusy),
-    (("no space left on device",), InsufficientResources),
-    (("disk quota exceeded",), InsufficientResources),
+    (("no space left on device",), NoSpace),
+    (("disk quota exceeded",), NoSpace),
     (("no such file or directory",), NotFound),
     (("not supported",), InvalidInput),
     (("does not support",), InvalidInput),

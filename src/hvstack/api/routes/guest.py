@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from hvstack.api.body import streams_body
 from hvstack.api.deps import guest_ops_of, service_of
 from hvstack.api.guest_schemas import (
     CopyFileRequest,
@@ -93,6 +94,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 
 
 @router.put("/{ref}/files/{transfer_id}", response_model=JobView)
+@streams_body  # the copy checks the bytes against the size it announced
 async def upload(request: Request, ref: str, transfer_id: str) -> JobView:
     vm = service_of(request).get_vm(ref)
     job = await guest_ops_of(request).copies.feed(vm, transfer_id, _body(request))

@@ -3,12 +3,17 @@
 Every call has a timeout. Errors from QEMU become :class:`HypervisorError` carrying
 QEMU's error class; a lost connection becomes :class:`HypervisorError` too, so callers
 handle one error type. Events are read by the owner through :meth:`Monitor.events`.
+
+While :meth:`Monitor.connect` retries (QEMU is still creating its socket, which is
+expected), ``qemu.qmp``'s own ERROR lines for each failed attempt are demoted to DEBUG;
+a connection that never comes is the caller's error to report, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,10 +28,28 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 30.0
 
+_connecting = contextvars.ContextVar("hvstack_qmp_connecting", default=False)
+
+
+class _QuietConnectAttempts(logging.Filter):
+    """Demote qemu.qmp's "Failed to establish ..." lines logged inside connect()."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not (_connecting.get() and args and str(args[0]).startswith("Failed to establish")):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_QUIET = _QuietConnectAttempts()
+
 
 class Monitor:
     def __init__(self, name: str) -> None:
         self._client = QMPClient(name)
+        # qemu.qmp logs to a logger of its own per client name; addFilter adds it once.
+        self._client.logger.addFilter(_QUIET)
         self._listener = EventListener()
         self._client.register_listener(self._listener)
         self._fd_lock = asyncio.Lock()
@@ -36,16 +59,20 @@ class Monitor:
                       retry: float = 0.05) -> None:
         """Connect, retrying every ``retry`` seconds while QEMU creates its socket."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                await asyncio.wait_for(self._client.connect(socket_path), timeout)
-                return
-            except (QMPError, OSError, TimeoutError) as exc:
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise HypervisorError(
-                        f"cannot reach the QMP monitor of {self.name}: {exc}"
-                    ) from exc
-                await asyncio.sleep(retry)
+        token = _connecting.set(True)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._client.connect(socket_path), timeout)
+                    return
+                except (QMPError, OSError, TimeoutError) as exc:
+                    if asyncio.get_running_loop().time() >= deadline:
+                        raise HypervisorError(
+                            f"cannot reach the QMP monitor of {self.name}: {exc}"
+                        ) from exc
+                    await asyncio.sleep(retry)
+        finally:
+            _connecting.reset(token)
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None,
