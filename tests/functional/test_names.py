@@ -213,6 +213,24 @@ def test_run_builds_only_the_group_it_runs() -> None:
     assert [g.name for g in only_vm.registered_groups] == ["vm"]
     assert only_vm.registered_callback is app.registered_callback  # --token and the like
     assert not only_vm.registered_commands
+    vm_group = next(g for g in app.registered_groups if g.name == "vm")
+    assert vm_group.typer_instance is not None
+    (narrowed,) = only_vm.registered_groups
+    assert narrowed.typer_instance is not None
+    assert [c.callback.__name__ for c in narrowed.typer_instance.registered_commands
+            if c.callback] == ["list_vms"]
+    assert narrowed.typer_instance.info.help == vm_group.typer_instance.info.help
+    assert len(vm_group.typer_instance.registered_commands) > 1  # the app itself is whole
+    # A word that names no command (or a subgroup: kvp) keeps the whole group, so its
+    # help and "did you mean" list every command.
+    for argv in (["vm"], ["vm", "lsit"], ["vm", "kvp", "get"], ["vm", "--help"]):
+        assert app_for(argv).registered_groups[0] is vm_group
+
+
+def test_a_narrowed_command_still_reports_usage_errors() -> None:
+    result = runner.invoke(app_for(["vm", "list", "--bogus"]), ["vm", "list", "--bogus"])
+    assert result.exit_code == 2
+    assert "--bogus" in result.output
 
 
 async def test_an_escaped_slash_opens_no_websocket(served: str) -> None:

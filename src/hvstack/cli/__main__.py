@@ -1,5 +1,5 @@
 """``python -m hvstack.cli``: the same as ``hv``."""
 
-from hvstack.cli.main import run
+from hvstack.cli.entry import run
 
 run()
