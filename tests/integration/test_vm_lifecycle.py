@@ -197,8 +197,9 @@ def test_concurrent_creates_with_one_name(host: HostProcess) -> None:
                           "64M"], env=host.env, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
-    codes = [p.wait(60) for p in procs]
-    assert sorted(codes) == [0, 2, 2, 2]
+    errors = [p.communicate(timeout=60)[1] for p in procs]  # reads and closes the pipes
+    assert sorted(p.returncode for p in procs) == [0, 2, 2, 2]
+    assert sum("already exists" in text for text in errors) == 3, errors
     assert [vm["name"] for vm in host.json("vm", "list")] == ["twin"]
     assert len(list((host.data_dir / "vms").iterdir())) == 1
 
