@@ -3,6 +3,10 @@
 The goldens live in ``tests/golden/<name>.json`` (a JSON list of argv strings, one per
 line). After an intended change to :func:`build_argv`, regenerate them with
 ``HV_UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py`` and review the diff in git.
+
+The specs here are built by hand from the hypervisor's own types (no VM settings);
+``test_machine_spec.py`` checks that the settings of the same VMs give these very specs
+and goldens.
 """
 
 from __future__ import annotations

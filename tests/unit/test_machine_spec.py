@@ -69,13 +69,22 @@ def test_settings_make_the_machines_of_the_golden_files(accelerator: str, os_typ
                                                                              os_type)
 
 
-@pytest.mark.parametrize("name", sorted(test_argv.GOLDEN_SPECS))
+GOLDEN_SETTINGS = {
+    "argv_gen1": (gen1_config(), "tcg"),
+    "argv_gen2": (gen2_config(), "tcg"),
+    "argv_gen2_kvm": (gen2_config(), "kvm"),
+    "argv_gen2_windows": (gen2_config("windows"), "kvm"),
+    "argv_gen2_windows_tcg": (gen2_config("windows"), "tcg"),
+    "argv_gen1_windows_kvm": (gen1_config("windows"), "kvm"),
+    "argv_gen1_windows_tcg": (gen1_config("windows"), "tcg"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SETTINGS))
 def test_golden_through_the_settings(name: str) -> None:
-    gen = 1 if "gen1" in name else 2
-    kvm = name.endswith("_kvm") or name in ("argv_gen2_kvm", "argv_gen2_windows")
-    os_type = "windows" if "windows" in name else "linux"
-    config = (gen1_config if gen == 1 else gen2_config)(os_type)
-    test_argv.check_golden(name, build_argv(spec_of(config, "kvm" if kvm else "tcg")))
+    assert set(GOLDEN_SETTINGS) == set(test_argv.GOLDEN_SPECS)
+    config, accelerator = GOLDEN_SETTINGS[name]
+    test_argv.check_golden(name, build_argv(spec_of(config, accelerator)))
 
 
 def test_names_follow_identities_not_positions() -> None:
