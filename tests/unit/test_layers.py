@@ -1,4 +1,5 @@
-"""The layers hold: hypervisor/ imports nothing from the layers above it.
+"""The layers hold: hypervisor/ imports nothing from the layers above it, compute/ and
+storage/ nothing from host/, api/ or cli/.
 
 Read from the modules' syntax trees (every ``import``, also inside functions and
 ``TYPE_CHECKING`` blocks), so a lazy import cannot hide an upward call.
@@ -44,6 +45,11 @@ def upward_imports(layer: str, above: tuple[str, ...]) -> list[str]:
 
 def test_hypervisor_imports_nothing_from_the_layers_above() -> None:
     assert upward_imports("hypervisor", ABOVE_HYPERVISOR) == []
+
+
+def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
+    assert upward_imports("compute", ("host", "api", "cli", "client", "server")) == []
+    assert upward_imports("storage", ("host", "api", "cli", "client", "server")) == []
 
 
 def test_the_check_sees_every_kind_of_import() -> None:
