@@ -44,8 +44,9 @@ from hvstack.host.config import HostConfig
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore, SqliteStore
 from hvstack.hypervisor.qemu import process
-from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.qemu.driver import QemuDriver
+from hvstack.hypervisor.spec import MachineSpec
 
 RUNS = 60  # hand and API runs each
 CLI_RUNS = 10  # CLI runs (each costs a Python start-up), spread over the rounds
@@ -55,7 +56,7 @@ VM_BODY = {"name": VM_NAME, "generation": 1, "memory": "128M", "new_disk": "16M"
            "auto_start": "nothing", "auto_stop": "turn-off"}
 
 
-def spec_for(config: HostConfig, vm_id: str) -> QemuSpec:
+def spec_for(config: HostConfig, vm_id: str) -> MachineSpec:
     """The VM's QEMU spec, made by the host service's own code from the stored record."""
     store = SqliteStore(config.data_dir / "hvstack.db")
     try:
@@ -69,7 +70,7 @@ def spec_for(config: HostConfig, vm_id: str) -> QemuSpec:
 class HandStarter:
     """Start and turn off the VM's QEMU without the host service."""
 
-    def __init__(self, spec: QemuSpec) -> None:
+    def __init__(self, spec: MachineSpec) -> None:
         self.spec = spec
         self.argv = build_argv(spec)
         self._qmp: Qmp | None = None

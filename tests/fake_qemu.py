@@ -9,7 +9,7 @@ written), or exits 1 with QEMU's message on stderr. The daemon serves
 ``HV_FAKE_QEMU`` chooses the behaviour: ``ok`` (default), ``late-socket`` (the socket
 appears 0.3 s after start: the connect race), ``locked`` (a disk is in use).
 :func:`install` writes an executable wrapper that runs this module with the current
-interpreter, for ``QemuSpec.binary``.
+interpreter, for ``MachineSpec.binary``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ import uvicorn
 from hvstack.client import url_path
 from hvstack.errors import HvError, HypervisorError
 from hvstack.hypervisor.driver import Driver, EventSink, Machine, QmpEvent
-from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.hypervisor.qemu.argv import build_argv
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress
 from hvstack.server import QuietServer
 from tests.functional.fake_capabilities import (
@@ -45,7 +46,7 @@ class FakeMachine:
     events: EventSink
     status_value: str = "running"
     ignore_power_button: bool = False
-    spec: QemuSpec | None = None
+    spec: MachineSpec | None = None
     argv: list[str] = field(default_factory=list)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
@@ -161,7 +162,7 @@ class FakeDriver:
         self.launching = asyncio.Event()  # set once a launch has begun
         self._pids = itertools.count(40000)
 
-    async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> FakeMachine:
+    async def launch(self, spec: MachineSpec, pidfile: Path, events: EventSink) -> FakeMachine:
         self.launching.set()
         if self.launch_gate is not None:
             await self.launch_gate.wait()

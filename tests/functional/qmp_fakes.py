@@ -18,8 +18,8 @@ from pathlib import Path
 
 from hvstack.hypervisor.driver import Driver, EventSink
 from hvstack.hypervisor.qemu import process
-from hvstack.hypervisor.qemu.argv import QemuSpec
 from hvstack.hypervisor.qemu.driver import QemuDriver, QemuMachine
+from hvstack.hypervisor.spec import MachineSpec
 from tests.fake_qmp import FakeQmp
 
 VM_ID = "0d6c3c1e-7b9a-4d2f-8e1a-3f5b6c7d8e9f"
@@ -66,7 +66,7 @@ class QmpDriver:
         self.servers: dict[str, FakeQmp] = {}
         self.workers: dict[str, Worker] = {}
 
-    async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> QemuMachine:
+    async def launch(self, spec: MachineSpec, pidfile: Path, events: EventSink) -> QemuMachine:
         worker = await Worker.start(spec.vm_id)
         server = await FakeQmp(spec.paths.qmp_socket,
                                status="inmigrate" if spec.incoming else "running").start()

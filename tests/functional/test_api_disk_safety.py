@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from hvstack.hypervisor.qemu.argv import BackingFile
+from hvstack.hypervisor.spec import backing_node_id
 from hvstack.storage.qemu_img import run_qemu_img
 from tests.functional.fakes import API, FakeDriver, assert_problem, create_vm, run_job
 
@@ -57,8 +57,11 @@ async def test_qemu_gets_the_whole_chain(api: httpx.AsyncClient, tmp_path: Path,
     await run_job(api, "web", "start")
     spec = driver.machine_of(vm["id"]).spec
     assert spec is not None
-    [disk] = spec.config.disks
-    assert spec.backing == {disk.id: (BackingFile(str(base), "raw"),)}
+    [device] = spec.block_devices
+    [disk_id] = [d["id"] for d in vm["disks"]]
+    assert [(n.id, n.path, n.format, n.read_only, n.backing)
+            for n in device.node.chain()[1:]] == [
+        (backing_node_id(disk_id, str(base)), str(base), "raw", True, None)]
     # the parent is in use now: it is not attached or resized, and the child not merged
     await run_job(api, "web", "stop")
     assert_problem(await api.post(f"{API}/disks/resize", json={"path": str(base),

@@ -8,6 +8,7 @@ import httpx
 
 from hvstack.errors import HypervisorError
 from hvstack.host.service import HostService
+from hvstack.hypervisor.spec import Uefi
 from tests.functional.fakes import (
     API,
     STATE_MAGIC,
@@ -102,7 +103,7 @@ async def test_start(api: httpx.AsyncClient, driver: FakeDriver) -> None:
     assert shown["pid"] == machine.pid
     # the spec handed to the driver is this VM's, and it is a valid command line
     assert machine.spec is not None and machine.spec.vm_id == vm["id"]
-    assert machine.spec.firmware is not None
+    assert isinstance(machine.spec.firmware, Uefi)
     assert "-daemonize" in machine.argv
 
 

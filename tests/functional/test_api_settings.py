@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from hvstack.host.service import HostService
+from hvstack.hypervisor.spec import DVD_DEVICE
 from tests.functional.fakes import (
     API,
     FakeDriver,
@@ -122,7 +123,7 @@ async def test_attach_and_detach_a_disk(api: httpx.AsyncClient, tmp_path: Path,
     await run_job(api, "web", "start")
     machine = driver.machine_of(vm["id"])
     assert machine.spec is not None
-    assert [d.path for d in machine.spec.config.disks] == [disk]
+    assert [d.node.path for d in machine.spec.block_devices] == [disk]
     # while running, the disk cannot be detached (hardware changes need Off)
     assert_problem(await api.delete(f"{API}/vms/web/disks", params={"path": disk}), 409,
                    "invalid-state")
@@ -167,7 +168,9 @@ async def test_insert_and_eject_a_dvd(api: httpx.AsyncClient, tmp_path: Path,
     assert response.status_code == 200
     assert response.json()["dvd"] == str(iso)
     await run_job(api, "web", "start")
-    assert driver.machine_of(vm["id"]).spec.config.dvd == str(iso)  # type: ignore[union-attr]
+    spec = driver.machine_of(vm["id"]).spec
+    assert spec is not None
+    assert {d.id: d.node.path for d in spec.block_devices}[DVD_DEVICE] == str(iso)
     await run_job(api, "web", "stop")
     response = await api.put(f"{API}/vms/web/dvd", json={"iso": None})
     assert response.json()["dvd"] is None

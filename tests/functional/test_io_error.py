@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from hvstack.host.service import HostService
-from hvstack.hypervisor.qemu.argv import disk_node
+from hvstack.hypervisor.spec import disk_node_id
 from tests.functional.fakes import API, create_vm, eventually, run_job, show_vm
 from tests.functional.qmp_fakes import QmpDriver
 
@@ -55,7 +55,7 @@ async def test_a_full_disk_pauses_the_vm_with_a_reason(
     vm = await _vm_with_disk(api, tmp_path)
     qmp = qmp_driver.servers[vm["id"]]
     subscription = service.events.subscribe()
-    node = disk_node(service.get_vm("web").record.config.disks[0])
+    node = disk_node_id(service.get_vm("web").record.config.disks[0].id)
     await qmp.emit("BLOCK_IO_ERROR", {**FULL, "node-name": node})
     qmp.status = "io-error"
     await qmp.emit("STOP")
@@ -84,8 +84,8 @@ async def test_an_error_reported_to_the_guest_keeps_it_running(
 ) -> None:
     vm = await _vm_with_disk(api, tmp_path)
     await qmp_driver.servers[vm["id"]].emit(
-        "BLOCK_IO_ERROR", {**FULL, "node-name": disk_node(
-            service.get_vm("web").record.config.disks[0]), "action": "report", "nospace": False,
+        "BLOCK_IO_ERROR", {**FULL, "node-name": disk_node_id(
+            service.get_vm("web").record.config.disks[0].id), "action": "report", "nospace": False,
                            "operation": "read", "reason": "Input/output error"})
     await qmp_driver.servers[vm["id"]].emit("RESET", {"guest": True, "reason": "guest-reset"})
     assert await _state(api) == ("Running", "")

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from hvstack.compute.model import VmConfig
 from hvstack.errors import ResourceBusy
 from hvstack.hypervisor.events import QmpEvent
 from hvstack.hypervisor.qemu import process
-from hvstack.hypervisor.qemu.argv import QemuSpec, RuntimePaths
 from hvstack.hypervisor.qemu.driver import QemuDriver
+from hvstack.hypervisor.spec import Chipset, MachineSpec, MemorySpec, RuntimePaths
 from tests import fake_qemu
 
 VM_ID = "5e0b3f9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -33,14 +32,15 @@ def folder() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _spec(folder: Path) -> QemuSpec:
+def _spec(folder: Path) -> MachineSpec:
     paths = RuntimePaths(
         qmp_socket=str(folder / "qmp.sock"), serial_socket=str(folder / "serial.sock"),
         serial_log=str(folder / "console.log"), qga_socket=str(folder / "qga.sock"),
         pidfile=str(folder / "qemu.pid"), vnc_socket=str(folder / "vnc.sock"),
     )
-    return QemuSpec(vm_id=VM_ID, config=VmConfig(name="fake"), accelerator="tcg",
-                    paths=paths, binary=str(fake_qemu.install(folder)))
+    return MachineSpec(vm_id=VM_ID, chipset=Chipset.Q35, accelerator="tcg", cpus=1,
+                       memory=MemorySpec(512 * 1024 * 1024), paths=paths,
+                       binary=str(fake_qemu.install(folder)))
 
 
 @pytest.mark.parametrize("mode", ["ok", "late-socket"])

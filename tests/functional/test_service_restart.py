@@ -182,7 +182,7 @@ async def test_always_start_starts_on_startup(host: Host) -> None:
     second = await host.boot(driver)
     vm = second.get_vm("always")
     await eventually(lambda: vm.state is VmState.RUNNING, "the VM was started automatically")
-    assert [m.spec.config.name for m in driver.machines] == ["always"]  # type: ignore[union-attr]
+    assert [m.spec.vm_id for m in driver.machines] == [vm.record.id]  # type: ignore[union-attr]
     assert second.get_vm("never").state is VmState.OFF
     assert second.get_vm("if-running").state is VmState.OFF  # it was not running
 

@@ -3,7 +3,9 @@
 Each case builds the argv of a small VM (a blank disk, a DVD, a NIC), adds ``-S`` so no
 guest code runs, launches it daemonized as the host service does, and over QMP checks
 what the argv promised: the VNC server on its unix socket (which speaks RFB), the USB
-tablet for Windows, a screendump through :class:`QemuMachine`. KVM argvs are covered by
+tablet for Windows, block nodes and devices under the names of their identities, a
+screendump through :class:`QemuMachine`. The spec comes from the VM's settings through
+:func:`machine_spec`, as the host service makes it. KVM argvs are covered by
 the golden files only: this machine has no usable KVM.
 """
 
@@ -19,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from hvstack.compute.lifecycle import VmFiles
+from hvstack.compute.machine import MachineHost, machine_spec
 from hvstack.compute.model import (
     DiskAttachment,
     DiskBus,
@@ -28,9 +32,10 @@ from hvstack.compute.model import (
     VmConfig,
 )
 from hvstack.hypervisor.qemu import process
-from hvstack.hypervisor.qemu.argv import Firmware, QemuSpec, RuntimePaths, build_argv
+from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.qemu.driver import QemuMachine
 from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.pixmap import parse_ppm
 
 pytestmark = pytest.mark.integration
@@ -47,7 +52,7 @@ def run_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def small_spec(folder: Path, generation: Generation, os_type: str) -> QemuSpec:
+def small_spec(folder: Path, generation: Generation, os_type: str) -> MachineSpec:
     disk = folder / "disk0.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     dvd = folder / "install.iso"
@@ -57,23 +62,17 @@ def small_spec(folder: Path, generation: Generation, os_type: str) -> QemuSpec:
         name=f"launch-{generation.value}-{os_type}",
         generation=generation,
         memory_bytes=128 * 1024 * 1024,
-        disks=(DiskAttachment(str(disk), DiskBus.IDE if gen1 else DiskBus.SCSI),),
+        disks=(DiskAttachment(str(disk), DiskBus.IDE if gen1 else DiskBus.SCSI,
+                              id="d15c0a1b2c"),),
         dvd=str(dvd),
         network_adapters=(NetworkAdapter("52:54:00:aa:bb:cc",
                                          NicModel.E1000 if gen1 else NicModel.VIRTIO),),
         os_type=os_type,
     )
-    firmware = None
     if not gen1:
         shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
-        firmware = Firmware(str(OVMF_CODE), str(folder / "efivars.fd"))
-    paths = RuntimePaths(
-        qmp_socket=str(folder / "qmp.sock"), serial_socket=str(folder / "serial.sock"),
-        serial_log=str(folder / "console.log"), qga_socket=str(folder / "qga.sock"),
-        pidfile=str(folder / "qemu.pid"), vnc_socket=str(folder / "vnc.sock"),
-    )
-    return QemuSpec(vm_id=VM_ID, config=config, accelerator="tcg", paths=paths,
-                    firmware=firmware)
+    return machine_spec(VM_ID, config, VmFiles(folder, folder),
+                        MachineHost("tcg", str(OVMF_CODE)))
 
 
 @pytest.mark.parametrize("os_type", ["linux", "windows"])
@@ -98,6 +97,12 @@ async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
             mice: list[dict[str, Any]] = await monitor.execute("query-mice")
             tablets = [m for m in mice if m["absolute"]]
             assert bool(tablets) == (os_type == "windows"), mice
+            nodes: list[dict[str, Any]] = await monitor.execute("query-named-block-nodes")
+            assert {"disk-d15c0a1b2c", "dvd"} <= {n["node-name"] for n in nodes}
+            devices: list[dict[str, Any]] = await monitor.execute(
+                "qom-list", {"path": "/machine/peripheral"})
+            assert {"disk-d15c0a1b2c-dev", "dvd-dev", "nic-525400aabbcc"} <= {
+                d["name"] for d in devices}
             dump = run_dir / "screen.ppm"
             await machine.screendump(dump)
             image = parse_ppm(dump.read_bytes())

@@ -3,6 +3,10 @@
 The goldens live in ``tests/golden/<name>.json`` (a JSON list of argv strings, one per
 line). After an intended change to :func:`build_argv`, regenerate them with
 ``HV_UPDATE_GOLDEN=1 pytest tests/unit/test_argv.py`` and review the diff in git.
+
+The specs here are built by hand from the hypervisor's own types (no VM settings);
+``test_machine_spec.py`` checks that the settings of the same VMs give these very specs
+and goldens.
 """
 
 from __future__ import annotations
@@ -15,25 +19,33 @@ from pathlib import Path
 
 import pytest
 
-from hvstack.compute.model import (
-    BootDevice,
-    DiskAttachment,
-    DiskBus,
-    Generation,
-    NetworkAdapter,
-    NicModel,
-    VmConfig,
-)
+from hvstack.errors import InvalidInput
 from hvstack.hypervisor.qemu.argv import (
     HYPERV_ENLIGHTENMENTS,
-    BackingFile,
-    Firmware,
-    QemuSpec,
-    RuntimePaths,
-    backing_node,
+    block_node_paths,
     build_argv,
-    disk_node,
     escape_option,
+)
+from hvstack.hypervisor.spec import (
+    DVD_DEVICE,
+    DVD_NODE,
+    BlockBus,
+    BlockDevice,
+    BlockNode,
+    Chipset,
+    Enlightenments,
+    MachineSpec,
+    MediaKind,
+    MemorySpec,
+    NetDevice,
+    NicModel,
+    RuntimePaths,
+    TapNetdev,
+    Uefi,
+    backing_node_id,
+    disk_device_id,
+    disk_node_id,
+    nic_device_id,
 )
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
@@ -43,6 +55,9 @@ RUN = f"/run/hvstack-0123456789/{VM_ID}"
 MAC = "52:54:00:12:34:56"
 GIB = 1024**3
 IMAGE = "/var/lib/hvstack/images/tiny.qcow2"
+ISO = "/var/lib/hvstack/iso/install.iso"
+DISK0 = "0a1b2c3d4e"
+WINDOWS = Enlightenments(hyperv=True, rtc_localtime=True, usb_tablet=True)
 
 # Options whose value QEMU parses with its classic ``key=value,...`` syntax.
 OPTION_SYNTAX = {"-name", "-machine", "-accel", "-m", "-rtc", "-chardev", "-mon", "-sandbox",
@@ -60,44 +75,48 @@ def paths(run: str = RUN, folder: str = FOLDER) -> RuntimePaths:
     )
 
 
-def gen1_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
-    config = VmConfig(
-        name="legacy",
-        generation=Generation.GEN1,
-        cpus=2,
-        memory_bytes=1 * GIB,
-        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2", id="0a1b2c3d4e"),),
-        dvd="/var/lib/hvstack/iso/install.iso",
-        network_adapters=(NetworkAdapter(MAC, NicModel.E1000),),
-        os_type=os_type,
-    )
-    return QemuSpec(vm_id=VM_ID, config=config, accelerator=accelerator, paths=paths(),
-                    backing={"0a1b2c3d4e": (BackingFile(IMAGE, "qcow2"),)})
+def disk(disk_id: str, path: str, fmt: str = "qcow2", *parents: tuple[str, str]) -> BlockNode:
+    """A disk's node over its parents (path, format), nearest first."""
+    below = None
+    for parent, parent_format in reversed(parents):
+        below = BlockNode(backing_node_id(disk_id, parent), parent, parent_format, True, below)
+    return BlockNode(disk_node_id(disk_id), path, fmt, False, below)
 
 
-def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> QemuSpec:
-    config = VmConfig(
-        name="modern",
-        generation=Generation.GEN2,
-        cpus=2,
-        memory_bytes=1 * GIB,
-        disks=(
-            DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.SCSI, "qcow2", id="0a1b2c3d4e"),
-            DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw", id="5f6a7b8c9d"),
-        ),
-        dvd="/var/lib/hvstack/iso/install.iso",
-        network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),),
-        boot_order=(BootDevice.DVD, BootDevice.DISK),
-        os_type=os_type,
+def dvd(bus: BlockBus, boot_index: int | None, path: str = ISO) -> BlockDevice:
+    return BlockDevice(DVD_DEVICE, bus, BlockNode(DVD_NODE, path, "raw", True),
+                       MediaKind.CDROM, boot_index)
+
+
+def gen1_spec(accelerator: str = "tcg", os_type: str = "linux") -> MachineSpec:
+    """A generation 1 VM (boot order disk, DVD, network) as compute.machine builds it."""
+    node = disk(DISK0, f"{FOLDER}/disk0.qcow2", "qcow2", (IMAGE, "qcow2"))
+    return MachineSpec(
+        vm_id=VM_ID, chipset=Chipset.I440FX, accelerator=accelerator, cpus=2,
+        memory=MemorySpec(1 * GIB), paths=paths(),
+        enlightenments=WINDOWS if os_type == "windows" else Enlightenments(),
+        block_devices=(BlockDevice(disk_device_id(DISK0), BlockBus.IDE, node,
+                                   MediaKind.DISK, 1),
+                       dvd(BlockBus.IDE, 2)),
+        net_devices=(NetDevice(MAC, NicModel.E1000, boot_index=3),),
     )
-    return QemuSpec(
-        vm_id=VM_ID,
-        config=config,
-        accelerator=accelerator,
-        paths=paths(),
-        firmware=Firmware("/usr/share/OVMF/OVMF_CODE_4M.fd", f"{FOLDER}/efivars.fd"),
-        backing={"0a1b2c3d4e": (BackingFile("/srv/disks/mid.qcow2", "qcow2"),
-                                BackingFile("/srv/disks/base.raw", "raw"))},
+
+
+def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> MachineSpec:
+    """A generation 2 VM (boot order DVD, disk) as compute.machine builds it."""
+    node = disk(DISK0, f"{FOLDER}/disk0.qcow2", "qcow2",
+                ("/srv/disks/mid.qcow2", "qcow2"), ("/srv/disks/base.raw", "raw"))
+    data = disk("5f6a7b8c9d", "/srv/disks/data.raw", "raw")
+    return MachineSpec(
+        vm_id=VM_ID, chipset=Chipset.Q35, accelerator=accelerator, cpus=2,
+        memory=MemorySpec(1 * GIB), paths=paths(),
+        firmware=Uefi("/usr/share/OVMF/OVMF_CODE_4M.fd", f"{FOLDER}/efivars.fd"),
+        enlightenments=WINDOWS if os_type == "windows" else Enlightenments(),
+        block_devices=(BlockDevice(disk_device_id(DISK0), BlockBus.SCSI, node,
+                                   MediaKind.DISK, 2),
+                       BlockDevice(disk_device_id("5f6a7b8c9d"), BlockBus.VIRTIO, data),
+                       dvd(BlockBus.SCSI, 1)),
+        net_devices=(NetDevice(MAC, NicModel.VIRTIO),),
     )
 
 
@@ -194,15 +213,17 @@ def test_gen2_uses_uefi_and_synthetic_devices() -> None:
     assert nodes["fw-vars-file"]["filename"] == f"{FOLDER}/efivars.fd"
     assert nodes["fw-vars"]["read-only"] is False
     devices = {d["id"]: d for d in json_options(argv, "-device")}
-    assert devices["disk0-dev"]["driver"] == "scsi-hd"
-    assert devices["disk1-dev"]["driver"] == "virtio-blk-pci"
-    assert devices["nic0"]["driver"] == "virtio-net-pci"
+    first, data, nic = "disk-0a1b2c3d4e-dev", "disk-5f6a7b8c9d-dev", "nic-525400123456"
+    assert devices[first]["driver"] == "scsi-hd"
+    assert devices[data]["driver"] == "virtio-blk-pci"
+    assert devices[nic]["driver"] == "virtio-net-pci"
+    assert devices[nic]["netdev"] == "net-525400123456"
     assert not any(str(d["driver"]).startswith("ide") for d in devices.values())
-    # boot order dvd, disk: the DVD first, the first disk second, the NIC not at all
-    assert devices["dvd0-dev"]["bootindex"] == 1
-    assert devices["disk0-dev"]["bootindex"] == 2
-    assert "bootindex" not in devices["disk1-dev"]
-    assert "bootindex" not in devices["nic0"]
+    # boot indices as the spec gives them: the DVD first, the first disk second
+    assert devices["dvd-dev"]["bootindex"] == 1
+    assert devices[first]["bootindex"] == 2
+    assert "bootindex" not in devices[data]
+    assert "bootindex" not in devices[nic]
 
 
 def test_kvm_and_tcg_differ_only_in_accelerator_and_cpu_model() -> None:
@@ -286,11 +307,52 @@ def test_daemonized_with_pidfile_and_sandbox() -> None:
     assert option_values(argv, "-sandbox")[0].startswith("on,")
 
 
-def test_no_boot_order_means_no_bootindex() -> None:
+def test_no_boot_index_means_no_bootindex() -> None:
     spec = gen2_spec()
-    spec = replace(spec, config=replace(spec.config, boot_order=()))
+    spec = replace(spec, block_devices=tuple(replace(d, boot_index=None)
+                                             for d in spec.block_devices))
     for device in json_options(build_argv(spec), "-device"):
         assert "bootindex" not in device
+
+
+def test_ids_come_from_identities_not_positions() -> None:
+    spec = gen2_spec()
+    other = NetDevice("52:54:00:ab:cd:ef", NicModel.VIRTIO)
+    for devices in (spec.block_devices, spec.block_devices[::-1]):
+        for nics in ((spec.net_devices[0], other), (other, spec.net_devices[0])):
+            argv = build_argv(replace(spec, block_devices=devices, net_devices=nics))
+            ids = {d["id"] for d in json_options(argv, "-device")}
+            assert {"disk-0a1b2c3d4e-dev", "disk-5f6a7b8c9d-dev", "dvd-dev",
+                    "nic-525400123456", "nic-525400abcdef"} <= ids
+            netdevs = {n["id"] for n in json_options(argv, "-netdev")}
+            assert netdevs == {"net-525400123456", "net-525400abcdef"}
+            names = {n["node-name"] for n in json_options(argv, "-blockdev")}
+            assert {"disk-0a1b2c3d4e", "disk-5f6a7b8c9d", "dvd"} <= names
+
+
+def test_colliding_ids_are_refused() -> None:
+    spec = gen2_spec()
+    with pytest.raises(InvalidInput, match="nic-525400123456"):
+        replace(spec, net_devices=spec.net_devices * 2)
+    with pytest.raises(InvalidInput, match="disk-0a1b2c3d4e-dev"):
+        replace(spec, block_devices=(*spec.block_devices, spec.block_devices[0]))
+    with pytest.raises(InvalidInput, match="cannot name"):
+        replace(spec, block_devices=(BlockDevice("0bad", BlockBus.VIRTIO,
+                                                 disk("x", "/x.raw", "raw")),))
+
+
+def test_a_tap_netdev_names_its_descriptor() -> None:
+    nic = NetDevice(MAC, NicModel.VIRTIO, TapNetdev("tap-nic"))
+    argv = build_argv(replace(gen2_spec(), net_devices=(nic,), pass_fds=(9,)))
+    assert json_options(argv, "-netdev") == [{"type": "tap", "id": "net-525400123456",
+                                              "fd": "tap-nic"}]
+
+
+def test_a_balloon_is_there_when_asked_for() -> None:
+    assert "virtio-balloon-pci" not in str(build_argv(gen2_spec()))
+    spec = replace(gen2_spec(), memory=MemorySpec(1 * GIB, balloon=True))
+    devices = {d["id"]: d for d in json_options(build_argv(spec), "-device")}
+    assert devices["balloon0"]["driver"] == "virtio-balloon-pci"
 
 
 # -- escaping -------------------------------------------------------------------------------
@@ -332,16 +394,17 @@ def test_equals_sign_in_vnc_path_cannot_rename_the_option() -> None:
     "/srv/disks/trailing-comma,",
 ])
 def test_disk_path_stays_inside_one_json_value(path: str) -> None:
-    spec = gen2_spec()
-    disk = DiskAttachment(path, DiskBus.SCSI, "qcow2")
-    config = replace(spec.config, disks=(disk,), dvd=path.replace("disks", "iso"))
-    argv = build_argv(replace(spec, config=config))
+    node = disk("a", path)
+    spec = replace(gen2_spec(), block_devices=(
+        BlockDevice(disk_device_id("a"), BlockBus.SCSI, node),
+        dvd(BlockBus.SCSI, None, path.replace("disks", "iso"))))
+    argv = build_argv(spec)
     nodes = {n["node-name"]: n for n in json_options(argv, "-blockdev")}
-    file_node = nodes[f"{disk_node(disk)}-file"]
+    file_node = nodes[f"{node.id}-file"]
     assert file_node["filename"] == path
     assert file_node["driver"] == "file"
     assert set(file_node) == {"driver", "filename", "node-name", "read-only", "discard"}
-    assert nodes["dvd0-file"]["filename"] == path.replace("disks", "iso")
+    assert nodes["dvd-file"]["filename"] == path.replace("disks", "iso")
     # every -blockdev value is one JSON object, never classic option syntax
     assert all(v.startswith("{") for v in option_values(argv, "-blockdev"))
 
@@ -349,31 +412,31 @@ def test_disk_path_stays_inside_one_json_value(path: str) -> None:
 HOSTILE = "/evil,inject=1,"
 
 
-def hostile_spec(generation: Generation) -> tuple[QemuSpec, set[str]]:
+def hostile_spec(chipset: Chipset) -> tuple[MachineSpec, set[str]]:
     """A spec where every string a user or an administrator controls is hostile."""
     run, folder = f"{HOSTILE}run", f"{HOSTILE}vm"
-    bus = DiskBus.IDE if generation is Generation.GEN1 else DiskBus.SCSI
-    model = NicModel.E1000 if generation is Generation.GEN1 else NicModel.VIRTIO
-    config = VmConfig(
-        name="evil,inject=1",
-        generation=generation,
-        disks=(DiskAttachment(f"{HOSTILE}disk.qcow2", bus),
-               DiskAttachment(f"{HOSTILE}data.raw", DiskBus.VIRTIO, "raw")),
-        dvd=f"{HOSTILE}cd.iso",
-        network_adapters=(NetworkAdapter(MAC, model),),
-        notes="notes,inject=1",
+    pc = chipset is Chipset.I440FX
+    bus = BlockBus.IDE if pc else BlockBus.SCSI
+    spec = MachineSpec(
+        vm_id=VM_ID, chipset=chipset, accelerator="tcg", cpus=1,
+        memory=MemorySpec(GIB), paths=paths(run=run, folder=folder),
+        firmware=(base := gen1_spec() if pc else gen2_spec()).firmware,
+        block_devices=(
+            BlockDevice(disk_device_id("a"), bus, disk("a", f"{HOSTILE}disk.qcow2",
+                                                       "qcow2", (f"{HOSTILE}base.raw", "raw"))),
+            BlockDevice(disk_device_id("b"), BlockBus.VIRTIO,
+                        disk("b", f"{HOSTILE}data.raw", "raw")),
+            dvd(bus, 1, f"{HOSTILE}cd.iso")),
+        net_devices=base.net_devices,
     )
-    firmware = None
-    if generation is Generation.GEN2:
-        firmware = Firmware(f"{HOSTILE}code.fd", f"{HOSTILE}vars.fd")
-    spec = QemuSpec(vm_id=VM_ID, config=config, accelerator="tcg",
-                    paths=paths(run=run, folder=folder), firmware=firmware)
+    if not pc:
+        spec = replace(spec, firmware=Uefi(f"{HOSTILE}code.fd", f"{HOSTILE}vars.fd"))
     p = spec.paths
-    user = {f"{HOSTILE}disk.qcow2", f"{HOSTILE}data.raw", f"{HOSTILE}cd.iso",
-            p.qmp_socket, p.serial_socket, p.serial_log, p.qga_socket, p.pidfile,
-            p.vnc_socket}
-    if firmware is not None:
-        user |= {firmware.code, firmware.vars}
+    user = {f"{HOSTILE}disk.qcow2", f"{HOSTILE}base.raw", f"{HOSTILE}data.raw",
+            f"{HOSTILE}cd.iso", p.qmp_socket, p.serial_socket, p.serial_log, p.qga_socket,
+            p.pidfile, p.vnc_socket}
+    if isinstance(spec.firmware, Uefi):
+        user |= {spec.firmware.code, spec.firmware.vars}
     return spec, user
 
 
@@ -387,9 +450,9 @@ def json_strings(value: object) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("generation", list(Generation))
-def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> None:
-    spec, user_strings = hostile_spec(generation)
+@pytest.mark.parametrize("chipset", list(Chipset))
+def test_no_user_string_outside_json_unless_escaped(chipset: Chipset) -> None:
+    spec, user_strings = hostile_spec(chipset)
     argv = build_argv(spec)
     seen: set[str] = set()
     for i, arg in enumerate(argv):
@@ -416,7 +479,6 @@ def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> N
             seen.add(arg)
     # every user string reached the command line, and none was dropped on the way
     assert seen == user_strings
-    assert not any("notes" in a for a in argv)
 
 
 # -- backing chains ---------------------------------------------------------------------
@@ -424,9 +486,9 @@ def test_no_user_string_outside_json_unless_escaped(generation: Generation) -> N
 
 def test_every_chain_member_is_explicit_and_the_base_has_no_backing() -> None:
     spec = gen1_spec()
-    disk = spec.config.disks[0]
+    top_node = spec.block_devices[0].node
     nodes = {n["node-name"]: n for n in json_options(build_argv(spec), "-blockdev")}
-    top, image = nodes[disk_node(disk)], nodes[backing_node(disk, BackingFile(IMAGE, "qcow2"))]
+    top, image = nodes[top_node.id], nodes[backing_node_id(DISK0, IMAGE)]
     assert top["backing"] == image["node-name"]
     assert image["backing"] is None  # QEMU opens no parent the image's header might name
     assert image["read-only"] is True and top["read-only"] is False
@@ -437,31 +499,44 @@ def test_every_chain_member_is_explicit_and_the_base_has_no_backing() -> None:
             if ref is not None:
                 assert order.index(ref) < order.index(node["node-name"])
     devices = {d["id"]: d for d in json_options(build_argv(spec), "-device")}
-    assert devices["disk0-dev"]["drive"] == disk_node(disk)
+    assert devices[disk_device_id(DISK0)]["drive"] == top_node.id
 
 
-def test_a_disk_without_a_known_chain_opens_no_parent() -> None:
-    spec = replace(gen1_spec(), backing={})
-    disk = spec.config.disks[0]
+def test_a_disk_without_a_parent_opens_none() -> None:
+    spec = gen1_spec()
+    device = replace(spec.block_devices[0], node=replace(spec.block_devices[0].node,
+                                                         backing=None))
+    spec = replace(spec, block_devices=(device,))
     nodes = {n["node-name"]: n for n in json_options(build_argv(spec), "-blockdev")}
-    assert nodes[disk_node(disk)]["backing"] is None
+    assert nodes[device.node.id]["backing"] is None
     assert all(n["driver"] != "raw" or "backing" not in n for n in nodes.values())
 
 
-def test_node_names_follow_the_disk_not_its_position() -> None:
-    a = DiskAttachment("/srv/a.qcow2", DiskBus.VIRTIO, "qcow2", id="aaaaaaaaaa")
-    b = DiskAttachment("/srv/b.qcow2", DiskBus.VIRTIO, "qcow2", id="bbbbbbbbbb")
-    base = BackingFile("/srv/base.qcow2", "qcow2")
-    spec = gen2_spec()
-    for order in ((a, b), (b, a)):
-        config = replace(spec.config, disks=order)
-        argv = build_argv(replace(spec, config=config, backing={a.id: (base,), b.id: (base,)}))
-        names = [n["node-name"] for n in json_options(argv, "-blockdev")]
-        assert len(names) == len(set(names))  # a shared parent gets a node per child
-        assert {"disk-aaaaaaaaaa", "disk-bbbbbbbbbb", backing_node(a, base),
-                backing_node(b, base)} <= set(names)
-        assert all(len(name) <= 31 for name in names)  # QEMU's limit
-    old = DiskAttachment("/srv/old.qcow2", DiskBus.VIRTIO)  # a record from before ids
-    assert old.id and old.id == DiskAttachment("/srv/old.qcow2", DiskBus.IDE).id
-    loaded = VmConfig.from_json(replace(spec.config, disks=(old,)).to_json())
-    assert loaded.disks[0].id == old.id and loaded.disks[0].owned is False
+def test_shared_parents_get_a_node_per_child_within_qemus_limit() -> None:
+    base = ("/srv/base.qcow2", "qcow2")
+    a, b = disk("aaaaaaaaaa", "/srv/a.qcow2", "qcow2", base), disk("bbbbbbbbbb",
+                                                                   "/srv/b.qcow2", "qcow2", base)
+    spec = replace(gen2_spec(), block_devices=(
+        BlockDevice(disk_device_id("aaaaaaaaaa"), BlockBus.VIRTIO, a),
+        BlockDevice(disk_device_id("bbbbbbbbbb"), BlockBus.VIRTIO, b)))
+    names = [n["node-name"] for n in json_options(build_argv(spec), "-blockdev")]
+    assert len(names) == len(set(names))
+    assert {"disk-aaaaaaaaaa", "disk-bbbbbbbbbb", backing_node_id("aaaaaaaaaa", base[0]),
+            backing_node_id("bbbbbbbbbb", base[0])} <= set(names)
+    assert all(len(name) <= 31 for name in names)  # QEMU's limit
+
+
+def test_every_block_node_maps_to_its_file() -> None:
+    nodes = block_node_paths(gen2_spec())
+    top, mid, base = (disk_node_id(DISK0), backing_node_id(DISK0, "/srv/disks/mid.qcow2"),
+                      backing_node_id(DISK0, "/srv/disks/base.raw"))
+    assert nodes == {
+        top: f"{FOLDER}/disk0.qcow2", f"{top}-file": f"{FOLDER}/disk0.qcow2",
+        mid: "/srv/disks/mid.qcow2", f"{mid}-file": "/srv/disks/mid.qcow2",
+        base: "/srv/disks/base.raw", f"{base}-file": "/srv/disks/base.raw",
+        "disk-5f6a7b8c9d": "/srv/disks/data.raw", "disk-5f6a7b8c9d-file": "/srv/disks/data.raw",
+        "dvd": ISO, "dvd-file": ISO}
+
+
+def test_nic_ids_from_the_mac() -> None:
+    assert nic_device_id("52:54:00:AA:bb:cc") == "nic-525400aabbcc"

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from hvstack.compute.lifecycle import io_error_reason
+from pathlib import Path
+
+from hvstack.compute.lifecycle import VmFiles, io_error_reason
+from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
 from hvstack.compute.model import DiskAttachment, DiskBus, VmConfig
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
-from hvstack.hypervisor.qemu.argv import QemuSpec, RuntimePaths, block_node_paths, disk_node
+from hvstack.hypervisor.qemu.argv import block_node_paths
+from hvstack.hypervisor.spec import backing_node_id, disk_node_id
 
-PATHS = RuntimePaths("q", "s", "l", "g", "p", "v")
+FILES = VmFiles(Path("/vms/id"), Path("/run/id"))
 
 
 def test_every_block_node_maps_to_its_file() -> None:
     disks = (DiskAttachment("/d/a.qcow2", DiskBus.VIRTIO),
              DiskAttachment("/d/b.raw", DiskBus.SCSI, "raw"))
     config = VmConfig(name="vm", disks=disks, dvd="/iso/x.iso")
-    nodes = block_node_paths(QemuSpec("id", config, "tcg", PATHS))
-    a, b = (disk_node(d) for d in disks)
+    chains = {disks[0].id: (BackingFile("/d/base.qcow2", "qcow2"),)}
+    spec = machine_spec("id", config, FILES, MachineHost("tcg", "/fw/code.fd"), chains=chains)
+    nodes = block_node_paths(spec)
+    a, b = (disk_node_id(d.id) for d in disks)
+    base = backing_node_id(disks[0].id, "/d/base.qcow2")
     assert nodes == {a: "/d/a.qcow2", f"{a}-file": "/d/a.qcow2",
+                     base: "/d/base.qcow2", f"{base}-file": "/d/base.qcow2",
                      b: "/d/b.raw", f"{b}-file": "/d/b.raw",
-                     "dvd0": "/iso/x.iso", "dvd0-file": "/iso/x.iso"}
+                     "dvd": "/iso/x.iso", "dvd-file": "/iso/x.iso"}
 
 
 def test_a_block_io_error_is_read_from_its_event() -> None:

@@ -43,7 +43,8 @@ from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
-from hvstack.hypervisor.qemu.argv import QemuSpec, block_node_paths
+from hvstack.hypervisor.qemu.argv import block_node_paths
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class VmController:
         record: VmRecord,
         files: VmFiles,
         driver: Driver,
-        spec_for: Callable[[VmRecord, bool], QemuSpec],
+        spec_for: Callable[[VmRecord, bool], MachineSpec],
         on_change: Callable[[VmRecord], None],
         before_start: Callable[[VmRecord], Awaitable[None]],
         publish: Callable[..., object] = lambda *a, **k: None,

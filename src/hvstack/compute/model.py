@@ -1,7 +1,7 @@
 """The VM model: frozen dataclasses for a VM's settings, and their validation.
 
 A :class:`VmConfig` is what the user asked for; it is stored as JSON and turned into a
-QEMU command line by :mod:`hvstack.hypervisor.qemu.argv`. Validation here is pure (no
+machine description by :mod:`hvstack.compute.machine`. Validation here is pure (no
 I/O): names, counts and enumerations. Paths are confined by :mod:`hvstack.storage.paths`
 and sizes against the host by the host service.
 """
@@ -94,7 +94,7 @@ class DiskAttachment:
     ``format`` is QEMU's name of the format hvstack recorded when it created or attached
     the disk (never probed later); ``owned`` is true for a disk created for this VM (the
     only kind ``delete --delete-disks`` deletes); ``id`` is a stable identity that names
-    the disk's nodes in QEMU (see :mod:`hvstack.hypervisor.qemu.argv`).
+    the disk's nodes and device in QEMU (see :mod:`hvstack.hypervisor.spec`).
     """
 
     path: str
@@ -277,9 +277,12 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
         raise InvalidInput(f"accelerator '{config.accelerator}' is not one of kvm, tcg")
     if len(set(config.boot_order)) != len(config.boot_order):
         raise InvalidInput("boot order names a device twice")
+    macs = [nic.mac.lower() for nic in config.network_adapters]
     for nic in config.network_adapters:
         if not _MAC.match(nic.mac):
             raise InvalidInput(f"MAC address '{nic.mac}' is not of the form 52:54:00:xx:xx:xx")
+        if macs.count(nic.mac.lower()) > 1:  # it names the adapter in QEMU, too
+            raise InvalidInput(f"MAC address '{nic.mac}' is given to two network adapters")
     _check_buses(config)
     return config
 

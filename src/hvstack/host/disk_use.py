@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from hvstack.compute.machine import BackingFile
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.host.config import HostConfig
-from hvstack.hypervisor.qemu.argv import BackingFile
 from hvstack.storage import disks, formats, usage
 from hvstack.storage.paths import check_disk_file, confine
 

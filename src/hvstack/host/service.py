@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hvstack.compute.lifecycle import StopMode, VmController, VmFiles
+from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
 from hvstack.compute.model import (
     AutoStartAction,
     AutoStopAction,
@@ -55,7 +56,7 @@ from hvstack.host.jobs import Job, JobManager, Progress
 from hvstack.host.store import Store
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
-from hvstack.hypervisor.qemu.argv import BackingFile, Firmware, QemuSpec, RuntimePaths
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.storage import disks
 from hvstack.storage.paths import confine
 
@@ -269,28 +270,11 @@ class HostService:
         """The accelerator the VM runs with (checked for usability when it starts)."""
         return config.accelerator or self.facts.accelerator.name
 
-    def _spec_for(self, record: VmRecord, incoming: bool) -> QemuSpec:
-        files = self._files(record.id)
-        firmware = None
-        if record.config.generation is Generation.GEN2:
-            firmware = Firmware(str(self.config.ovmf_code), str(files.efi_vars))
-        return QemuSpec(
-            vm_id=record.id,
-            config=record.config,
-            accelerator=self.accelerator_for(record.config),
-            paths=RuntimePaths(
-                qmp_socket=str(files.qmp_socket),
-                serial_socket=str(files.serial_socket),
-                serial_log=str(files.console_log),
-                qga_socket=str(files.qga_socket),
-                pidfile=str(files.pidfile),
-                vnc_socket=str(files.vnc_socket),
-            ),
-            firmware=firmware,
-            incoming=incoming,
-            binary=self.config.qemu_binary,
-            backing=self._chains.get(record.id, {}),
-        )
+    def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
+        host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
+                           self.config.qemu_binary)
+        return machine_spec(record.id, record.config, self._files(record.id), host,
+                            chains=self._chains.get(record.id, {}), incoming=incoming)
 
     async def _before_start(self, record: VmRecord) -> None:
         """Checks that need the whole host: files present, disks free, memory there."""

@@ -5,7 +5,8 @@ A :class:`~hvstack.hypervisor.driver.Machine` offers each as a property
 Each interface takes and returns frozen dataclasses, never raw QMP: the QEMU
 implementations live in :mod:`hvstack.hypervisor.qemu.capabilities`, and the tests have
 an in-memory fake of each (``tests/functional/fake_capabilities.py``). Node and device
-names are the identities the machine was started with (``disk0``, ``nic0``, ...).
+names are the identities the machine was started with (``disk-<disk id>``,
+``nic-<mac>``, ...: see :mod:`hvstack.hypervisor.spec`).
 
 Errors: a request QEMU refuses is :class:`~hvstack.errors.HypervisorError` (its QMP
 error class in ``data["qmp_class"]``); a wait that outlasts its timeout (a guest that

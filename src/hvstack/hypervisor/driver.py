@@ -12,7 +12,7 @@ from typing import Protocol
 
 from hvstack.hypervisor.capabilities import BlockJobs, Devices, Memory, Migration
 from hvstack.hypervisor.events import EventSink, QmpEvent
-from hvstack.hypervisor.qemu.argv import QemuSpec
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress
 
 __all__ = ["Driver", "EventSink", "Machine", "QmpEvent"]
@@ -69,7 +69,7 @@ class Machine(Protocol):
 
 
 class Driver(Protocol):
-    async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> Machine: ...
+    async def launch(self, spec: MachineSpec, pidfile: Path, events: EventSink) -> Machine: ...
 
     async def attach(
         self, vm_id: str, pid: int, qmp_socket: str, events: EventSink

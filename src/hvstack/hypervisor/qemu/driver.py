@@ -16,7 +16,7 @@ from pathlib import Path
 from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
 from hvstack.hypervisor.events import EventSink
 from hvstack.hypervisor.qemu import process
-from hvstack.hypervisor.qemu.argv import QemuSpec, build_argv
+from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.qemu.capabilities import (
     EventWaiters,
     QemuBlockJobs,
@@ -25,6 +25,7 @@ from hvstack.hypervisor.qemu.capabilities import (
     QemuMigration,
 )
 from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class QemuMachine:
 
 
 class QemuDriver:
-    async def launch(self, spec: QemuSpec, pidfile: Path, events: EventSink) -> QemuMachine:
+    async def launch(self, spec: MachineSpec, pidfile: Path, events: EventSink) -> QemuMachine:
         monitor = Monitor(spec.vm_id)
         # Connect while QEMU is still initialising: its QMP socket listens before the
         # daemonizing parent exits, so the monitor is ready the moment QEMU is.

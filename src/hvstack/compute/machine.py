@@ -1,0 +1,118 @@
+"""A VM's settings translated into the machine the hypervisor runs: the one place that
+knows both a :class:`VmConfig` and a :class:`MachineSpec`.
+
+:func:`machine_spec` is pure. It decides what each setting means for the machine:
+generation 1 is an i440fx PC with SeaBIOS, IDE and emulated devices, generation 2 a
+q35 PC with UEFI and its DVD drive on SCSI; the boot order becomes boot indices (the
+first disk, the DVD drive, the first adapter); a Windows guest gets the Hyper-V
+enlightenments, a local-time clock and a USB tablet. Disks and their backing chains
+become block nodes named from the disk's id, adapters devices named from their MAC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hvstack.compute.lifecycle import VmFiles
+from hvstack.compute.model import BootDevice, DiskAttachment, DiskBus, Generation, VmConfig
+from hvstack.compute.model import NicModel as AdapterModel
+from hvstack.hypervisor import spec as hw
+
+
+@dataclass(frozen=True)
+class BackingFile:
+    """A parent in a disk's backing chain, with the format its child's header records
+    (checked by :func:`hvstack.storage.chain.read_chain` before it gets here)."""
+
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
+class MachineHost:
+    """What the host contributes to every machine it runs."""
+
+    accelerator: str  # "kvm" or "tcg": the VM's own choice, else the host's
+    uefi_code: str  # the UEFI firmware's code (read-only, shared)
+    binary: str = "qemu-system-x86_64"
+
+
+_BUSES = {DiskBus.IDE: hw.BlockBus.IDE, DiskBus.SCSI: hw.BlockBus.SCSI,
+          DiskBus.VIRTIO: hw.BlockBus.VIRTIO}
+_MODELS = {AdapterModel.E1000: hw.NicModel.E1000, AdapterModel.VIRTIO: hw.NicModel.VIRTIO}
+
+
+def _boot_index(config: VmConfig, device: BootDevice) -> int | None:
+    if device in config.boot_order:
+        return config.boot_order.index(device) + 1
+    return None
+
+
+def disk_node(disk: DiskAttachment, chain: tuple[BackingFile, ...] = ()) -> hw.BlockNode:
+    """The block node of an attached disk, with its parents (nearest first) below it."""
+    below: hw.BlockNode | None = None
+    for parent in reversed(chain):
+        below = hw.BlockNode(hw.backing_node_id(disk.id, parent.path), parent.path,
+                             parent.format, True, below)
+    return hw.BlockNode(hw.disk_node_id(disk.id), disk.path, disk.format, disk.read_only,
+                        below)
+
+
+def _block_devices(config: VmConfig,
+                   chains: Mapping[str, tuple[BackingFile, ...]]) -> list[hw.BlockDevice]:
+    devices = []
+    for index, disk in enumerate(config.disks):
+        boot = _boot_index(config, BootDevice.DISK) if index == 0 else None
+        devices.append(hw.BlockDevice(hw.disk_device_id(disk.id), _BUSES[disk.bus],
+                                      disk_node(disk, tuple(chains.get(disk.id, ()))),
+                                      hw.MediaKind.DISK, boot))
+    if config.dvd is not None:
+        bus = hw.BlockBus.IDE if config.generation is Generation.GEN1 else hw.BlockBus.SCSI
+        media = hw.BlockNode(hw.DVD_NODE, config.dvd, "raw", True)
+        devices.append(hw.BlockDevice(hw.DVD_DEVICE, bus, media, hw.MediaKind.CDROM,
+                                      _boot_index(config, BootDevice.DVD)))
+    return devices
+
+
+def _net_devices(config: VmConfig) -> list[hw.NetDevice]:
+    return [hw.NetDevice(nic.mac, _MODELS[nic.model], hw.UserNetdev(),
+                         _boot_index(config, BootDevice.NETWORK) if index == 0 else None)
+            for index, nic in enumerate(config.network_adapters)]
+
+
+def runtime_paths(files: VmFiles) -> hw.RuntimePaths:
+    return hw.RuntimePaths(
+        qmp_socket=str(files.qmp_socket),
+        serial_socket=str(files.serial_socket),
+        serial_log=str(files.console_log),
+        qga_socket=str(files.qga_socket),
+        pidfile=str(files.pidfile),
+        vnc_socket=str(files.vnc_socket),
+    )
+
+
+def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost, *,
+                 chains: Mapping[str, tuple[BackingFile, ...]] | None = None,
+                 incoming: bool = False) -> hw.MachineSpec:
+    """The machine that runs ``config``. ``chains``: each disk's checked parents by disk
+    id, nearest first (a disk missing there is opened without a parent)."""
+    gen1 = config.generation is Generation.GEN1
+    windows = config.os_type == "windows"
+    firmware: hw.Firmware = (hw.SeaBios() if gen1
+                             else hw.Uefi(host.uefi_code, str(files.efi_vars)))
+    return hw.MachineSpec(
+        vm_id=vm_id,
+        chipset=hw.Chipset.I440FX if gen1 else hw.Chipset.Q35,
+        accelerator=host.accelerator,
+        cpus=config.cpus,
+        memory=hw.MemorySpec(config.memory_bytes),
+        paths=runtime_paths(files),
+        firmware=firmware,
+        enlightenments=hw.Enlightenments(hyperv=windows, rtc_localtime=windows,
+                                         usb_tablet=windows),
+        block_devices=tuple(_block_devices(config, chains or {})),
+        net_devices=tuple(_net_devices(config)),
+        incoming=incoming,
+        binary=host.binary,
+    )

@@ -1,0 +1,249 @@
+"""The machine description: everything the hypervisor layer is asked to run, in its own
+terms.
+
+A :class:`MachineSpec` names the chipset, firmware, processors, memory, block nodes,
+devices and netdevs of one machine. It knows nothing of a VM's settings (generation,
+boot order, OS type): :func:`hvstack.compute.machine.machine_spec` is the one function
+that translates those into it, and :func:`hvstack.hypervisor.qemu.argv.build_argv` the
+one that turns it into a QEMU command line.
+
+Every block node, device and netdev has an id derived from what it is, never from its
+position: a disk's nodes and device from the disk's id (:func:`disk_node_id`,
+:func:`disk_device_id`), an adapter's device and netdev from its MAC
+(:func:`nic_device_id`), the one DVD drive from :data:`DVD_DEVICE`. Hot plug, block jobs,
+checkpoints and migration address them by these ids, and both ends of a migration build
+the same ones. A spec whose ids collide is refused (:class:`InvalidInput`) before QEMU
+sees it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass
+
+from hvstack.errors import InvalidInput
+
+_SIMPLE_ID = re.compile(r"^[0-9A-Za-z]{1,10}$")
+_QEMU_ID = re.compile(r"^[A-Za-z][0-9A-Za-z._-]{0,30}$")
+"""QEMU's rule for ids and node names (a letter, then letters, digits, '-', '.', '_'),
+with its limit of 31 characters for node names."""
+
+DVD_NODE = "dvd"
+DVD_DEVICE = "dvd-dev"
+BALLOON_DEVICE = "balloon0"
+
+
+def _ident(identity: str) -> str:
+    """``identity`` if it is short and plain, else a digest of it (ten hex digits)."""
+    if _SIMPLE_ID.match(identity):
+        return identity
+    return hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+def disk_node_id(disk_id: str) -> str:
+    """The format node of the disk with id ``disk_id``."""
+    return f"disk-{_ident(disk_id)}"
+
+
+def backing_node_id(disk_id: str, parent_path: str) -> str:
+    """A parent in a disk's chain: the disk's node and the parent's path, so two disks
+    sharing a parent get a node each."""
+    digest = hashlib.sha256(parent_path.encode()).hexdigest()[:8]
+    return f"{disk_node_id(disk_id)}-{digest}"
+
+
+def disk_device_id(disk_id: str) -> str:
+    """The guest-visible device of the disk with id ``disk_id``."""
+    return f"{disk_node_id(disk_id)}-dev"
+
+
+def _mac_digits(mac: str) -> str:
+    return mac.replace(":", "").lower()
+
+
+def nic_device_id(mac: str) -> str:
+    """The network adapter with MAC ``mac`` (``52:54:00:aa:bb:cc`` → ``nic-525400aabbcc``)."""
+    return f"nic-{_mac_digits(mac)}"
+
+
+def nic_netdev_id(mac: str) -> str:
+    """The host side (netdev) of the network adapter with MAC ``mac``."""
+    return f"net-{_mac_digits(mac)}"
+
+
+class Chipset(enum.StrEnum):
+    I440FX = "i440fx"  # with PIIX: IDE controllers, no PCIe
+    Q35 = "q35"  # with ICH9: PCIe, AHCI
+
+
+@dataclass(frozen=True)
+class SeaBios:
+    """The BIOS QEMU loads when no firmware is given."""
+
+
+@dataclass(frozen=True)
+class Uefi:
+    """UEFI firmware: read-only code and the machine's own variable store."""
+
+    code: str
+    vars: str
+
+
+Firmware = SeaBios | Uefi
+
+
+@dataclass(frozen=True)
+class Enlightenments:
+    """What a guest OS is given beyond plain PC hardware.
+
+    ``hyperv``: Hyper-V's paravirtual interfaces and timers (a hypervisor that cannot
+    offer them, such as QEMU's TCG, leaves them out); ``rtc_localtime``: the clock keeps
+    local time and slews after a pause; ``usb_tablet``: an absolute pointer.
+    """
+
+    hyperv: bool = False
+    rtc_localtime: bool = False
+    usb_tablet: bool = False
+
+
+@dataclass(frozen=True)
+class BlockNode:
+    """A file opened with an explicit format; ``backing`` is its parent node, and None
+    means it has none (the hypervisor opens no parent a header names)."""
+
+    id: str
+    path: str
+    format: str
+    read_only: bool = False
+    backing: BlockNode | None = None
+
+    def chain(self) -> tuple[BlockNode, ...]:
+        """This node and its parents, nearest first."""
+        nodes: list[BlockNode] = []
+        node: BlockNode | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.backing
+        return tuple(nodes)
+
+
+class BlockBus(enum.StrEnum):
+    IDE = "ide"
+    SCSI = "scsi"
+    VIRTIO = "virtio"
+
+
+class MediaKind(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A disk or DVD drive the guest sees, on ``bus``, reading ``node``. Addresses on a
+    bus (IDE unit, SCSI LUN) follow the order of the spec's block devices."""
+
+    id: str
+    bus: BlockBus
+    node: BlockNode
+    kind: MediaKind = MediaKind.DISK
+    boot_index: int | None = None
+
+
+class NicModel(enum.StrEnum):
+    E1000 = "e1000"  # emulated Intel adapter
+    VIRTIO = "virtio"  # synthetic
+
+
+@dataclass(frozen=True)
+class UserNetdev:
+    """User-mode NAT inside the hypervisor's process."""
+
+
+@dataclass(frozen=True)
+class TapNetdev:
+    """A tap device opened by the host: ``fd`` is a descriptor number passed at launch
+    (see ``MachineSpec.pass_fds``) or the name a descriptor was given with ``getfd``."""
+
+    fd: str
+
+
+Netdev = UserNetdev | TapNetdev
+
+
+@dataclass(frozen=True)
+class NetDevice:
+    """A network adapter and its host side (netdev), both named from its MAC."""
+
+    mac: str
+    model: NicModel
+    backend: Netdev = UserNetdev()
+    boot_index: int | None = None
+
+    @property
+    def id(self) -> str:
+        return nic_device_id(self.mac)
+
+    @property
+    def netdev_id(self) -> str:
+        return nic_netdev_id(self.mac)
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Boot memory; ``balloon`` adds a virtio balloon (device :data:`BALLOON_DEVICE`).
+    Hot-pluggable memory devices (virtio-mem) will be listed here."""
+
+    size_bytes: int
+    balloon: bool = False
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Where a running machine's sockets and files live."""
+
+    qmp_socket: str
+    serial_socket: str
+    serial_log: str
+    qga_socket: str
+    pidfile: str
+    vnc_socket: str
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """One machine, complete: what :func:`build_argv` needs and nothing else."""
+
+    vm_id: str
+    chipset: Chipset
+    accelerator: str  # "kvm" or "tcg"
+    cpus: int
+    memory: MemorySpec
+    paths: RuntimePaths
+    firmware: Firmware = SeaBios()
+    enlightenments: Enlightenments = Enlightenments()
+    block_devices: tuple[BlockDevice, ...] = ()
+    net_devices: tuple[NetDevice, ...] = ()
+    incoming: bool = False  # wait for saved state on a migration channel (-incoming defer)
+    binary: str = "qemu-system-x86_64"
+    # Descriptors QEMU inherits under the same numbers; options name them as fd=N or
+    # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
+    pass_fds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        devices = [d.id for d in self.block_devices] + [n.id for n in self.net_devices]
+        nodes = [n.id for d in self.block_devices for n in d.node.chain()]
+        netdevs = [n.netdev_id for n in self.net_devices]
+        for kind, ids in (("device", devices), ("block node", nodes), ("netdev", netdevs)):
+            for ident in ids:
+                if not _QEMU_ID.match(ident):
+                    raise InvalidInput(f"'{ident}' cannot name a {kind}", value=ident)
+                if ids.count(ident) > 1:
+                    raise InvalidInput(f"two parts of the machine are the {kind} "
+                                       f"'{ident}'; each needs its own identity", value=ident)
+
+    def block_nodes(self) -> tuple[BlockNode, ...]:
+        """Every block node of every device, each device's chain nearest first."""
+        return tuple(n for d in self.block_devices for n in d.node.chain())

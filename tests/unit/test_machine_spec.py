@@ -1,0 +1,142 @@
+"""A VM's settings translated into the machine description (compute.machine)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hvstack.compute.lifecycle import VmFiles
+from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
+from hvstack.compute.model import (
+    BootDevice,
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+)
+from hvstack.errors import InvalidInput
+from hvstack.hypervisor.qemu.argv import build_argv
+from hvstack.hypervisor.spec import MachineSpec
+from tests.unit import test_argv
+from tests.unit.test_argv import FOLDER, GIB, IMAGE, ISO, MAC, RUN, VM_ID
+
+FILES = VmFiles(Path(FOLDER), Path(RUN))
+OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+
+
+def gen1_config(os_type: str = "linux") -> VmConfig:
+    return VmConfig(
+        name="legacy", generation=Generation.GEN1, cpus=2, memory_bytes=1 * GIB,
+        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.IDE, "qcow2", id="0a1b2c3d4e"),),
+        dvd=ISO, network_adapters=(NetworkAdapter(MAC, NicModel.E1000),), os_type=os_type,
+    )
+
+
+def gen2_config(os_type: str = "linux") -> VmConfig:
+    return VmConfig(
+        name="modern", generation=Generation.GEN2, cpus=2, memory_bytes=1 * GIB,
+        disks=(DiskAttachment(f"{FOLDER}/disk0.qcow2", DiskBus.SCSI, "qcow2", id="0a1b2c3d4e"),
+               DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw", id="5f6a7b8c9d")),
+        dvd=ISO, network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),),
+        boot_order=(BootDevice.DVD, BootDevice.DISK), os_type=os_type,
+    )
+
+
+CHAINS = {
+    1: {"0a1b2c3d4e": (BackingFile(IMAGE, "qcow2"),)},
+    2: {"0a1b2c3d4e": (BackingFile("/srv/disks/mid.qcow2", "qcow2"),
+                       BackingFile("/srv/disks/base.raw", "raw"))},
+}
+
+
+def spec_of(config: VmConfig, accelerator: str = "tcg", **kwargs: object) -> MachineSpec:
+    chains = kwargs.pop("chains", CHAINS[config.generation])
+    return machine_spec(VM_ID, config, FILES, MachineHost(accelerator, OVMF),
+                        chains=chains, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("os_type", ["linux", "windows"])
+@pytest.mark.parametrize("accelerator", ["kvm", "tcg"])
+def test_settings_make_the_machines_of_the_golden_files(accelerator: str, os_type: str) -> None:
+    # test_argv pins build_argv() of these specs in tests/golden
+    assert spec_of(gen1_config(os_type), accelerator) == test_argv.gen1_spec(accelerator,
+                                                                             os_type)
+    assert spec_of(gen2_config(os_type), accelerator) == test_argv.gen2_spec(accelerator,
+                                                                             os_type)
+
+
+GOLDEN_SETTINGS = {
+    "argv_gen1": (gen1_config(), "tcg"),
+    "argv_gen2": (gen2_config(), "tcg"),
+    "argv_gen2_kvm": (gen2_config(), "kvm"),
+    "argv_gen2_windows": (gen2_config("windows"), "kvm"),
+    "argv_gen2_windows_tcg": (gen2_config("windows"), "tcg"),
+    "argv_gen1_windows_kvm": (gen1_config("windows"), "kvm"),
+    "argv_gen1_windows_tcg": (gen1_config("windows"), "tcg"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SETTINGS))
+def test_golden_through_the_settings(name: str) -> None:
+    assert set(GOLDEN_SETTINGS) == set(test_argv.GOLDEN_SPECS)
+    config, accelerator = GOLDEN_SETTINGS[name]
+    test_argv.check_golden(name, build_argv(spec_of(config, accelerator)))
+
+
+def test_names_follow_identities_not_positions() -> None:
+    a = DiskAttachment("/srv/a.qcow2", DiskBus.VIRTIO, "qcow2", id="aaaaaaaaaa")
+    b = DiskAttachment("/srv/b.qcow2", DiskBus.VIRTIO, "qcow2", id="bbbbbbbbbb")
+    nic_a = NetworkAdapter("52:54:00:00:00:0a", NicModel.VIRTIO)
+    nic_b = NetworkAdapter("52:54:00:00:00:0b", NicModel.VIRTIO)
+    seen = []
+    for disks, nics in (((a, b), (nic_a, nic_b)), ((b, a), (nic_b, nic_a))):
+        config = replace(gen2_config(), disks=disks, network_adapters=nics)
+        spec = spec_of(config, chains={})
+        seen.append(({d.id: d.node.id for d in spec.block_devices},
+                     {n.id: n.netdev_id for n in spec.net_devices}))
+    assert seen[0] == seen[1]
+    assert seen[0] == ({"disk-aaaaaaaaaa-dev": "disk-aaaaaaaaaa",
+                        "disk-bbbbbbbbbb-dev": "disk-bbbbbbbbbb", "dvd-dev": "dvd"},
+                       {"nic-52540000000a": "net-52540000000a",
+                        "nic-52540000000b": "net-52540000000b"})
+
+
+def test_a_disk_recorded_before_ids_keeps_its_names() -> None:
+    old = DiskAttachment("/srv/old.qcow2", DiskBus.VIRTIO)  # a record from before ids
+    assert old.id and old.id == DiskAttachment("/srv/old.qcow2", DiskBus.IDE).id
+    config = VmConfig.from_json(replace(gen2_config(), disks=(old,)).to_json())
+    assert config.disks[0].id == old.id and config.disks[0].owned is False
+    [disk, _] = spec_of(config, chains={}).block_devices
+    assert disk.node.id == f"disk-{old.id}"
+    odd = DiskAttachment("/srv/odd.qcow2", DiskBus.VIRTIO, id="not a plain id")
+    [disk, _] = spec_of(replace(config, disks=(odd,)), chains={}).block_devices
+    assert disk.node.id.startswith("disk-") and len(disk.node.id) == 15
+
+
+def test_boot_order_becomes_boot_indices() -> None:
+    config = replace(gen1_config(), boot_order=(BootDevice.NETWORK, BootDevice.DISK))
+    spec = spec_of(config)
+    assert [d.boot_index for d in spec.block_devices] == [2, None]
+    assert [n.boot_index for n in spec.net_devices] == [1]
+    spec = spec_of(replace(config, boot_order=()))
+    assert {d.boot_index for d in (*spec.block_devices, *spec.net_devices)} == {None}
+
+
+def test_generation_picks_chipset_firmware_and_dvd_bus() -> None:
+    gen1, gen2 = spec_of(gen1_config()), spec_of(gen2_config(), incoming=True)
+    assert (gen1.chipset.value, type(gen1.firmware).__name__) == ("i440fx", "SeaBios")
+    assert (gen2.chipset.value, type(gen2.firmware).__name__) == ("q35", "Uefi")
+    assert gen2.firmware == test_argv.Uefi(OVMF, f"{FOLDER}/efivars.fd")
+    assert (gen1.block_devices[-1].bus.value, gen2.block_devices[-1].bus.value) == (
+        "ide", "scsi")
+    assert gen2.incoming and not gen1.incoming
+
+
+def test_two_adapters_with_one_mac_are_refused() -> None:
+    config = replace(gen2_config(), network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),) * 2)
+    with pytest.raises(InvalidInput, match="nic-525400123456"):
+        spec_of(config)
