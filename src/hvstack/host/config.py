@@ -2,7 +2,7 @@
 
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
-``HV_CACHE_DIR``) and defaults: ``/var/lib/hvstack`` for root, else
+``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY`` as a size) and defaults: ``/var/lib/hvstack`` for root, else
 ``~/.local/share/hvstack``; the listen address is the unix socket ``hv.sock`` in it.
 """
 
@@ -103,6 +103,11 @@ def load_config(
     roots.insert(0, data)
     cache = Path(os.environ.get("HV_CACHE_DIR") or data / "cache").absolute()
     accel = accelerator or os.environ.get("HV_ACCELERATOR") or None
+    max_body = DEFAULT_MAX_REQUEST_BODY
+    if env_body := os.environ.get("HV_MAX_REQUEST_BODY"):
+        from hvstack.units import parse_size
+
+        max_body = parse_size(env_body, what="HV_MAX_REQUEST_BODY")
     return HostConfig(
         data_dir=data,
         storage_roots=tuple(dict.fromkeys(roots)),
@@ -110,4 +115,5 @@ def load_config(
         cache_dir=cache,
         accelerator=None if accel == "auto" else accel,
         detach_on_exit=detach_on_exit,
+        max_request_body=max_body,
     )
