@@ -2,8 +2,8 @@
 
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
-``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY`` as a size) and defaults: ``/var/lib/hvstack`` for root, else
-``~/.local/share/hvstack``; the listen address is the unix socket ``hv.sock`` in it.
+``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY`` as a size) and defaults: ``/var/lib/hvstack``
+for root, else ``~/.local/share/hvstack``; the listen address is the unix socket ``hv.sock`` in it.
 """
 
 from __future__ import annotations
