@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class FakeGuestAgent:
         self._files: dict[int, IO[bytes]] = {}
         self._next_handle = 1000
         self._clients: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = False
 
     async def start(self) -> FakeGuestAgent:
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
@@ -99,15 +102,29 @@ class FakeGuestAgent:
         return self
 
     async def stop(self) -> None:
+        self._stopping = True  # a connection accepted from now on is closed at once
         if self._server is not None:
             self._server.close()
-            for task in list(self._clients):
-                task.cancel()
             self._server = None
+        # Hang up rather than cancel: a command in hand ends normally (a process it
+        # starts is registered, so it is killed below); then the reader sees the end.
+        for writer in list(self._writers):
+            writer.close()
+        clients = list(self._clients)
+        if clients:
+            _, stuck = await asyncio.wait(clients, timeout=5)
+            for task in stuck:
+                task.cancel()
         for process in self._processes.values():
+            # The whole group: a shell's children would keep the pipes open.
             with contextlib.suppress(ProcessLookupError):
-                process.proc.kill()
-            process.task.cancel()
+                os.killpg(process.proc.pid, signal.SIGKILL)
+        for process in self._processes.values():
+            # Reading to the end and reaping closes the pipes' transports.
+            try:
+                await asyncio.wait_for(asyncio.shield(process.task), 5)
+            except (TimeoutError, OSError):
+                process.task.cancel()
         for f in self._files.values():
             f.close()
         with contextlib.suppress(OSError):
@@ -123,7 +140,11 @@ class FakeGuestAgent:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if self._stopping:
+            writer.close()
+            return
         self._clients.add(task)
+        self._writers.add(writer)
         try:
             while line := await reader.readline():
                 text = line.lstrip(b"\xff").strip()
@@ -150,6 +171,7 @@ class FakeGuestAgent:
             pass
         finally:
             self._clients.discard(task)
+            self._writers.discard(writer)
             writer.close()
 
     async def _reply(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +250,7 @@ class FakeGuestAgent:
             program, *args.get("arg", []), stdin=asyncio.subprocess.PIPE if data is not None
             else asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env={"PATH": self._path(), "HOME": "/"},
+            start_new_session=True,
         )
         process = _Process(proc, asyncio.create_task(asyncio.sleep(0)))
         process.task = asyncio.create_task(self._collect(process, data))

@@ -172,5 +172,10 @@ async def test_a_hypervisor_error_carries_an_error_id(
     assert any(problem["error_id"] in r.getMessage() for r in caplog.records)
 
 
-def test_the_limit_is_a_setting(tmp_path: Path) -> None:
+def test_the_limit_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvstack.host.config import load_config
+
     assert make_config(tmp_path).max_request_body == 1024 * 1024
+    assert load_config(str(tmp_path)).max_request_body == 1024 * 1024
+    monkeypatch.setenv("HV_MAX_REQUEST_BODY", "4M")
+    assert load_config(str(tmp_path)).max_request_body == 4 * 1024 * 1024

@@ -124,6 +124,7 @@ async def test_start_with_a_full_store_is_507_and_nothing_runs(
     store.full = True
     job = await run_job(api, "web", "start", ok=False)
     assert job["error"]["status"] == 507
+    assert job["error"]["detail"].startswith("cannot start VM 'web': ")
     assert (await show_vm(api, "web"))["state"] == "Off"
     assert driver.live_machines() == []
     store.full = False

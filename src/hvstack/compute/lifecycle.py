@@ -325,6 +325,10 @@ class VmController:
         try:
             self._step(Operation.START, "restoring saved state" if resume_saved else "",
                        strict=True)
+        except NoSpace as exc:
+            self._busy = False
+            raise NoSpace(f"cannot start VM '{self.record.name}': {exc.message}",
+                          **exc.data) from exc
         except BaseException:
             self._busy = False
             raise

@@ -2,8 +2,8 @@
 
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
-``HV_CACHE_DIR``) and defaults: ``/var/lib/hvstack`` for root, else
-``~/.local/share/hvstack``.
+``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY`` as a size) and defaults: ``/var/lib/hvstack``
+for root, else ``~/.local/share/hvstack``.
 
 The service always listens on its unix socket (``hv.sock`` in the data directory, or
 ``--listen unix:PATH``, or a ``unix:`` ``$HV_HOST``); ``--listen tcp:HOST:PORT`` adds a
@@ -213,6 +213,11 @@ def load_config(
     accel = accelerator or os.environ.get("HV_ACCELERATOR") or None
     socket, tcp = _listeners(data, listen, insecure)
     cert, key = _tls_files(tcp, tls_cert, tls_key)
+    max_body = DEFAULT_MAX_REQUEST_BODY
+    if env_body := os.environ.get("HV_MAX_REQUEST_BODY"):
+        from hvstack.units import parse_size
+
+        max_body = parse_size(env_body, what="HV_MAX_REQUEST_BODY")
     return HostConfig(
         data_dir=data,
         storage_roots=tuple(dict.fromkeys(roots)),
@@ -223,4 +228,5 @@ def load_config(
         tcp=tcp,
         tls_cert=cert,
         tls_key=key,
+        max_request_body=max_body,
     )
