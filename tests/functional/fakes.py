@@ -255,7 +255,7 @@ async def run_job(api: httpx.AsyncClient, name: str, operation: str,
     return job
 
 
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Wait (bounded) until ``predicate()`` holds; the bound is a safety net, not a timing."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
