@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from hvstack.errors import HvError
-from hvstack.host.guest_freeze import MARKER
-from hvstack.host.guest_ops import thaw_leftovers
 from hvstack.host.service import HostService
 from hvstack.hypervisor.qemu.agent import AgentUnavailable
+from hvstack.integration.freeze import MARKER
+from hvstack.integration.ops import thaw_leftovers
 from tests.functional.fakes import API, assert_problem, eventually, run_job
 
 if TYPE_CHECKING:
-    from hvstack.host.guest_ops import GuestOperations
+    from hvstack.integration.ops import GuestOperations
     from tests.functional.guest_fake import FakeGuestAgent
     from tests.functional.guest_support import Guests
 

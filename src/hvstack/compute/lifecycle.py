@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
@@ -44,6 +43,7 @@ from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import QemuSpec, block_node_paths
+from hvstack.integration.heartbeat import GuestLink, ServiceStatus
 from hvstack.progress import Progress, scaled
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from hvstack.api.guest_schemas import (
 from hvstack.api.schemas import JobView
 from hvstack.api.views import job_view
 from hvstack.errors import Cancelled, InvalidInput
-from hvstack.host.guest_ops import KvpChange
+from hvstack.integration.ops import KvpChange
 
 router = APIRouter(prefix="/api/v1/vms", tags=["guest"])
 

@@ -6,8 +6,8 @@ like :class:`~hvstack.host.disk_ops.DiskOperations`. Its contract:
 
 * :meth:`GuestOperations.exec` runs one program in the guest to completion (PowerShell
   Direct's counterpart; needs no integration service, like PowerShell Direct). See
-  :func:`hvstack.hypervisor.qemu.guest_io.run` for timeouts and killing.
-* ``copies`` (:class:`~hvstack.host.guest_copy.GuestCopies`): Copy-VMFile, both ways;
+  :func:`hvstack.integration.guest_io.run` for timeouts and killing.
+* ``copies`` (:class:`~hvstack.integration.copy.GuestCopies`): Copy-VMFile, both ways;
   requires the guest services integration service (off by default, as in Hyper-V).
 * KVP (Hyper-V's data exchange; requires the kvp service): the host-to-guest pool is
   the VM's ``kvp_pool`` setting, written into the guest as ``<kvp_dir>/host`` (one
@@ -15,7 +15,7 @@ like :class:`~hvstack.host.disk_ops.DiskOperations`. Its contract:
   answers, and again on every contact with the agent (:meth:`push_kvp`). The
   guest-to-host pool is ``<kvp_dir>/guest``, read when asked. Intrinsic items come from
   the agent (OS, host name, addresses, file systems).
-* ``freezer`` (:class:`~hvstack.host.guest_freeze.Freezer`): the backup service's
+* ``freezer`` (:class:`~hvstack.integration.freeze.Freezer`): the backup service's
   file system freeze; ``async with guest_ops.frozen(vm)`` always thaws.
 * Operations need the VM Running (InvalidState otherwise) and a guest that is not
   frozen by this service (Conflict). Nothing here takes the VM's lifecycle lock: a long
@@ -33,15 +33,6 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hvstack.compute.guest_rules import (
-    KVP_MAX_ITEMS,
-    GuestPolicy,
-    IntrinsicData,
-    check_kvp_item,
-    format_kvp,
-    intrinsic_data,
-    parse_kvp,
-)
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
 from hvstack.compute.states import Operation
@@ -51,11 +42,20 @@ from hvstack.errors import (
     NotFound,
     ServiceDisabled,
 )
-from hvstack.host.guest_copy import GuestCopies
-from hvstack.host.guest_freeze import Freezer, FreezeStatus, thaw_leftovers
 from hvstack.host.service import HostService
-from hvstack.hypervisor.qemu import guest_io
 from hvstack.hypervisor.qemu.agent import AgentUnavailable, GuestCommandError
+from hvstack.integration import guest_io
+from hvstack.integration.copy import GuestCopies
+from hvstack.integration.freeze import Freezer, FreezeStatus, thaw_leftovers
+from hvstack.integration.rules import (
+    KVP_MAX_ITEMS,
+    GuestPolicy,
+    IntrinsicData,
+    check_kvp_item,
+    format_kvp,
+    intrinsic_data,
+    parse_kvp,
+)
 
 __all__ = ["GuestOperations", "KvpChange", "KvpListing", "thaw_leftovers"]
 
@@ -273,7 +273,7 @@ class GuestOperations:
 
     def frozen(self, vm: VmController) -> contextlib.AbstractAsyncContextManager[int]:
         """``async with guest_ops.frozen(vm) as count``: see
-        :meth:`hvstack.host.guest_freeze.Freezer.frozen`."""
+        :meth:`hvstack.integration.freeze.Freezer.frozen`."""
         return self.freezer.frozen(vm)
 
     async def fsfreeze(self, ref: str, action: str, hold_seconds: float = 60.0

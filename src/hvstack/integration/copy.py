@@ -44,13 +44,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from hvstack.compute.guest_rules import (
-    GuestPathNotAllowed,
-    GuestPolicy,
-    check_size,
-    guest_file_path,
-    is_denied,
-)
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.states import Operation
 from hvstack.errors import (
@@ -64,8 +57,15 @@ from hvstack.errors import (
     OperationTimeout,
 )
 from hvstack.host.jobs import Job, Progress
-from hvstack.hypervisor.qemu import guest_io
 from hvstack.hypervisor.qemu.agent import GuestCommandError
+from hvstack.integration import guest_io
+from hvstack.integration.rules import (
+    GuestPathNotAllowed,
+    GuestPolicy,
+    check_size,
+    guest_file_path,
+    is_denied,
+)
 
 log = logging.getLogger(__name__)
 
