@@ -203,7 +203,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
         service = HostService(config, store, QemuDriver())
         await service.startup()
         app = create_app(service, tokens=tokens)
-        await thaw_leftovers(service)  # a freeze left by a crashed service must not stay
+        await thaw_leftovers(service.list_vms())  # a freeze left by a crashed service must not stay
         origins = [config.tcp.origin] if config.tcp is not None else []
         servers = [(_uvicorn(ListenerGuard(app, tokens=None, own_origins=origins),
                              http=peer_checked_protocol(group.gid)), sockets[0])]

@@ -183,7 +183,7 @@ async def test_leftover_freezes_are_thawed(guests: Guests, service: HostService,
     off = service.get_vm("off")
     await run_job(guests.api, "off", "stop", {"mode": "turn-off"})
     (off.files.folder / MARKER).write_text("{}\n")
-    assert await thaw_leftovers(service) == ["g1"]
+    assert await thaw_leftovers(service.list_vms()) == ["g1"]
     assert not fake.frozen
     assert not (vm.files.folder / MARKER).exists()
     assert not (off.files.folder / MARKER).exists()
@@ -191,7 +191,7 @@ async def test_leftover_freezes_are_thawed(guests: Guests, service: HostService,
     # An agent that does not answer yet keeps the marker until contact is made.
     fake.frozen, fake.hang = True, True
     (vm.files.folder / MARKER).write_text("{}\n")
-    assert await thaw_leftovers(service, timeout=0.5) == []
+    assert await thaw_leftovers(service.list_vms(), timeout=0.5) == []
     assert (vm.files.folder / MARKER).exists()
     fake.hang = False
     await guest_ops.on_contact(vm)

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from hvstack.compute.model import IntegrationServices, VmState
+from hvstack.compute.model import IntegrationServices, ServiceStatus, VmState
 from hvstack.errors import InvalidTransition
 from hvstack.host.service import HostService
 from hvstack.host.vm_wait import WaitFor, condition_met
-from hvstack.integration.heartbeat import ServiceStatus
 from hvstack.integration.rules import AdapterInfo, reachable_addresses
 from tests.functional.fakes import (
     API,

@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
@@ -42,10 +42,9 @@ from hvstack.errors import (
     NotFound,
     ServiceDisabled,
 )
-from hvstack.host.service import HostService
 from hvstack.hypervisor.qemu.agent import AgentUnavailable, GuestCommandError
 from hvstack.integration import guest_io
-from hvstack.integration.copy import GuestCopies
+from hvstack.integration.copy import GuestCopies, JobRunner
 from hvstack.integration.freeze import Freezer, FreezeStatus, thaw_leftovers
 from hvstack.integration.rules import (
     KVP_MAX_ITEMS,
@@ -88,8 +87,22 @@ class KvpListing:
     ignored_guest_lines: int
 
 
+class VmHost(Protocol):
+    """What the guest operations need of the host service
+    (:class:`hvstack.host.service.HostService`)."""
+
+    contact_hooks: list[Callable[[VmController], Awaitable[None]]]
+
+    @property
+    def jobs(self) -> JobRunner: ...
+
+    def get_vm(self, ref: str) -> VmController: ...
+
+    async def update_vm(self, ref: str, **changes: Any) -> VmController: ...
+
+
 class GuestOperations:
-    def __init__(self, service: HostService, policy: GuestPolicy | None = None) -> None:
+    def __init__(self, service: VmHost, policy: GuestPolicy | None = None) -> None:
         self._service = service
         self.policy = policy or GuestPolicy.from_env()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,8 +110,7 @@ class GuestOperations:
         self.freezer = Freezer(self.spawn, after_thaw=self._push_quietly,
                                freeze_timeout=self.policy.freeze_timeout,
                                thaw_timeout=self.policy.thaw_timeout)
-        self.copies = GuestCopies(self.policy, self._copy_vm, service.jobs.start,
-                                  service.jobs.cancel, self.spawn)
+        self.copies = GuestCopies(self.policy, self._copy_vm, service.jobs, self.spawn)
         service.contact_hooks.append(self.on_contact)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
