@@ -1,8 +1,9 @@
 """Guest operations of the host: commands, file copies, KVP exchange and file system
 freezes in running guests, all through the guest agent (no guest network needed).
 
-:class:`GuestOperations` is composed on the :class:`~hvstack.host.service.HostService`
-like :class:`~hvstack.host.disk_ops.DiskOperations`. Its contract:
+:class:`GuestOperations` is composed on the host service (which it sees as the
+:class:`VmHost` protocol), like :class:`~hvstack.host.disk_ops.DiskOperations`. Its
+contract:
 
 * :meth:`GuestOperations.exec` runs one program in the guest to completion (PowerShell
   Direct's counterpart; needs no integration service, like PowerShell Direct). See
