@@ -9,7 +9,7 @@ to the same guest in the same run.
 
 * exec, direct (baseline): ``guest-exec true`` (output captured) and
   ``guest-exec-status`` polled on a persistent socket with the service's own poll
-  schedule (:data:`hvstack.hypervisor.qemu.guest_io.POLL_STEPS`), so the ratio is the
+  schedule (:data:`hvstack.integration.guest_io.POLL_STEPS`), so the ratio is the
   service's overhead, not a different polling policy.
 * exec, API: ``POST /vms/NAME/exec {"command": ["true"]}`` with the Python client.
   Goal: median(API) / median(direct) <= 1.2.
@@ -39,7 +39,7 @@ from typing import Any
 from bench.report import Section, Table, ms, ratio, verdict
 from bench.support import ServiceProcess, hv_command, median, percentile
 from hvstack.client import url_path
-from hvstack.hypervisor.qemu.guest_io import POLL_STEADY, POLL_STEPS
+from hvstack.integration.guest_io import POLL_STEADY, POLL_STEPS
 
 GOAL = 1.2
 ROUNDS = 3

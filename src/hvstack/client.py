@@ -6,15 +6,23 @@ the token and the server certificate's trust default from ``$HV_TOKEN``,
 ``$HV_FINGERPRINT`` and ``$HV_CA_FILE`` (see :mod:`hvstack.transport`). Errors come
 back as :class:`ApiError` carrying the server's problem+json; a host service that cannot
 be reached is :class:`ApiError` too.
+
+File copies with a guest (Copy-VMFile) are :meth:`Client.copy_to_guest` and
+:meth:`Client.copy_from_guest`: each runs the two-phase protocol of ``POST
+/vms/{ref}/files`` and then the data connection, with sha256 checked on this side too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import posixpath
 import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -41,6 +49,14 @@ import httpx  # noqa: E402
 from hvstack.transport import endpoint  # noqa: E402
 
 WAIT_CHUNK = 3600.0  # one long poll of wait_vm when it waits without a limit
+COPY_CHUNK = 1024 * 1024
+API_PREFIX = "/api/v1"
+VERIFY_WAIT = 3600.0  # the service's sha256sum in the guest after an upload
+
+# A copy's progress: (bytes sent or received so far, bytes in all). Bytes, not the
+# service's (percent, message) Progress: a client counts them exactly, and a byte bar
+# shows the speed.
+ByteProgress = Callable[[int, int], None]
 
 
 def segment(value: str) -> str:
@@ -67,6 +83,45 @@ class ApiError(Exception):
         self.status = status
         self.problem = problem
         super().__init__(str(problem.get("detail") or problem.get("title") or status))
+
+
+def _local_error(detail: str, status: int = 400) -> ApiError:
+    """A copy's problem with a file on this side, in the same form as the service's."""
+    return ApiError(status, {"title": "Already exists" if status == 409 else "Invalid input",
+                             "detail": detail})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_path(started: dict[str, Any]) -> str:
+    url: str = started["data_url"]
+    return url.removeprefix(API_PREFIX)
+
+
+def local_destination(source: str, destination: str | os.PathLike[str], *,
+                      create_dirs: bool = False, overwrite: bool = False) -> Path:
+    """Where a copy out of a guest lands: ``destination``, or the guest file's name in
+    it when it is a folder; ApiError when that is not allowed (the folder is missing
+    without ``create_dirs``, made here with it; the file exists without ``overwrite``)."""
+    target = Path(destination)
+    if target.is_dir():
+        target = target / posixpath.basename(source)
+    if target.is_dir():
+        raise _local_error(f"{target} is a folder")
+    if target.exists() and not overwrite:
+        raise _local_error(f"{target} exists; --overwrite replaces it", 409)
+    if not target.parent.is_dir():
+        if not create_dirs:
+            raise _local_error(f"folder {target.parent} does not exist; --create-dirs "
+                               "makes it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def unreachable(address: str, exc: BaseException) -> ApiError:
@@ -162,6 +217,119 @@ class Client:
             error = job.get("error") or {"detail": f"job {job['state']}"}
             raise ApiError(int(error.get("status", 500)), error)
         return job
+
+    def copy_to_guest(self, ref: str, source: str | os.PathLike[str], guest_path: str, *,
+                      create_dirs: bool = False, overwrite: bool = False,
+                      progress: ByteProgress | None = None) -> dict[str, Any]:
+        """Copy the local file ``source`` to ``guest_path`` in VM ``ref``; return the
+        finished copy job (its ``result`` has the guest path, size and sha256).
+
+        ``POST /vms/{ref}/files`` announces the size and sha256, then the bytes go in
+        the body of ``PUT data_url``, which answers once the guest's sha256sum matched
+        and the file is in place. ApiError: the service's refusal as it is, or (status
+        0) a copy that broke off, with the job's reason when the service can say; the
+        guest's destination is then untouched."""
+        path = Path(source)
+        if not path.is_file():
+            raise _local_error(f"{source} is not a file" if path.exists()
+                               else f"{source} does not exist")
+        size = path.stat().st_size
+        sha = _sha256(path)
+        started = self.post(url_path("vms", ref, "files"), {
+            "direction": "to-guest", "guest_path": guest_path, "size": size, "sha256": sha,
+            "create_dirs": create_dirs, "overwrite": overwrite})
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with path.open("rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    yield chunk
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, size)
+
+        try:
+            job: dict[str, Any] = self.request(
+                "PUT", _data_path(started), content=chunks(),
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(size)},
+                timeout=httpx.Timeout(120.0, read=VERIFY_WAIT))
+        except (ApiError, httpx.HTTPError) as exc:
+            if isinstance(exc, ApiError) and exc.status:
+                raise  # the service's answer
+            why = self._job_error(started["transfer_id"]) or str(exc)
+            raise ApiError(0, {"title": "Copy broke off", "detail":
+                               f"the copy to {ref}:{started['guest_path']} broke off: {why}"}
+                           ) from exc
+        result = job.get("result") or {}
+        if result.get("sha256") != sha:
+            raise ApiError(0, {"title": "Copy damaged", "detail":
+                               f"the guest reports sha256 {result.get('sha256')}, the local "
+                               f"file has {sha}"})
+        return job
+
+    def _job_error(self, job_id: str) -> str | None:
+        """Why a copy job failed, if the service can still say (after a broken upload)."""
+        try:
+            job = self.get(url_path("jobs", job_id), params={"wait": 5})
+        except (ApiError, httpx.HTTPError):
+            return None
+        detail: str | None = (job.get("error") or {}).get("detail")
+        return detail
+
+    def copy_from_guest(self, ref: str, guest_path: str, destination: str | os.PathLike[str],
+                        *, create_dirs: bool = False, overwrite: bool = False,
+                        progress: ByteProgress | None = None) -> dict[str, Any]:
+        """Copy ``guest_path`` in VM ``ref`` to the local ``destination`` (a folder keeps
+        the file's name; see :func:`local_destination`); return ``{direction, vm,
+        guest_path, path, size, sha256, transfer_id}``.
+
+        ``POST /vms/{ref}/files`` gives the guest file's size and sha256 (taken in the
+        guest), then ``GET data_url`` streams it into a temporary file beside the
+        destination, which gets its name only when size and sha256 match. ApiError when
+        it does not, or the copy broke off; the destination is then as it was."""
+        from hvstack import files  # only copies need it: hv's other commands start faster
+        from hvstack.errors import AlreadyExists
+
+        target = local_destination(guest_path, destination, create_dirs=create_dirs,
+                                   overwrite=overwrite)
+        started = self.post(url_path("vms", ref, "files"), {"direction": "from-guest",
+                                                            "guest_path": guest_path})
+        size, want = int(started["size"]), started["sha256"]
+        tmp = files.temp_path(target)
+        digest, received = hashlib.sha256(), 0
+        try:
+            with open(tmp, "xb") as out:
+                with self.stream("GET", _data_path(started),
+                                 timeout=httpx.Timeout(120.0)) as reply:
+                    for chunk in reply.iter_bytes(COPY_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        if progress is not None:
+                            progress(received, size)
+                out.flush()
+                os.fsync(out.fileno())
+            if received != size or digest.hexdigest() != want:
+                raise ApiError(0, {"title": "Copy damaged", "detail":
+                                   f"the copy of {ref}:{guest_path} is incomplete or damaged "
+                                   f"({received} of {size} bytes, sha256 "
+                                   f"{digest.hexdigest()}, expected {want}); {target} was "
+                                   "left as it was"})
+            try:
+                files.publish(tmp, target, replace=overwrite)
+            except AlreadyExists:
+                raise _local_error(f"{target} exists; --overwrite replaces it", 409) from None
+        except httpx.HTTPError as exc:
+            raise ApiError(0, {"title": "Copy broke off", "detail":
+                               f"the copy of {ref}:{guest_path} broke off after {received} "
+                               f"of {size} bytes ({exc}); {target} was left as it was"}
+                           ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"direction": "from-guest", "vm": ref, "guest_path": started["guest_path"],
+                "path": str(target), "size": received, "sha256": want,
+                "transfer_id": started["transfer_id"]}
 
     def discard_saved_state(self, ref: str) -> dict[str, Any]:
         """Turn a Saved VM Off without starting it (its saved memory is deleted);

@@ -37,11 +37,11 @@ from hvstack.errors import AlreadyExists, Conflict, InvalidInput
 from hvstack.host.auth import TokenStore
 from hvstack.host.config import HostConfig, ListenAddress
 from hvstack.host.files import AccessGroup, resolve_group, secure_data_dir, secure_run_dir
-from hvstack.host.guest_ops import thaw_leftovers
 from hvstack.host.service import HostService
 from hvstack.host.store import SqliteStore
 from hvstack.host.tls import TlsPair, tls_pair
 from hvstack.hypervisor.qemu.driver import QemuDriver
+from hvstack.integration.ops import thaw_leftovers
 
 log = logging.getLogger(__name__)
 BACKLOG = 2048  # uvicorn's default
@@ -203,7 +203,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
         service = HostService(config, store, QemuDriver())
         await service.startup()
         app = create_app(service, tokens=tokens)
-        await thaw_leftovers(service)  # a freeze left by a crashed service must not stay
+        await thaw_leftovers(service.list_vms())  # a freeze left by a crashed service must not stay
         origins = [config.tcp.origin] if config.tcp is not None else []
         servers = [(_uvicorn(ListenerGuard(app, tokens=None, own_origins=origins),
                              http=peer_checked_protocol(group.gid)), sockets[0])]

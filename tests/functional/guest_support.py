@@ -16,10 +16,10 @@ import pytest
 from fastapi import FastAPI
 
 from hvstack.api.app import create_app
-from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.compute.model import IntegrationServices
-from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
+from hvstack.integration.ops import GuestOperations
+from hvstack.integration.rules import GuestPolicy
 from tests.functional.fakes import create_vm, run_job, serve_on_unix_socket
 from tests.functional.guest_fake import FakeGuestAgent, busybox_bin
 

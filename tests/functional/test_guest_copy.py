@@ -3,6 +3,7 @@ rules, the size limit, the guest services switch, and ``hv vm copy-file``."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -277,3 +278,52 @@ async def test_cli_copy_that_fails_in_the_guest(guest_served: str, guests: Guest
     assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
     await eventually(lambda: leftovers(guest_root) == [], "the temporary file is removed")
     assert not (guest_root / "f").exists()
+
+
+async def test_client_copies_both_ways_with_progress(guest_served: str, guests: Guests,
+                                                     guest_root: Path, tmp_path: Path) -> None:
+    """The copy protocol is the Python client's: scripts and the web UI use it as hv does."""
+    from hvstack.client import ApiError, Client
+
+    await guests.boot("g1")
+    local = tmp_path / "local.bin"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    local.write_bytes(data)
+    target = f"{guest_root}/c/copy.bin"
+    sent: list[tuple[int, int]] = []
+    received: list[tuple[int, int]] = []
+
+    def both_ways() -> tuple[dict[str, Any], dict[str, Any]]:
+        with Client(guest_served) as client:
+            job = client.copy_to_guest("g1", local, target, create_dirs=True,
+                                       progress=lambda done, total: sent.append((done, total)))
+            info = client.copy_from_guest("g1", target, tmp_path,
+                                          progress=lambda d, t: received.append((d, t)))
+            return job, info
+
+    job, info = await asyncio.to_thread(both_ways)
+    assert job["state"] == "completed" and job["result"]["sha256"] == sha(data)
+    assert Path(target).read_bytes() == data
+    assert (info["path"], info["size"], info["sha256"]) == (str(tmp_path / "copy.bin"),
+                                                            len(data), sha(data))
+    assert (tmp_path / "copy.bin").read_bytes() == data
+    for steps in (sent, received):
+        assert steps[-1] == (len(data), len(data))
+        assert [done for done, _ in steps] == sorted(done for done, _ in steps)
+
+    def refused() -> list[ApiError]:
+        errors = []
+        with Client(guest_served) as client:
+            for copy in (lambda: client.copy_to_guest("g1", local, target),
+                         lambda: client.copy_from_guest("g1", target, tmp_path),
+                         lambda: client.copy_to_guest("g1", tmp_path / "nope", target)):
+                try:
+                    copy()
+                except ApiError as exc:
+                    errors.append(exc)
+        return errors
+
+    exists_in_guest, exists_here, missing = await asyncio.to_thread(refused)
+    assert exists_in_guest.status == 409 and "exists" in str(exists_in_guest)
+    assert exists_here.status == 409 and "--overwrite" in str(exists_here)
+    assert missing.status == 400 and str(missing) == f"{tmp_path / 'nope'} does not exist"

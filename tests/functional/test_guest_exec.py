@@ -17,7 +17,7 @@ from tests.functional.fakes import API, assert_problem, create_vm, eventually
 from tests.functional.guest_cli import hv
 
 if TYPE_CHECKING:
-    from hvstack.host.guest_ops import GuestOperations
+    from hvstack.integration.ops import GuestOperations
     from tests.functional.guest_support import Guests
 
 pytest_plugins = ("tests.functional.guest_support",)
@@ -161,7 +161,7 @@ async def test_cli_exec(guest_served: str, guests: Guests, tmp_path: Path) -> No
 
 
 def test_exec_kill_script_parses() -> None:
-    from hvstack.hypervisor.qemu.guest_io import KILL_TREE
+    from hvstack.integration.guest_io import KILL_TREE
 
     for shell in ("sh", "busybox"):
         argv = ["busybox", "sh", "-n"] if shell == "busybox" else ["sh", "-n"]

@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from hvstack.errors import HvError
-from hvstack.host.guest_freeze import MARKER
-from hvstack.host.guest_ops import thaw_leftovers
 from hvstack.host.service import HostService
 from hvstack.hypervisor.qemu.agent import AgentUnavailable
+from hvstack.integration.freeze import MARKER
+from hvstack.integration.ops import thaw_leftovers
 from tests.functional.fakes import API, assert_problem, eventually, run_job
 
 if TYPE_CHECKING:
-    from hvstack.host.guest_ops import GuestOperations
+    from hvstack.integration.ops import GuestOperations
     from tests.functional.guest_fake import FakeGuestAgent
     from tests.functional.guest_support import Guests
 
@@ -183,7 +183,7 @@ async def test_leftover_freezes_are_thawed(guests: Guests, service: HostService,
     off = service.get_vm("off")
     await run_job(guests.api, "off", "stop", {"mode": "turn-off"})
     (off.files.folder / MARKER).write_text("{}\n")
-    assert await thaw_leftovers(service) == ["g1"]
+    assert await thaw_leftovers(service.list_vms()) == ["g1"]
     assert not fake.frozen
     assert not (vm.files.folder / MARKER).exists()
     assert not (off.files.folder / MARKER).exists()
@@ -191,7 +191,7 @@ async def test_leftover_freezes_are_thawed(guests: Guests, service: HostService,
     # An agent that does not answer yet keeps the marker until contact is made.
     fake.frozen, fake.hang = True, True
     (vm.files.folder / MARKER).write_text("{}\n")
-    assert await thaw_leftovers(service, timeout=0.5) == []
+    assert await thaw_leftovers(service.list_vms(), timeout=0.5) == []
     assert (vm.files.folder / MARKER).exists()
     fake.hang = False
     await guest_ops.on_contact(vm)

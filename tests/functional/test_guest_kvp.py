@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from hvstack.compute.guest_rules import (
+from hvstack.errors import InvalidInput
+from hvstack.host.service import HostService
+from hvstack.integration.rules import (
     check_kvp_item,
     format_kvp,
     intrinsic_data,
     parse_kvp,
 )
-from hvstack.errors import InvalidInput
-from hvstack.host.service import HostService
 from tests.functional.fakes import API, assert_problem, eventually, run_job
 from tests.functional.guest_cli import hv
 
 if TYPE_CHECKING:
-    from hvstack.compute.guest_rules import GuestPolicy
-    from hvstack.host.guest_ops import GuestOperations
+    from hvstack.integration.ops import GuestOperations
+    from hvstack.integration.rules import GuestPolicy
     from tests.functional.guest_support import Guests
 
 pytest_plugins = ("tests.functional.guest_support",)

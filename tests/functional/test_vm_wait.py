@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from hvstack.compute.guest_rules import AdapterInfo, reachable_addresses
-from hvstack.compute.integration import ServiceStatus
-from hvstack.compute.model import IntegrationServices, VmState
+from hvstack.compute.model import IntegrationServices, ServiceStatus, VmState
 from hvstack.errors import InvalidTransition
 from hvstack.host.service import HostService
 from hvstack.host.vm_wait import WaitFor, condition_met
+from hvstack.integration.rules import AdapterInfo, reachable_addresses
 from tests.functional.fakes import (
     API,
     FakeDriver,

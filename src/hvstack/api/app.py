@@ -16,12 +16,12 @@ from hvstack.api.body import BodyGuard, exempt_routes
 from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import console, guest, host, storage, vms
 from hvstack.api.routes.auth import router as auth_router
-from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.host.auth import TokenStore
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
-from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
+from hvstack.integration.ops import GuestOperations
+from hvstack.integration.rules import GuestPolicy
 
 
 def create_app(service: HostService, guest_policy: GuestPolicy | None = None,

@@ -6,8 +6,8 @@ from starlette.requests import HTTPConnection
 
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
-from hvstack.host.guest_ops import GuestOperations
 from hvstack.host.service import HostService
+from hvstack.integration.ops import GuestOperations
 
 
 def service_of(connection: HTTPConnection) -> HostService:

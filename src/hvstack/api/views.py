@@ -13,11 +13,11 @@ from typing import Any
 
 from hvstack.api.problems import problem_body
 from hvstack.api.schemas import JobView, VmView
-from hvstack.compute.integration import service_status
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import INTEGRATION_SERVICES, IntegrationServices, VmRecord
 from hvstack.host.jobs import Job
 from hvstack.host.service import HostService
+from hvstack.integration.heartbeat import service_status
 
 
 @dataclass(frozen=True)

@@ -8,28 +8,25 @@ program ran, and 2 only for hv's errors.
 
 ``hv vm copy-file`` sends the bytes of a local file through the host service (a copy
 into the guest), or receives them into a local file (``--from-guest``), with a progress
-bar on a terminal; the host service checks sha256 in the guest, and the CLI checks it
+bar on a terminal; the host service checks sha256 in the guest, and the client checks it
 again on the bytes it sent or received. A download lands in a temporary file beside
-its destination and is renamed only when complete and verified.
+its destination and is renamed only when complete and verified. The copy protocol is
+the Python client's (:meth:`hvstack.client.Client.copy_to_guest`,
+:meth:`~hvstack.client.Client.copy_from_guest`).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import os
-import posixpath
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 from rich.text import Text
 
-from hvstack import files
 from hvstack.cli.render import (
     HostOption,
     Output,
@@ -43,13 +40,9 @@ from hvstack.cli.render import (
     table,
 )
 from hvstack.cli.vm import app
-from hvstack.client import ApiError, Client, url_path
-from hvstack.errors import AlreadyExists
+from hvstack.client import ByteProgress, url_path
 
-CHUNK = 1024 * 1024
-API_PREFIX = "/api/v1"
 REPLY_MARGIN = 60.0  # seconds the service may take beyond the guest program's timeout
-VERIFY_WAIT = 3600.0  # the service's sha256sum in the guest after an upload
 
 kvp_app = typer.Typer(help="Exchange key-value pairs with the guest (Hyper-V's KVP).",
                       no_args_is_help=True)
@@ -117,15 +110,17 @@ def exec_(
 
 
 @contextlib.contextmanager
-def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A byte progress bar on stderr when it is a terminal; yields advance(n)."""
+def _progress(what: str) -> Iterator[ByteProgress]:
+    """A byte progress bar on stderr when it is a terminal, shown from the copy's first
+    progress call (which brings the size); yields the client's progress callback."""
     if not err_console.is_terminal:
-        yield lambda n: None
+        yield lambda done, total: None
         return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
@@ -134,119 +129,14 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(escape_controls(what), total=total)
-        yield lambda n: bar.advance(task, n)
+        task: list[TaskID] = []
 
+        def update(done: int, total: int) -> None:
+            if not task:
+                task.append(bar.add_task(escape_controls(what), total=total))
+            bar.update(task[0], completed=done)
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _data_path(started: dict[str, Any]) -> str:
-    url: str = started["data_url"]
-    return url.removeprefix(API_PREFIX)
-
-
-def _to_guest(api: Client, name: str, source: str, destination: str, create_dirs: bool,
-              overwrite: bool) -> dict[str, Any]:
-    path = Path(source)
-    if not path.is_file():
-        fail(f"{source} is not a file" if path.exists() else f"{source} does not exist")
-    size = path.stat().st_size
-    sha = _sha256(path)
-    started = api.post(url_path("vms", name, "files"), {
-        "direction": "to-guest", "guest_path": destination, "size": size, "sha256": sha,
-        "create_dirs": create_dirs, "overwrite": overwrite})
-
-    def chunks(advance: Callable[[int], None]) -> Iterator[bytes]:
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
-                advance(len(chunk))
-
-    try:
-        with _progress(f"{source} → {name}:{started['guest_path']}", size) as advance:
-            job: dict[str, Any] = api.request(
-                "PUT", _data_path(started), content=chunks(advance),
-                headers={"Content-Type": "application/octet-stream",
-                         "Content-Length": str(size)},
-                timeout=httpx.Timeout(120.0, read=VERIFY_WAIT))
-    except (ApiError, httpx.HTTPError) as exc:
-        if isinstance(exc, ApiError) and exc.status:
-            raise  # the service's answer: shown as it is
-        why = _job_error(api, started["transfer_id"]) or str(exc)
-        fail(f"the copy to {name}:{started['guest_path']} broke off: {why}")
-    result = job.get("result") or {}
-    if result.get("sha256") != sha:
-        fail(f"the guest reports sha256 {result.get('sha256')}, the local file has {sha}")
-    return job
-
-
-def _job_error(api: Client, job_id: str) -> str | None:
-    """Why a copy job failed, if the service can still say (after a broken upload)."""
-    try:
-        job = api.get(url_path("jobs", job_id), params={"wait": 5})
-    except (ApiError, httpx.HTTPError):
-        return None
-    error = job.get("error") or {}
-    detail: str | None = error.get("detail")
-    return detail
-
-
-def _local_destination(source: str, destination: str, create_dirs: bool,
-                       overwrite: bool) -> Path:
-    target = Path(destination)
-    if target.is_dir():
-        target = target / posixpath.basename(source)
-    if target.is_dir():
-        fail(f"{target} is a folder")
-    if target.exists() and not overwrite:
-        fail(f"{target} exists; --overwrite replaces it")
-    if not target.parent.is_dir():
-        if not create_dirs:
-            fail(f"folder {target.parent} does not exist; --create-dirs makes it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
-def _from_guest(api: Client, name: str, source: str, destination: str, create_dirs: bool,
-                overwrite: bool) -> dict[str, Any]:
-    target = _local_destination(source, destination, create_dirs, overwrite)
-    started = api.post(url_path("vms", name, "files"), {"direction": "from-guest",
-                                                   "guest_path": source})
-    size, want = int(started["size"]), started["sha256"]
-    tmp = files.temp_path(target)
-    digest, received = hashlib.sha256(), 0
-    try:
-        with open(tmp, "xb") as out, _progress(f"{name}:{source} → {target}", size) as advance:
-            with api.stream("GET", _data_path(started), timeout=httpx.Timeout(120.0)) as reply:
-                for chunk in reply.iter_bytes(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    advance(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        if received != size or digest.hexdigest() != want:
-            fail(f"the copy of {name}:{source} is incomplete or damaged ({received} of "
-                 f"{size} bytes, sha256 {digest.hexdigest()}, expected {want}); "
-                 f"{target} was left as it was")
-        try:
-            files.publish(tmp, target, replace=overwrite)
-        except AlreadyExists:
-            fail(f"{target} exists; --overwrite replaces it")
-    except httpx.HTTPError as exc:
-        fail(f"the copy of {name}:{source} broke off after {received} of {size} bytes "
-             f"({exc}); {target} was left as it was")
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"direction": "from-guest", "vm": name, "guest_path": started["guest_path"],
-            "path": str(target), "size": received, "sha256": want,
-            "transfer_id": started["transfer_id"]}
+        yield update
 
 
 @app.command("copy-file")
@@ -269,13 +159,17 @@ def copy_file(
     """
     with client(host) as api:
         if to_guest:
-            job = _to_guest(api, name, source, destination, create_dirs, overwrite)
+            with _progress(f"{source} → {name}:{destination}") as progress:
+                job = api.copy_to_guest(name, source, destination, create_dirs=create_dirs,
+                                        overwrite=overwrite, progress=progress)
             result = job.get("result") or {}
             summary = (f"Copied {source} to {name}:{result.get('guest_path')} "
                        f"({result.get('size')} bytes, sha256 verified in the guest)")
             data: dict[str, Any] = job
         else:
-            data = _from_guest(api, name, source, destination, create_dirs, overwrite)
+            with _progress(f"{name}:{source} → {destination}") as progress:
+                data = api.copy_from_guest(name, source, destination, create_dirs=create_dirs,
+                                           overwrite=overwrite, progress=progress)
             summary = (f"Copied {name}:{data['guest_path']} to {data['path']} "
                        f"({data['size']} bytes, sha256 verified)")
     if output is Output.json:

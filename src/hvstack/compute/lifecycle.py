@@ -28,9 +28,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from hvstack.compute.integration import GuestLink, ServiceStatus
-from hvstack.compute.model import VmRecord, VmState
+from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
     HvError,
@@ -58,6 +58,28 @@ class StopMode(enum.StrEnum):
     TURN_OFF = "turn-off"
     SAVE = "save"
     DISCARD_SAVED_STATE = "discard-saved-state"
+
+
+class AgentLink(Protocol):
+    """The guest agent's heartbeat while the worker runs: whether the agent answers
+    (``status``), and the guest clock. :class:`hvstack.integration.heartbeat.GuestLink`
+    is the one the host service gives (``make_link``)."""
+
+    status: ServiceStatus
+    last_contact: float | None
+
+    @property
+    def heartbeat(self) -> ServiceStatus: ...
+
+    async def run(self) -> None: ...
+
+    async def sync_time(self) -> bool: ...
+
+
+# (agent, the VM's services, whether the guest runs, on a status change, on contact)
+LinkFactory = Callable[[GuestAgent, Callable[[], IntegrationServices], Callable[[], bool],
+                        Callable[[ServiceStatus, ServiceStatus], None],
+                        Callable[[], Awaitable[None]]], AgentLink]
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,8 @@ class VmController:
         before_start: Callable[[VmRecord], Awaitable[None]],
         publish: Callable[..., object] = lambda *a, **k: None,
         on_guest_contact: Callable[[VmController], Awaitable[None]] | None = None,
+        *,
+        make_link: LinkFactory,
     ) -> None:
         self.record = record
         self.files = files
@@ -123,7 +147,7 @@ class VmController:
         # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
         self.agent = GuestAgent(str(files.qga_socket), record.name)
         self._publish = publish
-        self.link = GuestLink(
+        self.link = make_link(
             self.agent,
             lambda: self.record.config.integration_services,
             lambda: self.state is VmState.RUNNING,

@@ -134,6 +134,16 @@ class IntegrationServices:
 INTEGRATION_SERVICES = tuple(f.name for f in dataclasses.fields(IntegrationServices))
 
 
+class ServiceStatus(enum.StrEnum):
+    """An integration service's status while the VM runs (Hyper-V's words); the
+    heartbeat of :mod:`hvstack.integration.heartbeat` decides it."""
+
+    OK = "OK"
+    NO_CONTACT = "No Contact"
+    LOST_COMMUNICATION = "Lost Communication"
+    DISABLED = "Disabled"
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Everything a user sets on a VM. Immutable: changes make a new config."""

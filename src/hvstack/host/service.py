@@ -57,6 +57,7 @@ from hvstack.host.store import Store
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.integration.heartbeat import GuestLink
 from hvstack.storage import disks
 from hvstack.storage.paths import confine
 
@@ -223,7 +224,7 @@ class HostService:
         vm = VmController(
             record, self._files(record.id), self.driver, self._spec_for, self._on_change,
             self._before_start, publish=self.events.publish,
-            on_guest_contact=self._on_guest_contact,
+            on_guest_contact=self._on_guest_contact, make_link=GuestLink,
         )
         self._vms[record.id] = vm
         self._names[record.name] = record.id

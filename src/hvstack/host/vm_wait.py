@@ -25,13 +25,12 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from hvstack.compute.guest_rules import intrinsic_data, reachable_addresses
-from hvstack.compute.integration import ServiceStatus
 from hvstack.compute.lifecycle import VmController
-from hvstack.compute.model import VmState
+from hvstack.compute.model import ServiceStatus, VmState
 from hvstack.errors import HvError, NotFound, ServiceDisabled, WaitTimedOut
 from hvstack.host.events import Subscription
 from hvstack.host.service import HostService
+from hvstack.integration.rules import intrinsic_data, reachable_addresses
 
 log = logging.getLogger(__name__)
 

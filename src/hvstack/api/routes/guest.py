@@ -33,7 +33,7 @@ from hvstack.api.guest_schemas import (
 from hvstack.api.schemas import JobView
 from hvstack.api.views import job_view
 from hvstack.errors import Cancelled, InvalidInput
-from hvstack.host.guest_ops import KvpChange
+from hvstack.integration.ops import KvpChange
 
 router = APIRouter(prefix="/api/v1/vms", tags=["guest"])
 
@@ -76,11 +76,10 @@ async def start_copy(request: Request, ref: str, body: CopyFileRequest) -> CopyF
                                              overwrite=body.overwrite)
     else:
         transfer = await copies.start_download(ref, body.guest_path)
-    assert transfer.job is not None
     return CopyFileStarted(
         transfer_id=transfer.id, data_url=f"/api/v1/vms/{transfer.vm_id}/files/{transfer.id}",
         direction=transfer.direction, guest_path=transfer.guest_path, size=transfer.size,
-        sha256=transfer.sha256, job=job_view(transfer.job),
+        sha256=transfer.sha256, job=job_view(service_of(request).jobs.get(transfer.id)),
     )
 
 
@@ -96,9 +95,10 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
 @router.put("/{ref}/files/{transfer_id}", response_model=JobView)
 @streams_body  # the copy checks the bytes against the size it announced
 async def upload(request: Request, ref: str, transfer_id: str) -> JobView:
-    vm = service_of(request).get_vm(ref)
-    job = await guest_ops_of(request).copies.feed(vm, transfer_id, _body(request))
-    return job_view(job)
+    service = service_of(request)
+    job = await guest_ops_of(request).copies.feed(service.get_vm(ref), transfer_id,
+                                                  _body(request))
+    return job_view(service.jobs.get(job.id))
 
 
 @router.get("/{ref}/files/{transfer_id}", response_class=StreamingResponse)

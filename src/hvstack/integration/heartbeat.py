@@ -7,17 +7,20 @@ since the VM started), Lost Communication (answered before, not now), Disabled. 
 contact is made it sets the guest clock and calls the host's contact hooks (the KVP
 pool is pushed there); while contact lasts it sets the clock every
 :data:`TIME_SYNC_INTERVAL` seconds.
+
+The VM's controller runs the link while its worker runs and asks it whether the agent
+answers; it gets the link from the host service (``make_link``), as a
+:class:`~hvstack.compute.lifecycle.AgentLink`, so compute never imports this package.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from hvstack.compute.model import IntegrationServices
+from hvstack.compute.model import IntegrationServices, ServiceStatus
 from hvstack.errors import HvError
 from hvstack.hypervisor.qemu.agent import GuestAgent
 
@@ -26,13 +29,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 3.0
 TIME_SYNC_INTERVAL = 600.0
-
-
-class ServiceStatus(enum.StrEnum):
-    OK = "OK"
-    NO_CONTACT = "No Contact"
-    LOST_COMMUNICATION = "Lost Communication"
-    DISABLED = "Disabled"
 
 
 def next_status(enabled: bool, answered: bool, previous: ServiceStatus) -> ServiceStatus:

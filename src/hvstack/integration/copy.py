@@ -42,15 +42,8 @@ import posixpath
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from hvstack.compute.guest_rules import (
-    GuestPathNotAllowed,
-    GuestPolicy,
-    check_size,
-    guest_file_path,
-    is_denied,
-)
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.states import Operation
 from hvstack.errors import (
@@ -63,9 +56,16 @@ from hvstack.errors import (
     NotFound,
     OperationTimeout,
 )
-from hvstack.host.jobs import Job, Progress
-from hvstack.hypervisor.qemu import guest_io
 from hvstack.hypervisor.qemu.agent import GuestCommandError
+from hvstack.integration import guest_io
+from hvstack.integration.rules import (
+    GuestPathNotAllowed,
+    GuestPolicy,
+    check_size,
+    guest_file_path,
+    is_denied,
+)
+from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,31 @@ echo "size=$(stat -L -c %s "$src")"
 CHECK_TIMEOUT = 30.0
 
 
+class CopyJob(Protocol):
+    """What a copy needs of the job that runs it (:class:`hvstack.host.jobs.Job`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def done(self) -> asyncio.Event: ...
+
+    @property
+    def error(self) -> HvError | None: ...
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+
+class JobRunner(Protocol):
+    """Starts and cancels jobs (:class:`hvstack.host.jobs.JobManager`)."""
+
+    def start(self, kind: str, target: str,
+              body: Callable[[Progress], Awaitable[dict[str, Any] | None]]) -> CopyJob: ...
+
+    def cancel(self, job_id: str) -> object: ...
+
+
 @dataclass
 class Transfer:
     """One copy between a client and a guest: its job and its data connection."""
@@ -125,7 +150,7 @@ class Transfer:
     guest_path: str
     size: int
     sha256: str | None
-    job: Job | None = None
+    job: CopyJob | None = None
     data: asyncio.Future[AsyncIterator[bytes]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     queue: asyncio.Queue[bytes | HvError | None] = field(
@@ -136,13 +161,11 @@ class GuestCopies:
     """The copies of one host service; a transfer lives as long as its job."""
 
     def __init__(self, policy: GuestPolicy, vm_for: Callable[[str, Operation], VmController],
-                 start_job: Callable[[str, str, Callable[[Progress], Awaitable[Any]]], Job],
-                 cancel_job: Callable[[str], object],
+                 jobs: JobRunner,
                  spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
         self.policy = policy
         self._vm_for = vm_for  # (ref, operation) -> a Running VM with guest services
-        self._start_job = start_job
-        self._cancel_job = cancel_job
+        self._jobs = jobs
         self._spawn = spawn
         self._transfers: dict[str, Transfer] = {}
 
@@ -216,7 +239,7 @@ class GuestCopies:
 
     def _register(self, transfer: Transfer, kind: str,
                   body: Callable[[Progress], Awaitable[Any]]) -> Transfer:
-        job = transfer.job = self._start_job(kind, transfer.vm_name, body)
+        job = transfer.job = self._jobs.start(kind, transfer.vm_name, body)
         transfer.id = job.id
         self._transfers[transfer.id] = transfer
         assert job.task is not None
@@ -312,7 +335,7 @@ class GuestCopies:
         return transfer
 
     async def feed(self, vm: VmController, transfer_id: str,
-                   chunks: AsyncIterator[bytes]) -> Job:
+                   chunks: AsyncIterator[bytes]) -> CopyJob:
         """Stream ``chunks`` into the upload's guest file; return the job once it ended
         (raising its error if it failed)."""
         transfer = self._transfer(vm, transfer_id, "to-guest")
@@ -322,7 +345,7 @@ class GuestCopies:
         try:
             await job.done.wait()
         except asyncio.CancelledError:
-            self._cancel_job(job.id)
+            self._jobs.cancel(job.id)
             raise
         if job.error is not None:
             raise job.error
@@ -437,7 +460,7 @@ class GuestCopies:
                 yield item
         finally:
             if not job.done.is_set():
-                self._cancel_job(job.id)
+                self._jobs.cancel(job.id)
 
 
 async def _nothing() -> AsyncIterator[bytes]:

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,6 @@ from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
 from hvstack.compute.states import Operation
 from hvstack.errors import Conflict, HvError, ServiceDisabled
-from hvstack.host.service import HostService
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,10 @@ async def thaw_leftover(vm: VmController, timeout: float = THAW_TIMEOUT) -> bool
     return True
 
 
-async def thaw_leftovers(service: HostService, timeout: float = THAW_TIMEOUT) -> list[str]:
-    """At service start: thaw every VM a crashed service left frozen; return their names.
+async def thaw_leftovers(vms: Iterable[VmController], timeout: float = THAW_TIMEOUT
+                         ) -> list[str]:
+    """At service start: thaw each of ``vms`` a crashed service left frozen; return their
+    names.
     VMs whose agent does not answer yet keep their marker (see :meth:`Freezer.on_contact`).
     """
     thawed: list[str] = []
@@ -119,7 +120,7 @@ async def thaw_leftovers(service: HostService, timeout: float = THAW_TIMEOUT) ->
             log.error("VM %s may still be frozen (its agent: %s); it is thawed when the "
                       "agent answers", vm.record.name, exc)
 
-    await asyncio.gather(*(one(vm) for vm in service.list_vms()))
+    await asyncio.gather(*(one(vm) for vm in vms))
     return thawed
 
 

@@ -1,13 +1,14 @@
 """Guest operations of the host: commands, file copies, KVP exchange and file system
 freezes in running guests, all through the guest agent (no guest network needed).
 
-:class:`GuestOperations` is composed on the :class:`~hvstack.host.service.HostService`
-like :class:`~hvstack.host.disk_ops.DiskOperations`. Its contract:
+:class:`GuestOperations` is composed on the host service (which it sees as the
+:class:`VmHost` protocol), like :class:`~hvstack.host.disk_ops.DiskOperations`. Its
+contract:
 
 * :meth:`GuestOperations.exec` runs one program in the guest to completion (PowerShell
   Direct's counterpart; needs no integration service, like PowerShell Direct). See
-  :func:`hvstack.hypervisor.qemu.guest_io.run` for timeouts and killing.
-* ``copies`` (:class:`~hvstack.host.guest_copy.GuestCopies`): Copy-VMFile, both ways;
+  :func:`hvstack.integration.guest_io.run` for timeouts and killing.
+* ``copies`` (:class:`~hvstack.integration.copy.GuestCopies`): Copy-VMFile, both ways;
   requires the guest services integration service (off by default, as in Hyper-V).
 * KVP (Hyper-V's data exchange; requires the kvp service): the host-to-guest pool is
   the VM's ``kvp_pool`` setting, written into the guest as ``<kvp_dir>/host`` (one
@@ -15,7 +16,7 @@ like :class:`~hvstack.host.disk_ops.DiskOperations`. Its contract:
   answers, and again on every contact with the agent (:meth:`push_kvp`). The
   guest-to-host pool is ``<kvp_dir>/guest``, read when asked. Intrinsic items come from
   the agent (OS, host name, addresses, file systems).
-* ``freezer`` (:class:`~hvstack.host.guest_freeze.Freezer`): the backup service's
+* ``freezer`` (:class:`~hvstack.integration.freeze.Freezer`): the backup service's
   file system freeze; ``async with guest_ops.frozen(vm)`` always thaws.
 * Operations need the VM Running (InvalidState otherwise) and a guest that is not
   frozen by this service (Conflict). Nothing here takes the VM's lifecycle lock: a long
@@ -29,19 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from hvstack.compute.guest_rules import (
-    KVP_MAX_ITEMS,
-    GuestPolicy,
-    IntrinsicData,
-    check_kvp_item,
-    format_kvp,
-    intrinsic_data,
-    parse_kvp,
-)
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmState
 from hvstack.compute.states import Operation
@@ -51,11 +43,19 @@ from hvstack.errors import (
     NotFound,
     ServiceDisabled,
 )
-from hvstack.host.guest_copy import GuestCopies
-from hvstack.host.guest_freeze import Freezer, FreezeStatus, thaw_leftovers
-from hvstack.host.service import HostService
-from hvstack.hypervisor.qemu import guest_io
 from hvstack.hypervisor.qemu.agent import AgentUnavailable, GuestCommandError
+from hvstack.integration import guest_io
+from hvstack.integration.copy import GuestCopies, JobRunner
+from hvstack.integration.freeze import Freezer, FreezeStatus, thaw_leftovers
+from hvstack.integration.rules import (
+    KVP_MAX_ITEMS,
+    GuestPolicy,
+    IntrinsicData,
+    check_kvp_item,
+    format_kvp,
+    intrinsic_data,
+    parse_kvp,
+)
 
 __all__ = ["GuestOperations", "KvpChange", "KvpListing", "thaw_leftovers"]
 
@@ -88,8 +88,22 @@ class KvpListing:
     ignored_guest_lines: int
 
 
+class VmHost(Protocol):
+    """What the guest operations need of the host service
+    (:class:`hvstack.host.service.HostService`)."""
+
+    contact_hooks: list[Callable[[VmController], Awaitable[None]]]
+
+    @property
+    def jobs(self) -> JobRunner: ...
+
+    def get_vm(self, ref: str) -> VmController: ...
+
+    async def update_vm(self, ref: str, **changes: Any) -> VmController: ...
+
+
 class GuestOperations:
-    def __init__(self, service: HostService, policy: GuestPolicy | None = None) -> None:
+    def __init__(self, service: VmHost, policy: GuestPolicy | None = None) -> None:
         self._service = service
         self.policy = policy or GuestPolicy.from_env()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -97,8 +111,7 @@ class GuestOperations:
         self.freezer = Freezer(self.spawn, after_thaw=self._push_quietly,
                                freeze_timeout=self.policy.freeze_timeout,
                                thaw_timeout=self.policy.thaw_timeout)
-        self.copies = GuestCopies(self.policy, self._copy_vm, service.jobs.start,
-                                  service.jobs.cancel, self.spawn)
+        self.copies = GuestCopies(self.policy, self._copy_vm, service.jobs, self.spawn)
         service.contact_hooks.append(self.on_contact)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -273,7 +286,7 @@ class GuestOperations:
 
     def frozen(self, vm: VmController) -> contextlib.AbstractAsyncContextManager[int]:
         """``async with guest_ops.frozen(vm) as count``: see
-        :meth:`hvstack.host.guest_freeze.Freezer.frozen`."""
+        :meth:`hvstack.integration.freeze.Freezer.frozen`."""
         return self.freezer.frozen(vm)
 
     async def fsfreeze(self, ref: str, action: str, hold_seconds: float = 60.0
