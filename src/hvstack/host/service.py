@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
 from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.records import JobRecords, VmRecords, Writer
 from hvstack.host.store import Store
 from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
@@ -99,9 +101,11 @@ class HostService:
     def __init__(self, config: HostConfig, store: Store, driver: Driver) -> None:
         self.config = config
         self.store = store
+        self.records = VmRecords(store)
+        self._writer = Writer()  # this host's observations of its VMs, in order
         self.driver = driver
         self.events = EventBus()
-        self.jobs = JobManager(self.events, store)
+        self.jobs = JobManager(self.events, JobRecords(store))
         self.facts = HostFacts(
             cpus=os.cpu_count() or 1,
             memory_bytes=_meminfo("MemTotal"),
@@ -127,8 +131,8 @@ class HostService:
         left (see :mod:`hvstack.host.cleanup`) and fail the jobs it was running."""
         for path in (self.config.data_dir, self.config.vms_dir, self.config.images_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.jobs.restore()
-        records = self.store.all()
+        await self.jobs.restore()
+        records = await self.records.load()
         report = cleanup.CleanupReport()
         await asyncio.to_thread(cleanup.remove_temporaries, self.config, report)
         cleanup.clean_vm_folders(self.config, (r.id for r in records), report)
@@ -159,6 +163,12 @@ class HostService:
         await self.jobs.shutdown()
         for vm in self._vms.values():
             await vm.detach()
+        await self._writer.flush()
+
+    async def flush(self) -> None:
+        """Wait until every change so far is in the store."""
+        await self._writer.flush()
+        await self.jobs.flush()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
@@ -190,8 +200,8 @@ class HostService:
 
     async def _auto_stop(self, vm: VmController) -> None:
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
-            with contextlib.suppress(HvError):  # a full store: nothing to lose here
-                self._persist(vm.record.evolve(was_running=False))
+            vm.record = vm.record.evolve(was_running=False)
+            self._persist(vm.record)
             return
         action = vm.record.config.auto_stop
         log.info("VM %s: automatic stop action (%s)", vm.record.name, action.value)
@@ -208,10 +218,7 @@ class HostService:
                 log.error("VM %s: automatic stop action (%s) failed: %s", vm.record.name,
                           action.value, exc)
             vm.record = vm.record.evolve(was_running=True)
-            try:
-                self._persist(vm.record)
-            except HvError as exc:
-                log.error("VM %s: cannot record that it was running: %s", vm.record.name, exc)
+            self._persist(vm.record)
 
     # -- the registry -----------------------------------------------------------
 
@@ -222,7 +229,7 @@ class HostService:
         vm = VmController(
             record, self._files(record.id), self.driver, self._spec_for, self._on_change,
             self._before_start, publish=self.events.publish,
-            on_guest_contact=self._on_guest_contact,
+            on_guest_contact=self._on_guest_contact, recorded=self._recorded,
         )
         self._vms[record.id] = vm
         self._names[record.name] = record.id
@@ -236,7 +243,15 @@ class HostService:
                 log.warning("VM %s: after contact with its guest agent: %s", vm.record.name, exc)
 
     def _persist(self, record: VmRecord) -> None:
-        self.store.update(record)
+        """Queue the write of what this host observes of the VM (a failure is logged;
+        the next change writes the whole observation again)."""
+        if record.id not in self._vms:
+            return  # deleted: its observations went with it
+        self._writer.write(record.id, functools.partial(self.records.observe, record.id,
+                                                        record.observed))
+
+    async def _recorded(self, record: VmRecord) -> None:
+        await self._writer.flush(record.id)  # _on_change queued it
 
     def _on_change(self, record: VmRecord) -> None:
         try:
@@ -319,6 +334,8 @@ class HostService:
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:
         async def locked(progress: Progress) -> dict[str, Any] | None:
             async with vm.lock:
+                if self._vms.get(vm.record.id) is not vm:  # deleted while it waited
+                    raise NotFound(f"VM '{vm.record.name}' was deleted", vm=vm.record.name)
                 result: dict[str, Any] | None = await body(progress)
                 return result
 
@@ -462,7 +479,7 @@ class HostService:
             record = VmRecord(id=vm_id, config=config, created_at=time.time())
             if config.name in self._names:
                 raise_exists(config.name)
-            self.store.insert(record)
+            record = await self.records.create(record)
         except BaseException:
             shutil.rmtree(files.folder, ignore_errors=True)
             raise
@@ -486,9 +503,8 @@ class HostService:
             old_name = vm.record.name
             if new.name != old_name and new.name in self._names:
                 raise_exists(new.name)
-            record = vm.record.evolve(config=new)
-            self.store.update(record)
-            vm.record = record
+            stored = await self.records.change(vm.record, new)
+            record = vm.record = vm.record.evolve(config=new, revision=stored.revision)
             if new.name != old_name:
                 del self._names[old_name]
                 self._names[new.name] = record.id
@@ -510,7 +526,8 @@ class HostService:
             vm.require(Operation.DELETE)
             kept = await self._disks_to_keep(vm, delete_disks)
             doomed = [d.path for d in vm.record.config.disks if d.path not in kept]
-            self.store.delete(vm.record.id)
+            await self._writer.flush()  # no queued observation outlives the record
+            await self.records.delete(vm.record)
             del self._vms[vm.record.id]
             del self._names[vm.record.name]
             self._chains.pop(vm.record.id, None)
