@@ -18,6 +18,7 @@ import pytest
 
 from hvstack.api.app import create_app
 from hvstack.host.config import HostConfig, ListenAddress
+from hvstack.host.facts import FixedHost
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore
 from tests.functional.fakes import FakeDriver
@@ -61,7 +62,7 @@ def driver() -> FakeDriver:
 @pytest.fixture
 async def service(host_config: HostConfig, store: MemoryStore,
                   driver: FakeDriver) -> AsyncIterator[HostService]:
-    svc = HostService(host_config, store, driver)
+    svc = HostService(host_config, store, driver, FixedHost())
     await svc.startup()
     try:
         yield svc

@@ -19,6 +19,7 @@ from hvstack.api.app import create_app
 from hvstack.compute.model import VmRecord
 from hvstack.errors import HypervisorError, InsufficientResources, NoSpace
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
 from hvstack.host.records import VmRecords
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore, Op, SqliteStore
@@ -215,7 +216,7 @@ async def test_text_sqlite_cannot_encode_is_invalid_input(tmp_path: Path) -> Non
 async def sqlite_api(host_config: HostConfig, tmp_path: Path,
                      driver: FakeDriver) -> AsyncIterator[tuple[httpx.AsyncClient, SqliteStore]]:
     store = SqliteStore(tmp_path / "db" / "hv.db")
-    service = HostService(host_config, store, driver)
+    service = HostService(host_config, store, driver, FixedHost())
     await service.startup()
     transport = httpx.ASGITransport(app=create_app(service))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:

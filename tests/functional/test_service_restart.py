@@ -14,6 +14,7 @@ import pytest
 from hvstack.compute.lifecycle import StopMode
 from hvstack.compute.model import AutoStartAction, AutoStopAction, VmConfig, VmState
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
 from hvstack.host.records import VmRecords
 from hvstack.host.service import HostService, NewVm
 from hvstack.host.store import MemoryStore, SqliteStore, Store
@@ -35,7 +36,7 @@ class Host:
         config = self.config
         if config.detach_on_exit != detach_on_exit:
             config = replace(config, detach_on_exit=detach_on_exit)
-        service = HostService(config, self.store, driver)
+        service = HostService(config, self.store, driver, FixedHost())
         await service.startup()
         self.services.append(service)
         return service

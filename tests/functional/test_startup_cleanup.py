@@ -22,6 +22,7 @@ from hvstack.compute.model import VmConfig, VmRecord, VmState
 from hvstack.errors import Interrupted
 from hvstack.host import cleanup
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
 from hvstack.host.jobs import JobState
 from hvstack.host.records import JobRecord, JobRecords, VmRecords
 from hvstack.host.service import HostService, NewVm
@@ -52,7 +53,7 @@ async def boot(config: HostConfig, store: MemoryStore) -> AsyncIterator[object]:
     services: list[HostService] = []
 
     async def start(driver: FakeDriver | None = None) -> HostService:
-        service = HostService(config, store, driver or FakeDriver())
+        service = HostService(config, store, driver or FakeDriver(), FixedHost())
         await service.startup()
         services.append(service)
         return service
@@ -273,7 +274,8 @@ async def test_automatic_actions_are_logged_once_with_the_vm_name(
     from dataclasses import replace
 
     caplog.set_level(logging.INFO)
-    service = HostService(replace(config, detach_on_exit=False), store, FakeDriver())
+    service = HostService(replace(config, detach_on_exit=False), store, FakeDriver(),
+                          FixedHost())
     await service.startup()
     await service.create_vm(NewVm(VmConfig(name="web", memory_bytes=64 * MIB)))
     job = service.start_vm("web")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hvstack.compute.integration import GuestLink, ServiceStatus
 from hvstack.compute.model import VmRecord, VmState
+from hvstack.compute.policy import ShutdownStep, shutdown_chain
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
     HvError,
@@ -420,9 +421,11 @@ class VmController:
         return how
 
     async def _ask_guest_to_shut_down(self, machine: Machine, progress: Progress) -> str:
-        """The shutdown integration service if the agent answers, else the power button."""
-        services = self.record.config.integration_services
-        if services.shutdown and self.link.status is ServiceStatus.OK:
+        """The first steps of :func:`~hvstack.compute.policy.shutdown_chain` (the caller
+        takes the last: turning off after the timeout)."""
+        chain = shutdown_chain(self.record.config.integration_services.shutdown,
+                               self.link.status is ServiceStatus.OK)
+        if chain[0] is ShutdownStep.AGENT:
             self._step(Operation.SHUT_DOWN, "shutting down (guest agent)")
             progress(10, "asking the guest agent to shut down")
             try:
