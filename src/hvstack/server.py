@@ -37,8 +37,7 @@ from hvstack.errors import AlreadyExists, Conflict, InvalidInput
 from hvstack.host.auth import TokenStore
 from hvstack.host.config import HostConfig, ListenAddress
 from hvstack.host.files import AccessGroup, resolve_group, secure_data_dir, secure_run_dir
-from hvstack.host.guest_ops import thaw_leftovers
-from hvstack.host.service import HostService
+from hvstack.host.root import HostRoot
 from hvstack.host.store import SqliteStore
 from hvstack.host.tls import TlsPair, tls_pair
 from hvstack.hypervisor.qemu.driver import QemuDriver
@@ -186,7 +185,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
     secure_data_dir(config.data_dir, group)
     lock_fd = _lock_data_dir(config)
     store = tokens = None
-    service = app = None
+    root = None
     sockets: list[socket.socket] = []
     try:
         secure_run_dir(config.run_dir)
@@ -200,10 +199,8 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
             sockets.append(_bind_tcp(config.tcp))
         store = SqliteStore(config.data_dir / "hvstack.db")
         tokens = TokenStore(config.data_dir / "hvstack.db")
-        service = HostService(config, store, QemuDriver())
-        await service.startup()
-        app = create_app(service, tokens=tokens)
-        await thaw_leftovers(service)  # a freeze left by a crashed service must not stay
+        root = await HostRoot.start(config, store, QemuDriver())
+        app = create_app(root, tokens=tokens)
         origins = [config.tcp.origin] if config.tcp is not None else []
         servers = [(_uvicorn(ListenerGuard(app, tokens=None, own_origins=origins),
                              http=peer_checked_protocol(group.gid)), sockets[0])]
@@ -217,17 +214,15 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
         gc.freeze()
         message = _listening(config, tls, group)
         log.info("%s (accelerator %s: %s)", message.splitlines()[0],
-                 service.facts.accelerator.name, service.facts.accelerator.reason)
+                 root.service.facts.accelerator.name, root.service.facts.accelerator.reason)
         if group.note:
             log.warning("%s", group.note)
         if announce is not None:
             announce(message)
         await _serve_all(servers, ready)
     finally:
-        if app is not None:
-            await app.state.guest_ops.close()
-        if service is not None:
-            await service.shutdown()
+        if root is not None:
+            await root.close()
         for sock in sockets:
             sock.close()
         for db in (tokens, store):

@@ -19,6 +19,7 @@ import pytest
 from hvstack.api.app import create_app
 from hvstack.host.config import HostConfig, ListenAddress
 from hvstack.host.facts import FixedHost
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore
 from tests.functional.fakes import FakeDriver
@@ -74,6 +75,6 @@ async def service(host_config: HostConfig, store: MemoryStore,
 
 @pytest.fixture
 async def api(service: HostService) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(service))
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
         yield client

@@ -19,6 +19,7 @@ from hvstack.api.app import create_app
 from hvstack.compute.guest_rules import GuestPolicy
 from hvstack.compute.model import IntegrationServices
 from hvstack.host.guest_ops import GuestOperations
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import create_vm, run_job, serve_on_unix_socket
 from tests.functional.guest_fake import FakeGuestAgent, busybox_bin
@@ -65,7 +66,7 @@ def guest_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def guest_app(service: HostService, guest_policy: GuestPolicy) -> AsyncIterator[FastAPI]:
-    app = create_app(service, guest_policy)
+    app = create_app(HostRoot(service, guest_policy))
     try:
         yield app
     finally:
@@ -73,7 +74,7 @@ async def guest_app(service: HostService, guest_policy: GuestPolicy) -> AsyncIte
 
 
 def ops_of(app: FastAPI) -> GuestOperations:
-    guest_ops: GuestOperations = app.state.guest_ops
+    guest_ops: GuestOperations = app.state.root.guest
     return guest_ops
 
 

@@ -21,6 +21,7 @@ from hvstack.errors import HypervisorError, InsufficientResources, NoSpace
 from hvstack.host.config import HostConfig
 from hvstack.host.facts import FixedHost
 from hvstack.host.records import VmRecords
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore, Op, SqliteStore
 from tests.functional.fakes import (
@@ -218,7 +219,7 @@ async def sqlite_api(host_config: HostConfig, tmp_path: Path,
     store = SqliteStore(tmp_path / "db" / "hv.db")
     service = HostService(host_config, store, driver, FixedHost())
     await service.startup()
-    transport = httpx.ASGITransport(app=create_app(service))
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
         yield client, store
     await asyncio.wait_for(service.shutdown(), 10)
