@@ -1,6 +1,7 @@
 """Running the host service: the store, the service and the API on one event loop.
 
-This is the process's composition root, above every layer (it wires api/ onto host/).
+This is the process's entry, above every layer: it opens the store, starts the host's
+composition root (:class:`~hvstack.host.root.HostRoot`) and serves api/ on it.
 
 ``serve`` makes the data directory private (:mod:`hvstack.host.files`), holds an
 exclusive lock on it (one service per directory), serves the API on its unix socket

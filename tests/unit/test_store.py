@@ -84,13 +84,15 @@ async def test_watchers_get_every_change_in_order(store: Store) -> None:
                 return
 
     follower = asyncio.create_task(follow())
-    await asyncio.sleep(0)  # the watch is registered when it first waits
     await store.put("vms/a", "1")
     await store.put("jobs/x", "not watched")
     await store.commit([Put("vms/b", "2"), Delete("vms/a")])
     await asyncio.wait_for(follower, 5)
     assert seen == [Change("vms/a", "1", 1), Change("vms/b", "2", 3),
                     Change("vms/a", None, 3)]
+    await watch.aclose()
+    await store.put("vms/c", "after close")
+    assert [c async for c in watch] == []  # a closed watch ends
 
 
 # -- VMs ----------------------------------------------------------------------------------

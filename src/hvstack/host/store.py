@@ -33,7 +33,7 @@ import contextlib
 import errno
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -88,7 +88,7 @@ class Store(Protocol):
     async def commit(self, ops: Sequence[Op]) -> int: ...
     async def put(self, key: str, value: str, expected: int | None = None) -> int: ...
     async def delete(self, key: str, expected: int | None = None) -> int: ...
-    def watch(self, prefix: str) -> AsyncIterator[Change]: ...
+    def watch(self, prefix: str) -> Watch: ...
     def close(self) -> None: ...
 
 
@@ -120,17 +120,33 @@ class _Base:
                 if change.key.startswith(prefix):
                     queue.put_nowait(change)
 
-    async def watch(self, prefix: str) -> AsyncIterator[Change]:
-        """Every change under ``prefix`` committed after this call, in order; the queue
-        is unbounded so a slow watcher loses nothing."""
-        queue: asyncio.Queue[Change] = asyncio.Queue()
-        watcher = (prefix, queue)
-        self._watchers.append(watcher)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._watchers.remove(watcher)
+    def watch(self, prefix: str) -> Watch:
+        """Every change under ``prefix`` committed after this call, in order (the queue
+        is unbounded, so a slow watcher loses nothing). Close it with ``aclose``."""
+        return Watch(prefix, self._watchers)
+
+
+class Watch:
+    """An iterator over the changes under a prefix; registered from its creation."""
+
+    def __init__(self, prefix: str,
+                 watchers: list[tuple[str, asyncio.Queue[Change]]]) -> None:
+        self._queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._entry = (prefix, self._queue)
+        self._watchers = watchers
+        watchers.append(self._entry)
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> Change:
+        if self._entry not in self._watchers:
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        if self._entry in self._watchers:
+            self._watchers.remove(self._entry)
 
 
 class MemoryStore(_Base):
