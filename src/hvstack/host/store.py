@@ -13,9 +13,11 @@ tests. The typed views callers use are in :mod:`hvstack.host.records`; nothing a
 them handles raw keys.
 
 The SQLite calls run on the event loop's thread, not in a worker thread: in WAL mode
-with ``synchronous=NORMAL`` a commit appends to the log without an fsync (tens of
-microseconds), less than a thread hop costs, and running them in place keeps commits and
-watch notifications in revision order without another lock.
+with ``synchronous=NORMAL`` a commit appends to the log without an fsync (about 0.1 ms
+measured on a loaded 2-core host, a thread hop about half that), so the loop stalls
+less than a client could notice, and running in place keeps commits and watch
+notifications in revision order without another lock. An etcd store awaits the network
+instead; callers see no difference.
 
 SQLite's failures never leave here raw: a full or failing file system ("database or
 disk is full", "disk I/O error", ENOSPC) is :class:`~hvstack.errors.NoSpace`, text
