@@ -197,7 +197,9 @@ def test_concurrent_creates_with_one_name(host: HostProcess) -> None:
                           "64M"], env=host.env, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
-    codes = [p.wait(60) for p in procs]
+    for p in procs:
+        p.communicate(timeout=60)  # reads and closes its stderr pipe
+    codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2, 2, 2]
     assert [vm["name"] for vm in host.json("vm", "list")] == ["twin"]
     assert len(list((host.data_dir / "vms").iterdir())) == 1
