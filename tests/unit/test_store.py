@@ -51,6 +51,8 @@ async def test_revisions_count_every_commit_of_the_whole_store(store: Store) -> 
     assert await store.get("b") is None
     await store.put("ab", "x")
     assert [e.key for e in await store.scan("a")] == ["a", "ab"]
+    assert await store.delete("missing") == 4  # nothing changed: no new revision
+    assert await store.put("c", "") == 5
 
 
 async def test_compare_and_swap(store: Store) -> None:
@@ -244,3 +246,35 @@ async def test_a_database_of_the_first_schema_opens(tmp_path: Path) -> None:
         assert [r.name for r in await VmRecords(reopened).load()] == ["web2", "db"]
     finally:
         reopened.close()
+
+
+# -- the writer: synchronous code recording through the asynchronous store ---------------
+
+
+async def test_writer_keeps_order_writes_the_newest_and_reports_failures() -> None:
+    from hvstack.errors import NoSpace
+    from hvstack.host.records import Writer
+
+    written: list[tuple[str, int]] = []
+    full = False
+
+    async def put(key: str, value: int) -> None:
+        if full:
+            raise NoSpace("disk full")
+        written.append((key, value))
+
+    writer = Writer()
+    writer.write("a", lambda: put("a", 1))
+    writer.write("b", lambda: put("b", 1))
+    writer.write("a", lambda: put("a", 2))  # replaces the unwritten first value of a
+    await writer.flush("a")
+    assert written == [("b", 1), ("a", 2)]
+    full = True
+    writer.write("a", lambda: put("a", 3))
+    with pytest.raises(NoSpace):
+        await writer.flush("a")
+    await writer.flush("a")  # reported once
+    full = False
+    writer.write("a", lambda: put("a", 4))  # the next change writes the whole value again
+    await writer.flush("a")
+    assert written[-1] == ("a", 4)

@@ -168,14 +168,16 @@ class MemoryStore(_Base):
             actual = self._data[op.key].revision if op.key in self._data else 0
             if op.expected is not None and op.expected != actual:
                 raise _stale(op, actual)
-        self._revision += 1
+        revision = self._revision + 1
         changes = []
         for op in ops:
             if isinstance(op, Put):
-                self._data[op.key] = Entry(op.key, op.value, self._revision)
-                changes.append(Change(op.key, op.value, self._revision))
+                self._data[op.key] = Entry(op.key, op.value, revision)
+                changes.append(Change(op.key, op.value, revision))
             elif self._data.pop(op.key, None) is not None:
-                changes.append(Change(op.key, None, self._revision))
+                changes.append(Change(op.key, None, revision))
+        if changes:  # as etcd: a commit that changes nothing takes no revision
+            self._revision = revision
         self._notify(changes)
         return self._revision
 
@@ -287,8 +289,11 @@ class SqliteStore(_Base):
                     elif self._db.execute("DELETE FROM kv WHERE key=?",
                                           (op.key,)).rowcount:
                         changes.append(Change(op.key, None, revision))
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)",
-                                 (revision,))
+                if changes:  # as etcd: a commit that changes nothing takes no revision
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)",
+                                     (revision,))
+                else:
+                    revision -= 1
                 self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
