@@ -21,6 +21,7 @@ Goal: median(service via API) / median(by hand) <= 1.10.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -41,6 +42,7 @@ from bench.support import (
 )
 from hvstack.client import url_path
 from hvstack.host.config import HostConfig
+from hvstack.host.records import VmRecords
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore, SqliteStore
 from hvstack.hypervisor.qemu import process
@@ -60,7 +62,7 @@ def spec_for(config: HostConfig, vm_id: str) -> MachineSpec:
     """The VM's QEMU spec, made by the host service's own code from the stored record."""
     store = SqliteStore(config.data_dir / "hvstack.db")
     try:
-        record = next(r for r in store.all() if r.id == vm_id)
+        record = next(r for r in asyncio.run(VmRecords(store).load()) if r.id == vm_id)
     finally:
         store.close()
     service = HostService(config, MemoryStore(), QemuDriver())

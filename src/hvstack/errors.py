@@ -15,6 +15,7 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   ├── AlreadyExists       a name or file that is taken
     │   ├── InvalidState        the VM's state does not allow the operation
     │   ├── ResourceBusy        a disk in use by another running VM
+    │   ├── StaleRevision       a stored record changed since it was read
     │   └── ServiceDisabled     an integration service that is turned off
     ├── InsufficientResources   more memory/CPUs than the host has           (422)
     │   └── NoSpace             a host file system (or the store on it) is full (507)
@@ -106,6 +107,13 @@ class InvalidState(Conflict):
 class ResourceBusy(Conflict):
     slug = "resource-busy"
     title = "Resource in use"
+
+
+class StaleRevision(Conflict):
+    """A compare-and-swap in the store failed: someone else changed the record first."""
+
+    slug = "stale-revision"
+    title = "Changed meanwhile"
 
 
 class NotAuthenticated(HvError):

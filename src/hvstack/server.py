@@ -1,6 +1,7 @@
 """Running the host service: the store, the service and the API on one event loop.
 
-This is the process's composition root, above every layer (it wires api/ onto host/).
+This is the process's entry, above every layer: it opens the store, starts the host's
+composition root (:class:`~hvstack.host.root.HostRoot`) and serves api/ on it.
 
 ``serve`` makes the data directory private (:mod:`hvstack.host.files`), holds an
 exclusive lock on it (one service per directory), serves the API on its unix socket
@@ -37,11 +38,10 @@ from hvstack.errors import AlreadyExists, Conflict, InvalidInput
 from hvstack.host.auth import TokenStore
 from hvstack.host.config import HostConfig, ListenAddress
 from hvstack.host.files import AccessGroup, resolve_group, secure_data_dir, secure_run_dir
-from hvstack.host.service import HostService
+from hvstack.host.root import HostRoot
 from hvstack.host.store import SqliteStore
 from hvstack.host.tls import TlsPair, tls_pair
 from hvstack.hypervisor.qemu.driver import QemuDriver
-from hvstack.integration.ops import thaw_leftovers
 
 log = logging.getLogger(__name__)
 BACKLOG = 2048  # uvicorn's default
@@ -186,7 +186,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
     secure_data_dir(config.data_dir, group)
     lock_fd = _lock_data_dir(config)
     store = tokens = None
-    service = app = None
+    root = None
     sockets: list[socket.socket] = []
     try:
         secure_run_dir(config.run_dir)
@@ -200,10 +200,8 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
             sockets.append(_bind_tcp(config.tcp))
         store = SqliteStore(config.data_dir / "hvstack.db")
         tokens = TokenStore(config.data_dir / "hvstack.db")
-        service = HostService(config, store, QemuDriver())
-        await service.startup()
-        app = create_app(service, tokens=tokens)
-        await thaw_leftovers(service.list_vms())  # a freeze left by a crashed service must not stay
+        root = await HostRoot.start(config, store, QemuDriver())
+        app = create_app(root, tokens=tokens)
         origins = [config.tcp.origin] if config.tcp is not None else []
         servers = [(_uvicorn(ListenerGuard(app, tokens=None, own_origins=origins),
                              http=peer_checked_protocol(group.gid)), sockets[0])]
@@ -217,17 +215,15 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
         gc.freeze()
         message = _listening(config, tls, group)
         log.info("%s (accelerator %s: %s)", message.splitlines()[0],
-                 service.facts.accelerator.name, service.facts.accelerator.reason)
+                 root.service.facts.accelerator.name, root.service.facts.accelerator.reason)
         if group.note:
             log.warning("%s", group.note)
         if announce is not None:
             announce(message)
         await _serve_all(servers, ready)
     finally:
-        if app is not None:
-            await app.state.guest_ops.close()
-        if service is not None:
-            await service.shutdown()
+        if root is not None:
+            await root.close()
         for sock in sockets:
             sock.close()
         for db in (tokens, store):

@@ -18,6 +18,8 @@ import pytest
 
 from hvstack.api.app import create_app
 from hvstack.host.config import HostConfig, ListenAddress
+from hvstack.host.facts import FixedHost
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.host.store import MemoryStore
 from tests.functional.fakes import FakeDriver
@@ -61,7 +63,7 @@ def driver() -> FakeDriver:
 @pytest.fixture
 async def service(host_config: HostConfig, store: MemoryStore,
                   driver: FakeDriver) -> AsyncIterator[HostService]:
-    svc = HostService(host_config, store, driver)
+    svc = HostService(host_config, store, driver, FixedHost())
     await svc.startup()
     try:
         yield svc
@@ -73,6 +75,6 @@ async def service(host_config: HostConfig, store: MemoryStore,
 
 @pytest.fixture
 async def api(service: HostService) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(service))
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
         yield client

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from hvstack.api.app import create_app
 from hvstack.compute.model import IntegrationServices
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.integration.ops import GuestOperations
 from hvstack.integration.rules import GuestPolicy
@@ -65,7 +66,7 @@ def guest_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def guest_app(service: HostService, guest_policy: GuestPolicy) -> AsyncIterator[FastAPI]:
-    app = create_app(service, guest_policy)
+    app = create_app(HostRoot(service, guest_policy))
     try:
         yield app
     finally:
@@ -73,7 +74,7 @@ async def guest_app(service: HostService, guest_policy: GuestPolicy) -> AsyncIte
 
 
 def ops_of(app: FastAPI) -> GuestOperations:
-    guest_ops: GuestOperations = app.state.guest_ops
+    guest_ops: GuestOperations = app.state.root.guest
     return guest_ops
 
 

@@ -15,6 +15,7 @@ from hvstack.api.app import create_app
 from hvstack.api.guard import ListenerGuard
 from hvstack.cli.main import app as cli
 from hvstack.host.auth import TokenStore
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import assert_problem, serve_on_unix_socket
 
@@ -29,7 +30,7 @@ def tokens(tmp_path: Path) -> TokenStore:
 @pytest.fixture
 async def tcp(service: HostService, tokens: TokenStore) -> AsyncIterator[httpx.AsyncClient]:
     """The app as the TCP listener serves it: a token on every request."""
-    guarded = ListenerGuard(create_app(service, tokens=tokens), tokens=tokens,
+    guarded = ListenerGuard(create_app(HostRoot(service), tokens=tokens), tokens=tokens,
                             own_origins=[OWN])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded),
                                  base_url="https://127.0.0.1:8443/api/v1") as client:
@@ -39,7 +40,7 @@ async def tcp(service: HostService, tokens: TokenStore) -> AsyncIterator[httpx.A
 @pytest.fixture
 async def local(service: HostService, tokens: TokenStore) -> AsyncIterator[httpx.AsyncClient]:
     """The app as the unix socket serves it: no token, Origin still checked."""
-    guarded = ListenerGuard(create_app(service, tokens=tokens), tokens=None,
+    guarded = ListenerGuard(create_app(HostRoot(service), tokens=tokens), tokens=None,
                             own_origins=[OWN])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded),
                                  base_url="http://hv/api/v1") as client:
@@ -112,7 +113,7 @@ async def test_unix_listener_needs_no_token(local: httpx.AsyncClient) -> None:
 
 async def test_cli_token_commands(service: HostService, tokens: TokenStore,
                                   tmp_path: Path) -> None:
-    guarded = ListenerGuard(create_app(service, tokens=tokens), tokens=None)
+    guarded = ListenerGuard(create_app(HostRoot(service), tokens=tokens), tokens=None)
     runner = CliRunner()
     async with serve_on_unix_socket(guarded, tmp_path / "hv.sock") as host:
         env = {"HV_HOST": host}

@@ -201,8 +201,7 @@ async def test_start_queued_behind_a_delete_does_not_launch(service: HostService
     await service.create_vm(NewVm(VmConfig(name="doomed", memory_bytes=64 << 20)))
     job = service.start_vm("doomed")  # queued: its task has not run yet
     await service.delete_vm("doomed")  # takes the VM's lock first
-    # The start then finds its VM gone (today because the store refuses to update a
-    # deleted record) and must not leave an orphan QEMU process behind.
+    # The start then finds its VM gone and must not leave an orphan QEMU process behind.
     await asyncio.wait_for(job.done.wait(), 5)
     assert driver.machines == []
     assert job.state is JobState.FAILED

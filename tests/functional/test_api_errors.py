@@ -292,14 +292,16 @@ async def test_missing_ovmf_firmware_is_a_clear_problem(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from hvstack.api.app import create_app
+    from hvstack.host.facts import FixedHost
+    from hvstack.host.root import HostRoot
     from hvstack.host.store import MemoryStore
     from tests.functional.conftest import make_config
     from tests.functional.fakes import FakeDriver
 
     config = replace(make_config(tmp_path), ovmf_vars=tmp_path / "no-such-OVMF_VARS.fd")
-    service = HostService(config, MemoryStore(), FakeDriver())
+    service = HostService(config, MemoryStore(), FakeDriver(), FixedHost())
     await service.startup()
-    transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)), raise_app_exceptions=False)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
             response = await client.post(f"{API}/vms", json={"name": "web", "memory": "64M"})

@@ -12,6 +12,7 @@ import pytest
 
 from hvstack.api.app import create_app
 from hvstack.host.config import HostConfig
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.conftest import make_config
 from tests.functional.fakes import API, assert_problem, create_vm, show_vm
@@ -143,7 +144,7 @@ async def test_an_unexpected_error_shows_an_error_id_not_its_text(
         raise RuntimeError("secret at /proc/self/fd/7")
 
     monkeypatch.setattr(service, "get_vm", broken)
-    transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)), raise_app_exceptions=False)
     with caplog.at_level(logging.ERROR, logger="hvstack.api.problems"):
         async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
             response = await client.get(f"{API}/vms/web")
@@ -164,7 +165,7 @@ async def test_a_hypervisor_error_carries_an_error_id(
         raise HypervisorError("QEMU refused stop: no")
 
     service.pause_vm = broken  # type: ignore[method-assign, assignment]
-    transport = httpx.ASGITransport(app=create_app(service))
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
         response = await client.post(f"{API}/vms/web/pause")
     problem = assert_problem(response, 500, "hypervisor-error")

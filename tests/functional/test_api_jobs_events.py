@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from hvstack.api.app import create_app
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import (
     API,
@@ -117,7 +118,7 @@ class SseClient:
     cannot read an endless stream."""
 
     def __init__(self, service: HostService) -> None:
-        self.app = create_app(service)
+        self.app = create_app(HostRoot(service))
         self.chunks: asyncio.Queue[bytes] = asyncio.Queue()
         self.start: MutableMapping[str, Any] = {}
         self.disconnect = asyncio.Event()

@@ -27,7 +27,7 @@ async def test_rename(api: httpx.AsyncClient, service: HostService) -> None:
     assert response.json()["id"] == vm["id"]
     assert_problem(await api.get(f"{API}/vms/old"), 404, "not-found")
     assert (await show_vm(api, "new"))["id"] == vm["id"]
-    assert [r.name for r in service.store.all()] == ["new"]
+    assert [r.name for r in await service.records.load()] == ["new"]
     # the old name is free again
     await create_vm(api, "old")
 
@@ -71,7 +71,7 @@ async def test_set_cpus_while_running_and_while_off(api: httpx.AsyncClient,
     assert response.status_code == 200
     assert response.json()["cpus"] == cpus
     assert response.json()["memory_bytes"] == 96 * 1024 * 1024
-    assert [r.config.cpus for r in service.store.all()] == [cpus]
+    assert [r.config.cpus for r in await service.records.load()] == [cpus]
 
 
 async def test_online_settings_change_while_running(api: httpx.AsyncClient,

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from hvstack.api.app import create_app
 from hvstack.cli.main import app
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -99,7 +100,7 @@ def test_the_real_entry_point(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
-    async with serve_on_unix_socket(create_app(service), tmp_path / "hv.sock") as host:
+    async with serve_on_unix_socket(create_app(HostRoot(service)), tmp_path / "hv.sock") as host:
         yield host
 
 

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from hvstack.api.app import create_app
 from hvstack.cli.main import app
 from hvstack.cli.render import local_time
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -26,7 +27,7 @@ runner = CliRunner()
 
 @pytest.fixture
 async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
-    async with serve_on_unix_socket(create_app(service), tmp_path / "hv.sock") as host:
+    async with serve_on_unix_socket(create_app(HostRoot(service)), tmp_path / "hv.sock") as host:
         yield host
 
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from hvstack.api.app import create_app
 from hvstack.cli import render
 from hvstack.cli.main import app
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -34,7 +35,7 @@ NOTES = {
 
 @pytest.fixture
 async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
-    async with serve_on_unix_socket(create_app(service), tmp_path / "hv.sock") as host:
+    async with serve_on_unix_socket(create_app(HostRoot(service)), tmp_path / "hv.sock") as host:
         yield host
 
 

@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from hvstack.api.app import create_app
 from hvstack.client import ApiError
 from hvstack.console_client import open_websocket, parse_notice
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.pixmap import png_size
 from tests.fake_serial import WAIT, FakeSerialPort
@@ -40,7 +41,7 @@ class QuietServer(uvicorn.Server):
 async def host(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
     """The app on a real uvicorn, listening on a unix socket; yields ``unix:PATH``."""
     sock = tmp_path / "api.sock"
-    server = QuietServer(uvicorn.Config(create_app(service), uds=str(sock),
+    server = QuietServer(uvicorn.Config(create_app(HostRoot(service)), uds=str(sock),
                                         log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve())
     async with asyncio.timeout(WAIT):
@@ -272,7 +273,7 @@ async def test_cli_screenshot(host: str, api: httpx.AsyncClient, tmp_path: Path)
 
 
 async def test_console_over_tcp(service: HostService, port: FakeSerialPort) -> None:
-    server = QuietServer(uvicorn.Config(create_app(service), host="127.0.0.1", port=0,
+    server = QuietServer(uvicorn.Config(create_app(HostRoot(service)), host="127.0.0.1", port=0,
                                         log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve())
     try:

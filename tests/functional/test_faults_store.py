@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -19,8 +19,11 @@ from hvstack.api.app import create_app
 from hvstack.compute.model import VmRecord
 from hvstack.errors import HypervisorError, InsufficientResources, NoSpace
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
+from hvstack.host.records import VmRecords
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
-from hvstack.host.store import MemoryStore, SqliteStore
+from hvstack.host.store import MemoryStore, Op, SqliteStore
 from tests.functional.fakes import (
     API,
     FakeDriver,
@@ -38,10 +41,10 @@ class FillingStore(MemoryStore):
         super().__init__()
         self.full = False
 
-    def update(self, record: VmRecord) -> None:
-        if self.full:
+    async def commit(self, ops: Sequence[Op]) -> int:
+        if self.full and any(op.key.startswith("vms/") for op in ops):
             raise NoSpace("cannot record the change of VM: the disk is full")
-        super().update(record)
+        return await super().commit(ops)
 
 
 @pytest.fixture
@@ -133,6 +136,7 @@ async def test_start_with_a_full_store_is_507_and_nothing_runs(
 
 async def test_turn_off_with_a_full_store_turns_off(
     api: httpx.AsyncClient, store: FillingStore, driver: FakeDriver, running: str,
+    service: HostService,
 ) -> None:
     """The VM really is off, so it shows Off (and says so on the event stream); the
     store catches up with the next change it can record."""
@@ -142,7 +146,8 @@ async def test_turn_off_with_a_full_store_turns_off(
     assert driver.live_machines() == []
     store.full = False
     await run_job(api, running, "start")
-    [record] = store.all()
+    await service.flush()
+    [record] = await VmRecords(store).load()
     assert record.state.value == "Running"
 
 
@@ -174,14 +179,14 @@ def _record(name: str) -> VmRecord:
                     created_at=1.0)
 
 
-def test_sqlite_full_is_no_space(tmp_path: Path) -> None:
+async def test_sqlite_full_is_no_space(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "hv.db")
     try:
         # max_page_count makes SQLite answer exactly as on a full file system.
         store._db.execute("PRAGMA max_page_count=8")
         with pytest.raises(NoSpace) as info:
             for i in range(100):
-                store.insert(_record(f"vm{i}"))
+                await VmRecords(store).create(_record(f"vm{i}"))
         assert info.value.http_status == 507
         assert "full" in info.value.message
         assert str(tmp_path) in info.value.message
@@ -197,14 +202,14 @@ def test_enospc_and_io_errors_are_no_space(tmp_path: Path) -> None:
     assert not _no_space(sqlite3.OperationalError("no such table: vms"))
 
 
-def test_text_sqlite_cannot_encode_is_invalid_input(tmp_path: Path) -> None:
+async def test_text_sqlite_cannot_encode_is_invalid_input(tmp_path: Path) -> None:
     from hvstack.errors import InvalidInput
 
     store = SqliteStore(tmp_path / "hv.db")
     try:
         with pytest.raises(InvalidInput):
-            store.insert(_record("bad\ud800"))
-        assert store.all() == []
+            await VmRecords(store).create(_record("bad\ud800"))
+        assert await VmRecords(store).load() == []
     finally:
         store.close()
 
@@ -213,9 +218,9 @@ def test_text_sqlite_cannot_encode_is_invalid_input(tmp_path: Path) -> None:
 async def sqlite_api(host_config: HostConfig, tmp_path: Path,
                      driver: FakeDriver) -> AsyncIterator[tuple[httpx.AsyncClient, SqliteStore]]:
     store = SqliteStore(tmp_path / "db" / "hv.db")
-    service = HostService(host_config, store, driver)
+    service = HostService(host_config, store, driver, FixedHost())
     await service.startup()
-    transport = httpx.ASGITransport(app=create_app(service))
+    transport = httpx.ASGITransport(app=create_app(HostRoot(service)))
     async with httpx.AsyncClient(transport=transport, base_url="http://hv") as client:
         yield client, store
     await asyncio.wait_for(service.shutdown(), 10)

@@ -24,6 +24,7 @@ from hvstack.api.app import create_app
 from hvstack.cli.main import app, app_for
 from hvstack.client import ApiError, Client, segment, url_path
 from hvstack.console_client import open_websocket
+from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from tests.functional.fakes import serve_on_unix_socket
 
@@ -41,7 +42,7 @@ ODD_NAMES = ["a%41", "a#b", "what?", "two words", "100%", "%2e%2e", "?x=1#y", "Ã
 
 @pytest.fixture
 async def served(service: HostService, tmp_path: Path) -> AsyncIterator[str]:
-    async with serve_on_unix_socket(create_app(service), tmp_path / "hv.sock") as host:
+    async with serve_on_unix_socket(create_app(HostRoot(service)), tmp_path / "hv.sock") as host:
         yield host
 
 

@@ -14,6 +14,8 @@ import pytest
 from hvstack.compute.lifecycle import StopMode
 from hvstack.compute.model import AutoStartAction, AutoStopAction, VmConfig, VmState
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
+from hvstack.host.records import VmRecords
 from hvstack.host.service import HostService, NewVm
 from hvstack.host.store import MemoryStore, SqliteStore, Store
 from tests.functional.conftest import make_config
@@ -34,7 +36,7 @@ class Host:
         config = self.config
         if config.detach_on_exit != detach_on_exit:
             config = replace(config, detach_on_exit=detach_on_exit)
-        service = HostService(config, self.store, driver)
+        service = HostService(config, self.store, driver, FixedHost())
         await service.startup()
         self.services.append(service)
         return service
@@ -73,8 +75,10 @@ async def start(service: HostService, name: str) -> None:
     assert service.get_vm(name).state is VmState.RUNNING
 
 
-def stored(host: Host, vm_id: str) -> VmState:
-    return next(r for r in host.store.all() if r.id == vm_id).state
+async def stored(host: Host, vm_id: str) -> VmState:
+    for service in host.services:
+        await service.flush()
+    return next(r for r in await VmRecords(host.store).load() if r.id == vm_id).state
 
 
 # -- reattaching ----------------------------------------------------------------------------
@@ -87,7 +91,7 @@ async def test_running_vm_is_reattached(host: Host) -> None:
     pid = first.get_vm("web").record.pid
     assert pid is not None
     await host.stop(first)  # detach: the VM keeps running
-    assert stored(host, vm_id) is VmState.RUNNING
+    assert await stored(host, vm_id) is VmState.RUNNING
 
     driver = FakeDriver(alive_pids={pid})
     second = await host.boot(driver)
@@ -101,7 +105,7 @@ async def test_running_vm_is_reattached(host: Host) -> None:
     job = second.stop_vm("web", mode=StopMode.SHUT_DOWN)
     await asyncio.wait_for(job.done.wait(), 5)
     assert vm.state.value == "Off"
-    assert stored(host, vm_id) is VmState.OFF
+    assert await stored(host, vm_id) is VmState.OFF
 
 
 async def test_paused_vm_is_reattached_paused(host: Host) -> None:
@@ -133,7 +137,7 @@ async def test_vm_whose_process_died_is_off(host: Host) -> None:
     assert vm.state is VmState.OFF
     assert "exited while the host service was down" in vm.record.state_reason
     assert vm.record.pid is None
-    assert stored(host, vm_id) is VmState.OFF
+    assert await stored(host, vm_id) is VmState.OFF
     await start(second, "web")
 
 
@@ -201,7 +205,7 @@ async def test_automatic_stop_then_start_if_running(host: Host, action: AutoStop
                            auto_start=AutoStartAction.START_IF_RUNNING)
     await start(first, "web")
     await host.stop(first)  # applies the automatic stop action
-    records = {r.id: r for r in host.store.all()}
+    records = {r.id: r for r in await VmRecords(host.store).load()}
     assert records[vm_id].state is state
     assert records[vm_id].was_running is True
     assert records[idle_id].was_running is False
@@ -227,7 +231,7 @@ async def test_automatic_shut_down_of_a_stubborn_guest_is_bounded(host: Host,
     vm_id = await create(first, "web", auto_stop=AutoStopAction.SHUT_DOWN)
     await start(first, "web")
     await host.stop(first)
-    record = next(r for r in host.store.all() if r.id == vm_id)
+    record = next(r for r in await VmRecords(host.store).load() if r.id == vm_id)
     assert record.state is VmState.OFF
     assert "turned off" in record.state_reason
     assert driver.live_machines() == []

@@ -22,9 +22,11 @@ from hvstack.compute.model import VmConfig, VmRecord, VmState
 from hvstack.errors import Interrupted
 from hvstack.host import cleanup
 from hvstack.host.config import HostConfig
+from hvstack.host.facts import FixedHost
 from hvstack.host.jobs import JobState
+from hvstack.host.records import JobRecord, JobRecords, VmRecords
 from hvstack.host.service import HostService, NewVm
-from hvstack.host.store import JobRecord, MemoryStore
+from hvstack.host.store import MemoryStore
 from hvstack.storage.disks import _temp_path
 from tests.functional.conftest import make_config
 from tests.functional.fakes import FakeDriver
@@ -51,7 +53,7 @@ async def boot(config: HostConfig, store: MemoryStore) -> AsyncIterator[object]:
     services: list[HostService] = []
 
     async def start(driver: FakeDriver | None = None) -> HostService:
-        service = HostService(config, store, driver or FakeDriver())
+        service = HostService(config, store, driver or FakeDriver(), FixedHost())
         await service.startup()
         services.append(service)
         return service
@@ -96,8 +98,8 @@ async def test_killed_at_each_step_of_create(config: HostConfig, boot: object,
     kept_id = new_id()
     (config.vms_dir / kept_id).mkdir()
     (config.vms_dir / kept_id / "disk0.qcow2").write_bytes(b"QFI\xfb")
-    store.insert(VmRecord(id=kept_id, config=VmConfig(name="kept", memory_bytes=64 * MIB),
-                          created_at=1.0))
+    kept = VmConfig(name="kept", memory_bytes=64 * MIB)
+    await VmRecords(store).create(VmRecord(id=kept_id, config=kept, created_at=1.0))
 
     service = await boot()  # type: ignore[operator]
     assert sorted(p.name for p in config.vms_dir.iterdir()) == [kept_id]
@@ -154,10 +156,10 @@ async def test_killed_during_a_convert(config: HostConfig, boot: object,
              config.images_dir / ".tiny.qcow2.tmp"]
     for temp in temps:
         temp.write_bytes(b"partial")
-    store.save_job(JobRecord(id="j-convert", kind="convert", target=str(source),
+    await JobRecords(store).save(JobRecord(id="j-convert", kind="convert", target=str(source),
                              state="running", created_at=1.0))
     # A convert that finished writing, but the service died before recording it.
-    store.save_job(JobRecord(id="j-unseen", kind="convert", target=str(source),
+    await JobRecords(store).save(JobRecord(id="j-unseen", kind="convert", target=str(source),
                              state="running", created_at=2.0))
 
     service = await boot()  # type: ignore[operator]
@@ -168,7 +170,8 @@ async def test_killed_during_a_convert(config: HostConfig, boot: object,
         assert job.state is JobState.FAILED
         assert isinstance(job.error, Interrupted)
         assert "interrupted by a restart of the host service" in job.error.message
-    assert {r.id: r.state for r in store.jobs()} == {"j-convert": "failed",
+    await service.flush()
+    assert {r.id: r.state for r in await JobRecords(store).load()} == {"j-convert": "failed",
                                                      "j-unseen": "failed"}
 
 
@@ -271,7 +274,8 @@ async def test_automatic_actions_are_logged_once_with_the_vm_name(
     from dataclasses import replace
 
     caplog.set_level(logging.INFO)
-    service = HostService(replace(config, detach_on_exit=False), store, FakeDriver())
+    service = HostService(replace(config, detach_on_exit=False), store, FakeDriver(),
+                          FixedHost())
     await service.startup()
     await service.create_vm(NewVm(VmConfig(name="web", memory_bytes=64 * MIB)))
     job = service.start_vm("web")

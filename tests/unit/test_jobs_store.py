@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +12,19 @@ import pytest
 from hvstack.errors import Interrupted, NoSpace, NotFound
 from hvstack.host.events import EventBus
 from hvstack.host.jobs import JobManager, JobState, Progress
-from hvstack.host.store import JobRecord, MemoryStore, SqliteStore, Store
+from hvstack.host.records import JobRecord, JobRecords
+from hvstack.host.store import MemoryStore, Op, SqliteStore, Store
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-    else:
-        sqlite = SqliteStore(tmp_path / "hv.db")
-        yield sqlite
-        sqlite.close()
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobRecords]:
+    backend: Store = (MemoryStore() if request.param == "memory"
+                      else SqliteStore(tmp_path / "hv.db"))
+    yield JobRecords(backend)
+    backend.close()
 
 
-async def test_finished_jobs_survive_a_restart(store: Store) -> None:
+async def test_finished_jobs_survive_a_restart(store: JobRecords) -> None:
     first = JobManager(EventBus(), store)
 
     async def ok(progress: Progress) -> dict[str, Any]:
@@ -37,9 +36,10 @@ async def test_finished_jobs_survive_a_restart(store: Store) -> None:
     done = first.start("start", "web", ok)
     failed = first.start("convert", "/d/x", bad)
     await asyncio.wait_for(asyncio.gather(done.done.wait(), failed.done.wait()), 5)
+    await first.flush()
 
     second = JobManager(EventBus(), store)
-    assert second.restore() == []
+    assert await second.restore() == []
     again = second.get(done.id)
     assert again.state is JobState.COMPLETED and again.result == {"state": "Running"}
     assert again.done.is_set() and again.progress == 100.0
@@ -49,13 +49,13 @@ async def test_finished_jobs_survive_a_restart(store: Store) -> None:
 
 
 async def test_a_job_running_when_the_service_died_is_failed_after_restart(
-    store: Store,
+    store: JobRecords,
 ) -> None:
     # What a killed service leaves: the job's record from its start, never finished.
-    store.save_job(JobRecord(id="j1", kind="convert", target="/d/big.qcow2",
+    await store.save(JobRecord(id="j1", kind="convert", target="/d/big.qcow2",
                              state="running", created_at=1.0))
     manager = JobManager(EventBus(), store)
-    interrupted = manager.restore()
+    interrupted = await manager.restore()
     assert [j.id for j in interrupted] == ["j1"]
     job = manager.get("j1")
     assert job.state is JobState.FAILED
@@ -64,8 +64,9 @@ async def test_a_job_running_when_the_service_died_is_failed_after_restart(
         "convert of /d/big.qcow2 was interrupted by a restart of the host service")
     assert job.finished_at is not None
     # ... and recorded as such: a second restart finds nothing left to interrupt.
-    assert JobManager(EventBus(), store).restore() == []
-    [record] = store.jobs()
+    await manager.flush()
+    assert await JobManager(EventBus(), store).restore() == []
+    [record] = await store.load()
     assert (record.state, record.error_type) == ("failed", "interrupted")
 
 
@@ -73,10 +74,10 @@ async def test_a_store_that_cannot_write_does_not_fail_the_job(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class FullStore(MemoryStore):
-        def save_job(self, job: JobRecord) -> None:
+        async def commit(self, ops: Sequence[Op]) -> int:
             raise NoSpace("cannot record job: disk full")
 
-    manager = JobManager(EventBus(), FullStore())
+    manager = JobManager(EventBus(), JobRecords(FullStore()))
 
     async def ok(progress: Progress) -> dict[str, Any]:
         return {"ok": True}
@@ -84,4 +85,5 @@ async def test_a_store_that_cannot_write_does_not_fail_the_job(
     job = manager.start("start", "web", ok)
     await asyncio.wait_for(job.done.wait(), 5)
     assert job.state is JobState.COMPLETED
+    await manager.flush()
     assert any("cannot record job" in r.getMessage() for r in caplog.records)

@@ -1,7 +1,9 @@
-"""The FastAPI application: ``create_app(service)`` wires routes and error rendering.
+"""The FastAPI application: ``create_app(root)`` wires routes and error rendering.
 
-The service's lifecycle belongs to whoever created it (``hv serve`` or a test), so the
-app holds a reference and never starts or stops it. Access checks wrap the app per
+The API only routes: the host service and its operation objects are built and closed
+by the composition root (:class:`~hvstack.host.root.HostRoot`) that whoever created
+it (``hv serve`` or a test) owns; the app holds a reference and never starts or stops
+it. Access checks wrap the app per
 listener (:class:`hvstack.api.guard.ListenerGuard`); the token store is given by
 ``hv serve`` (an in-memory one otherwise).
 """
@@ -17,15 +19,11 @@ from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import console, guest, host, storage, vms
 from hvstack.api.routes.auth import router as auth_router
 from hvstack.host.auth import TokenStore
-from hvstack.host.console_ops import ConsoleOperations
-from hvstack.host.disk_ops import DiskOperations
-from hvstack.host.service import HostService
-from hvstack.integration.ops import GuestOperations
-from hvstack.integration.rules import GuestPolicy
+from hvstack.host.root import HostRoot
 
 
-def create_app(service: HostService, guest_policy: GuestPolicy | None = None,
-               tokens: TokenStore | None = None) -> FastAPI:
+def create_app(root: HostRoot, tokens: TokenStore | None = None) -> FastAPI:
+    service = root.service
     app = FastAPI(
         title="hvstack",
         version=__version__,
@@ -34,10 +32,7 @@ def create_app(service: HostService, guest_policy: GuestPolicy | None = None,
         docs_url="/api/v1/docs",
         redoc_url=None,
     )
-    app.state.service = service
-    app.state.disk_ops = DiskOperations(service)
-    app.state.guest_ops = GuestOperations(service, guest_policy)
-    app.state.console_ops = ConsoleOperations(service)
+    app.state.root = root
     app.state.tokens = tokens if tokens is not None else TokenStore(":memory:")
     app.include_router(auth_router)
     problems.install(app)

@@ -1,4 +1,5 @@
-"""Where routes find the host service and its domain operations (set by create_app)."""
+"""Where routes find the host service and its domain operations (the composition root
+create_app was given)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ from hvstack.integration.ops import GuestOperations
 
 
 def service_of(connection: HTTPConnection) -> HostService:
-    service: HostService = connection.app.state.service
+    service: HostService = connection.app.state.root.service
     return service
 
 
 def disk_ops_of(connection: HTTPConnection) -> DiskOperations:
-    ops: DiskOperations = connection.app.state.disk_ops
+    ops: DiskOperations = connection.app.state.root.disks
     return ops
 
 
 def guest_ops_of(connection: HTTPConnection) -> GuestOperations:
-    ops: GuestOperations = connection.app.state.guest_ops
+    ops: GuestOperations = connection.app.state.root.guest
     return ops
 
 
 def console_ops_of(connection: HTTPConnection) -> ConsoleOperations:
-    ops: ConsoleOperations = connection.app.state.console_ops
+    ops: ConsoleOperations = connection.app.state.root.console
     return ops

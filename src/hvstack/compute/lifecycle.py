@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
+from hvstack.compute.policy import ShutdownStep, shutdown_chain
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
     HvError,
@@ -133,6 +134,7 @@ class VmController:
         before_start: Callable[[VmRecord], Awaitable[None]],
         publish: Callable[..., object] = lambda *a, **k: None,
         on_guest_contact: Callable[[VmController], Awaitable[None]] | None = None,
+        recorded: Callable[[VmRecord], Awaitable[None]] | None = None,
         *,
         make_link: LinkFactory,
     ) -> None:
@@ -142,6 +144,7 @@ class VmController:
         self._driver = driver
         self._spec_for = spec_for
         self._on_change = on_change
+        self._recorded = recorded or (lambda record: _nothing())
         self._before_start = before_start
         self._machine: Machine | None = None
         # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
@@ -169,8 +172,9 @@ class VmController:
     def _set(self, state: VmState, reason: str = "", *, strict: bool = False,
              **changes: object) -> None:
         """Move to ``state``; InvalidTransition (logged) if the state machine lacks it.
-        ``strict``: the change must be recorded, or nothing changes and the store's error
-        is raised (used before an operation begins)."""
+        ``on_change`` records it (or queues it to be recorded; see ``_step_recorded``).
+        ``strict``: if ``on_change`` fails at once, nothing changes and its error is
+        raised."""
         if not can_move(self.state, state):
             log.error("VM %s: refused the move from %s to %s (%s): the state machine has "
                       "no such move", self.record.name, self.state.value, state.value, reason)
@@ -233,6 +237,20 @@ class VmController:
             raise InvalidTransition(f"VM '{self.record.name}' cannot {operation.value} from "
                                     f"{self.state.value}", vm=self.record.name) from None
         self._set(state, reason, strict=strict, **changes)
+
+    async def _step_recorded(self, operation: Operation, reason: str = "") -> None:
+        """Take ``operation``'s next step and wait until the store has it; if it cannot
+        record it, nothing changes and the store's error is raised (used before an
+        operation begins, so a VM never runs on without the store knowing)."""
+        before = self.record
+        self._step(operation, reason, strict=True)
+        try:
+            await self._recorded(self.record)
+        except HvError:
+            self.record = before
+            with contextlib.suppress(HvError):
+                self._on_change(before)  # tells followers it went back
+            raise
 
     @property
     def machine_running(self) -> bool:
@@ -347,8 +365,8 @@ class VmController:
         previous = self.state
         self._busy = True
         try:
-            self._step(Operation.START, "restoring saved state" if resume_saved else "",
-                       strict=True)
+            await self._step_recorded(Operation.START,
+                                      "restoring saved state" if resume_saved else "")
         except NoSpace as exc:
             self._busy = False
             raise NoSpace(f"cannot start VM '{self.record.name}': {exc.message}",
@@ -432,9 +450,11 @@ class VmController:
         return how
 
     async def _ask_guest_to_shut_down(self, machine: Machine, progress: Progress) -> str:
-        """The shutdown integration service if the agent answers, else the power button."""
-        services = self.record.config.integration_services
-        if services.shutdown and self.link.status is ServiceStatus.OK:
+        """The first steps of :func:`~hvstack.compute.policy.shutdown_chain` (the caller
+        takes the last: turning off after the timeout)."""
+        chain = shutdown_chain(self.record.config.integration_services.shutdown,
+                               self.link.status is ServiceStatus.OK)
+        if chain[0] is ShutdownStep.AGENT:
             self._step(Operation.SHUT_DOWN, "shutting down (guest agent)")
             progress(10, "asking the guest agent to shut down")
             try:
@@ -485,7 +505,7 @@ class VmController:
         target = self.files.saved_state
         self._busy = True
         try:
-            self._step(Operation.SAVE, strict=True)
+            await self._step_recorded(Operation.SAVE)
         except NoSpace as exc:
             self._busy = False
             raise NoSpace(f"cannot save VM '{self.record.name}': {exc.message}; the VM "

@@ -192,7 +192,34 @@ class VmConfig:
 
 
 @dataclass(frozen=True)
+class VmSettings:
+    """What the user wants of a VM: the part every host of a cluster shares.
+
+    ``revision`` is the store's revision of this version (0 before it is stored); a
+    change names it, so a change made meanwhile by someone else is refused, not lost.
+    """
+
+    id: str
+    config: VmConfig
+    created_at: float = 0.0
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class VmObserved:
+    """What the host that runs a VM observes of it; only that host writes it."""
+
+    state: VmState = VmState.OFF
+    reason: str = ""
+    pid: int | None = None
+    started_at: float | None = None  # wall clock when it last went from Off to Running
+    was_running: bool = False  # running when the host service last stopped
+
+
+@dataclass(frozen=True)
 class VmRecord:
+    """A VM as its controller sees it: its settings joined with this host's view."""
+
     id: str
     config: VmConfig
     state: VmState = VmState.OFF
@@ -201,10 +228,26 @@ class VmRecord:
     started_at: float | None = None  # wall clock when it last went from Off to Running
     created_at: float = 0.0
     was_running: bool = False  # running when the host service last stopped
+    revision: int = 0  # of the settings
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def settings(self) -> VmSettings:
+        return VmSettings(self.id, self.config, self.created_at, self.revision)
+
+    @property
+    def observed(self) -> VmObserved:
+        return VmObserved(self.state, self.state_reason, self.pid, self.started_at,
+                          self.was_running)
+
+    @staticmethod
+    def of(settings: VmSettings, observed: VmObserved) -> VmRecord:
+        return VmRecord(settings.id, settings.config, observed.state, observed.reason,
+                        observed.pid, observed.started_at, settings.created_at,
+                        observed.was_running, settings.revision)
 
     def evolve(self, **changes: object) -> VmRecord:
         return replace(self, **changes)  # type: ignore[arg-type]

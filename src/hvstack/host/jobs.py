@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from hvstack.errors import (
     NotFound,
 )
 from hvstack.host.events import EventBus
-from hvstack.host.store import JobRecord, Store
+from hvstack.host.records import JobRecord, JobRecords, Writer
 from hvstack.progress import Progress
 
 __all__ = ["Job", "JobBody", "JobManager", "JobState", "Progress"]
@@ -113,19 +114,20 @@ def _job(record: JobRecord) -> Job:
 
 
 class JobManager:
-    def __init__(self, events: EventBus, store: Store | None = None) -> None:
+    def __init__(self, events: EventBus, store: JobRecords | None = None) -> None:
         self._events = events
         self._store = store
+        self._writer = Writer()
         self._jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False  # the service stops: a cancel is an interruption
 
-    def restore(self) -> list[Job]:
+    async def restore(self) -> list[Job]:
         """Load the stored jobs; return those a restart interrupted, now failed."""
         if self._store is None:
             return []
         interrupted = []
-        for record in self._store.jobs():
+        for record in await self._store.load():
             job = _job(record)
             if job.state is JobState.RUNNING:
                 job.state = JobState.FAILED
@@ -140,13 +142,10 @@ class JobManager:
         return interrupted
 
     def _save(self, job: Job) -> None:
-        if self._store is None:
-            return
-        try:
-            self._store.save_job(_record(job))
-        except HvError as exc:
-            log.warning("cannot record job %s (%s of %s): %s", job.id, job.kind,
-                        job.target, exc)
+        store = self._store
+        if store is not None:  # a failing write is logged; it does not fail the job
+            record = _record(job)
+            self._writer.write(job.id, lambda: store.save(record))
 
     def start(self, kind: str, target: str, body: JobBody) -> Job:
         job = Job(id=str(uuid.uuid4()), kind=kind, target=target)
@@ -224,11 +223,9 @@ class JobManager:
         finished = [j for j in self._jobs.values() if j.state is not JobState.RUNNING]
         for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job.id]
-            if self._store is not None:
-                try:
-                    self._store.delete_job(job.id)
-                except HvError as exc:
-                    log.warning("cannot forget job %s: %s", job.id, exc)
+            store = self._store
+            if store is not None:
+                self._writer.write(job.id, functools.partial(store.forget, job.id))
 
     def get(self, ref: str) -> Job:
         """The job whose id is ``ref`` or, failing that, the one whose id starts with it."""
@@ -277,3 +274,8 @@ class JobManager:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._writer.flush()
+
+    async def flush(self) -> None:
+        """Wait until every job's record is written."""
+        await self._writer.flush()

@@ -1,126 +1,81 @@
-"""The host service: the composition root that owns every VM on this host.
+"""The host service: the VMs of this host, running them, and its own start and stop.
 
-:class:`HostService` is the one place operations enter below the API. It keeps the VM
-registry (a :class:`~hvstack.compute.lifecycle.VmController` per VM) in memory, backed
-by the store; runs long operations as jobs; publishes every change as an event; and on
-start and stop applies each VM's automatic start and stop actions.
+:class:`HostService` is the one place operations enter below the API. It is made of
+the registry (:mod:`hvstack.host.registry`: a controller per VM, backed by the store),
+provisioning (:mod:`hvstack.host.provisioning`: defining, changing, deleting VMs) and
+the host's facts (:mod:`hvstack.host.facts`, injected); it runs long operations as jobs,
+publishes every change as an event, and when it starts and stops applies each VM's
+automatic start and stop actions as :mod:`hvstack.compute.policy` decides them. The
+operation objects built on it are composed in :mod:`hvstack.host.root`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import secrets
-import shutil
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from hvstack.compute import policy
 from hvstack.compute.lifecycle import StopMode, VmController, VmFiles
 from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
 from hvstack.compute.model import (
-    AutoStartAction,
     AutoStopAction,
-    DiskAttachment,
     DiskBus,
-    Generation,
-    NetworkAdapter,
-    NicModel,
     VmConfig,
     VmRecord,
     VmState,
-    is_id,
-    new_disk_id,
-    validate_config,
-    validate_name,
 )
-from hvstack.compute.settings import check_change
+from hvstack.compute.policy import StopAction
 from hvstack.compute.states import Operation
-from hvstack.errors import (
-    HvError,
-    HypervisorError,
-    InsufficientResources,
-    InvalidInput,
-    NotFound,
-)
+from hvstack.errors import HvError, NotFound
 from hvstack.host import cleanup
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
+from hvstack.host.facts import HostFacts, HostProbe, LinuxHost
 from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.provisioning import NewVm, Provisioning, new_mac
+from hvstack.host.records import JobRecords, VmRecords
+from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
-from hvstack.hypervisor import accel
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
-from hvstack.integration.heartbeat import GuestLink
-from hvstack.storage import disks
-from hvstack.storage.paths import confine
+
+__all__ = ["AUTO_STOP_TIMEOUT", "HostFacts", "HostService", "NewVm", "new_mac"]
 
 log = logging.getLogger(__name__)
 
 AUTO_STOP_TIMEOUT = 120.0
 
 
-@dataclass(frozen=True)
-class HostFacts:
-    cpus: int
-    memory_bytes: int
-    accelerator: accel.AcceleratorChoice
-
-
-def _meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise HypervisorError(f"/proc/meminfo has no {field}")
-
-
-def new_mac() -> str:
-    """A random MAC in QEMU's 52:54:00 range (locally administered would also do)."""
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
-
-
-@dataclass(frozen=True)
-class NewVm:
-    """What ``create`` needs: the settings plus where the first disk comes from."""
-
-    config: VmConfig
-    image: str | None = None
-    disk: str | None = None
-    new_disk_bytes: int | None = None
-    disk_format: str | None = None  # of ``disk``; default: as its extension says
-
-
 class HostService:
-    def __init__(self, config: HostConfig, store: Store, driver: Driver) -> None:
+    def __init__(self, config: HostConfig, store: Store, driver: Driver,
+                 host: HostProbe | None = None) -> None:
         self.config = config
         self.store = store
+        self.records = VmRecords(store)
         self.driver = driver
+        self.host = host if host is not None else LinuxHost()
+        self.facts = self.host.facts(config.accelerator)
         self.events = EventBus()
-        self.jobs = JobManager(self.events, store)
-        self.facts = HostFacts(
-            cpus=os.cpu_count() or 1,
-            memory_bytes=_meminfo("MemTotal"),
-            accelerator=accel.choose(accel.probe(), config.accelerator),
-        )
-        self._vms: dict[str, VmController] = {}
+        self.jobs = JobManager(self.events, JobRecords(store))
+        self.registry = VmRegistry(config, self.records, driver, self.events,
+                                   self._spec_for, self._before_start)
         self.disk_use = DiskUse(config, self.list_vms)
+        self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
+                                         self.records, self.disk_use, self.events)
         # The checked backing chains of each VM's disks, read by _before_start for the
         # QEMU command line _spec_for builds right after it.
-        self._chains: dict[str, dict[str, tuple[BackingFile, ...]]] = {}
-        self._names: dict[str, str] = {}
+        self._chains: dict[str, dict[str, tuple[BackingFile, ...]]] = self.registry.chains
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
-        # Called when a VM's guest agent answers after it did not (boot, reattach):
-        # domain operations register here, e.g. to push the KVP pool into the guest.
-        self.contact_hooks: list[Callable[[VmController], Awaitable[None]]] = []
+        # Called when a VM's guest agent answers after it did not (boot, reattach).
+        self.contact_hooks: list[Callable[[VmController], Awaitable[None]]] = (
+            self.registry.contact_hooks)
 
     # -- lifecycle of the service --------------------------------------------
 
@@ -129,14 +84,14 @@ class HostService:
         left (see :mod:`hvstack.host.cleanup`) and fail the jobs it was running."""
         for path in (self.config.data_dir, self.config.vms_dir, self.config.images_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.jobs.restore()
-        records = self.store.all()
+        await self.jobs.restore()
+        records = await self.records.load()
         report = cleanup.CleanupReport()
         await asyncio.to_thread(cleanup.remove_temporaries, self.config, report)
         cleanup.clean_vm_folders(self.config, (r.id for r in records), report)
         for record in records:
-            self._register(record)
-        vms = list(self._vms.values())
+            self.registry.register(record)
+        vms = self.list_vms()
         results = await asyncio.gather(*(vm.reattach() for vm in vms), return_exceptions=True)
         for vm, result in zip(vms, results, strict=True):
             if isinstance(result, BaseException):
@@ -148,19 +103,25 @@ class HostService:
         for vm in idle:
             vm.files.pidfile.unlink(missing_ok=True)  # a stale pid may be reused
         self.cleanup_report = report
-        for vm in self._vms.values():
+        for vm in vms:
             self._schedule_auto_start(vm)
 
     async def shutdown(self) -> None:
         if not self.config.detach_on_exit:
             await asyncio.gather(
-                *(self._auto_stop(vm) for vm in self._vms.values()), return_exceptions=True
+                *(self._auto_stop(vm) for vm in self.list_vms()), return_exceptions=True
             )
         for task in list(self._tasks):
             task.cancel()
         await self.jobs.shutdown()
-        for vm in self._vms.values():
+        for vm in self.list_vms():
             await vm.detach()
+        await self.registry.flush()
+
+    async def flush(self) -> None:
+        """Wait until every change so far is in the store."""
+        await self.registry.flush()
+        await self.jobs.flush()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
@@ -169,16 +130,13 @@ class HostService:
 
     def _schedule_auto_start(self, vm: VmController) -> None:
         config = vm.record.config
-        if vm.state not in (VmState.OFF, VmState.SAVED):
-            return
-        wanted = config.auto_start is AutoStartAction.ALWAYS_START or (
-            config.auto_start is AutoStartAction.START_IF_RUNNING and vm.record.was_running
-        )
-        if not wanted:
+        delay = policy.auto_start(config.auto_start, config.auto_start_delay_seconds,
+                                  vm.state, vm.record.was_running)
+        if delay is None:
             return
 
         async def later() -> None:
-            await asyncio.sleep(config.auto_start_delay_seconds)
+            await asyncio.sleep(delay)
             log.info("VM %s: automatic start action (%s)", vm.record.name,
                      config.auto_start.value)
             try:
@@ -191,11 +149,11 @@ class HostService:
         self._spawn(later(), f"auto-start-{vm.record.id}")
 
     async def _auto_stop(self, vm: VmController) -> None:
-        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
-            with contextlib.suppress(HvError):  # a full store: nothing to lose here
-                self._persist(vm.record.evolve(was_running=False))
+        action = policy.auto_stop(vm.record.config.auto_stop, vm.state)
+        if action is None:
+            vm.record = vm.record.evolve(was_running=False)
+            self.registry.persist(vm.record)
             return
-        action = vm.record.config.auto_stop
         log.info("VM %s: automatic stop action (%s)", vm.record.name, action.value)
         async with vm.lock:
             try:
@@ -210,60 +168,20 @@ class HostService:
                 log.error("VM %s: automatic stop action (%s) failed: %s", vm.record.name,
                           action.value, exc)
             vm.record = vm.record.evolve(was_running=True)
-            try:
-                self._persist(vm.record)
-            except HvError as exc:
-                log.error("VM %s: cannot record that it was running: %s", vm.record.name, exc)
+            self.registry.persist(vm.record)
 
     # -- the registry -----------------------------------------------------------
 
     def _files(self, vm_id: str) -> VmFiles:
-        return VmFiles(self.config.vms_dir / vm_id, self.config.run_dir / vm_id)
-
-    def _register(self, record: VmRecord) -> VmController:
-        vm = VmController(
-            record, self._files(record.id), self.driver, self._spec_for, self._on_change,
-            self._before_start, publish=self.events.publish,
-            on_guest_contact=self._on_guest_contact, make_link=GuestLink,
-        )
-        self._vms[record.id] = vm
-        self._names[record.name] = record.id
-        return vm
-
-    async def _on_guest_contact(self, vm: VmController) -> None:
-        for hook in self.contact_hooks:
-            try:
-                await hook(vm)
-            except HvError as exc:
-                log.warning("VM %s: after contact with its guest agent: %s", vm.record.name, exc)
-
-    def _persist(self, record: VmRecord) -> None:
-        self.store.update(record)
-
-    def _on_change(self, record: VmRecord) -> None:
-        try:
-            self._persist(record)
-        finally:  # the change happened (or was undone) even if the store failed
-            self.events.publish(
-                "vm.state", vm=record.name, id=record.id, state=record.state.value,
-                reason=record.state_reason,
-            )
+        return self.registry.files(vm_id)
 
     def get_vm(self, ref: str) -> VmController:
         """The VM ``ref`` names: an id if it has the form of one, else a name (never
         both, so a name can't reach another VM)."""
-        if is_id(ref):
-            vm = self._vms.get(ref.lower())
-            if vm is None:
-                raise NotFound(f"no VM with id {ref} exists on this host", vm=ref)
-            return vm
-        vm_id = self._names.get(ref)
-        if vm_id is None:
-            raise NotFound(f"no VM named '{ref}' exists on this host", vm=ref)
-        return self._vms[vm_id]
+        return self.registry.get(ref)
 
     def list_vms(self) -> list[VmController]:
-        return list(self._vms.values())
+        return self.registry.all()
 
     # -- running a VM --------------------------------------------------------
 
@@ -292,18 +210,15 @@ class HostService:
             raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
                            "does not exist", vm=record.name)
         if record.config.accelerator:
-            accel.choose(accel.probe(), record.config.accelerator)  # raises if unusable
-        available = _meminfo("MemAvailable")
-        if record.config.memory_bytes > available:
-            raise InsufficientResources(
-                f"cannot start VM '{record.name}': it needs "
-                f"{record.config.memory_bytes >> 20} MiB of memory and the host has "
-                f"{available >> 20} MiB available"
-            )
+            self.host.check_accelerator(record.config.accelerator)
+        policy.admit_memory(record.name, record.config.memory_bytes,
+                            self.host.available_memory())
 
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:
         async def locked(progress: Progress) -> dict[str, Any] | None:
             async with vm.lock:
+                if not self.registry.holds(vm):  # deleted while it waited
+                    raise NotFound(f"VM '{vm.record.name}' was deleted", vm=vm.record.name)
                 result: dict[str, Any] | None = await body(progress)
                 return result
 
@@ -322,24 +237,18 @@ class HostService:
     def stop_vm(self, ref: str, mode: StopMode, force: bool = False,
                 timeout: float | None = None) -> Job:
         vm = self.get_vm(ref)
-        if mode is StopMode.SAVE:
-            vm.require(Operation.SAVE)
-        elif mode is StopMode.DISCARD_SAVED_STATE:
-            vm.require(Operation.DISCARD_SAVED_STATE)
-        elif mode is StopMode.TURN_OFF or force:
-            vm.require(Operation.TURN_OFF)
-        else:
-            vm.require(Operation.SHUT_DOWN)
+        vm.require(policy.stop_action(mode, force).operation)
         wait = self.config.stop_timeout if timeout is None else timeout
 
         async def body(progress: Progress) -> dict[str, Any]:
-            if mode is StopMode.SAVE:
+            action = policy.stop_action(mode, force, vm.state)
+            if action is StopAction.SAVE:
                 await vm.save(progress)
                 how = "saved"
-            elif mode is StopMode.DISCARD_SAVED_STATE:
+            elif action is StopAction.DISCARD_SAVED_STATE:
                 await vm.discard_saved_state()
                 how = "saved state discarded"
-            elif mode is StopMode.TURN_OFF or (force and vm.state is not VmState.RUNNING):
+            elif action is StopAction.TURN_OFF:
                 await vm.turn_off()
                 how = "turned off"
             else:
@@ -371,204 +280,29 @@ class HostService:
             await vm.resume()
         return vm
 
-    # -- defining VMs ------------------------------------------------------------
-
-    def _confine(self, path: str, *, must_exist: bool = False, what: str = "path") -> Path:
-        return confine(path, self.config.storage_roots, must_exist=must_exist, what=what)
-
-    def _image_path(self, name: str) -> Path:
-        validate_name(name, what="image name")
-        for candidate in sorted(self.config.images_dir.glob(f"{name}.*")):
-            if candidate.suffix in (".qcow2", ".raw", ".img", ".vhdx"):
-                return candidate
-        raise NotFound(
-            f"no image named '{name}'; build it with 'hv image build {name}' "
-            "or see 'hv image list'", image=name,
-        )
+    # -- defining VMs (see :mod:`hvstack.host.provisioning`) -------------------------
 
     async def create_vm(self, new: NewVm) -> VmController:
-        config = new.config
-        validate_config(config, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
-        if config.name in self._names:
-            raise_exists(config.name)
-        sources = sum(x is not None for x in (new.image, new.disk, new.new_disk_bytes))
-        if sources > 1:
-            raise InvalidInput("give at most one of an image, an existing disk or a new disk")
-        if config.dvd:
-            config = replace(config, dvd=str(self._confine(config.dvd, must_exist=True,
-                                                           what="ISO")))
-        bus = DiskBus.IDE if config.generation is Generation.GEN1 else DiskBus.SCSI
-        if not config.network_adapters:
-            model = NicModel.E1000 if config.generation is Generation.GEN1 else NicModel.VIRTIO
-            config = replace(config, network_adapters=(NetworkAdapter(new_mac(), model),))
-        existing = None
-        if new.disk:
-            existing = self.disk_use.confine(new.disk, must_exist=True)
-            existing_format = self.disk_use.format_of(existing, new.disk_format)
-            await self.disk_use.check(existing, "attach")
-        elif new.disk_format:
-            raise InvalidInput("a disk format is given only with an existing disk")
-        base = self._image_path(new.image) if new.image else None
-
-        if config.generation is Generation.GEN2 and not (
-            self.config.ovmf_vars.is_file() and self.config.ovmf_code.is_file()
-        ):
-            raise HypervisorError(
-                f"Generation 2 VMs need UEFI firmware, and {self.config.ovmf_code} or "
-                f"{self.config.ovmf_vars} is missing: apt-get install ovmf"
-            )
-        vm_id = str(uuid.uuid4())
-        files = self._files(vm_id)
-        files.folder.mkdir(parents=True)
-        try:
-            if base is not None or new.new_disk_bytes is not None:
-                target = files.folder / "disk0.qcow2"
-                if base is not None:
-                    info = await disks.create_disk(
-                        target, None, "differencing", parent=base,
-                        roots=self.config.storage_roots, guard=self.disk_use.guard,
-                    )
-                else:
-                    assert new.new_disk_bytes is not None
-                    info = await disks.create_disk(target, new.new_disk_bytes, "dynamic")
-                config = replace(config, image=new.image, disks=(DiskAttachment(
-                    str(target), bus, info.format, owned=True, id=new_disk_id()),
-                    *config.disks))
-            elif existing is not None:
-                info = await disks.inspect_disk(
-                    existing, format=existing_format, roots=self.config.storage_roots,
-                    guard=self.disk_use.guard)
-                config = replace(config, disks=(DiskAttachment(
-                    str(existing), bus, info.format, id=new_disk_id()), *config.disks))
-            if config.generation is Generation.GEN2:
-                shutil.copyfile(self.config.ovmf_vars, files.efi_vars)
-            validate_config(config, host_cpus=self.facts.cpus,
-                            host_memory=self.facts.memory_bytes)
-            record = VmRecord(id=vm_id, config=config, created_at=time.time())
-            if config.name in self._names:
-                raise_exists(config.name)
-            self.store.insert(record)
-        except BaseException:
-            shutil.rmtree(files.folder, ignore_errors=True)
-            raise
-        vm = self._register(record)
-        self._write_config_copy(vm)
-        self.events.publish("vm.created", vm=record.name, id=record.id)
-        return vm
-
-    def _write_config_copy(self, vm: VmController) -> None:
-        with contextlib.suppress(OSError):
-            (vm.files.folder / "vm.json").write_text(vm.record.config.to_json())
+        return await self.provisioning.create(new)
 
     async def update_vm(self, ref: str, **changes: Any) -> VmController:
-        """Change settings. Names, notes and automatic actions change in any state; the
-        hardware (processors, memory, generation) only while the VM is Off."""
-        vm = self.get_vm(ref)
-        async with vm.lock:
-            check_change(changes, vm.state, vm.record.name)
-            new = replace(vm.record.config, **changes)
-            validate_config(new, host_cpus=self.facts.cpus, host_memory=self.facts.memory_bytes)
-            old_name = vm.record.name
-            if new.name != old_name and new.name in self._names:
-                raise_exists(new.name)
-            record = vm.record.evolve(config=new)
-            self.store.update(record)
-            vm.record = record
-            if new.name != old_name:
-                del self._names[old_name]
-                self._names[new.name] = record.id
-            self._write_config_copy(vm)
-            self.events.publish("vm.changed", vm=new.name, id=record.id)
-        return vm
+        return await self.provisioning.update(ref, **changes)
 
     async def rename_vm(self, ref: str, new_name: str) -> VmController:
-        validate_name(new_name)
-        return await self.update_vm(ref, name=new_name)
+        return await self.provisioning.rename(ref, new_name)
 
     async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
-        """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in
-        place, even inside the folder) unless ``delete_disks``; even then only the disks
-        created for it are deleted, never a disk attached from elsewhere, one another VM
-        uses or the parent of another disk. The result lists each kept disk's reason."""
-        vm = self.get_vm(ref)
-        async with vm.lock:
-            vm.require(Operation.DELETE)
-            kept = await self._disks_to_keep(vm, delete_disks)
-            doomed = [d.path for d in vm.record.config.disks if d.path not in kept]
-            self.store.delete(vm.record.id)
-            del self._vms[vm.record.id]
-            del self._names[vm.record.name]
-            self._chains.pop(vm.record.id, None)
-            for path in doomed:
-                Path(path).unlink(missing_ok=True)
-            keep_files = {Path(p) for p in kept}
-            if vm.files.folder.exists():
-                for entry in vm.files.folder.iterdir():
-                    if entry in keep_files:
-                        continue
-                    if entry.is_dir():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    vm.files.folder.rmdir()  # fails, rightly, while kept disks are in it
-            shutil.rmtree(vm.files.run_dir, ignore_errors=True)
-            self.events.publish("vm.deleted", vm=vm.record.name, id=vm.record.id)
-            return {"deleted": vm.record.name, "deleted_disks": doomed,
-                    "kept_disks": [{"path": p, "reason": why} for p, why in kept.items()]}
-
-    async def _disks_to_keep(self, vm: VmController, delete_disks: bool) -> dict[str, str]:
-        """Each of ``vm``'s disks that delete keeps, with the reason."""
-        disks_ = vm.record.config.disks
-        if not delete_disks:
-            return {d.path: "disks are kept unless --delete-disks is given" for d in disks_}
-        kept: dict[str, str] = {}
-        for d in disks_:
-            if not d.owned:
-                kept[d.path] = "it was not created for this VM (it was attached)"
-        for other in self.disk_use.attachments(but_vm=vm.record.id):
-            if str(other.path) in {d.path for d in disks_} and str(other.path) not in kept:
-                kept[str(other.path)] = f"VM '{other.vm}' uses it too"
-        links = await self.disk_use.parents()
-        changed = True
-        while changed:  # a child that is deleted too does not keep its parent
-            changed = False
-            doomed = {Path(d.path) for d in disks_ if d.path not in kept}
-            for child, parent in links.items():
-                if parent in doomed and child not in doomed:
-                    kept[str(parent)] = f"it is the parent of '{child}'"
-                    changed = True
-        return kept
+        return await self.provisioning.delete(ref, delete_disks)
 
     async def attach_disk(self, ref: str, path: str, bus: DiskBus | None = None,
                           fmt: str | None = None) -> VmController:
-        """Attach ``path``, opened in the format its extension names or ``fmt`` gives
-        (never probed), after checking its chain against the roots and the service's
-        own files."""
-        vm = self.get_vm(ref)
-        disk = self.disk_use.confine(path, must_exist=True)
-        disk_format = self.disk_use.format_of(disk, fmt)
-        if any(d.path == str(disk) for d in vm.record.config.disks):
-            raise InvalidInput(f"disk {disk} is already attached to VM '{vm.record.name}'")
-        await self.disk_use.check(disk, "attach", vm_id=vm.record.id)
-        info = await disks.inspect_disk(disk, format=disk_format,
-                                        roots=self.config.storage_roots,
-                                        guard=self.disk_use.guard)
-        default = DiskBus.IDE if vm.record.config.generation is Generation.GEN1 else DiskBus.SCSI
-        attachment = DiskAttachment(str(disk), bus or default, info.format, id=new_disk_id())
-        return await self.update_vm(ref, disks=(*vm.record.config.disks, attachment))
+        return await self.provisioning.attach_disk(ref, path, bus, fmt)
 
     async def detach_disk(self, ref: str, path: str) -> VmController:
-        vm = self.get_vm(ref)
-        target = os.path.realpath(path)
-        left = tuple(d for d in vm.record.config.disks if d.path != target)
-        if len(left) == len(vm.record.config.disks):
-            raise NotFound(f"disk {target} is not attached to VM '{vm.record.name}'")
-        return await self.update_vm(ref, disks=left)
+        return await self.provisioning.detach_disk(ref, path)
 
     async def set_dvd(self, ref: str, iso: str | None) -> VmController:
-        path = str(self._confine(iso, must_exist=True, what="ISO")) if iso else None
-        return await self.update_vm(ref, dvd=path)
+        return await self.provisioning.set_dvd(ref, iso)
 
     def console_log(self, ref: str, max_bytes: int = 64 * 1024) -> str:
         vm = self.get_vm(ref)
@@ -580,12 +314,6 @@ class HostService:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-def raise_exists(name: str) -> None:
-    from hvstack.errors import AlreadyExists
-
-    raise AlreadyExists(f"a VM named '{name}' already exists", vm=name)
 
 
 def _no_progress(percent: float, message: str = "") -> None:
