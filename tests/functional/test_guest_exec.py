@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,12 @@ async def test_errors(guest_api: httpx.AsyncClient, guests: Guests) -> None:
     assert off["detail"] == "cannot run a command in VM 'off' while it is Off: start it first"
 
 
+def _marker() -> str:
+    """A sleep length no other process on the host has in its command line (the fake
+    agent runs real host processes, and other test runs may run at the same time)."""
+    return f"3000.{secrets.randbelow(10**9):09d}"
+
+
 def _alive_with(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").glob("[0-9]*/cmdline"):
@@ -83,24 +90,26 @@ def _alive_with(marker: str) -> list[int]:
 async def test_timeout_kills_the_process_tree(guest_api: httpx.AsyncClient, guests: Guests) -> None:
     await guests.boot("g1")
     # A shell with a child in the background and one in the foreground: both must go.
-    script = "sleep 3031 & sleep 3032; echo never"
+    first, second = _marker(), _marker()
+    script = f"sleep {first} & sleep {second}; echo never"
     reply = await run(guest_api, "g1", "sh", "-c", script, timeout_seconds=0.5)
     problem = assert_problem(reply, 504, "timeout")
     assert problem["killed"] is True
     assert "did not finish within 0.5 s" in problem["detail"]
-    await eventually(lambda: not _alive_with("3031") and not _alive_with("3032"),
+    await eventually(lambda: not _alive_with(first) and not _alive_with(second),
                      "the guest processes are gone")
 
 
 async def test_cancelled_request_kills_the_program(guest_ops: GuestOperations,
                                                    guests: Guests) -> None:
     await guests.boot("g1")
-    task = asyncio.create_task(guest_ops.exec("g1", ["sleep", "3033"], timeout=60))
-    await eventually(lambda: bool(_alive_with("3033")), "the program runs")
+    marker = _marker()
+    task = asyncio.create_task(guest_ops.exec("g1", ["sleep", marker], timeout=60))
+    await eventually(lambda: bool(_alive_with(marker)), "the program runs")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: not _alive_with("3033"), "the program was killed")
+    await eventually(lambda: not _alive_with(marker), "the program was killed")
 
 
 async def test_hung_agent_times_out_and_other_vms_still_answer(

@@ -9,8 +9,9 @@ Contract:
   :class:`~hvstack.hypervisor.qemu.agent.GuestCommandError` when the agent cannot start
   the program (e.g. no such binary), :class:`ExecTimeout` when it runs past its
   deadline, :class:`~hvstack.hypervisor.qemu.agent.AgentUnavailable` when the agent does
-  not answer. A program that times out, or whose caller is cancelled, is killed with its
-  descendants (:func:`kill_tree`, itself bounded) before :func:`run` returns or re-raises.
+  not answer. A program that times out, or whose caller is cancelled (even before the
+  agent said its pid), is killed with its descendants (:func:`kill_tree`, itself
+  bounded) before :func:`run` returns or re-raises.
 * :class:`GuestFile` is one open ``guest-file-*`` handle: ``read``, ``write`` (all of
   the bytes, in as many calls as the agent needs), ``close`` (never raises).
 
@@ -161,6 +162,16 @@ async def kill_tree(agent: GuestAgent, pid: int, *, call_timeout: float = CALL_T
         return None
 
 
+async def _kill_once_started(agent: GuestAgent, starting: asyncio.Future[int],
+                             call_timeout: float) -> dict[str, Any] | None:
+    """Kill the program ``starting`` starts, once its pid is known (if it started)."""
+    try:
+        pid = await starting
+    except HvError:
+        return None  # it never started
+    return await kill_tree(agent, pid, call_timeout=call_timeout)
+
+
 async def run(agent: GuestAgent, argv: Sequence[str], *, stdin: bytes | None = None,
               timeout: float, max_output: int = AGENT_MAX_OUTPUT,
               call_timeout: float = CALL_TIMEOUT, spawn: Spawn | None = None) -> ExecResult:
@@ -170,11 +181,15 @@ async def run(agent: GuestAgent, argv: Sequence[str], *, stdin: bytes | None = N
     by someone who outlives this call); without it the kill runs shielded here.
     """
     began = time.monotonic()
-    pid = await start(agent, argv, stdin=stdin, call_timeout=call_timeout)
+    # Shielded: a caller cancelled after the guest started the program but before its
+    # pid arrived would otherwise leave the program running with nobody to kill it.
+    starting = asyncio.ensure_future(start(agent, argv, stdin=stdin,
+                                           call_timeout=call_timeout))
     try:
+        pid = await asyncio.shield(starting)
         status = await wait(agent, pid, began + timeout, call_timeout=call_timeout)
     except asyncio.CancelledError:
-        killing = kill_tree(agent, pid, call_timeout=call_timeout)
+        killing = _kill_once_started(agent, starting, call_timeout)
         if spawn is not None:
             spawn(killing)
         else:

@@ -7,8 +7,8 @@ that may hold stale replies, half-written lines or garbage from a broken guest, 
   to the matching reply is dropped;
 * lines that are not JSON objects are skipped; a line longer than the read limit
   breaks the session, which is re-synchronised on the next call;
-* every call has a timeout; a timed-out call also forces a re-sync, because its reply
-  may still arrive;
+* every call has a timeout; a timed-out or cancelled call also forces a re-sync,
+  because its reply may still arrive (and would be taken for the next call's);
 * calls on one VM are serialised; calls on different VMs never wait on each other.
 
 Errors: :class:`AgentUnavailable` (no contact: the socket is gone or nothing answers in
@@ -114,6 +114,9 @@ class GuestAgent:
                         self._synced = False  # a late reply must not be taken for another
                         return None
                     reply = await self._read_message(reader)
+            except asyncio.CancelledError:
+                self._synced = False
+                raise
             except TimeoutError as exc:
                 self._synced = False
                 raise AgentUnavailable(
