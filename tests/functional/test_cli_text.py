@@ -147,3 +147,13 @@ def test_progress_bars_show_text(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\x1b]8;" not in text and "\x1b[2J" not in text
     assert "Converting [/y]\\x1b]8;;http://evil\\x1b\\" in text
     assert "copying [/x] [link=http://x]y \\x1b[2J" in text
+
+
+def test_details_fold_a_long_path_instead_of_cutting_it(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(render, "console", render.PlainConsole(file=out, width=40))
+    path = "/srv/hvstack/vms/00698e8d-61c8-493d-9258-ac872612ee0c/disk0.qcow2"
+    render.details({"disk": path, "created_at": 0})
+    assert "…" not in out.getvalue()
+    assert path in "".join(out.getvalue().split())  # folded over lines, but whole

@@ -125,7 +125,7 @@ def details(data: dict[str, Any], formatters: Mapping[str, Callable[[Any], str]]
     formatters = formatters or {}
     out = Table(box=None, show_header=False)
     out.add_column(style="bold")
-    out.add_column()
+    out.add_column(overflow="fold")  # a path folds onto the next line, never cut short
     for key, value in data.items():
         out.add_row(plain(key), plain(formatters.get(key, _cell)(value)))
     console.print(out)
@@ -161,14 +161,17 @@ def elapsed(value: Any) -> str:
 
 
 def local_time(value: Any) -> str:
-    """An ISO 8601 time from the API as this machine's local time: ``14:03:27`` today,
-    else ``2026-11-30 14:03:27``."""
-    if not isinstance(value, str):
+    """A time from the API (ISO 8601, or seconds since the epoch) as this machine's local
+    time: ``14:03:27`` today, else ``2026-11-30 14:03:27``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        moment = datetime.fromtimestamp(value).astimezone()
+    elif not isinstance(value, str):
         return _cell(value)
-    try:
-        moment = datetime.fromisoformat(value).astimezone()
-    except ValueError:
-        return value
+    else:
+        try:
+            moment = datetime.fromisoformat(value).astimezone()
+        except ValueError:
+            return value
     if moment.date() == datetime.now().astimezone().date():
         return moment.strftime("%H:%M:%S")
     return moment.strftime("%Y-%m-%d %H:%M:%S")

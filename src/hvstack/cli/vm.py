@@ -17,6 +17,7 @@ from hvstack.cli.render import (
     duration,
     fail,
     follow_job,
+    local_time,
     print_json,
     size,
     table,
@@ -29,7 +30,7 @@ LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("c
                 ("memory_bytes", "Memory"), ("uptime_seconds", "Uptime"),
                 ("heartbeat", "Heartbeat"), ("state_reason", "Status")]
 SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-services")
-FORMATS = {"memory_bytes": size, "uptime_seconds": duration}
+FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time}
 
 
 def _abs(path: str | None) -> str | None:
