@@ -43,6 +43,7 @@ from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.progress import no_progress
 
 __all__ = ["AUTO_STOP_TIMEOUT", "HostFacts", "HostService", "NewVm", "new_mac"]
 
@@ -157,11 +158,10 @@ class HostService:
         log.info("VM %s: automatic stop action (%s)", vm.record.name, action.value)
         async with vm.lock:
             try:
-                noop = _no_progress
                 if action is AutoStopAction.SAVE:
-                    await vm.save(noop)
+                    await vm.save(no_progress)
                 elif action is AutoStopAction.SHUT_DOWN:
-                    await vm.shut_down(AUTO_STOP_TIMEOUT, noop)
+                    await vm.shut_down(AUTO_STOP_TIMEOUT, no_progress)
                 else:
                     await vm.turn_off("turned off by the automatic stop action")
             except HvError as exc:
@@ -314,7 +314,3 @@ class HostService:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-def _no_progress(percent: float, message: str = "") -> None:
-    return None
