@@ -38,11 +38,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import struct
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -76,7 +75,6 @@ _CREATE_OPTIONS = {
     "vhdx": ["-o", "subformat=dynamic"],
     "vpc": ["-o", "subformat=dynamic,force_size=on"],
 }
-_TEMP_SUFFIX = ".hvtmp"
 _Json = dict[str, object]
 
 
@@ -168,28 +166,8 @@ def _check_new(path: Path) -> None:
 # -- temporary files ----------------------------------------------------------------------
 
 
-def _temp_path(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Give ``tmp`` the name ``dst`` unless ``dst`` exists; never replace a file."""
-    files.publish(tmp, dst)
-
-
-async def _write_new(dst: Path, write: Callable[[Path], Awaitable[None]]) -> None:
-    """Run ``write(tmp)`` and publish tmp as ``dst``; remove tmp whatever happens."""
-    tmp = _temp_path(dst)
-    try:
-        await write(tmp)
-        _publish(tmp, dst)
-    finally:
-        _remove_quietly(tmp)
+# The cleanup at start-up recognises these names (see :mod:`hvstack.host.cleanup`).
+_temp_path = files.temp_path
 
 
 # -- VHD and VHDX headers (qemu-img does not report their subformat) -----------------------
@@ -397,7 +375,7 @@ async def create_disk(
     async def write(tmp: Path) -> None:
         await run_qemu_img([*args, "--", str(tmp), str(size)], timeout=timeout)
 
-    await _write_new(path, write)
+    await files.write_new(path, write)
     log.info("created %s %s disk %s (%s)", kind, target, path, format_size(size))
     return await inspect_disk(path, format=target, roots=roots, guard=guard)
 
@@ -475,7 +453,7 @@ async def convert_disk(
     async def write(tmp: Path) -> None:
         await run_qemu_img([*args, "--", str(src), str(tmp)], timeout=timeout, progress=progress)
 
-    await _write_new(dst, write)
+    await files.write_new(dst, write)
     log.info("converted %s to %s (%s)", src, dst, target)
     return await inspect_disk(dst, format=target)
 
@@ -560,7 +538,7 @@ async def compact_disk(
         _copy_owner(path, tmp)
         os.replace(tmp, path)
     finally:
-        _remove_quietly(tmp)
+        files.remove_quietly(tmp)
     after = await inspect_disk(path, format=info.format)
     log.info("compacted %s from %d to %d bytes", path, info.actual_size, after.actual_size)
     return replace(after, actual_size_before=info.actual_size)
