@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hvstack.compute import policy
-from hvstack.compute.lifecycle import StopMode, VmController, VmFiles
-from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
+from hvstack.compute.lifecycle import StopMode, VmController
+from hvstack.compute.machine import MachineHost, machine_spec
 from hvstack.compute.model import (
     AutoStopAction,
     DiskBus,
@@ -68,9 +68,6 @@ class HostService:
         self.disk_use = DiskUse(config, self.list_vms)
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
-        # The checked backing chains of each VM's disks, read by _before_start for the
-        # QEMU command line _spec_for builds right after it.
-        self._chains: dict[str, dict[str, tuple[BackingFile, ...]]] = self.registry.chains
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
@@ -172,9 +169,6 @@ class HostService:
 
     # -- the registry -----------------------------------------------------------
 
-    def _files(self, vm_id: str) -> VmFiles:
-        return self.registry.files(vm_id)
-
     def get_vm(self, ref: str) -> VmController:
         """The VM ``ref`` names: an id if it has the form of one, else a name (never
         both, so a name can't reach another VM)."""
@@ -192,8 +186,8 @@ class HostService:
     def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
         host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
                            self.config.qemu_binary)
-        return machine_spec(record.id, record.config, self._files(record.id), host,
-                            chains=self._chains.get(record.id, {}), incoming=incoming)
+        return machine_spec(record.id, record.config, self.registry.files(record.id), host,
+                            chains=self.registry.chains.get(record.id, {}), incoming=incoming)
 
     async def _before_start(self, record: VmRecord) -> None:
         """Checks that need the whole host: files present, disks free, memory there."""
@@ -205,7 +199,7 @@ class HostService:
         chains = await self.disk_use.chains(record)
         # No await from here on: the VM turns Starting before another start can check.
         self.disk_use.check_start(record, parents, chains)
-        self._chains[record.id] = chains
+        self.registry.chains[record.id] = chains
         if record.config.dvd and not os.path.exists(record.config.dvd):
             raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
                            "does not exist", vm=record.name)
