@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import logging
 import shutil
@@ -32,6 +31,7 @@ from typing import Protocol
 
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.policy import ShutdownStep, shutdown_chain
+from hvstack.compute.policy import StopMode as StopMode  # its older home; callers import it here
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
     HvError,
@@ -52,13 +52,6 @@ log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT = 10.0  # asking QEMU its run state after a failure
 EXIT_GRACE = 2.0  # for a worker that stopped answering to show it has exited
-
-
-class StopMode(enum.StrEnum):
-    SHUT_DOWN = "shut-down"
-    TURN_OFF = "turn-off"
-    SAVE = "save"
-    DISCARD_SAVED_STATE = "discard-saved-state"
 
 
 class AgentLink(Protocol):

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hvstack.compute import policy
-from hvstack.compute.lifecycle import StopMode, VmController
+from hvstack.compute.lifecycle import VmController
 from hvstack.compute.machine import MachineHost, machine_spec
 from hvstack.compute.model import (
     AutoStopAction,
@@ -28,7 +28,7 @@ from hvstack.compute.model import (
     VmRecord,
     VmState,
 )
-from hvstack.compute.policy import StopAction
+from hvstack.compute.policy import StopAction, StopMode
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, NotFound
 from hvstack.host import cleanup
