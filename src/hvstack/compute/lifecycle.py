@@ -339,9 +339,6 @@ class VmController:
 
     def running_machine(self) -> Machine:
         """The worker process; HypervisorError if the VM has none."""
-        return self._running_machine()
-
-    def _running_machine(self) -> Machine:
         if self._machine is None:
             raise HypervisorError(f"VM '{self.record.name}' has no worker process")
         return self._machine
@@ -402,7 +399,7 @@ class VmController:
 
     async def turn_off(self, reason: str = "turned off") -> None:
         self.require(Operation.TURN_OFF)
-        machine = self._running_machine()
+        machine = self.running_machine()
         self._busy = True
         try:
             await machine.quit()
@@ -420,7 +417,7 @@ class VmController:
         Returns how it ended: "guest shut down" or "turned off after N s".
         """
         self.require(Operation.SHUT_DOWN)
-        machine = self._running_machine()
+        machine = self.running_machine()
         if self.state is VmState.PAUSED:
             await machine.resume()
         self._busy = True
@@ -470,7 +467,7 @@ class VmController:
         self.require(Operation.PAUSE)
         self._busy = True
         try:
-            await self._running_machine().pause()
+            await self.running_machine().pause()
         except BaseException as exc:
             await self._recover("pause", exc)
             raise
@@ -482,7 +479,7 @@ class VmController:
         self.require(Operation.RESUME)
         self._busy = True
         try:
-            await self._running_machine().resume()
+            await self.running_machine().resume()
         except BaseException as exc:
             await self._recover("resume", exc)
             raise
@@ -493,7 +490,7 @@ class VmController:
 
     async def save(self, progress: Progress) -> None:
         self.require(Operation.SAVE)
-        machine = self._running_machine()
+        machine = self.running_machine()
         was = self.state
         target = self.files.saved_state
         self._busy = True
