@@ -55,7 +55,7 @@ from hvstack.errors import (
     NotFound,
     ResourceBusy,
 )
-from hvstack.storage.chain import Guard, Member, read_chain
+from hvstack.storage.chain import Guard, Json, Member, read_chain, text_field
 from hvstack.storage.formats import DIFFERENCING_FORMATS, format_for, user_name
 from hvstack.storage.paths import confine
 from hvstack.storage.qemu_img import LONG_TIMEOUT, QUICK_TIMEOUT, ProgressFn, run_qemu_img
@@ -75,7 +75,6 @@ _CREATE_OPTIONS = {
     "vhdx": ["-o", "subformat=dynamic"],
     "vpc": ["-o", "subformat=dynamic,force_size=on"],
 }
-_Json = dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -243,12 +242,7 @@ def _kind(path: Path, fmt: str, backing: str | None) -> DiskKind:
 # -- inspect ------------------------------------------------------------------------------
 
 
-def _str(entry: _Json, key: str) -> str | None:
-    value = entry.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _int(entry: _Json, key: str) -> int | None:
+def _int(entry: Json, key: str) -> int | None:
     value = entry.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -527,7 +521,7 @@ async def compact_disk(
     args = ["convert", "-f", info.format, "-O", info.format, *_CREATE_OPTIONS[info.format]]
     if info.format == "qcow2" and info.cluster_size:
         args += ["-o", f"cluster_size={info.cluster_size}"]
-    stored_backing = _str(members[0].info, "backing-filename")  # as written, maybe relative
+    stored_backing = text_field(members[0].info, "backing-filename")  # as written, maybe relative
     if stored_backing and info.backing_format:
         args += ["-B", stored_backing, "-F", info.backing_format]
     if progress is not None:
