@@ -186,10 +186,6 @@ class Provisioning:
             self._events.publish("vm.changed", vm=new.name, id=record.id)
         return vm
 
-    async def rename(self, ref: str, new_name: str) -> VmController:
-        validate_name(new_name)
-        return await self.update(ref, name=new_name)
-
     async def delete(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in
         place, even inside the folder) unless ``delete_disks``; even then only the disks

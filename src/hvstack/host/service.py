@@ -282,9 +282,6 @@ class HostService:
     async def update_vm(self, ref: str, **changes: Any) -> VmController:
         return await self.provisioning.update(ref, **changes)
 
-    async def rename_vm(self, ref: str, new_name: str) -> VmController:
-        return await self.provisioning.rename(ref, new_name)
-
     async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         return await self.provisioning.delete(ref, delete_disks)
 
