@@ -85,6 +85,15 @@ class ApiError(Exception):
         super().__init__(str(problem.get("detail") or problem.get("title") or status))
 
 
+def _api_error(response: httpx.Response) -> ApiError:
+    """The service's problem+json of a failed response (its text if it is not JSON)."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = {"detail": response.text or response.reason_phrase}
+    return ApiError(response.status_code, problem)
+
+
 def _local_error(detail: str, status: int = 400) -> ApiError:
     """A copy's problem with a file on this side, in the same form as the service's."""
     return ApiError(status, {"title": "Already exists" if status == 409 else "Invalid input",
@@ -170,11 +179,7 @@ class Client:
                                f"the host service at {self.address} did not answer in time"}
                            ) from exc
         if response.status_code >= 400:
-            try:
-                problem = response.json()
-            except ValueError:
-                problem = {"detail": response.text or response.reason_phrase}
-            raise ApiError(response.status_code, problem)
+            raise _api_error(response)
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text
@@ -187,11 +192,7 @@ class Client:
             with self._http.stream(method, path, **kwargs) as response:
                 if response.status_code >= 400:
                     response.read()
-                    try:
-                        problem = response.json()
-                    except ValueError:
-                        problem = {"detail": response.text or response.reason_phrase}
-                    raise ApiError(response.status_code, problem)
+                    raise _api_error(response)
                 yield response
         except (httpx.ConnectError, FileNotFoundError) as exc:
             raise unreachable(str(self.address), exc) from exc

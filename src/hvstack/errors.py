@@ -72,6 +72,18 @@ class NotFound(HvError):
     title = "Not found"
 
 
+class NotAuthenticated(HvError):
+    http_status = 401
+    slug = "not-authenticated"
+    title = "Not authenticated"
+
+
+class AccessDenied(HvError):
+    http_status = 403
+    slug = "access-denied"
+    title = "Access denied"
+
+
 class Conflict(HvError):
     http_status = 409
     slug = "conflict"
@@ -114,18 +126,6 @@ class StaleRevision(Conflict):
 
     slug = "stale-revision"
     title = "Changed meanwhile"
-
-
-class NotAuthenticated(HvError):
-    http_status = 401
-    slug = "not-authenticated"
-    title = "Not authenticated"
-
-
-class AccessDenied(HvError):
-    http_status = 403
-    slug = "access-denied"
-    title = "Access denied"
 
 
 class ServiceDisabled(Conflict):

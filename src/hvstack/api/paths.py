@@ -8,12 +8,12 @@ as ``/vms/web/console-log``, another operation on another object. No name or id 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hvstack.api.problems import MEDIA_TYPE
+from hvstack.api.problems import problem_response
+from hvstack.errors import InvalidInput
 
 DETAIL = ("the URL holds an escaped '/' (%2F) in a name or id; no name or id contains "
           "'/' or '\\'")
@@ -32,9 +32,4 @@ class EscapedSlashGuard:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = json.dumps({"type": "/problems/invalid-input", "title": "Invalid input",
-                           "status": 400, "detail": DETAIL}).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", MEDIA_TYPE.encode()),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await problem_response(InvalidInput(DETAIL))(scope, receive, send)

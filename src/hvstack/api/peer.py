@@ -20,6 +20,8 @@ import struct
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from hvstack.api.problems import MEDIA_TYPE, problem_body
+from hvstack.errors import AccessDenied
 from hvstack.host.auth import peer_allowed, peer_policy, user_of
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,12 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def _denial(uid: int) -> bytes:
-    body = json.dumps({"type": "/problems/access-denied", "title": "Access denied",
-                       "status": 403, "detail": f"uid {uid} may not use this socket: only "
-                       "root, the service's user and members of its group may"}).encode()
-    head = ("HTTP/1.1 403 Forbidden\r\ncontent-type: application/problem+json\r\n"
+    # Written to the transport before any request is parsed: uvicorn's response
+    # machinery is not running yet, so the HTTP head is spelled out here.
+    body = json.dumps(problem_body(AccessDenied(
+        f"uid {uid} may not use this socket: only root, the service's user and members "
+        "of its group may"))).encode()
+    head = (f"HTTP/1.1 403 Forbidden\r\ncontent-type: {MEDIA_TYPE}\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
 

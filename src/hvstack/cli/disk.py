@@ -15,6 +15,7 @@ from hvstack.cli.render import (
     console,
     details,
     follow_job,
+    local_path,
     print_json,
     size,
     table,
@@ -30,10 +31,6 @@ FORMAT_HELP = "qcow2, raw, vhdx or vhd; default: as the extension says (.raw/.im
 
 def _format_option(help_: str = FORMAT_HELP) -> Any:
     return typer.Option(None, "--format", "-f", help=help_)
-
-
-def _abs(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
 
 
 def _show(info: dict[str, Any], output: Output) -> None:
@@ -56,7 +53,7 @@ def create(path: str,
     """Create a virtual disk (New-VHD). The extension sets the format: win.vhdx is a
     VHDX; a differencing disk is qcow2."""
     body = {"path": os.path.abspath(path), "size": size_, "type": type_,
-            "parent": _abs(parent), "format": format_, "parent_format": parent_format}
+            "parent": local_path(parent), "format": format_, "parent_format": parent_format}
     with client(host) as api:
         _show(api.post("/disks", {k: v for k, v in body.items() if v is not None}), output)
 

@@ -13,6 +13,7 @@ Rich's progress bars are imported only by commands that show one (start-up time)
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -101,6 +102,12 @@ def client(host: str | None) -> Iterator[Client]:
             yield c
     except ApiError as exc:
         fail(str(exc))
+
+
+def local_path(path: str | None) -> str | None:
+    """A path on this machine made absolute (the service does not share our working
+    directory); None and "" stay as they are."""
+    return os.path.abspath(path) if path else None
 
 
 def print_json(data: Any) -> None:

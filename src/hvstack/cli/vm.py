@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import typer
@@ -17,6 +16,7 @@ from hvstack.cli.render import (
     duration,
     fail,
     follow_job,
+    local_path,
     local_time,
     print_json,
     size,
@@ -31,10 +31,6 @@ LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("c
                 ("heartbeat", "Heartbeat"), ("state_reason", "Status")]
 SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-services")
 FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time}
-
-
-def _abs(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
 
 
 def _show(vm: dict[str, Any], output: Output) -> None:
@@ -99,8 +95,8 @@ def create(
     if generation not in (1, 2):
         fail("--generation must be 1 or 2")
     body = {"name": name, "generation": generation, "cpus": cpus, "memory": memory,
-            "image": image, "disk": _abs(disk), "disk_format": disk_format,
-            "new_disk": new_disk, "dvd": _abs(dvd),
+            "image": image, "disk": local_path(disk), "disk_format": disk_format,
+            "new_disk": new_disk, "dvd": local_path(dvd),
             "notes": notes, "os_type": os_type, "auto_start": auto_start,
             "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop}
     with client(host) as api:
@@ -290,13 +286,14 @@ def set_(
         if body:
             vm = api.request("PATCH", url_path("vms", name), json=body)
         if dvd is not None:
-            vm = api.request("PUT", url_path("vms", name, "dvd"), json={"iso": _abs(dvd) or None})
+            vm = api.request("PUT", url_path("vms", name, "dvd"),
+                             json={"iso": local_path(dvd) or None})
         if attach_disk:
-            vm = api.post(url_path("vms", name, "disks"), {"path": _abs(attach_disk), "bus": bus,
-                                                           "format": disk_format})
+            vm = api.post(url_path("vms", name, "disks"),
+                          {"path": local_path(attach_disk), "bus": bus, "format": disk_format})
         if detach_disk:
             vm = api.request("DELETE", url_path("vms", name, "disks"),
-                             params={"path": _abs(detach_disk)})
+                             params={"path": local_path(detach_disk)})
         if vm is None:
             fail("nothing to change; see hv vm set --help")
     _show(vm, output)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import logging
 import shutil
@@ -32,6 +31,7 @@ from typing import Protocol
 
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.policy import ShutdownStep, shutdown_chain
+from hvstack.compute.policy import StopMode as StopMode  # its older home; callers import it here
 from hvstack.compute.states import Operation, can_move, next_state, require
 from hvstack.errors import (
     HvError,
@@ -52,13 +52,6 @@ log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT = 10.0  # asking QEMU its run state after a failure
 EXIT_GRACE = 2.0  # for a worker that stopped answering to show it has exited
-
-
-class StopMode(enum.StrEnum):
-    SHUT_DOWN = "shut-down"
-    TURN_OFF = "turn-off"
-    SAVE = "save"
-    DISCARD_SAVED_STATE = "discard-saved-state"
 
 
 class AgentLink(Protocol):
@@ -346,9 +339,6 @@ class VmController:
 
     def running_machine(self) -> Machine:
         """The worker process; HypervisorError if the VM has none."""
-        return self._running_machine()
-
-    def _running_machine(self) -> Machine:
         if self._machine is None:
             raise HypervisorError(f"VM '{self.record.name}' has no worker process")
         return self._machine
@@ -409,7 +399,7 @@ class VmController:
 
     async def turn_off(self, reason: str = "turned off") -> None:
         self.require(Operation.TURN_OFF)
-        machine = self._running_machine()
+        machine = self.running_machine()
         self._busy = True
         try:
             await machine.quit()
@@ -427,7 +417,7 @@ class VmController:
         Returns how it ended: "guest shut down" or "turned off after N s".
         """
         self.require(Operation.SHUT_DOWN)
-        machine = self._running_machine()
+        machine = self.running_machine()
         if self.state is VmState.PAUSED:
             await machine.resume()
         self._busy = True
@@ -477,7 +467,7 @@ class VmController:
         self.require(Operation.PAUSE)
         self._busy = True
         try:
-            await self._running_machine().pause()
+            await self.running_machine().pause()
         except BaseException as exc:
             await self._recover("pause", exc)
             raise
@@ -489,7 +479,7 @@ class VmController:
         self.require(Operation.RESUME)
         self._busy = True
         try:
-            await self._running_machine().resume()
+            await self.running_machine().resume()
         except BaseException as exc:
             await self._recover("resume", exc)
             raise
@@ -500,7 +490,7 @@ class VmController:
 
     async def save(self, progress: Progress) -> None:
         self.require(Operation.SAVE)
-        machine = self._running_machine()
+        machine = self.running_machine()
         was = self.state
         target = self.files.saved_state
         self._busy = True

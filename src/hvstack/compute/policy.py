@@ -41,6 +41,15 @@ def auto_stop(action: AutoStopAction, state: VmState) -> AutoStopAction | None:
     return action if state in (VmState.RUNNING, VmState.PAUSED) else None
 
 
+class StopMode(enum.StrEnum):
+    """What a stop request asks for."""
+
+    SHUT_DOWN = "shut-down"
+    TURN_OFF = "turn-off"
+    SAVE = "save"
+    DISCARD_SAVED_STATE = "discard-saved-state"
+
+
 class StopAction(enum.StrEnum):
     SHUT_DOWN = "shut down"
     TURN_OFF = "turn off"
@@ -66,11 +75,11 @@ def stop_action(mode: str, force: bool, state: VmState | None = None) -> StopAct
     comes after the timeout); with no ``state`` (checking a request before it runs)
     force means turn off.
     """
-    if mode == "save":
+    if mode == StopMode.SAVE:
         return StopAction.SAVE
-    if mode == "discard-saved-state":
+    if mode == StopMode.DISCARD_SAVED_STATE:
         return StopAction.DISCARD_SAVED_STATE
-    if mode == "turn-off":
+    if mode == StopMode.TURN_OFF:
         return StopAction.TURN_OFF
     if force and state is not VmState.RUNNING:
         return StopAction.TURN_OFF

@@ -4,9 +4,9 @@ A ``kill -9`` (or a power cut) can stop the service between any two steps of an
 operation. At start-up, before it serves, the service removes what only it could have
 made, and nothing else. What counts as its own:
 
-* temporary files: names of exactly the form the disk operations write
-  (``.NAME.XXXXXXXX.hvtmp``, 8 hex digits; see ``storage/disks.py``) found anywhere in a
-  storage root, and the image builder's ``.NAME.EXT.tmp`` in the images folder; only
+* temporary files: names of exactly the form :func:`hvstack.files.temp_path` gives
+  (``.NAME.XXXXXXXX.hvtmp``, 8 hex digits) found anywhere in a storage root, and the
+  ``.NAME.EXT.tmp`` that earlier image builders left in the images folder; only
   regular files (never a link), and only when no process holds a lock on them (QEMU and
   qemu-img lock the images they write: a temporary still being written, by another
   service sharing the root or by a qemu-img the killed service left running, is kept);
@@ -41,9 +41,10 @@ from hvstack.host.config import HostConfig
 
 log = logging.getLogger(__name__)
 
-# storage/disks.py: dst.parent / f".{dst.name}.{secrets.token_hex(4)}.hvtmp"
+# hvstack/files.py's temp_path: dst.parent / f".{dst.name}.{secrets.token_hex(4)}.hvtmp"
 DISK_TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.hvtmp")
-# host/disk_ops.py builds an image under ".NAME.SUFFIX.tmp" in the images folder.
+# Image builds used ".NAME.SUFFIX.tmp" in the images folder before they used temp_path;
+# a service killed then may have left one.
 IMAGE_TEMP = re.compile(r"\..+\.(qcow2|raw|img|vhdx)\.tmp")
 VM_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # What the service itself puts in a VM's folder (besides disks it creates).

@@ -52,6 +52,11 @@ def new_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
+def _default_bus(generation: Generation) -> DiskBus:
+    """Where a disk goes when nobody says: IDE on Generation 1, SCSI on Generation 2."""
+    return DiskBus.IDE if generation is Generation.GEN1 else DiskBus.SCSI
+
+
 @dataclass(frozen=True)
 class NewVm:
     """What ``create`` needs: the settings plus where the first disk comes from."""
@@ -101,7 +106,7 @@ class Provisioning:
         if config.dvd:
             config = replace(config, dvd=str(self._confine(config.dvd, must_exist=True,
                                                            what="ISO")))
-        bus = DiskBus.IDE if config.generation is Generation.GEN1 else DiskBus.SCSI
+        bus = _default_bus(config.generation)
         if not config.network_adapters:
             model = NicModel.E1000 if config.generation is Generation.GEN1 else NicModel.VIRTIO
             config = replace(config, network_adapters=(NetworkAdapter(new_mac(), model),))
@@ -181,10 +186,6 @@ class Provisioning:
             self._events.publish("vm.changed", vm=new.name, id=record.id)
         return vm
 
-    async def rename(self, ref: str, new_name: str) -> VmController:
-        validate_name(new_name)
-        return await self.update(ref, name=new_name)
-
     async def delete(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in
         place, even inside the folder) unless ``delete_disks``; even then only the disks
@@ -253,8 +254,8 @@ class Provisioning:
         info = await disks.inspect_disk(disk, format=disk_format,
                                         roots=self.config.storage_roots,
                                         guard=self.disk_use.guard)
-        default = DiskBus.IDE if vm.record.config.generation is Generation.GEN1 else DiskBus.SCSI
-        attachment = DiskAttachment(str(disk), bus or default, info.format, id=new_disk_id())
+        attachment = DiskAttachment(str(disk), bus or _default_bus(vm.record.config.generation),
+                                    info.format, id=new_disk_id())
         return await self.update(ref, disks=(*vm.record.config.disks, attachment))
 
     async def detach_disk(self, ref: str, path: str) -> VmController:

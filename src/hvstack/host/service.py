@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hvstack.compute import policy
-from hvstack.compute.lifecycle import StopMode, VmController, VmFiles
-from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
+from hvstack.compute.lifecycle import VmController
+from hvstack.compute.machine import MachineHost, machine_spec
 from hvstack.compute.model import (
     AutoStopAction,
     DiskBus,
@@ -28,7 +28,7 @@ from hvstack.compute.model import (
     VmRecord,
     VmState,
 )
-from hvstack.compute.policy import StopAction
+from hvstack.compute.policy import StopAction, StopMode
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, NotFound
 from hvstack.host import cleanup
@@ -43,6 +43,7 @@ from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.progress import no_progress
 
 __all__ = ["AUTO_STOP_TIMEOUT", "HostFacts", "HostService", "NewVm", "new_mac"]
 
@@ -67,9 +68,6 @@ class HostService:
         self.disk_use = DiskUse(config, self.list_vms)
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
-        # The checked backing chains of each VM's disks, read by _before_start for the
-        # QEMU command line _spec_for builds right after it.
-        self._chains: dict[str, dict[str, tuple[BackingFile, ...]]] = self.registry.chains
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
@@ -157,11 +155,10 @@ class HostService:
         log.info("VM %s: automatic stop action (%s)", vm.record.name, action.value)
         async with vm.lock:
             try:
-                noop = _no_progress
                 if action is AutoStopAction.SAVE:
-                    await vm.save(noop)
+                    await vm.save(no_progress)
                 elif action is AutoStopAction.SHUT_DOWN:
-                    await vm.shut_down(AUTO_STOP_TIMEOUT, noop)
+                    await vm.shut_down(AUTO_STOP_TIMEOUT, no_progress)
                 else:
                     await vm.turn_off("turned off by the automatic stop action")
             except HvError as exc:
@@ -171,9 +168,6 @@ class HostService:
             self.registry.persist(vm.record)
 
     # -- the registry -----------------------------------------------------------
-
-    def _files(self, vm_id: str) -> VmFiles:
-        return self.registry.files(vm_id)
 
     def get_vm(self, ref: str) -> VmController:
         """The VM ``ref`` names: an id if it has the form of one, else a name (never
@@ -192,8 +186,8 @@ class HostService:
     def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
         host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
                            self.config.qemu_binary)
-        return machine_spec(record.id, record.config, self._files(record.id), host,
-                            chains=self._chains.get(record.id, {}), incoming=incoming)
+        return machine_spec(record.id, record.config, self.registry.files(record.id), host,
+                            chains=self.registry.chains.get(record.id, {}), incoming=incoming)
 
     async def _before_start(self, record: VmRecord) -> None:
         """Checks that need the whole host: files present, disks free, memory there."""
@@ -205,7 +199,7 @@ class HostService:
         chains = await self.disk_use.chains(record)
         # No await from here on: the VM turns Starting before another start can check.
         self.disk_use.check_start(record, parents, chains)
-        self._chains[record.id] = chains
+        self.registry.chains[record.id] = chains
         if record.config.dvd and not os.path.exists(record.config.dvd):
             raise NotFound(f"cannot start VM '{record.name}': its ISO {record.config.dvd} "
                            "does not exist", vm=record.name)
@@ -288,9 +282,6 @@ class HostService:
     async def update_vm(self, ref: str, **changes: Any) -> VmController:
         return await self.provisioning.update(ref, **changes)
 
-    async def rename_vm(self, ref: str, new_name: str) -> VmController:
-        return await self.provisioning.rename(ref, new_name)
-
     async def delete_vm(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         return await self.provisioning.delete(ref, delete_disks)
 
@@ -314,7 +305,3 @@ class HostService:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-def _no_progress(percent: float, message: str = "") -> None:
-    return None

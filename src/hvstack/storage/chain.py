@@ -49,7 +49,8 @@ class Member:
     info: Json
 
 
-def _str(entry: Json, key: str) -> str | None:
+def text_field(entry: Json, key: str) -> str | None:
+    """``entry[key]`` if it is a string (qemu-img's JSON, read without trusting it)."""
     value = entry.get(key)
     return value if isinstance(value, str) else None
 
@@ -81,14 +82,14 @@ def data_file(entry: Json) -> str | None:
 
 
 def _parent(child: Member, roots: Sequence[Path] | None, guard: Guard | None) -> Member | None:
-    stored = _str(child.info, "backing-filename")
+    stored = text_field(child.info, "backing-filename")
     if not stored:
         return None
     what = f"parent disk of '{child.path}'"
     if _PROTOCOL.match(stored):
         raise InvalidInput(f"the {what} is named '{stored}', not a file path; refused",
                            path=str(child.path))
-    fmt = _str(child.info, "backing-filename-format")
+    fmt = text_field(child.info, "backing-filename-format")
     if fmt not in QEMU_FORMATS:
         raise InvalidInput(
             f"'{child.path}' names its parent '{stored}' without a known format; set it with "

@@ -38,11 +38,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import struct
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
@@ -56,7 +55,7 @@ from hvstack.errors import (
     NotFound,
     ResourceBusy,
 )
-from hvstack.storage.chain import Guard, Member, read_chain
+from hvstack.storage.chain import Guard, Json, Member, read_chain, text_field
 from hvstack.storage.formats import DIFFERENCING_FORMATS, format_for, user_name
 from hvstack.storage.paths import confine
 from hvstack.storage.qemu_img import LONG_TIMEOUT, QUICK_TIMEOUT, ProgressFn, run_qemu_img
@@ -76,8 +75,6 @@ _CREATE_OPTIONS = {
     "vhdx": ["-o", "subformat=dynamic"],
     "vpc": ["-o", "subformat=dynamic,force_size=on"],
 }
-_TEMP_SUFFIX = ".hvtmp"
-_Json = dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -168,28 +165,8 @@ def _check_new(path: Path) -> None:
 # -- temporary files ----------------------------------------------------------------------
 
 
-def _temp_path(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Give ``tmp`` the name ``dst`` unless ``dst`` exists; never replace a file."""
-    files.publish(tmp, dst)
-
-
-async def _write_new(dst: Path, write: Callable[[Path], Awaitable[None]]) -> None:
-    """Run ``write(tmp)`` and publish tmp as ``dst``; remove tmp whatever happens."""
-    tmp = _temp_path(dst)
-    try:
-        await write(tmp)
-        _publish(tmp, dst)
-    finally:
-        _remove_quietly(tmp)
+# The cleanup at start-up recognises these names (see :mod:`hvstack.host.cleanup`).
+_temp_path = files.temp_path
 
 
 # -- VHD and VHDX headers (qemu-img does not report their subformat) -----------------------
@@ -265,12 +242,7 @@ def _kind(path: Path, fmt: str, backing: str | None) -> DiskKind:
 # -- inspect ------------------------------------------------------------------------------
 
 
-def _str(entry: _Json, key: str) -> str | None:
-    value = entry.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _int(entry: _Json, key: str) -> int | None:
+def _int(entry: Json, key: str) -> int | None:
     value = entry.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -397,7 +369,7 @@ async def create_disk(
     async def write(tmp: Path) -> None:
         await run_qemu_img([*args, "--", str(tmp), str(size)], timeout=timeout)
 
-    await _write_new(path, write)
+    await files.write_new(path, write)
     log.info("created %s %s disk %s (%s)", kind, target, path, format_size(size))
     return await inspect_disk(path, format=target, roots=roots, guard=guard)
 
@@ -475,7 +447,7 @@ async def convert_disk(
     async def write(tmp: Path) -> None:
         await run_qemu_img([*args, "--", str(src), str(tmp)], timeout=timeout, progress=progress)
 
-    await _write_new(dst, write)
+    await files.write_new(dst, write)
     log.info("converted %s to %s (%s)", src, dst, target)
     return await inspect_disk(dst, format=target)
 
@@ -549,7 +521,7 @@ async def compact_disk(
     args = ["convert", "-f", info.format, "-O", info.format, *_CREATE_OPTIONS[info.format]]
     if info.format == "qcow2" and info.cluster_size:
         args += ["-o", f"cluster_size={info.cluster_size}"]
-    stored_backing = _str(members[0].info, "backing-filename")  # as written, maybe relative
+    stored_backing = text_field(members[0].info, "backing-filename")  # as written, maybe relative
     if stored_backing and info.backing_format:
         args += ["-B", stored_backing, "-F", info.backing_format]
     if progress is not None:
@@ -560,7 +532,7 @@ async def compact_disk(
         _copy_owner(path, tmp)
         os.replace(tmp, path)
     finally:
-        _remove_quietly(tmp)
+        files.remove_quietly(tmp)
     after = await inspect_disk(path, format=info.format)
     log.info("compacted %s from %d to %d bytes", path, info.actual_size, after.actual_size)
     return replace(after, actual_size_before=info.actual_size)

@@ -25,7 +25,6 @@ from hvstack.api.schemas import (
     WaitView,
 )
 from hvstack.api.views import job_view, vm_view, vms_json
-from hvstack.compute.lifecycle import StopMode
 from hvstack.compute.model import (
     AutoStartAction,
     AutoStopAction,
@@ -34,6 +33,7 @@ from hvstack.compute.model import (
     Generation,
     VmConfig,
 )
+from hvstack.compute.policy import StopMode
 from hvstack.host import vm_wait
 from hvstack.host.service import NewVm
 from hvstack.units import parse_size
