@@ -15,6 +15,7 @@ from hvstack.storage import chain
 from hvstack.storage.qcow2_header import (
     EXT_BACKING_FORMAT,
     EXT_DATA_FILE,
+    READ_LIMIT,
     Links,
     parse,
     read_links,
@@ -164,3 +165,11 @@ def test_read_chain_with_headers_checks_as_before(tmp_path: Path) -> None:
     (root / "data.qcow2").write_bytes(data)
     with pytest.raises(InvalidInput, match="external file"):
         read("data.qcow2")
+
+
+def test_no_more_than_read_limit_bytes_are_read(tmp_path: Path) -> None:
+    far = header(b"b.qcow2", b"qcow2", cluster_bits=21, backing_offset=READ_LIMIT + 8,
+                 size=READ_LIMIT + 4096)
+    assert parse(far, len(far)) == Links("b.qcow2", "qcow2", None, False)
+    (tmp_path / "far.qcow2").write_bytes(far)
+    assert read_links(tmp_path / "far.qcow2") is None  # left to qemu-img

@@ -9,7 +9,8 @@ the header extensions after the header (backing format ``0xE2792ACA``, external 
 file ``0x44415441``, end ``0``) and the incompatible feature bits.
 
 It answers ``None`` whenever the header is not one it fully understands (not qcow2, a
-version other than 2 or 3, an offset or size beyond the file or the first cluster, a
+version other than 2 or 3, an offset or size beyond the file, the first cluster or the
+first :data:`READ_LIMIT` bytes, a
 name that is not UTF-8, an unknown incompatible feature, ...): the caller then asks
 ``qemu-img`` as before, whose answer or refusal stands. What it returns is a claim
 from guest-writable bytes, checked by the caller like qemu-img's answer.
@@ -32,6 +33,9 @@ _MAX_FORMAT_NAME = 15  # QEMU's backing_format buffer is 16 bytes
 _DATA_FILE_BIT = 1 << 2
 _KNOWN_INCOMPATIBLE = 0b11111  # dirty, corrupt, data file, compression type, extended L2
 _MIN_CLUSTER_BITS, _MAX_CLUSTER_BITS = 9, 21
+READ_LIMIT = 65536
+"""Bytes read at most; qemu-img writes the header, its extensions and the backing name
+in the first few hundred bytes."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def read_links(path: Path) -> Links | None:
             (cluster_bits,) = struct.unpack_from(">I", start, 20)
             if not _MIN_CLUSTER_BITS <= cluster_bits <= _MAX_CLUSTER_BITS:
                 return None
-            header = start + f.read(min(1 << cluster_bits, size) - len(start))
+            header = start + f.read(min(1 << cluster_bits, size, READ_LIMIT) - len(start))
     except (OSError, ValueError):
         return None
     return parse(header, size)
