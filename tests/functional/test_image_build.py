@@ -15,6 +15,10 @@ from hvstack.images import tiny
 from tests.functional.fakes import API, finish_job
 
 
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
 def _qcow2(path: Path, size: str) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
 
@@ -67,3 +71,18 @@ async def test_an_image_that_exists_is_never_replaced(
     assert job["state"] == "completed", job
     assert (images / "tiny.qcow2").read_bytes() == before
     assert sorted(p.name for p in images.iterdir()) == ["tiny.qcow2"]
+
+
+async def test_every_image_the_list_shows_can_give_a_vm_its_disk(
+    api: httpx.AsyncClient, service: HostService
+) -> None:
+    images = service.config.images_dir
+    images.mkdir(parents=True, exist_ok=True)
+    _run("qemu-img", "create", "-q", "-f", "vpc", str(images / "legacy.vhd"), "2M")
+    listed = (await api.get(f"{API}/images")).json()
+    assert [(i["name"], i["format"]) for i in listed] == [("legacy", "vpc")]
+    response = await api.post(f"{API}/vms", json={"name": "old", "image": "legacy"})
+    assert response.status_code == 201, response.text
+    [disk] = response.json()["disks"]
+    info = _run("qemu-img", "info", "-U", "--output=json", disk["path"])
+    assert '"backing-filename-format": "vpc"' in info

@@ -43,7 +43,7 @@ from hvstack.host.events import EventBus
 from hvstack.host.facts import HostFacts
 from hvstack.host.records import VmRecords
 from hvstack.host.registry import VmRegistry
-from hvstack.storage import disks
+from hvstack.storage import disks, formats
 from hvstack.storage.paths import confine
 
 
@@ -89,7 +89,7 @@ class Provisioning:
     def _image_path(self, name: str) -> Path:
         validate_name(name, what="image name")
         for candidate in sorted(self.config.images_dir.glob(f"{name}.*")):
-            if candidate.suffix in (".qcow2", ".raw", ".img", ".vhdx"):
+            if candidate.suffix in formats.DISK_EXTENSIONS:  # what hv image list shows
                 return candidate
         raise NotFound(
             f"no image named '{name}'; build it with 'hv image build {name}' "
