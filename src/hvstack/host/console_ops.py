@@ -54,10 +54,6 @@ class ConsoleOperations:
             self._hubs[vm_id] = hub
         return hub.attach(mode)
 
-    def serial_hub(self, ref: str) -> ConsoleHub | None:
-        """The VM's hub while it has viewers (for status and tests)."""
-        return self._hubs.get(self._service.get_vm(ref).record.id)
-
     def _exists(self, vm_id: str) -> bool:
         return any(vm.record.id == vm_id for vm in self._service.list_vms())
 
