@@ -9,6 +9,8 @@ packages=(
   systemd-boot-efi e2fsprogs fdisk
   # tests and tools
   iproute2 socat procps
+  # virtual switches: NAT rules and guards, DHCP/DNS of NAT switches
+  nftables dnsmasq-base
 )
 missing=()
 for pkg in "${packages[@]}"; do
