@@ -88,6 +88,13 @@ def serve(
     tls_key: str | None = typer.Option(None, "--tls-key", help="its private key (PEM)"),
     insecure: bool = typer.Option(False, "--insecure",
                                   help="plain HTTP on the TCP listener (loopback only)"),
+    default_switch: str = typer.Option(
+        "default", "--default-switch",
+        help="default: make the Default Switch (NAT) on first start and connect new VMs "
+             "to it; none: do not (new VMs get user-mode NAT)"),
+    mac_pool: str | None = typer.Option(
+        None, "--mac-pool", help="FIRST-LAST: the MACs new adapters get (default "
+        "52:54:00:00:00:00-52:54:00:ff:ff:ff)"),
 ) -> None:
     """Run the host service in the foreground."""
     import asyncio
@@ -100,7 +107,8 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every disconnect
     config = load_config(data_dir, listen, storage_root or None, accelerator, detach_on_exit,
-                         tls_cert=tls_cert, tls_key=tls_key, insecure=insecure)
+                         tls_cert=tls_cert, tls_key=tls_key, insecure=insecure,
+                         default_switch=default_switch, mac_pool=mac_pool)
 
     def announce(message: str) -> None:
         err_console.print(Text(message), highlight=False)
