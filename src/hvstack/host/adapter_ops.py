@@ -230,12 +230,14 @@ class AdapterOperations:
             self._require_state(vm, "change the MAC or model of a network adapter of"
                                 if hardware else "change a network adapter of",
                                 _STOPPED if hardware else _STOPPED + _RUNNING + (VmState.SAVED,))
-            nic = self._build(vm, change, old)
-            if vm.state in _RUNNING and nic.mode != old.mode:
+            moves = (change.mode not in (None, old.mode)
+                     or (old.mode == USER_MODE and change.switch is not None))
+            if vm.state in _RUNNING and moves:
                 raise InvalidState(vm.record.name, vm.state.value,
                                    "move an adapter between user-mode NAT and a switch on",
                                    ["Off"], advice="stop it, or remove the adapter and add "
                                    "another")
+            nic = self._build(vm, change, old)
             config = vm.record.config
             new = replace(config, network_adapters=tuple(
                 nic if n.mac == old.mac else n for n in config.network_adapters))
