@@ -19,7 +19,7 @@ from rich.text import Text
 from typer.main import get_command_name
 from typer.models import TyperInfo
 
-from hvstack.cli import auth, disk, vm
+from hvstack.cli import auth, disk, switch, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
 from hvstack.cli.connection import Connection, current_connection
@@ -48,6 +48,7 @@ app = typer.Typer(help="hvstack: Hyper-V's virtualization stack on KVM/QEMU.",
 app.add_typer(vm.app, name="vm")
 app.add_typer(disk.app, name="disk")
 app.add_typer(disk.image_app, name="image")
+app.add_typer(switch.app, name="switch")
 app.add_typer(auth.app, name="auth")
 host_app = typer.Typer(help="The host and its service.", no_args_is_help=True)
 job_app = typer.Typer(help="Long operations: list, show, cancel.", no_args_is_help=True)
