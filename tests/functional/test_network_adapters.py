@@ -174,6 +174,12 @@ async def test_connect_disconnect_and_port_changes_while_running(net: Net) -> No
     assert response.status_code == 200, response.text
     assert net.fake.ports[tap].settings.vlan.access_id == 42
     assert net.fake.ports[tap].settings.mirror is MirrorMode.SOURCE
+    response = await net.api.patch(f"{ADAPTERS}/{mac}", json={"acls": [
+        {"action": "deny", "direction": "both", "remote": "10.0.0.0/8"}]})
+    assert response.status_code == 200, response.text
+    [listed] = (await net.api.get(ADAPTERS)).json()
+    assert listed["acl_counters"] == [{"index": 0, "direction": "both", "packets": 0,
+                                       "bytes": 0}]
     # the MAC and the model change only while the VM is off
     assert_problem(await net.api.patch(f"{ADAPTERS}/{mac}", json={"mac": "dynamic"}), 409,
                    "invalid-state")
@@ -204,3 +210,30 @@ async def test_hot_add_and_remove_while_running(net: Net) -> None:
     assert_problem(await net.api.post(ADAPTERS, json={"switch": "Default Switch"}), 500,
                    "hypervisor-error")
     assert len((await show_vm(net.api, "web"))["network_adapters"]) == 1
+
+
+async def test_vm_show_has_the_guests_addresses_by_mac(net: Net,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvstack.compute.model import ServiceStatus
+
+    vm_view = await create_vm(net.api, "web", switches=["Default Switch", "Default Switch"])
+    first, second = (n["mac"] for n in vm_view["network_adapters"])
+    await run_job(net.api, "web", "start")
+    vm = net.service.get_vm("web")
+    answer = [
+        {"name": "lo", "hardware-address": "00:00:00:00:00:00", "ip-addresses": [
+            {"ip-address": "127.0.0.1", "ip-address-type": "ipv4"}]},
+        {"name": "eth0", "hardware-address": first.upper(), "ip-addresses": [
+            {"ip-address": "172.16.1.23", "ip-address-type": "ipv4"},
+            {"ip-address": "fe80::1", "ip-address-type": "ipv6"}]},
+    ]
+
+    async def call(command: str, *args: object, **kwargs: object) -> object:
+        assert command == "guest-network-get-interfaces"
+        return answer
+
+    monkeypatch.setattr(vm.link, "status", ServiceStatus.OK)
+    monkeypatch.setattr(vm.agent, "call", call)
+    shown = await show_vm(net.api, "web")
+    assert [(n["mac"], n["ip_addresses"]) for n in shown["network_adapters"]] == [
+        (first, ["172.16.1.23"]), (second, [])]

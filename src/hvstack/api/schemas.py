@@ -148,6 +148,9 @@ class NicView(BaseModel):
     dynamic_mac: bool = False
     port: dict[str, Any] = {}  # Hyper-V's port settings (network.model.PortSettings)
     ip_addresses: list[str] = []  # the guest's, from its agent, while it runs
+    # Packets and bytes each ACL of the port matched (index into port.acls), while the
+    # VM runs; shown by GET /vms/{ref}/adapters.
+    acl_counters: list[dict[str, Any]] = []
 
 
 class VmView(BaseModel):

@@ -164,9 +164,12 @@ def list_nics(vm: str, output: Output = OutputOption, host: str | None = HostOpt
     else:
         rows = [{**n, "switch": (n.get("switch_name") or ("user-mode NAT" if n["mode"] == "user"
                                                           else "not connected")),
-                 "vlan": vlan_text(n) or "-"} for n in nics]
+                 "vlan": vlan_text(n) or "-",
+                 "acls": [f"#{c['index']} {c['packets']} packets" for c in n["acl_counters"]]}
+                for n in nics]
         table(rows, [("mac", "MAC"), ("model", "Model"), ("switch", "Switch"),
-                     ("vlan", "VLAN"), ("ip_addresses", "IP addresses")])
+                     ("vlan", "VLAN"), ("ip_addresses", "IP addresses"),
+                     ("acls", "ACL matches")])
 
 
 @app.command()

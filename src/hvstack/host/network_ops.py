@@ -60,7 +60,7 @@ from hvstack.host.records import StoredSwitch, SwitchRecords
 from hvstack.host.service import HostService
 from hvstack.integration.rules import intrinsic_data, reachable_addresses
 from hvstack.network import names, policy
-from hvstack.network.backend import DhcpPlan, NetworkBackend, PortPlan, SwitchPlan
+from hvstack.network.backend import AclCounter, DhcpPlan, NetworkBackend, PortPlan, SwitchPlan
 from hvstack.network.model import (
     MirrorMode,
     NatMapping,
@@ -566,6 +566,20 @@ class NetworkOperations:
         for task in [*self._closing.values(), *self._tasks]:
             with contextlib.suppress(Exception):
                 await task
+
+    async def acl_counters(self, vm: VmController, nic: NetworkAdapter
+                           ) -> tuple[AclCounter, ...]:
+        """What each ACL of a running VM's port matched (none otherwise)."""
+        if (nic.mode != SWITCH_MODE or not nic.port.acls or not vm.machine_running
+                or self.unavailable is not None):
+            return ()
+        try:
+            return await self._backend.acl_counters(self.tap(vm.record.id, nic.mac),
+                                                    self.table)
+        except HvError as exc:
+            log.warning("VM %s: cannot read the ACL counters of %s: %s", vm.record.name,
+                        nic.mac, exc)
+            return ()
 
     # -- guest addresses ------------------------------------------------------------
 

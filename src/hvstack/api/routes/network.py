@@ -6,6 +6,7 @@ adapter is named by its MAC.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -68,15 +69,19 @@ def switch_view(ops: NetworkOperations, switch: Switch) -> SwitchView:
     )
 
 
-async def adapter_views(ops: NetworkOperations, vm: VmController) -> list[NicView]:
-    """The VM's adapters with their switch's name and the guest's addresses."""
+async def adapter_views(ops: NetworkOperations, vm: VmController,
+                        counters: bool = False) -> list[NicView]:
+    """The VM's adapters with their switch's name, the guest's addresses and (with
+    ``counters``) what each port ACL matched."""
     addresses = await ops.guest_addresses(vm)
     views = []
     for nic in vm.record.config.network_adapters:
+        matched = await ops.acl_counters(vm, nic) if counters else ()
         views.append(NicView(mac=nic.mac, model=nic.model.value, mode=nic.mode,
                              switch=nic.switch, switch_name=ops.name_of(nic.switch),
                              dynamic_mac=nic.dynamic_mac, port=nic.port.to_json(),
-                             ip_addresses=addresses.get(nic.mac, [])))
+                             ip_addresses=addresses.get(nic.mac, []),
+                             acl_counters=[dataclasses.asdict(c) for c in matched]))
     return views
 
 
@@ -192,7 +197,7 @@ async def remove_mapping(request: Request, ref: str, protocol: str,
 @router.get("/vms/{ref}/adapters", response_model=list[NicView])
 async def list_adapters(request: Request, ref: str) -> list[NicView]:
     ops = network_ops_of(request)
-    return await adapter_views(ops, service_of(request).get_vm(ref))
+    return await adapter_views(ops, service_of(request).get_vm(ref), counters=True)
 
 
 @router.post("/vms/{ref}/adapters", response_model=VmView, status_code=201)
