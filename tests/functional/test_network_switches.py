@@ -366,3 +366,24 @@ async def test_the_service_rebuilds_switches_and_ports_after_a_restart(
     finally:
         net.driver.release()
         await stop_net(service, ops)
+
+
+async def test_a_switch_is_deleted_with_force_on_a_host_that_lost_the_privilege(
+        net: Net, host_config: HostConfig, store: MemoryStore) -> None:
+    await make(net.api, "lab", "private")
+    await create_vm(net.api, "web", switches=["lab"])
+    await stop_net(net.service, net.ops)
+    service, ops = await start_net(host_config, store, FakeDriver(),
+                                   FakeNetwork(privileged=False))
+    try:
+        assert {s.name for s in ops.all()} == {"Default Switch", "lab"}
+        result = await ops.delete("lab", force=True)
+        assert [p["vm"] for p in result["disconnected"]] == ["web"]
+        [nic] = service.get_vm("web").record.config.network_adapters
+        assert (nic.mode, nic.switch) == ("switch", "")
+        # it cannot start: its adapter needs a tap
+        job = service.start_vm("web")
+        await job.done.wait()
+        assert job.error is not None and job.error.slug == "network-unavailable"
+    finally:
+        await stop_net(service, ops)

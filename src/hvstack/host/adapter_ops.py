@@ -154,8 +154,7 @@ class AdapterOperations:
                 raise InvalidInput("a user-mode NAT adapter is connected to no switch")
             return USER_MODE, ""
         if change.switch is not None:
-            if change.switch == "":
-                self.network.require(f"disconnect an adapter of VM '{vm.record.name}'")
+            if change.switch == "":  # a running VM's port: _apply_port requires it
                 return SWITCH_MODE, ""
             self.network.require(f"connect VM '{vm.record.name}' to a switch")
             return SWITCH_MODE, self.network.get(change.switch).id

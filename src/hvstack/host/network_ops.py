@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SWITCH = "Default Switch"
 DNS_DOMAIN = "hv.internal"  # VMs on a NAT switch resolve as NAME and NAME.hv.internal
 AGENT_TIMEOUT = 5.0
-NO_BACKEND = "no network backend is configured"
+NO_BACKEND = "its network backend could not be loaded"
 
 
 class NetworkOperations:
