@@ -403,8 +403,7 @@ class NetworkOperations:
         while any(s.switch.name == name for s in self._switches.values()):
             name += " (hvstack)"
         try:
-            switch = await self.create(name, SwitchType.NAT.value, default=True,
-                                       notes="made by hvstack: NAT, DHCP and DNS for VMs")
+            switch = await self.create(name, SwitchType.NAT.value, default=True)
         except HvError as exc:
             log.error("cannot make the Default Switch: %s; new VMs get user-mode NAT "
                       "adapters", exc)
