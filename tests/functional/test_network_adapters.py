@@ -237,3 +237,34 @@ async def test_vm_show_has_the_guests_addresses_by_mac(net: Net,
     shown = await show_vm(net.api, "web")
     assert [(n["mac"], n["ip_addresses"]) for n in shown["network_adapters"]] == [
         (first, ["172.16.1.23"]), (second, [])]
+
+
+async def test_mirror_sources_follow_their_destination(net: Net) -> None:
+    await make(net.api, "lab", "private")
+    source = await create_vm(net.api, "src", switches=["lab"])
+    dest = await create_vm(net.api, "dst", switches=["lab"])
+    source_mac = source["network_adapters"][0]["mac"]
+    dest_mac = dest["network_adapters"][0]["mac"]
+    response = await net.api.patch(f"{API}/vms/src/adapters/{source_mac}",
+                                   json={"mirror": "source"})
+    assert response.status_code == 200, response.text
+    response = await net.api.patch(f"{API}/vms/dst/adapters/{dest_mac}",
+                                   json={"mirror": "destination"})
+    assert response.status_code == 200, response.text
+    await run_job(net.api, "src", "start")
+    source_tap, dest_tap = net.ops.tap(source["id"], source_mac), net.ops.tap(dest["id"],
+                                                                              dest_mac)
+    assert net.fake.ports[source_tap].mirror_to is None  # the destination is not running
+    await run_job(net.api, "dst", "start")
+    await eventually(lambda: net.fake.ports[source_tap].mirror_to == dest_tap,
+                     "the source to mirror to the destination")
+    await run_job(net.api, "dst", "stop", {"mode": "turn-off"})
+    await eventually(lambda: net.fake.ports[source_tap].mirror_to is None,
+                     "the source to stop mirroring")
+    await run_job(net.api, "dst", "start")
+    await eventually(lambda: net.fake.ports[source_tap].mirror_to == dest_tap,
+                     "the source to mirror again")
+    response = await net.api.patch(f"{API}/vms/dst/adapters/{dest_mac}",
+                                   json={"mirror": "none"})
+    assert response.status_code == 200, response.text
+    assert net.fake.ports[source_tap].mirror_to is None

@@ -217,6 +217,8 @@ class AdapterOperations:
                 if running:
                     await self._undo(self._hot_remove(vm, nic), vm, "remove the new adapter")
                 raise
+            if running and nic.switch and nic.port.mirror is MirrorMode.DESTINATION:
+                await self.network.refresh_mirrors([nic.switch])
         return vm, nic
 
     async def change(self, ref: str, mac: str,
@@ -250,6 +252,9 @@ class AdapterOperations:
                 if running:
                     await self._undo(self._apply_port(vm, nic, old), vm, "restore the port")
                 raise
+            if vm.machine_running and MirrorMode.DESTINATION in (old.port.mirror,
+                                                                 nic.port.mirror):
+                await self.network.refresh_mirrors(s for s in (old.switch, nic.switch) if s)
         return vm, nic
 
     async def remove(self, ref: str, mac: str) -> VmController:
@@ -263,6 +268,8 @@ class AdapterOperations:
             if vm.state in _RUNNING:
                 await self._hot_remove(vm, old)
             await self.network.service.provisioning.store_config(vm, new)
+            if old.switch and old.port.mirror is MirrorMode.DESTINATION:
+                await self.network.refresh_mirrors([old.switch])
         return vm
 
     async def disconnect_all(self, switch_id: str) -> list[dict[str, str]]:

@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -178,10 +178,11 @@ class NetworkOperations:
         if stored is None:
             return PortPlan(self.tap(vm_id, nic.mac), nic.mac, vm_name, nic.port, self.table)
         mirror_to = None
-        if nic.port.mirror is MirrorMode.SOURCE:
+        if nic.port.mirror is MirrorMode.SOURCE:  # to the destination while its VM runs
             mirror_to = next((self.tap(vm.record.id, other.mac)
                               for vm, other in self.ports_of(nic.switch)
-                              if other.port.mirror is MirrorMode.DESTINATION), None)
+                              if other.port.mirror is MirrorMode.DESTINATION
+                              and vm.machine_running), None)
         return PortPlan(self.tap(vm_id, nic.mac), nic.mac, vm_name, nic.port, self.table,
                         bridge=names.bridge_name(self.tag, nic.switch),
                         switch_type=stored.switch.type, mirror_to=mirror_to)
@@ -506,8 +507,31 @@ class NetworkOperations:
             self._release_fds(record.id)  # QEMU has them, or never will
             if started:
                 self._spawn_links(record)
+                self._spawn(self.refresh_mirrors(_destinations(record)), record)
         if record.state in (VmState.OFF, VmState.SAVED):
             self._schedule_close(record)
+            self._spawn(self.refresh_mirrors(_destinations(record)), record)
+
+    async def refresh_mirrors(self, switch_ids: Iterable[str]) -> None:
+        """Plan the mirror source ports of running VMs on ``switch_ids`` again: their
+        destination started, stopped, moved or changed."""
+        if self.unavailable is not None:
+            return
+        for switch_id in set(switch_ids):
+            for vm, nic in self.ports_of(switch_id):
+                if nic.port.mirror is not MirrorMode.SOURCE or not vm.machine_running:
+                    continue
+                try:
+                    await self._backend.update_port(
+                        self.port_plan(vm.record.id, vm.record.name, nic))
+                except HvError as exc:
+                    log.error("VM %s: cannot mirror the port of %s again: %s",
+                              vm.record.name, nic.mac, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], record: VmRecord) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"network-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _spawn_links(self, record: VmRecord) -> None:
         """A machine starts with every cable in: put down the links of adapters that
@@ -523,9 +547,7 @@ class NetworkOperations:
                 log.error("VM %s: cannot put down the links of unconnected adapters: %s",
                           record.name, exc)
 
-        task = asyncio.get_running_loop().create_task(links(), name=f"links-{record.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(links(), record)
 
     def _release_fds(self, vm_id: str) -> None:
         for fd in self._fds.pop(vm_id, {}).values():
@@ -599,6 +621,13 @@ class NetworkOperations:
                 found.setdefault(info.mac.lower(), []).extend(
                     reachable_addresses([info]))
         return found
+
+
+def _destinations(record: VmRecord) -> list[str]:
+    """The switches on which ``record`` has the mirror destination port."""
+    return [n.switch for n in record.config.network_adapters
+            if n.mode == SWITCH_MODE and n.switch
+            and n.port.mirror is MirrorMode.DESTINATION]
 
 
 def _check_notes(notes: str) -> None:
