@@ -63,7 +63,7 @@ async def test_a_start_refused_by_a_later_check_closes_the_taps(net: Net) -> Non
     job = await run_job(net.api, "web", "start", ok=False)
     assert job["error"]["status"] == 422
     await eventually(lambda: net.fake.ports == {}, "the port to be closed")
-    assert net.ops._fds == {}
+    assert net.ops.hooks._fds == {}
     assert vm["network_adapters"][0]["switch"]
 
 

@@ -8,11 +8,10 @@ Default Switch on first start (unless ``--default-switch none`` or the backend l
 privilege) and rebuilds everything at startup: stale devices removed, every switch
 ensured, the ports of running VMs re-applied.
 
-It also hooks every VM start (:class:`~hvstack.host.service.StartHook`): just before a
-start it opens a tap for each adapter in switch mode, gives the descriptors to the
-machine spec and closes its own copies once the start left Starting (success or
-failure); when a VM stops, its ports' rules are removed. VM adapters themselves are
-:mod:`hvstack.host.adapter_ops`.
+Every VM start and stop goes through :mod:`hvstack.host.port_hooks` (taps opened just
+before a start, the host's copies closed after it, ports closed when the VM stops); VM
+adapters themselves are :mod:`hvstack.host.adapter_ops`. Both plan ports here
+(:meth:`NetworkOperations.port_plan`).
 
 Without privilege (no CAP_NET_ADMIN, or no backend) every switch operation and every
 start of a VM with a switch-mode adapter is :class:`~hvstack.errors.NetworkUnavailable`;
@@ -25,13 +24,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from hvstack.compute import nics
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import (
     MAX_NOTES_LENGTH,
@@ -41,7 +38,6 @@ from hvstack.compute.model import (
     NicModel,
     ServiceStatus,
     VmConfig,
-    VmRecord,
     VmState,
     is_id,
     validate_name,
@@ -55,6 +51,7 @@ from hvstack.errors import (
     NotFound,
 )
 from hvstack.host.adapter_ops import AdapterOperations, NicHotPlug
+from hvstack.host.port_hooks import PortHooks
 from hvstack.host.provisioning import NewVm
 from hvstack.host.records import StoredSwitch, SwitchRecords
 from hvstack.host.service import HostService
@@ -92,13 +89,11 @@ class NetworkOperations:
                                         else backend.missing_privilege())
         self._switches: dict[str, StoredSwitch] = {}
         self._lock = asyncio.Lock()  # one switch change at a time
-        self._ready = asyncio.Event()  # set once startup rebuilt the switches
-        self._fds: dict[str, dict[str, int]] = {}  # VM id -> MAC -> tap fd for QEMU
-        self._closing: dict[str, asyncio.Task[None]] = {}  # VM id -> its ports closing
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()  # set once startup rebuilt the switches
         self.adapters = AdapterOperations(self, hot_plug)
-        service.start_hook = self
-        service.registry.state_hooks.append(self._on_state)
+        self.hooks = PortHooks(self)
+        service.start_hook = self.hooks
+        service.registry.state_hooks.append(self.hooks.on_state)
         service.provisioning.choose_adapters = self.choose_adapters
 
     # -- lookups ------------------------------------------------------------------
@@ -393,7 +388,7 @@ class NetworkOperations:
             await self._make_default_switch()
             await self._rebuild()
         finally:
-            self._ready.set()
+            self.ready.set()
 
     async def _make_default_switch(self) -> None:
         if not self.service.config.default_switch or self.default_switch() is not None:
@@ -465,53 +460,6 @@ class NetworkOperations:
                             if switch_id else NetworkAdapter(mac, model, dynamic_mac=True))
         return tuple(adapters)
 
-    # -- starting and stopping VMs (the service's StartHook) ------------------------
-
-    async def before_start(self, record: VmRecord) -> None:
-        self._release_fds(record.id)
-        nics = [n for n in record.config.network_adapters if n.mode == SWITCH_MODE]
-        if not nics:
-            return
-        self.require(f"start VM '{record.name}' with an adapter on a switch")
-        await self._ready.wait()
-        pending = self._closing.get(record.id)
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await pending
-        fds: dict[str, int] = {}
-        try:
-            for nic in nics:
-                fds[nic.mac] = await self._backend.open_port(
-                    self.port_plan(record.id, record.name, nic))
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            await self.close_ports(record.id, [n.mac for n in nics])
-            raise
-        self._fds[record.id] = fds
-
-    def start_aborted(self, record: VmRecord) -> None:
-        self._release_fds(record.id)
-        self._schedule_close(record)
-
-    def tap_fds(self, record: VmRecord) -> dict[str, int]:
-        """The taps opened for a starting VM. A spec built at another time (to name a
-        running VM's block nodes) is never launched: its taps are -1."""
-        held = self._fds.get(record.id, {})
-        return {nic.mac: held.get(nic.mac, -1) for nic in record.config.network_adapters
-                if nic.mode == SWITCH_MODE}
-
-    def _on_state(self, record: VmRecord) -> None:
-        if record.state is not VmState.STARTING:
-            started = bool(self._fds.get(record.id)) and record.state is VmState.RUNNING
-            self._release_fds(record.id)  # QEMU has them, or never will
-            if started:
-                self._spawn_links(record)
-                self._spawn(self.refresh_mirrors(_destinations(record)), record)
-        if record.state in (VmState.OFF, VmState.SAVED):
-            self._schedule_close(record)
-            self._spawn(self.refresh_mirrors(_destinations(record)), record)
-
     async def refresh_mirrors(self, switch_ids: Iterable[str]) -> None:
         """Plan the mirror source ports of running VMs on ``switch_ids`` again: their
         destination started, stopped, moved or changed."""
@@ -528,53 +476,6 @@ class NetworkOperations:
                     log.error("VM %s: cannot mirror the port of %s again: %s",
                               vm.record.name, nic.mac, exc)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], record: VmRecord) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"network-{record.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _spawn_links(self, record: VmRecord) -> None:
-        """A machine starts with every cable in: put down the links of adapters that
-        are not connected."""
-        if all(nics.link_up(n) for n in record.config.network_adapters):
-            return
-
-        async def links() -> None:
-            try:
-                machine = self.service.get_vm(record.id).running_machine()
-                await nics.apply_links(machine.devices, record.config.network_adapters)
-            except HvError as exc:
-                log.error("VM %s: cannot put down the links of unconnected adapters: %s",
-                          record.name, exc)
-
-        self._spawn(links(), record)
-
-    def _release_fds(self, vm_id: str) -> None:
-        for fd in self._fds.pop(vm_id, {}).values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def _schedule_close(self, record: VmRecord) -> None:
-        macs = [n.mac for n in record.config.network_adapters if n.mode == SWITCH_MODE]
-        if not macs or self.unavailable is not None:
-            return
-        previous = self._closing.get(record.id)
-
-        async def close() -> None:
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await previous
-            await self.close_ports(record.id, macs)
-
-        task = asyncio.get_running_loop().create_task(close(), name=f"close-ports-{record.id}")
-        self._closing[record.id] = task
-
-        def forget(done: asyncio.Task[None]) -> None:
-            if self._closing.get(record.id) is done:
-                del self._closing[record.id]
-
-        task.add_done_callback(forget)
-
     async def close_ports(self, vm_id: str, macs: Iterable[str]) -> None:
         for mac in macs:
             try:
@@ -583,10 +484,8 @@ class NetworkOperations:
                 log.error("cannot remove the port of %s: %s", mac, exc)
 
     async def close(self) -> None:
-        """Wait for ports being closed (the service stops)."""
-        for task in [*self._closing.values(), *self._tasks]:
-            with contextlib.suppress(Exception):
-                await task
+        """Wait for the port work still under way (the service stops)."""
+        await self.hooks.close()
 
     async def acl_counters(self, vm: VmController, nic: NetworkAdapter
                            ) -> tuple[AclCounter, ...]:
@@ -621,13 +520,6 @@ class NetworkOperations:
                 found.setdefault(info.mac.lower(), []).extend(
                     reachable_addresses([info]))
         return found
-
-
-def _destinations(record: VmRecord) -> list[str]:
-    """The switches on which ``record`` has the mirror destination port."""
-    return [n.switch for n in record.config.network_adapters
-            if n.mode == SWITCH_MODE and n.switch
-            and n.port.mirror is MirrorMode.DESTINATION]
 
 
 def _check_notes(notes: str) -> None:
