@@ -1,10 +1,12 @@
-"""Network adapters hot added to and removed from a running Generation 2 tiny guest
-under TCG, through compute/nics.py and the real QEMU, and seen by the guest.
+"""Network adapters hot added to and removed from a running tiny guest under TCG,
+through compute/nics.py and the real QEMU, and seen by the guest.
 
-One boot of a q35/OVMF machine built by :func:`machine_spec` (the argv the host
+One boot per generation (q35/OVMF with virtio, i440fx/SeaBIOS with e1000) of a machine
+built by :func:`machine_spec` (the argv the host
 service runs), then: a user-mode adapter and a switch port on a real tap (opened with
 IFF_VNET_HDR inside a network namespace this test makes, handed to QEMU with
-``getfd``, its link down: not connected) are plugged into spare root ports; the guest
+``getfd``, its link down: not connected) are plugged in (Generation 2: into spare
+root ports; Generation 1: on the root bus, ACPI hot plug); the guest
 agent's ``guest-network-get-interfaces`` lists both MACs and the guest reads the
 switch port's carrier off, then on after ``set_link``; both are removed again, the
 guest lets go of them, and their MACs leave the guest's list. Every wait is on a
@@ -53,8 +55,7 @@ VM_ID = "5e0c1d2a-9b8f-4c3e-8d7a-6f5e4d3c2b1a"
 BOOT_TIMEOUT = 300.0  # generous: TCG on a loaded 2-core machine
 SEEN_TIMEOUT = 120.0
 BOOTED_WITH = "52:54:00:00:00:01"
-USER_NIC = NetworkAdapter("52:54:00:00:00:a1", NicModel.VIRTIO)
-SWITCH_NIC = NetworkAdapter("52:54:00:00:00:a2", NicModel.VIRTIO, "switch", "")
+USER_MAC, SWITCH_MAC = "52:54:00:00:00:a1", "52:54:00:00:00:a2"
 
 # Opens a tap (not persistent: it goes with its last descriptor) in the namespace the
 # script runs in, and sends the descriptor over the socket it inherited (its argv[1]).
@@ -94,17 +95,29 @@ def tap() -> Iterator[int]:
         subprocess.run(["ip", "netns", "delete", namespace], check=False, timeout=30)
 
 
+@pytest.fixture(params=[Generation.GEN2, Generation.GEN1], ids=["gen2", "gen1"])
+def generation(request: pytest.FixtureRequest) -> Generation:
+    return Generation(request.param)
+
+
+def model(generation: Generation) -> NicModel:
+    return NicModel.VIRTIO if generation is Generation.GEN2 else NicModel.E1000
+
+
 @pytest.fixture
-async def guest(folder: Path, tiny_image: Path) -> AsyncIterator[tuple[QemuMachine,
-                                                                         GuestAgent]]:
+async def guest(folder: Path, tiny_image: Path,
+                generation: Generation) -> AsyncIterator[tuple[QemuMachine, GuestAgent]]:
     disk = folder / "disk0.qcow2"
     await asyncio.to_thread(subprocess.run, [
         "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tiny_image), "-F", "qcow2",
         str(disk)], check=True, timeout=60)
-    shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
-    config = VmConfig(name="hotplug", generation=Generation.GEN2, memory_bytes=256 * 2**20,
-                      disks=(DiskAttachment(str(disk), DiskBus.SCSI, id="d15c0a1b2c"),),
-                      network_adapters=(NetworkAdapter(BOOTED_WITH, NicModel.VIRTIO),))
+    if generation is Generation.GEN2:
+        shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
+    gen2 = generation is Generation.GEN2
+    config = VmConfig(name="hotplug", generation=generation, memory_bytes=256 * 2**20,
+                      disks=(DiskAttachment(str(disk), DiskBus.SCSI if gen2 else DiskBus.IDE,
+                                            id="d15c0a1b2c"),),
+                      network_adapters=(NetworkAdapter(BOOTED_WITH, model(generation)),))
     spec = machine_spec(VM_ID, config, VmFiles(folder, folder),
                         MachineHost("tcg", str(OVMF_CODE)),
                         chains={"d15c0a1b2c": (BackingFile(str(tiny_image), "qcow2"),)})
@@ -161,35 +174,41 @@ async def carrier(agent: GuestAgent, mac: str) -> str:
 
 
 async def test_adapters_come_and_go_while_the_guest_runs(
-        guest: tuple[QemuMachine, GuestAgent], tap: int) -> None:
+        guest: tuple[QemuMachine, GuestAgent], tap: int, generation: Generation) -> None:
     machine, agent = guest
     devices = machine.devices
+    gen2 = generation is Generation.GEN2
+    user_nic = NetworkAdapter(USER_MAC, model(generation))
+    switch_nic = NetworkAdapter(SWITCH_MAC, model(generation), "switch", "")
     assert BOOTED_WITH in await guest_macs(agent)
 
-    assert await nics.hot_add(devices, USER_NIC, Generation.GEN2) == "hotplug-port-0"
-    port = await nics.hot_add(devices, SWITCH_NIC, Generation.GEN2, tap_fd=tap)
-    assert port == "hotplug-port-1"
+    # Generation 2 on the spare root ports, Generation 1 on the root bus
+    assert await nics.hot_add(devices, user_nic, generation) == (
+        "hotplug-port-0" if gen2 else None)
+    port = await nics.hot_add(devices, switch_nic, generation, tap_fd=tap)
+    assert port == ("hotplug-port-1" if gen2 else None)
 
     async def both_seen() -> bool:
-        return {USER_NIC.mac, SWITCH_NIC.mac} <= await guest_macs(agent)
+        return {user_nic.mac, switch_nic.mac} <= await guest_macs(agent)
 
     await until(both_seen, SEEN_TIMEOUT, "the guest sees both added adapters")
     # not connected to a switch: its cable is out until the host connects it
-    assert await carrier(agent, SWITCH_NIC.mac) == "0"
-    await nics.set_link(devices, SWITCH_NIC.mac, True)
+    assert await carrier(agent, switch_nic.mac) == "0"
+    await nics.set_link(devices, switch_nic.mac, True)
 
     async def cable_in() -> bool:
-        return await carrier(agent, SWITCH_NIC.mac) == "1"
+        return await carrier(agent, switch_nic.mac) == "1"
 
     await until(cable_in, SEEN_TIMEOUT, "the carrier comes up after set_link")
 
-    for nic in (USER_NIC, SWITCH_NIC):
-        await nics.hot_remove(devices, nic, Generation.GEN2, timeout=SEEN_TIMEOUT)
+    for nic in (user_nic, switch_nic):
+        await nics.hot_remove(devices, nic, generation, timeout=SEEN_TIMEOUT)
 
     async def both_gone() -> bool:
-        return not {USER_NIC.mac, SWITCH_NIC.mac} & await guest_macs(agent)
+        return not {user_nic.mac, switch_nic.mac} & await guest_macs(agent)
 
     await until(both_gone, SEEN_TIMEOUT, "the guest no longer lists the adapters")
     assert BOOTED_WITH in await guest_macs(agent)
-    assert await devices.devices_on("hotplug-port-0") == ()
-    assert await nics.free_port(devices) == "hotplug-port-0"
+    if gen2:
+        assert await devices.devices_on("hotplug-port-0") == ()
+        assert await nics.free_port(devices) == "hotplug-port-0"
