@@ -26,7 +26,7 @@ What goes where, and why:
 :func:`apply_port` makes a tap match its plan whatever was there (idempotent);
 :func:`clear_port` removes it all, including the VM's class on any bridge of the
 service. A VM's class and filter on a bridge are numbered by a hash of its tap name
-(``clear_port`` knows only that), in 2..0xfff1. Nothing here parses tc's output.
+(``clear_port`` knows only that), in 2..0xfff1. Of tc's output, only a bridge's root qdisc is read.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def min_removal_commands(tap: str, bridge: str) -> list[list[str]]:
 
 
 def min_commands(plan: PortPlan) -> list[list[str]]:
-    """The htb tree on the port's bridge with the VM's class (``plan`` must have a
-    bridge and a minimum bandwidth)."""
+    """The VM's class in the htb tree on its bridge (under :func:`htb_root_command`;
+    ``plan`` must have a bridge and a minimum bandwidth)."""
     assert plan.bridge is not None and plan.settings.bandwidth_min is not None
     bridge, mac = check_bridge(plan.bridge), check_mac(plan.mac)
     rate = _rate(plan.settings.bandwidth_min, "minimum bandwidth")
@@ -97,14 +97,17 @@ def min_commands(plan: PortPlan) -> list[list[str]]:
         return ["class", "replace", "dev", bridge, "parent", parent, "classid",
                 f"1:{classid:x}", "htb", "rate", class_rate, "ceil", link, "quantum", "60000"]
 
-    return [["qdisc", "replace", "dev", bridge, "root", "handle", "1:", "htb", "default",
-             f"{_DEFAULT:x}"],
-            htb_class("1:", _ROOT, link),
+    return [htb_class("1:", _ROOT, link),
             htb_class(f"1:{_ROOT:x}", _DEFAULT, "1mbit"),
             htb_class(f"1:{_ROOT:x}", minor, f"{rate}bit"),
             *min_removal_commands(plan.tap, bridge)[:1],
             ["filter", "add", "dev", bridge, "parent", "1:", "pref", str(minor), "protocol",
              "all", "u32", "match", "ether", "dst", mac, "flowid", f"1:{minor:x}"]]
+
+
+def htb_root_command(bridge: str) -> list[str]:
+    return ["qdisc", "replace", "dev", check_bridge(bridge), "root", "handle", "1:", "htb",
+            "default", f"{_DEFAULT:x}"]
 
 
 def _our_bridges(tap: str) -> list[str]:
@@ -119,6 +122,15 @@ async def _tc(args: list[str]) -> None:
     await runner.run([TC, *args], timeout=TIMEOUT, ok_codes=ok, package="iproute2")
 
 
+async def _ensure_htb(bridge: str) -> None:
+    """Our htb root on the bridge; replaced only when it is not there (htb cannot be
+    changed in place, and replacing it would drop every VM's class)."""
+    shown = await runner.run([TC, "qdisc", "show", "dev", check_bridge(bridge), "root"],
+                             timeout=TIMEOUT, package="iproute2")
+    if not shown.startswith(b"qdisc htb 1: root"):
+        await _tc(htb_root_command(bridge))
+
+
 async def apply_port(plan: PortPlan) -> None:
     """Bandwidth (maximum to the VM, minimum) and mirroring as ``plan`` asks."""
     for args in tap_commands(plan):
@@ -129,6 +141,8 @@ async def apply_port(plan: PortPlan) -> None:
             for args in min_removal_commands(plan.tap, bridge):
                 await _tc(args)
     if wants_min:
+        assert plan.bridge is not None
+        await _ensure_htb(plan.bridge)
         for args in min_commands(plan):
             await _tc(args)
 
