@@ -358,6 +358,7 @@ def nat_plan(mappings: tuple[NatMapping, ...] = (), dhcp_plan: DhcpPlan | None =
 
 async def test_nat_masquerades_the_subnet_and_maps_ports_in(lab: Lab) -> None:
     a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
     outside = f"{lab.prefix}-out"
     lab._add_ns(outside)
     _ip("-n", lab.host, "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0",
@@ -366,22 +367,29 @@ async def test_nat_masquerades_the_subnet_and_maps_ports_in(lab: Lab) -> None:
     _ip("-n", lab.host, "link", "set", "uplink0", "up")
     _ip("-n", outside, "addr", "add", "192.0.2.2/24", "dev", "eth0")
     _ip("-n", outside, "link", "set", "eth0", "up")
-    _ip("-n", a.ns, "route", "add", "default", "via", HOST_IP)
+    for vm in (a, b):
+        _ip("-n", vm.ns, "route", "add", "default", "via", HOST_IP)
     await netns(lab.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    plan = nat_plan((NatMapping(NatProtocol.TCP, 8080, "10.77.0.1", 80),))
+    plan = nat_plan((NatMapping(NatProtocol.TCP, 8080, "10.77.0.2", 80),))
     with inside(lab.host):
         await nft.apply_switch(plan)
         await nft.apply_switch(plan)
-    servers = [await _serve(outside, 7000), await _serve(a.ns, 80)]
+    servers = [await _serve(outside, 7000), await _serve(b.ns, 80)]
     try:
         # Out: the outside sees the host's address, not the VM's.
         assert (await netns(a.ns, PY, "-c", FETCH, "192.0.2.2", "7000")).strip() \
             == "hello 192.0.2.1"
-        # In, from outside and from the host itself.
+        # In: from outside, from the host itself, from another VM of the switch
+        # (hairpin, answered through the host).
         assert (await netns(outside, PY, "-c", FETCH, "192.0.2.1", "8080")).strip() \
             == "hello 192.0.2.2"
         assert (await netns(lab.host, PY, "-c", FETCH, "192.0.2.1", "8080")).startswith(
             "hello ")
+        assert (await netns(a.ns, PY, "-c", FETCH, HOST_IP, "8080")).strip() \
+            == f"hello {HOST_IP}"
+        # A VM's own connection to that port elsewhere is not redirected.
+        with pytest.raises(Exception, match="refused"):
+            await netns(a.ns, PY, "-c", FETCH, "192.0.2.2", "8080")
         with inside(lab.host):
             await nft.remove_switch(plan)
             await nft.remove_switch(plan)
@@ -440,3 +448,28 @@ async def test_dnsmasq_leases_an_address_and_answers_the_vms_name(lab: Lab) -> N
         pid_file = lab.tmp / "dhcp" / "dnsmasq.pid"
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text()), 9)
+
+
+# -- every rule shape ----------------------------------------------------------------
+
+async def test_nft_and_tc_accept_every_rule_shape(lab: Lab) -> None:
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    c = lab.add_vm("c", "52:54:00:00:00:0c", "10.77.0.3")
+    acls = tuple(PortAcl(action, direction, remote)
+                 for action in AclAction for direction in AclDirection
+                 for remote in ("10.0.0.0/8", "fd00::/8", "2001:db8::1/128",
+                                "52:54:00:aa:bb:cc"))
+    settings = PortSettings(mac_spoofing=False, dhcp_guard=True, router_guard=True,
+                            acls=acls, bandwidth_max=400 * 10**9, bandwidth_min=1000,
+                            mirror=MirrorMode.SOURCE)
+    await apply(lab, port(a, settings, mirror_to=c.tap))
+    mappings = tuple(NatMapping(p, 1 + n, "10.77.0.7", 65535 - n)
+                     for n, p in enumerate(NatProtocol))
+    with inside(lab.host):
+        await nft.apply_switch(nat_plan(mappings))
+        counters = await nft.acl_counters(a.tap, TABLE)
+        both = [x for x in acls if x.direction is AclDirection.BOTH]
+        assert len(counters) == len(acls) + len(both)  # "both": one rule each way
+        await nft.remove_table(TABLE)
+        await tc.clear_port(a.tap)
+    assert "tbf" not in await netns(lab.host, "tc", "qdisc", "show", "dev", a.tap)

@@ -76,7 +76,7 @@ def dnsmasq_argv(plan: SwitchPlan, program: str = "dnsmasq") -> list[str]:
         raise InvalidInput(f"'{domain}' is not a DNS domain name", value=domain)
     return [program, "--conf-file=/dev/null", "--bind-interfaces", f"--interface={bridge}",
             "--except-interface=lo", f"--pid-file={pid_file}",
-            f"--dhcp-leasefile={lease_file}", f"--log-facility={log_file}", "--log-dhcp",
+            f"--dhcp-leasefile={lease_file}", f"--log-facility={log_file}",
             f"--dhcp-range={first},{last},{network.netmask},{LEASE_TIME}",
             "--dhcp-authoritative", f"--domain={domain}", f"--local=/{domain}/",
             "--no-hosts", "--domain-needed"]

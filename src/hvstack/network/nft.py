@@ -15,16 +15,18 @@ Two tables per service, both named ``names.table_name(tag)``:
   The policer is nftables' ``limit rate over ... drop``, a token bucket like tc's
   police action, which many host kernels (this project's CI among them) lack.
 * family ``ip``: per NAT switch, base chains ``post_/pre_/out_/fwd_<bridge>`` holding
-  the masquerade of its subnet, the dnat of its static mappings (from outside and from
-  the host itself, for addresses of this host only, so a VM's own connections to
-  that port elsewhere are untouched) and forward accepts. Each switch has its own base
-  chains so that replacing or removing one never rewrites another's.
+  the masquerade of its subnet, the dnat of its static mappings (from outside, from
+  the host itself and from the switch's own VMs, for addresses of this host only, so
+  a VM's connections to that port elsewhere are untouched) and forward accepts. Each
+  switch has its own base chains so that replacing or removing one never rewrites
+  another's.
 
 Every change is one ``nft -f -`` transaction that adds what it needs and flushes only
-the chains it rewrites: applying a port twice changes nothing, and other ports'
-counters survive. Rule text is built by pure functions from the plans; every value put
-into it is checked first (interface names of the shapes :mod:`.names` makes, MACs,
-prefixes, ports), so no user text reaches nft.
+the chains it rewrites: applying a plan twice leaves the same rules (the port's own
+counters start again from zero), and other ports' counters survive. Rule text is
+built by pure functions from the plans; every value put into it is checked first
+(interface names of the shapes :mod:`.names` makes, MACs, prefixes, ports), so no
+user text reaches nft.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from hvstack.network.model import AclAction, AclDirection, NatProtocol, PortAcl,
 NFT = "nft"
 TIMEOUT = 30.0
 MIN_BURST = 128 * 1024  # bytes: above a 64 KiB GSO frame, which would never conform
+MAX_BURST = 2**27  # bytes: with POLICER_MAX, still a bucket the kernel takes
+POLICER_MAX = 2**34  # bytes/s (137 Gbit/s): the kernel refuses a limit much above it
 
 _TAP = re.compile(r"^hvt[0-9a-f]{1,12}$")
 _BRIDGE = re.compile(r"^hvb[0-9a-f]{1,12}$")
@@ -85,8 +89,9 @@ def check_int(value: int, low: int, high: int, what: str) -> int:
 
 
 def burst_bytes(rate: int) -> int:
-    """A bucket of 50 ms at ``rate`` bits/s, never below :data:`MIN_BURST`."""
-    return max(rate // 8 // 20, MIN_BURST)
+    """A bucket of 50 ms at ``rate`` bits/s, between :data:`MIN_BURST` and
+    :data:`MAX_BURST`."""
+    return min(max(rate // 8 // 20, MIN_BURST), MAX_BURST)
 
 
 # -- the bridge table: ports ----------------------------------------------------------
@@ -142,8 +147,8 @@ def port_rules(plan: PortPlan) -> list[str]:
     out += _acl_rules(s.acls, inbound=False)
     if s.bandwidth_max is not None:
         rate = check_int(s.bandwidth_max, 1000, 400 * 10**9, "maximum bandwidth")
-        out.append(f"limit rate over {rate // 8} bytes/second burst {burst_bytes(rate)} "
-                   "bytes drop")
+        out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
+                   f"{burst_bytes(rate)} bytes drop")
     inbound = _acl_rules(s.acls, inbound=True)
     return ([f'iifname "{tap}" {rule}' for rule in out]
             + [f'oifname "{tap}" {rule}' for rule in inbound])
@@ -206,7 +211,10 @@ def nat_rules(plan: SwitchPlan) -> dict[str, list[str]]:
         raise InvalidInput(f"NAT switch '{plan.name}' has no subnet")
     net = ipaddress.IPv4Network(plan.subnet)
     rules: dict[str, list[str]] = {
-        "post": [f"ip saddr {net} ip daddr != {net} masquerade"],
+        # The second: a VM reaching a mapping of its own switch (hairpin) must get the
+        # answer back through the host, so the host's address is its source.
+        "post": [f"ip saddr {net} ip daddr != {net} masquerade",
+                 f"ip saddr {net} ip daddr {net} ct status dnat masquerade"],
         "pre": [], "out": [],
         "fwd": [f'iifname "{bridge}" ip saddr {net} accept',
                 f'oifname "{bridge}" ip daddr {net} ct state established,related accept',

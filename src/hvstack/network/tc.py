@@ -21,7 +21,9 @@ What goes where, and why:
 * Mirroring: a ``clsact`` qdisc on the source tap with a match-all ``u32`` filter and
   ``mirred egress mirror`` to the destination tap on both ingress (sent by the VM)
   and egress (received by it). ``u32 match u32 0 0`` rather than ``matchall``: the
-  latter is another module many kernels do not build.
+  latter is another module many kernels do not build. While the destination tap is
+  not there (its VM is off) the source port is applied without mirroring; applying
+  it again once the destination exists adds it.
 
 :func:`apply_port` makes a tap match its plan whatever was there (idempotent);
 :func:`clear_port` removes it all, including the VM's class on any bridge of the
@@ -32,6 +34,7 @@ service. A VM's class and filter on a bridge are numbered by a hash of its tap n
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 
 from hvstack import runner
@@ -39,6 +42,8 @@ from hvstack.errors import InvalidInput
 from hvstack.network.backend import PortPlan
 from hvstack.network.model import MirrorMode
 from hvstack.network.nft import burst_bytes, check_bridge, check_int, check_mac, check_tap
+
+log = logging.getLogger(__name__)
 
 TC = "tc"
 TIMEOUT = 30.0
@@ -57,7 +62,7 @@ def _rate(value: int, what: str) -> int:
     return check_int(value, 1000, 400 * 10**9, what)
 
 
-def tap_commands(plan: PortPlan) -> list[list[str]]:
+def tap_commands(plan: PortPlan, mirror: bool = True) -> list[list[str]]:
     """What makes the tap itself match ``plan`` (the mirror filters are removed with
     their qdisc and added again: a brief gap in the copies, never in the shaping)."""
     tap, s = check_tap(plan.tap), plan.settings
@@ -68,7 +73,7 @@ def tap_commands(plan: PortPlan) -> list[list[str]]:
                      "burst", str(burst_bytes(rate)), "latency", "50ms"])
     else:
         cmds.append(["qdisc", "del", "dev", tap, "root"])
-    if s.mirror is MirrorMode.SOURCE and plan.mirror_to is not None:
+    if s.mirror is MirrorMode.SOURCE and plan.mirror_to is not None and mirror:
         dest = check_tap(plan.mirror_to)
         if dest == tap:
             raise InvalidInput(f"port {tap} cannot mirror to itself", value=tap)
@@ -114,7 +119,12 @@ def _our_bridges(tap: str) -> list[str]:
     """This service's bridges in the current network namespace (the tag is the tap
     name without its ``hvt`` prefix and 7-digit suffix)."""
     prefix = f"hvb{check_tap(tap)[3:-7]}"
-    return sorted(name for _, name in socket.if_nameindex() if name.startswith(prefix))
+    return sorted(name for name in _interfaces() if name.startswith(prefix))
+
+
+def _interfaces() -> set[str]:
+    """Interface names of the current network namespace (of this thread)."""
+    return {name for _, name in socket.if_nameindex()}
 
 
 async def _tc(args: list[str]) -> None:
@@ -133,7 +143,11 @@ async def _ensure_htb(bridge: str) -> None:
 
 async def apply_port(plan: PortPlan) -> None:
     """Bandwidth (maximum to the VM, minimum) and mirroring as ``plan`` asks."""
-    for args in tap_commands(plan):
+    mirror = plan.mirror_to is None or plan.mirror_to in _interfaces()
+    if not mirror:
+        log.info("port %s: mirror destination %s is not there (its VM is off); not "
+                 "mirroring until the port is applied again", plan.tap, plan.mirror_to)
+    for args in tap_commands(plan, mirror):
         await _tc(args)
     wants_min = plan.bridge is not None and plan.settings.bandwidth_min is not None
     for bridge in _our_bridges(plan.tap):
