@@ -93,6 +93,10 @@ class Lab:
         _ip("-n", self.host, "link", "add", vm.tap, "type", "veth", "peer", "name", "eth0",
             "netns", vm.ns)
         _ip("-n", vm.ns, "link", "set", "eth0", "address", mac)
+        # No IPv6: its background chatter (router solicitations, MLD) would move
+        # counters; the tests send the IPv6 frames they need raw.
+        subprocess.run(["ip", "netns", "exec", vm.ns, "sysctl", "-qw",
+                        "net.ipv6.conf.all.disable_ipv6=1"], check=True, timeout=30)
         for dev in ("lo", "eth0"):
             _ip("-n", vm.ns, "link", "set", dev, "up")
         if ip:
