@@ -123,7 +123,7 @@ def test_nat_switch_rules() -> None:
     assert nft.nat_script(nat(mappings)) == f"""add table {i}
 add chain {i} post_{BRIDGE} {{ type nat hook postrouting priority srcnat ; policy accept ; }}
 flush chain {i} post_{BRIDGE}
-add rule {i} post_{BRIDGE} ip saddr {net} ip daddr != {net} masquerade
+add rule {i} post_{BRIDGE} iifname "{BRIDGE}" oifname != "{BRIDGE}" ip saddr {net} ip daddr != {net} masquerade
 add rule {i} post_{BRIDGE} ip saddr {net} ip daddr {net} ct status dnat masquerade
 add chain {i} pre_{BRIDGE} {{ type nat hook prerouting priority dstnat ; policy accept ; }}
 flush chain {i} pre_{BRIDGE}

@@ -211,9 +211,11 @@ def nat_rules(plan: SwitchPlan) -> dict[str, list[str]]:
         raise InvalidInput(f"NAT switch '{plan.name}' has no subnet")
     net = ipaddress.IPv4Network(plan.subnet)
     rules: dict[str, list[str]] = {
-        # The second: a VM reaching a mapping of its own switch (hairpin) must get the
-        # answer back through the host, so the host's address is its source.
-        "post": [f"ip saddr {net} ip daddr != {net} masquerade",
+        # First: only what the host routes out of the switch (bridged frames pass these
+        # hooks too when br_netfilter is on). Second: a VM reaching a mapping of its
+        # own switch (hairpin) must get the answer back through the host.
+        "post": [f'iifname "{bridge}" oifname != "{bridge}" ip saddr {net} '
+                 f"ip daddr != {net} masquerade",
                  f"ip saddr {net} ip daddr {net} ct status dnat masquerade"],
         "pre": [], "out": [],
         "fwd": [f'iifname "{bridge}" ip saddr {net} accept',
