@@ -62,10 +62,14 @@ def _movable_routes(ipr: Any, name: str) -> list[Route]:
 def attach_uplink(ipr: Any, bridge: str, adapter: str) -> None:
     """Bridge ``adapter`` into the (new or existing) bridge ``bridge``."""
     link = check_adapter(ipr, adapter, bridge)
-    if link.master is not None:
-        return  # already ours: ensure_switch after a service restart
     addrs = netlink.addresses(ipr, adapter, movable_only=True)
     routes = _movable_routes(ipr, adapter)
+    if link.master is not None:
+        # Already ours (a service restart), or part-made by a crash: finish the move.
+        netlink.set_up(ipr, bridge)
+        netlink.set_up(ipr, adapter)
+        _move(ipr, adapter, bridge, addrs, routes)
+        return
     was_up = link.up
     made = False
     try:
