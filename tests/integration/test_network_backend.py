@@ -120,6 +120,10 @@ def test_external_switch_refuses_bad_adapters(physical: tuple[str, str]) -> None
     run_scenario(physical[0], "external_refusals")
 
 
+def test_external_switch_part_made_by_a_crash_is_finished(physical: tuple[str, str]) -> None:
+    run_scenario(physical[0], "external_repair")
+
+
 def test_stale_external_bridge_is_given_back_by_cleanup(physical: tuple[str, str]) -> None:
     run_scenario(physical[0], "external_cleanup")
 
@@ -318,6 +322,26 @@ async def expect(error: type[HvError], call: Awaitable[Any]) -> HvError:
     except error as exc:
         return exc
     raise AssertionError(f"expected {error.__name__}")
+
+
+@scenario
+async def external_repair() -> None:
+    net, _ = backend()
+    before = await state_of("hx0")
+    mac = (await netlink.run(lambda ipr: netlink.need(ipr, "hx0"))).mac
+
+    def crash(ipr: Any) -> None:  # the service died right after enslaving the adapter
+        netlink.ensure_bridge(ipr, EXTERNAL.bridge, mac=mac)
+        netlink.attach(ipr, "hx0", EXTERNAL.bridge)
+
+    await netlink.run(crash)
+    await net.ensure_switch(EXTERNAL)
+    moved = await state_of(EXTERNAL.bridge)
+    assert moved[2:] == before[2:]
+    assert (await state_of("hx0"))[2:] == ([], [])
+    await assert_host_connected()
+    await net.remove_switch(EXTERNAL)
+    assert await state_of("hx0") == before
 
 
 @scenario
