@@ -381,6 +381,8 @@ async def tap_port() -> None:
     await net.ensure_switch(plan)
     disable = Path(f"/proc/sys/net/ipv6/conf/{plan.bridge}/disable_ipv6").read_text()
     assert disable.strip() == "1"
+    arp = Path(f"/proc/sys/net/ipv4/conf/{plan.bridge}/arp_ignore").read_text()
+    assert arp.strip() == "8"
     # A veth stands in for a second VM: one end in the bridge, the other read raw.
     sh("ip", "link", "add", "vm2", "type", "veth", "peer", "name", "vm2p")
     await netlink.run(lambda ipr: netlink.attach(ipr, "vm2p", plan.bridge))
