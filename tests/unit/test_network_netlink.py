@@ -125,3 +125,20 @@ def test_write_sysctl_writes_only_a_change(tmp_path: Path) -> None:
     before = knob.stat().st_mtime_ns
     write_sysctl(knob, "1")
     assert knob.stat().st_mtime_ns == before
+
+
+def test_vlan_bridge_names_are_ours_valid_and_never_a_switch_bridge() -> None:
+    from hvstack.network.names import IFNAMSIZ, bridge_name, is_ours
+    from hvstack.network.netlink import Link
+    from hvstack.network.vlan_bridges import parent_of, vlan_bridge_name
+
+    bridge = bridge_name("ab12c", "switch-id")
+    names = {vlan_bridge_name(bridge, vid) for vid in range(1, 4095)}
+    assert len(names) == 4094
+    for name in names:
+        assert len(name) <= IFNAMSIZ and is_ours("ab12c", name)
+        assert len(name) == len(bridge) + 1  # switch bridges have one digit less
+    link = Link(7, vlan_bridge_name(bridge, 10), "bridge", None, "", 0, f"{bridge}.10")
+    assert parent_of(link) == bridge
+    assert parent_of(Link(8, bridge, "bridge", None, "", 0, "my notes")) is None
+    assert parent_of(Link(9, "hvt", "tun", None, "", 0, f"{bridge}.10")) is None

@@ -12,6 +12,7 @@ are given (tests inject failures that way).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import ipaddress
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from hvstack.errors import HvError
-from hvstack.network import netlink, uplink
+from hvstack.network import netlink, uplink, vlan_bridges
 from hvstack.network.backend import AclCounter, InterfaceInfo, PortPlan, SwitchPlan
 from hvstack.network.model import SwitchType
 from hvstack.network.names import is_ours
+from hvstack.network.netlink import write_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,6 @@ def host_address(plan: SwitchPlan) -> ipaddress.IPv4Interface | None:
     return None
 
 
-def write_sysctl(path: Path, value: str) -> None:
-    """A sysctl of this process's network namespace (``path`` under /proc/sys/net)."""
-    if path.read_text().strip() != value:
-        path.write_text(value + "\n")
-
-
 class LinuxNetwork:
     """:class:`~hvstack.network.backend.NetworkBackend` on a Linux host."""
 
@@ -126,7 +122,7 @@ class LinuxNetwork:
             link = netlink.find(ipr, name)
             if link is None:
                 return InterfaceInfo(name, False)
-            return InterfaceInfo(name, True, netlink.name_of(ipr, link.master),
+            return InterfaceInfo(name, True, vlan_bridges.switch_of(ipr, link.master),
                                  link.kind == "bridge")
         return await netlink.run(look)
 
@@ -175,6 +171,8 @@ class LinuxNetwork:
             adapter = plan.adapter
             steps.append(lambda: netlink.run(
                 lambda ipr: uplink.release_uplink(ipr, plan.bridge, adapter)))
+        steps.append(lambda: netlink.run(lambda ipr: vlan_bridges.prune(
+            ipr, plan.bridge, empty_only=False)))
         steps.append(lambda: netlink.run(lambda ipr: netlink.delete(ipr, plan.bridge)))
         return await _each(steps)
 
@@ -185,33 +183,36 @@ class LinuxNetwork:
     # -- ports -----------------------------------------------------------------------
 
     async def open_port(self, plan: PortPlan) -> int:
-        fd = await netlink.run(lambda ipr: self._open_tap(ipr, plan))
+        fd, joined = await netlink.run(lambda ipr: self._open_tap(ipr, plan))
         try:
-            await self._apply_port(plan)
+            await self._apply_port(dataclasses.replace(plan, bridge=joined))
         except BaseException:
             os.close(fd)  # the last holder: the kernel removes the tap
             await self._undo(f"port of '{plan.vm_name}'", _each([
                 lambda: self.rules.remove_port(plan.tap, plan.table),
-                lambda: netlink.run(lambda ipr: netlink.delete(ipr, plan.tap))]))
+                lambda: netlink.run(self._forget_tap(plan.tap))]))
             raise
         return fd
 
-    def _open_tap(self, ipr: Any, plan: PortPlan) -> int:
+    def _open_tap(self, ipr: Any, plan: PortPlan) -> tuple[int, str | None]:
         fd = netlink.open_tap(plan.tap)
         try:
-            self._attach(ipr, plan)
+            return fd, vlan_bridges.attach_port(ipr, plan, self._proc_sys)
         except BaseException:
             os.close(fd)
+            vlan_bridges.prune(ipr)
             raise
-        return fd
 
-    def _attach(self, ipr: Any, plan: PortPlan) -> None:
-        netlink.attach(ipr, plan.tap, plan.bridge)
-        if plan.bridge is not None:
-            netlink.set_port_vlans(ipr, plan.tap, plan.bridge,
-                                   netlink.vlan_entries(plan.settings.vlan))
+    @staticmethod
+    def _forget_tap(tap: str) -> Callable[[Any], None]:
+        def forget(ipr: Any) -> None:
+            netlink.delete(ipr, tap)
+            vlan_bridges.prune(ipr)
+        return forget
 
     async def _apply_port(self, plan: PortPlan) -> None:
+        """Rules and shaping; ``plan.bridge`` is the bridge the tap joined (a VLAN
+        bridge of the switch on a kernel without VLAN filtering)."""
         if plan.bridge is None:
             await self.rules.remove_port(plan.tap, plan.table)
             await self.shaping.clear_port(plan.tap)
@@ -220,8 +221,9 @@ class LinuxNetwork:
         await self.shaping.apply_port(plan)
 
     async def update_port(self, plan: PortPlan) -> None:
-        await netlink.run(lambda ipr: self._attach(ipr, plan))
-        await self._apply_port(plan)
+        joined = await netlink.run(
+            lambda ipr: vlan_bridges.attach_port(ipr, plan, self._proc_sys))
+        await self._apply_port(dataclasses.replace(plan, bridge=joined))
 
     async def close_port(self, tap: str, table: str) -> None:
         exists = await self.port_exists(tap)
@@ -229,7 +231,7 @@ class LinuxNetwork:
             lambda: self.rules.remove_port(tap, table)]
         if exists:
             steps += [lambda: self.shaping.clear_port(tap),
-                      lambda: netlink.run(lambda ipr: netlink.delete(ipr, tap))]
+                      lambda: netlink.run(self._forget_tap(tap))]
         errors = await _each(steps)
         if errors:
             raise errors[0]
@@ -246,7 +248,7 @@ class LinuxNetwork:
         tag = tag_of(table)
         stale = await netlink.run(lambda ipr: [
             link for link in netlink.links(ipr) if is_ours(tag, link.name)
-            and link.name not in keep])
+            and (vlan_bridges.parent_of(link) or link.name) not in keep])
         taps = [link.name for link in stale if link.kind != "bridge"]
         bridges = [link for link in stale if link.kind == "bridge"]
         steps: list[Callable[[], Awaitable[None]]] = []
@@ -254,6 +256,7 @@ class LinuxNetwork:
         steps += [functools.partial(netlink.run, functools.partial(_release_bridge, name=b.name,
                                                                    tag=tag))
                   for b in bridges]
+        steps.append(lambda: netlink.run(lambda ipr: vlan_bridges.prune(ipr)))
         if not keep:
             steps.append(lambda: self.rules.remove_table(table))
         for exc in await _each(steps):

@@ -194,6 +194,7 @@ class Link:
     master: int | None
     mac: str
     flags: int
+    alias: str | None = None
 
     @property
     def up(self) -> bool:
@@ -204,16 +205,17 @@ class Link:
         return bool(self.flags & IFF_LOOPBACK)
 
 
-def _link(msg: Any) -> Link:
+def link_of(msg: Any) -> Link:
     return Link(msg["index"], msg.get("ifname"), msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
-                msg.get("master") or None, msg.get("address") or "", msg["flags"])
+                msg.get("master") or None, msg.get("address") or "", msg["flags"],
+                msg.get("ifalias") or None)
 
 
 def find(ipr: Any, name: str) -> Link | None:
     found = ipr.link_lookup(ifname=name)
     if not found:
         return None
-    return _link(ipr.link("get", index=found[0])[0])
+    return link_of(ipr.link("get", index=found[0])[0])
 
 
 def need(ipr: Any, name: str) -> Link:
@@ -231,7 +233,7 @@ def name_of(ipr: Any, index: int | None) -> str | None:
 
 
 def links(ipr: Any) -> list[Link]:
-    return [_link(m) for m in ipr.link("dump")]
+    return [link_of(m) for m in ipr.link("dump")]
 
 
 def set_up(ipr: Any, name: str, up: bool = True) -> None:
@@ -397,6 +399,12 @@ def replace_route(ipr: Any, name: str, route: Route) -> None:
         ipr.route("replace", **spec)
     except NetlinkError as exc:
         raise failure(f"moving route {route.network} to {name}", exc) from exc
+
+
+def write_sysctl(path: Path, value: str) -> None:
+    """A sysctl of this process's network namespace (``path`` under /proc/sys/net)."""
+    if path.read_text().strip() != value:
+        path.write_text(value + "\n")
 
 
 def set_single_address(ipr: Any, name: str, wanted: ipaddress.IPv4Interface) -> None:
