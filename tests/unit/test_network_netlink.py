@@ -142,3 +142,9 @@ def test_vlan_bridge_names_are_ours_valid_and_never_a_switch_bridge() -> None:
     assert parent_of(link) == bridge
     assert parent_of(Link(8, bridge, "bridge", None, "", 0, "my notes")) is None
     assert parent_of(Link(9, "hvt", "tun", None, "", 0, f"{bridge}.10")) is None
+
+
+def test_write_sysctl_of_a_missing_knob(tmp_path: Path) -> None:
+    write_sysctl(tmp_path / "disable_ipv6", "1", missing_ok=True)  # IPv6 off: nothing to do
+    with pytest.raises(FileNotFoundError):
+        write_sysctl(tmp_path / "ip_forward", "1")

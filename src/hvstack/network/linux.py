@@ -135,7 +135,8 @@ class LinuxNetwork:
             if plan.type is SwitchType.PRIVATE:
                 # The host is not on it: no address, no IPv6 link-local, and no ARP
                 # answers for the host's addresses on other interfaces.
-                write_sysctl(self._proc_sys / "ipv6/conf" / plan.bridge / "disable_ipv6", "1")
+                write_sysctl(self._proc_sys / "ipv6/conf" / plan.bridge / "disable_ipv6", "1",
+                           missing_ok=True)
                 write_sysctl(self._proc_sys / "ipv4/conf" / plan.bridge / "arp_ignore", "8")
             if plan.type is SwitchType.NAT:
                 write_sysctl(self._proc_sys / "ipv4/ip_forward", "1")

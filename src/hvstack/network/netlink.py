@@ -401,10 +401,15 @@ def replace_route(ipr: Any, name: str, route: Route) -> None:
         raise failure(f"moving route {route.network} to {name}", exc) from exc
 
 
-def write_sysctl(path: Path, value: str) -> None:
-    """A sysctl of this process's network namespace (``path`` under /proc/sys/net)."""
-    if path.read_text().strip() != value:
-        path.write_text(value + "\n")
+def write_sysctl(path: Path, value: str, *, missing_ok: bool = False) -> None:
+    """A sysctl of this process's network namespace (``path`` under /proc/sys/net);
+    ``missing_ok``: a knob the kernel lacks (IPv6 off) is left alone."""
+    try:
+        if path.read_text().strip() != value:
+            path.write_text(value + "\n")
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def set_single_address(ipr: Any, name: str, wanted: ipaddress.IPv4Interface) -> None:

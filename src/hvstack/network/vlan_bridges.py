@@ -77,7 +77,8 @@ def _target(ipr: Any, plan: PortPlan, proc_sys: Path) -> str:
     if netlink.ensure_bridge(ipr, name):
         ipr.link("set", index=netlink.need(ipr, name).index,
                  ifalias=f"{plan.bridge}.{vlan.access_id}")
-        netlink.write_sysctl(proc_sys / "ipv6/conf" / name / "disable_ipv6", "1")
+        netlink.write_sysctl(proc_sys / "ipv6/conf" / name / "disable_ipv6", "1",
+                             missing_ok=True)
         netlink.write_sysctl(proc_sys / "ipv4/conf" / name / "arp_ignore", "8")
     return name
 
