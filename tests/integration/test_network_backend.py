@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from hvstack.errors import Conflict, HvError, InvalidInput
-from hvstack.network import netlink
+from hvstack.network import netlink, vlans
 from hvstack.network.backend import DhcpPlan, PortPlan, SwitchPlan
 from hvstack.network.linux import LinuxNetwork
 from hvstack.network.model import PortSettings, SwitchType, Vlan, VlanMode
@@ -141,7 +141,7 @@ def test_failures_leave_nothing_behind(netns: Callable[[], str]) -> None:
 
 
 def test_vlan_ports(netns: Callable[[], str]) -> None:
-    run_scenario(netns(), "vlans")
+    run_scenario(netns(), "vlan_ports")
 
 
 def test_cleanup_and_host_facts(physical: tuple[str, str]) -> None:
@@ -150,10 +150,10 @@ def test_cleanup_and_host_facts(physical: tuple[str, str]) -> None:
 
 # -- scenarios (child side, inside the namespace) ------------------------------------
 
-SCENARIOS: dict[str, Callable[[], Awaitable[None]]] = {}
+SCENARIOS: dict[str, Callable[..., Awaitable[None]]] = {}
 
 
-def scenario(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+def scenario(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     SCENARIOS[fn.__name__] = fn
     return fn
 
@@ -502,7 +502,7 @@ def drained(fd: int) -> bytes:
 
 
 @scenario
-async def vlans() -> None:
+async def vlan_ports() -> None:
     """Access ports of one VLAN reach each other and no other port, with bridge VLAN
     filtering or (kernels without it) with a bridge per VLAN."""
     net, rec = backend()
@@ -567,7 +567,7 @@ async def port_vlans(tap: str) -> dict[int, bool]:
             if msg["index"] != index:
                 continue
             for info in msg.get_attr("IFLA_AF_SPEC").get_attrs("IFLA_BRIDGE_VLAN_INFO"):
-                found[info["vid"]] = bool(info["flags"] & netlink.BRIDGE_VLAN_PVID)
+                found[info["vid"]] = bool(info["flags"] & vlans.BRIDGE_VLAN_PVID)
         return found
     return await netlink.run(look)
 
@@ -605,9 +605,11 @@ async def cleanup_and_facts() -> None:
             os.close(fd)
 
 
+
+
 def main() -> None:
     name = sys.argv[1]
-    asyncio.run(SCENARIOS[name]())
+    asyncio.run(SCENARIOS[name](*sys.argv[2:]))
     print(f"scenario {name}: ok")
 
 

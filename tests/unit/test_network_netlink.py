@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hvstack.network import netlink
+from hvstack.network import netlink, vlans
 from hvstack.network.backend import SwitchPlan
 from hvstack.network.linux import host_address, tag_of, write_sysctl
 from hvstack.network.model import Vlan, VlanMode
@@ -39,21 +39,21 @@ def test_unreadable_status_means_no_privilege(tmp_path: Path) -> None:
 
 
 def test_vlan_entries_per_mode() -> None:
-    assert netlink.vlan_entries(Vlan()) == {1: True}
-    assert netlink.vlan_entries(Vlan(VlanMode.ACCESS, access_id=10)) == {10: True}
-    assert netlink.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20))) == {10: False,
+    assert vlans.vlan_entries(Vlan()) == {1: True}
+    assert vlans.vlan_entries(Vlan(VlanMode.ACCESS, access_id=10)) == {10: True}
+    assert vlans.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20))) == {10: False,
                                                                             20: False}
     # native is untagged and the pvid, even when it is also listed as allowed
-    assert netlink.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20), native=20)) == {
+    assert vlans.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20), native=20)) == {
         10: False, 20: True}
 
 
 def test_vid_ranges_and_their_complement() -> None:
-    assert netlink.vid_ranges([5, 1, 2, 3, 9, 10]) == [(1, 3), (5, 5), (9, 10)]
-    assert netlink.vid_ranges([]) == []
-    assert netlink.unwanted_ranges([1]) == [(2, 4094)]
-    assert netlink.unwanted_ranges([10, 20]) == [(1, 9), (11, 19), (21, 4094)]
-    assert netlink.unwanted_ranges([1, 4094]) == [(2, 4093)]
+    assert vlans.vid_ranges([5, 1, 2, 3, 9, 10]) == [(1, 3), (5, 5), (9, 10)]
+    assert vlans.vid_ranges([]) == []
+    assert vlans.unwanted_ranges([1]) == [(2, 4094)]
+    assert vlans.unwanted_ranges([10, 20]) == [(1, 9), (11, 19), (21, 4094)]
+    assert vlans.unwanted_ranges([1, 4094]) == [(2, 4093)]
 
 
 def test_stable_mac_is_unicast_local_and_fixed() -> None:
@@ -130,7 +130,7 @@ def test_write_sysctl_writes_only_a_change(tmp_path: Path) -> None:
 def test_vlan_bridge_names_are_ours_valid_and_never_a_switch_bridge() -> None:
     from hvstack.network.names import IFNAMSIZ, bridge_name, is_ours
     from hvstack.network.netlink import Link
-    from hvstack.network.vlan_bridges import parent_of, vlan_bridge_name
+    from hvstack.network.vlans import parent_of, vlan_bridge_name
 
     bridge = bridge_name("ab12c", "switch-id")
     names = {vlan_bridge_name(bridge, vid) for vid in range(1, 4095)}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from hvstack.errors import HvError
-from hvstack.network import netlink, uplink, vlan_bridges
+from hvstack.network import netlink, uplink, vlans
 from hvstack.network.backend import AclCounter, InterfaceInfo, PortPlan, SwitchPlan
 from hvstack.network.model import SwitchType
 from hvstack.network.names import is_ours
@@ -122,7 +122,7 @@ class LinuxNetwork:
             link = netlink.find(ipr, name)
             if link is None:
                 return InterfaceInfo(name, False)
-            return InterfaceInfo(name, True, vlan_bridges.switch_of(ipr, link.master),
+            return InterfaceInfo(name, True, vlans.switch_of(ipr, link.master),
                                  link.kind == "bridge")
         return await netlink.run(look)
 
@@ -172,7 +172,7 @@ class LinuxNetwork:
             adapter = plan.adapter
             steps.append(lambda: netlink.run(
                 lambda ipr: uplink.release_uplink(ipr, plan.bridge, adapter)))
-        steps.append(lambda: netlink.run(lambda ipr: vlan_bridges.prune(
+        steps.append(lambda: netlink.run(lambda ipr: vlans.prune(
             ipr, plan.bridge, empty_only=False)))
         steps.append(lambda: netlink.run(lambda ipr: netlink.delete(ipr, plan.bridge)))
         return await _each(steps)
@@ -198,17 +198,17 @@ class LinuxNetwork:
     def _open_tap(self, ipr: Any, plan: PortPlan) -> tuple[int, str | None]:
         fd = netlink.open_tap(plan.tap)
         try:
-            return fd, vlan_bridges.attach_port(ipr, plan, self._proc_sys)
+            return fd, vlans.attach_port(ipr, plan, self._proc_sys)
         except BaseException:
             os.close(fd)
-            vlan_bridges.prune(ipr)
+            vlans.prune(ipr)
             raise
 
     @staticmethod
     def _forget_tap(tap: str) -> Callable[[Any], None]:
         def forget(ipr: Any) -> None:
             netlink.delete(ipr, tap)
-            vlan_bridges.prune(ipr)
+            vlans.prune(ipr)
         return forget
 
     async def _apply_port(self, plan: PortPlan) -> None:
@@ -223,7 +223,7 @@ class LinuxNetwork:
 
     async def update_port(self, plan: PortPlan) -> None:
         joined = await netlink.run(
-            lambda ipr: vlan_bridges.attach_port(ipr, plan, self._proc_sys))
+            lambda ipr: vlans.attach_port(ipr, plan, self._proc_sys))
         await self._apply_port(dataclasses.replace(plan, bridge=joined))
 
     async def close_port(self, tap: str, table: str) -> None:
@@ -249,7 +249,7 @@ class LinuxNetwork:
         tag = tag_of(table)
         stale = await netlink.run(lambda ipr: [
             link for link in netlink.links(ipr) if is_ours(tag, link.name)
-            and (vlan_bridges.parent_of(link) or link.name) not in keep])
+            and (vlans.parent_of(link) or link.name) not in keep])
         taps = [link.name for link in stale if link.kind != "bridge"]
         bridges = [link for link in stale if link.kind == "bridge"]
         steps: list[Callable[[], Awaitable[None]]] = []
@@ -257,7 +257,7 @@ class LinuxNetwork:
         steps += [functools.partial(netlink.run, functools.partial(_release_bridge, name=b.name,
                                                                    tag=tag))
                   for b in bridges]
-        steps.append(lambda: netlink.run(lambda ipr: vlan_bridges.prune(ipr)))
+        steps.append(lambda: netlink.run(lambda ipr: vlans.prune(ipr)))
         if not keep:
             steps.append(lambda: self.rules.remove_table(table))
         for exc in await _each(steps):

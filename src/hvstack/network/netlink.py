@@ -7,13 +7,14 @@ link is not an error). Kernel failures become :class:`~hvstack.errors.Hypervisor
 saying what failed; a missing privilege says CAP_NET_ADMIN is needed.
 
 Bridges are made with STP off and forward delay 0 (ports forward at once) and VLAN
-filtering on when the kernel has it (``CONFIG_BRIDGE_VLAN_FILTERING``); on a kernel
-without it a bridge is still made, and only a port asking for an access or trunk
-VLAN is refused. Taps come from ``/dev/net/tun`` (tap, no packet info, vnet header,
-not persistent): the tap lives while some process holds the descriptor.
+filtering on when the kernel has it (``CONFIG_BRIDGE_VLAN_FILTERING``; without it
+:mod:`.vlans` falls back to a bridge per VLAN). Taps come from ``/dev/net/tun`` (tap,
+no packet info, vnet header, not persistent): the tap lives while some process holds
+the descriptor.
 
-Pure helpers (capabilities, VLAN entries, which routes and addresses move with an
-external adapter, host networks) are unit-tested without a kernel.
+Pure helpers (capabilities, which routes and addresses move with an external
+adapter, host networks) are unit-tested without a kernel. Bridge VLANs are in
+:mod:`.vlans`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hvstack.errors import Conflict, HypervisorError
-from hvstack.network.model import VLAN_MAX, VLAN_MIN, Vlan, VlanMode
 
 T = TypeVar("T")
 
@@ -50,7 +50,6 @@ RT_TABLE_LOCAL = 255
 RTPROT_KERNEL, RTPROT_RA = 2, 9
 RT_SCOPE_UNIVERSE = 0
 IFA_F_PERMANENT = 0x80
-BRIDGE_VLAN_PVID, BRIDGE_VLAN_UNTAGGED = 0x2, 0x4
 
 
 # -- privilege ----------------------------------------------------------------------
@@ -73,35 +72,6 @@ def missing_privilege(status_path: Path = Path("/proc/self/status")) -> str | No
 
 
 # -- pure helpers -------------------------------------------------------------------
-
-def vlan_entries(vlan: Vlan) -> dict[int, bool]:
-    """A port's bridge VLANs as ``{vid: pvid_and_untagged}`` for ``vlan``."""
-    if vlan.mode is VlanMode.ACCESS:
-        assert vlan.access_id is not None
-        return {vlan.access_id: True}
-    if vlan.mode is VlanMode.TRUNK:
-        entries = dict.fromkeys(vlan.allowed, False)
-        if vlan.native is not None:
-            entries[vlan.native] = True
-        return entries
-    return {VLAN_MIN: True}
-
-
-def vid_ranges(vids: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted ids as inclusive ``(first, last)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for vid in sorted(set(vids)):
-        if runs and runs[-1][1] == vid - 1:
-            runs[-1] = (runs[-1][0], vid)
-        else:
-            runs.append((vid, vid))
-    return runs
-
-
-def unwanted_ranges(keep: Iterable[int]) -> list[tuple[int, int]]:
-    """Runs of every VLAN id not in ``keep`` (deleting a vid a port lacks is a no-op)."""
-    return vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(keep))
-
 
 def stable_mac(name: str) -> str:
     """A locally administered unicast MAC derived from ``name``: a bridge keeps one
@@ -309,36 +279,6 @@ def attach(ipr: Any, port: str, bridge: str | None) -> None:
             ipr.link("set", index=link.index, master=need(ipr, bridge).index, state="up")
     except NetlinkError as exc:
         raise failure(f"attaching {port} to {bridge or 'nothing'}", exc) from exc
-
-
-def set_port_vlans(ipr: Any, port: str, bridge: str, entries: dict[int, bool],
-                   *, others_tagged: bool = False) -> None:
-    """Make ``port``'s bridge VLANs exactly ``entries`` (plus, with ``others_tagged``,
-    every other id tagged: an external uplink carries every VLAN)."""
-    if not bridge_vlan_filtering(ipr, bridge):
-        if entries == {VLAN_MIN: True}:
-            return  # the default: nothing to do, VLAN filtering or not
-        raise HypervisorError(
-            f"bridge {bridge} has no VLAN filtering (the kernel lacks "
-            "CONFIG_BRIDGE_VLAN_FILTERING): access and trunk VLAN ports are not available "
-            "on this host", interface=port)
-    index = need(ipr, port).index
-    try:
-        if not others_tagged:
-            for first, last in unwanted_ranges(entries):
-                ipr.vlan_filter("del", index=index, vlan_info={"vid": _vid(first, last)})
-        else:
-            for first, last in vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(entries)):
-                ipr.vlan_filter("add", index=index, vlan_info={"vid": _vid(first, last)})
-        for vid, native in sorted(entries.items()):
-            flags = BRIDGE_VLAN_PVID | BRIDGE_VLAN_UNTAGGED if native else 0
-            ipr.vlan_filter("add", index=index, vlan_info={"vid": vid, "flags": flags})
-    except NetlinkError as exc:
-        raise failure(f"setting the VLANs of {port}", exc) from exc
-
-
-def _vid(first: int, last: int) -> int | str:
-    return first if first == last else f"{first}-{last}"
 
 
 # -- addresses and routes -----------------------------------------------------------

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from hvstack.errors import Conflict, HvError, InvalidInput
-from hvstack.network import netlink
+from hvstack.network import netlink, vlans
 from hvstack.network.netlink import Address, Link, Route
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def attach_uplink(ipr: Any, bridge: str, adapter: str) -> None:
         for address in addrs:
             netlink.add_address(ipr, bridge, address)
         netlink.attach(ipr, adapter, bridge)
-        netlink.set_port_vlans(ipr, adapter, bridge, {1: True}, others_tagged=True)
+        vlans.set_port_vlans(ipr, adapter, bridge, {1: True}, others_tagged=True)
         _move(ipr, adapter, bridge, addrs, routes)
     except BaseException:
         _restore(ipr, bridge, adapter, addrs, routes, was_up, delete_bridge=made)

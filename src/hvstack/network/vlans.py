@@ -1,5 +1,5 @@
-"""Attaching a port to its switch, and access VLANs on kernels without bridge VLAN
-filtering (one bridge per VLAN).
+"""Attaching a port to its switch: bridge VLANs, and access VLANs on kernels without
+bridge VLAN filtering (one bridge per VLAN).
 
 With VLAN filtering (``CONFIG_BRIDGE_VLAN_FILTERING``) a port joins its switch's
 bridge and gets its VLAN entries there. Some host kernels lack it (and 802.1Q): there
@@ -21,15 +21,19 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from hvstack.errors import HypervisorError
 from hvstack.network import netlink
 from hvstack.network.backend import PortPlan
-from hvstack.network.model import VLAN_MIN, SwitchType, VlanMode
+from hvstack.network.model import VLAN_MAX, VLAN_MIN, SwitchType, Vlan, VlanMode
 from hvstack.network.netlink import Link
 
+BRIDGE_VLAN_PVID, BRIDGE_VLAN_UNTAGGED = 0x2, 0x4
 _lock = threading.Lock()
 _ALIAS = re.compile(r"^(hvb[0-9a-f]+)\.(\d+)$")
 _NEEDS_FILTERING = ("needs bridge VLAN filtering, which this host's kernel lacks "
@@ -47,14 +51,72 @@ def parent_of(link: Link) -> str | None:
     return match.group(1) if match else None
 
 
+def vlan_entries(vlan: Vlan) -> dict[int, bool]:
+    """A port's bridge VLANs as ``{vid: pvid_and_untagged}`` for ``vlan``."""
+    if vlan.mode is VlanMode.ACCESS:
+        assert vlan.access_id is not None
+        return {vlan.access_id: True}
+    if vlan.mode is VlanMode.TRUNK:
+        entries = dict.fromkeys(vlan.allowed, False)
+        if vlan.native is not None:
+            entries[vlan.native] = True
+        return entries
+    return {VLAN_MIN: True}
+
+
+def vid_ranges(vids: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted ids as inclusive ``(first, last)`` runs."""
+    runs: list[tuple[int, int]] = []
+    for vid in sorted(set(vids)):
+        if runs and runs[-1][1] == vid - 1:
+            runs[-1] = (runs[-1][0], vid)
+        else:
+            runs.append((vid, vid))
+    return runs
+
+
+def unwanted_ranges(keep: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of every VLAN id not in ``keep`` (deleting a vid a port lacks is a no-op)."""
+    return vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(keep))
+
+
+def set_port_vlans(ipr: Any, port: str, bridge: str, entries: dict[int, bool],
+                   *, others_tagged: bool = False) -> None:
+    """Make ``port``'s bridge VLANs exactly ``entries`` (plus, with ``others_tagged``,
+    every other id tagged: an external uplink carries every VLAN)."""
+    if not netlink.bridge_vlan_filtering(ipr, bridge):
+        if entries == {VLAN_MIN: True}:
+            return  # the default: nothing to do, VLAN filtering or not
+        raise HypervisorError(
+            f"bridge {bridge} has no VLAN filtering (the kernel lacks "
+            "CONFIG_BRIDGE_VLAN_FILTERING): access and trunk VLAN ports are not available "
+            "on this host", interface=port)
+    index = netlink.need(ipr, port).index
+    try:
+        if not others_tagged:
+            for first, last in unwanted_ranges(entries):
+                ipr.vlan_filter("del", index=index, vlan_info={"vid": _vid(first, last)})
+        else:
+            for first, last in vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(entries)):
+                ipr.vlan_filter("add", index=index, vlan_info={"vid": _vid(first, last)})
+        for vid, native in sorted(entries.items()):
+            flags = BRIDGE_VLAN_PVID | BRIDGE_VLAN_UNTAGGED if native else 0
+            ipr.vlan_filter("add", index=index, vlan_info={"vid": vid, "flags": flags})
+    except NetlinkError as exc:
+        raise netlink.failure(f"setting the VLANs of {port}", exc) from exc
+
+
+def _vid(first: int, last: int) -> int | str:
+    return first if first == last else f"{first}-{last}"
+
+
 def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
     """Attach ``plan.tap`` as planned; the bridge it joined (None: disconnected)."""
     with _lock:
         target = None if plan.bridge is None else _target(ipr, plan, proc_sys)
         netlink.attach(ipr, plan.tap, target)
         if plan.bridge is not None and target == plan.bridge:
-            netlink.set_port_vlans(ipr, plan.tap, plan.bridge,
-                                   netlink.vlan_entries(plan.settings.vlan))
+            set_port_vlans(ipr, plan.tap, plan.bridge, vlan_entries(plan.settings.vlan))
         _prune(ipr, None, empty_only=True)
     return target
 
