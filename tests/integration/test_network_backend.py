@@ -78,11 +78,12 @@ def netns() -> Iterator[Callable[[], str]]:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def run_scenario(ns: str, name: str, *args: str) -> None:
-    """Run ``name`` in a child process inside ``ns``; its failure fails the test."""
+def run_scenario(ns: str, name: str, *args: str, wrapper: tuple[str, ...] = ()) -> None:
+    """Run ``name`` in a child process inside ``ns`` (through ``wrapper``, a command
+    that runs the rest); its failure fails the test."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     done = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-m",
+        ["ip", "netns", "exec", ns, *wrapper, sys.executable, "-m",
          "tests.integration.test_network_backend", name, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, f"scenario {name} failed:\n{done.stdout}\n{done.stderr}"
@@ -142,6 +143,12 @@ def test_failures_leave_nothing_behind(netns: Callable[[], str]) -> None:
 
 def test_vlan_ports(netns: Callable[[], str]) -> None:
     run_scenario(netns(), "vlan_ports")
+
+
+def test_without_cap_net_admin_the_user_is_told(netns: Callable[[], str]) -> None:
+    # Root without CAP_NET_ADMIN (dropped from the bounding set before exec).
+    run_scenario(netns(), "unprivileged",
+                 wrapper=("setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"))
 
 
 def test_cleanup_and_host_facts(physical: tuple[str, str]) -> None:
@@ -605,6 +612,20 @@ async def cleanup_and_facts() -> None:
             os.close(fd)
 
 
+
+
+@scenario
+async def unprivileged() -> None:
+    net, _ = backend()
+    message = net.missing_privilege()
+    assert message is not None and "CAP_NET_ADMIN" in message and "user-mode NAT" in message
+    plan = SwitchPlan("sw-p", "Private", SwitchType.PRIVATE, bridge_name(TAG, "sw-p"), TABLE)
+    for call in (net.ensure_switch(plan), net.open_port(PortPlan(
+            tap_name(TAG, "vm1", "52:54:00:aa:00:01"), "52:54:00:aa:00:01", "vm1",
+            PortSettings(), TABLE))):
+        exc = await expect(HvError, call)
+        assert "CAP_NET_ADMIN" in str(exc), exc
+    assert await our_links() == []
 
 
 def main() -> None:

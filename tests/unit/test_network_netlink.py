@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hvstack.errors import HypervisorError
 from hvstack.network import netlink, vlans
 from hvstack.network.backend import SwitchPlan
 from hvstack.network.linux import host_address, tag_of, write_sysctl
@@ -146,5 +147,14 @@ def test_vlan_bridge_names_are_ours_valid_and_never_a_switch_bridge() -> None:
 
 def test_write_sysctl_of_a_missing_knob(tmp_path: Path) -> None:
     write_sysctl(tmp_path / "disable_ipv6", "1", missing_ok=True)  # IPv6 off: nothing to do
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(HypervisorError, match="ip_forward"):
         write_sysctl(tmp_path / "ip_forward", "1")
+
+
+def test_kernel_errors_say_what_failed_and_privilege() -> None:
+    import errno
+
+    denied = netlink.failure("creating tap hvt1", OSError(errno.EPERM, "denied"))
+    assert "creating tap hvt1" in str(denied) and "CAP_NET_ADMIN" in str(denied)
+    busy = netlink.failure("creating bridge hvb1", OSError(errno.EEXIST, "exists"))
+    assert str(busy) == "creating bridge hvb1: File exists"

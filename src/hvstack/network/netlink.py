@@ -143,16 +143,20 @@ class LinkMissing(HypervisorError):
 
 def failure(what: str, exc: NetlinkError | OSError) -> HypervisorError:
     code = exc.code if isinstance(exc, NetlinkError) else exc.errno
-    if code == errno.EPERM:
+    if code in (errno.EPERM, errno.EACCES):
         return HypervisorError(f"{what}: not permitted; {PRIVILEGE_MESSAGE}")
-    return HypervisorError(f"{what}: {os.strerror(code or 0)}")
+    return HypervisorError(f"{what}: {os.strerror(code) if code else exc}")
 
 
 async def run(job: Callable[[Any], T]) -> T:
-    """``job(ipr)`` in a worker thread with a fresh IPRoute."""
+    """``job(ipr)`` in a worker thread with a fresh IPRoute; a kernel error the job did
+    not map itself becomes a HypervisorError."""
     def work() -> T:
-        with IPRoute() as ipr:
-            return job(ipr)
+        try:
+            with IPRoute() as ipr:
+                return job(ipr)
+        except (NetlinkError, OSError) as exc:
+            raise failure("a network configuration request", exc) from exc
     return await asyncio.to_thread(work)
 
 
@@ -347,9 +351,11 @@ def write_sysctl(path: Path, value: str, *, missing_ok: bool = False) -> None:
     try:
         if path.read_text().strip() != value:
             path.write_text(value + "\n")
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         if not missing_ok:
-            raise
+            raise failure(f"setting {path}", exc) from exc
+    except OSError as exc:
+        raise failure(f"setting {path}", exc) from exc
 
 
 def set_single_address(ipr: Any, name: str, wanted: ipaddress.IPv4Interface) -> None:
