@@ -468,8 +468,10 @@ async def bridge_addresses(bridge: str) -> list[str]:
 
 
 async def our_links() -> list[str]:
+    """Bridges and taps of the service tagged TAG."""
     return await netlink.run(lambda ipr: sorted(
-        link.name for link in netlink.links(ipr) if link.name.startswith(("hvb", "hvt"))))
+        link.name for link in netlink.links(ipr)
+        if link.name.startswith((f"hvb{TAG}", f"hvt{TAG}"))))
 
 
 @scenario
@@ -552,6 +554,11 @@ async def vlan_ports() -> None:
             assert "CONFIG_BRIDGE_VLAN_FILTERING" in str(exc)
             assert not await net.port_exists(trunk.tap)
             assert len(await our_links()) == 1 + 4 + 2  # switch, taps, VLAN 10 and 20
+            # Another service's empty VLAN bridge is not this one's to prune.
+            other = bridge_name("f0e1d", "x")
+            foreign = vlans.vlan_bridge_name(other, 10)
+            await netlink.run(lambda ipr: (netlink.ensure_bridge(ipr, foreign), ipr.link(
+                "set", index=netlink.need(ipr, foreign).index, ifalias=f"{other}.10")))
             # The last port of VLAN 20 leaves: its bridge goes; VLAN 10 keeps one port.
             await net.update_port(dataclasses.replace(ports[2], settings=PortSettings()))
             await net.update_port(dataclasses.replace(ports[0], settings=PortSettings()))
@@ -559,6 +566,7 @@ async def vlan_ports() -> None:
             await net.cleanup(TABLE, keep={plan.bridge, *(p.tap for p in ports)})
             assert len(await our_links()) == 1 + 4 + 1
             assert ("nft.apply_port", ports[1].tap) in rec.calls
+            assert (await net.interface(foreign)).exists
     finally:
         for fd in fds:
             os.close(fd)
@@ -605,7 +613,8 @@ async def cleanup_and_facts() -> None:
         assert ("nft.remove_port", ports[1].tap) in rec.calls
         assert ("nft.remove_table", TABLE) not in rec.calls
         await net.cleanup(TABLE, keep=set())
-        assert await our_links() == [foreign]
+        assert await our_links() == []
+        assert (await net.interface(foreign)).exists
         assert ("nft.remove_table", TABLE) in rec.calls
     finally:
         for fd in fds:

@@ -173,7 +173,7 @@ class LinuxNetwork:
             steps.append(lambda: netlink.run(
                 lambda ipr: uplink.release_uplink(ipr, plan.bridge, adapter)))
         steps.append(lambda: netlink.run(lambda ipr: vlans.prune(
-            ipr, plan.bridge, empty_only=False)))
+            ipr, tag_of(plan.table), plan.bridge, empty_only=False)))
         steps.append(lambda: netlink.run(lambda ipr: netlink.delete(ipr, plan.bridge)))
         return await _each(steps)
 
@@ -191,7 +191,7 @@ class LinuxNetwork:
             os.close(fd)  # the last holder: the kernel removes the tap
             await self._undo(f"port of '{plan.vm_name}'", _each([
                 lambda: self.rules.remove_port(plan.tap, plan.table),
-                lambda: netlink.run(self._forget_tap(plan.tap))]))
+                lambda: netlink.run(self._forget_tap(plan.tap, plan.table))]))
             raise
         return fd
 
@@ -201,14 +201,14 @@ class LinuxNetwork:
             return fd, vlans.attach_port(ipr, plan, self._proc_sys)
         except BaseException:
             os.close(fd)
-            vlans.prune(ipr)
+            vlans.prune(ipr, tag_of(plan.table))
             raise
 
     @staticmethod
-    def _forget_tap(tap: str) -> Callable[[Any], None]:
+    def _forget_tap(tap: str, table: str) -> Callable[[Any], None]:
         def forget(ipr: Any) -> None:
             netlink.delete(ipr, tap)
-            vlans.prune(ipr)
+            vlans.prune(ipr, tag_of(table))
         return forget
 
     async def _apply_port(self, plan: PortPlan) -> None:
@@ -232,7 +232,7 @@ class LinuxNetwork:
             lambda: self.rules.remove_port(tap, table)]
         if exists:
             steps += [lambda: self.shaping.clear_port(tap),
-                      lambda: netlink.run(self._forget_tap(tap))]
+                      lambda: netlink.run(self._forget_tap(tap, table))]
         errors = await _each(steps)
         if errors:
             raise errors[0]
@@ -257,7 +257,7 @@ class LinuxNetwork:
         steps += [functools.partial(netlink.run, functools.partial(_release_bridge, name=b.name,
                                                                    tag=tag))
                   for b in bridges]
-        steps.append(lambda: netlink.run(lambda ipr: vlans.prune(ipr)))
+        steps.append(lambda: netlink.run(lambda ipr: vlans.prune(ipr, tag)))
         if not keep:
             steps.append(lambda: self.rules.remove_table(table))
         for exc in await _each(steps):

@@ -117,7 +117,7 @@ def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
         netlink.attach(ipr, plan.tap, target)
         if plan.bridge is not None and target == plan.bridge:
             set_port_vlans(ipr, plan.tap, plan.bridge, vlan_entries(plan.settings.vlan))
-        _prune(ipr, None, empty_only=True)
+        _prune(ipr, plan.tap[3:-7], None, empty_only=True)
     return target
 
 
@@ -145,19 +145,23 @@ def _target(ipr: Any, plan: PortPlan, proc_sys: Path) -> str:
     return name
 
 
-def prune(ipr: Any, parent: str | None = None, *, empty_only: bool = True) -> None:
-    """Delete VLAN bridges without ports (of ``parent``, or of any switch); with
-    ``empty_only`` False, every VLAN bridge of ``parent`` (its switch is going)."""
+def prune(ipr: Any, tag: str, parent: str | None = None, *, empty_only: bool = True
+          ) -> None:
+    """Delete the service ``tag``'s VLAN bridges without ports (of ``parent``, or of any
+    switch); with ``empty_only`` False, every VLAN bridge of ``parent`` (its switch is
+    going)."""
     with _lock:
-        _prune(ipr, parent, empty_only=empty_only)
+        _prune(ipr, tag, parent, empty_only=empty_only)
 
 
-def _prune(ipr: Any, parent: str | None, *, empty_only: bool) -> None:
+def _prune(ipr: Any, tag: str, parent: str | None, *, empty_only: bool) -> None:
     links = netlink.links(ipr)
     used = {link.master for link in links if link.master}
     for link in links:
         owner = parent_of(link)
-        if owner is None or (parent is not None and owner != parent):
+        if owner is None or not link.name.startswith(f"hvb{tag}"):
+            continue  # not a VLAN bridge, or another service's
+        if parent is not None and owner != parent:
             continue
         if not empty_only or link.index not in used:
             netlink.delete(ipr, link.name)
