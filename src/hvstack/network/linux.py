@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from hvstack.errors import HvError
+from hvstack.errors import InvalidInput
 from hvstack.network import netlink, uplink, vlans
 from hvstack.network.backend import AclCounter, InterfaceInfo, PortPlan, SwitchPlan
 from hvstack.network.model import SwitchType
@@ -135,8 +135,8 @@ class LinuxNetwork:
             if plan.type is SwitchType.PRIVATE:
                 # The host is not on it: no address, no IPv6 link-local, and no ARP
                 # answers for the host's addresses on other interfaces.
-                write_sysctl(self._proc_sys / "ipv6/conf" / plan.bridge / "disable_ipv6", "1",
-                           missing_ok=True)
+                conf = self._proc_sys / "ipv6/conf" / plan.bridge
+                write_sysctl(conf / "disable_ipv6", "1", missing_ok=True)
                 write_sysctl(self._proc_sys / "ipv4/conf" / plan.bridge / "arp_ignore", "8")
             if plan.type is SwitchType.NAT:
                 write_sysctl(self._proc_sys / "ipv4/ip_forward", "1")
@@ -151,7 +151,7 @@ class LinuxNetwork:
     def _bridge(self, ipr: Any, plan: SwitchPlan) -> None:
         if plan.type is SwitchType.EXTERNAL:
             if not plan.adapter:
-                raise HvError(f"external switch '{plan.name}' has no adapter")
+                raise InvalidInput(f"external switch '{plan.name}' has no adapter")
             uplink.attach_uplink(ipr, plan.bridge, plan.adapter)
             return
         netlink.ensure_bridge(ipr, plan.bridge)
