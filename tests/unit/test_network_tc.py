@@ -128,3 +128,11 @@ async def test_the_htb_tree_goes_with_the_last_vms_class(
     assert calls[-1] == ["tc", "qdisc", "del", "dev", BRIDGE, "root"]
     assert tc.vm_classes(shown.decode()) == set()
     assert tc.vm_classes(shown.decode() + "class htb 1:70dc parent 1:ffff prio 0 ") == {"1:70dc"}
+
+
+async def test_a_tap_name_without_a_tag_touches_no_bridge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = await _record(monkeypatch, {BRIDGE, OTHER})
+    await tc.clear_port("hvt1234567")
+    assert calls == [["tc", "qdisc", "del", "dev", "hvt1234567", "root"],
+                     ["tc", "qdisc", "del", "dev", "hvt1234567", "clsact"]]

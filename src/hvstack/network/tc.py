@@ -119,9 +119,10 @@ def htb_root_command(bridge: str) -> list[str]:
 
 def _our_bridges(tap: str) -> list[str]:
     """This service's bridges in the current network namespace (the tag is the tap
-    name without its ``hvt`` prefix and 7-digit suffix)."""
-    prefix = f"hvb{check_tap(tap)[3:-7]}"
-    return sorted(name for name in _interfaces() if name.startswith(prefix))
+    name without its ``hvt`` prefix and 7-digit suffix, as :mod:`.names` makes it)."""
+    tag = check_tap(tap)[3:-7]
+    prefix = f"hvb{tag}"
+    return sorted(name for name in _interfaces() if tag and name.startswith(prefix))
 
 
 def _interfaces() -> set[str]:
