@@ -253,17 +253,18 @@ async def test_acls_drop_and_count_and_other_ports_counters_survive(lab: Lab) ->
 CAP = 8_000_000  # bits/s: far below what two namespaces move unshaped
 
 
-async def _iperf(sender: Vm, receiver: Vm, seconds: int) -> float:
+async def _iperf(sender: Vm | str, receiver: Vm, seconds: int) -> float:
     """Bits per second the receiver got, from its per-second counts after the first
     second (which holds the bucket's burst)."""
     assert receiver.ip is not None
+    sender_ns = sender if isinstance(sender, str) else sender.ns
     server = asyncio.create_task(netns(receiver.ns, "iperf3", "-s", "-1", "-J", "-B",
                                        receiver.ip, timeout=120))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:  # until the server listens (a client that cannot connect says so in
         # its JSON, with exit status 0)
-        client = json.loads(await netns(sender.ns, "iperf3", "-c", receiver.ip, "-t",
+        client = json.loads(await netns(sender_ns, "iperf3", "-c", receiver.ip, "-t",
                                         str(seconds), "-J", timeout=120))
         if "error" not in client:
             break
@@ -286,6 +287,20 @@ async def test_a_bandwidth_cap_holds_within_20_percent(lab: Lab, where: str) -> 
     assert 0.8 * CAP <= rate <= 1.2 * CAP, f"{rate / 1e6:.2f} Mbit/s"
 
 
+async def test_minimum_bandwidth_is_kept_under_contention(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A link this slow is contended by two bulk transfers from the host; the VM with
+    # the larger minimum keeps it, the other gets its own and a share of the rest.
+    monkeypatch.setattr(tc, "LINK_RATE", 20_000_000)
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    await apply(lab, port(a, PortSettings(bandwidth_min=15_000_000)))
+    await apply(lab, port(b, PortSettings(bandwidth_min=1_000_000)))
+    to_a, to_b = await asyncio.gather(_iperf(lab.host, a, 5), _iperf(lab.host, b, 5))
+    assert to_a >= 0.8 * 15_000_000, f"{to_a / 1e6:.2f} Mbit/s"
+    assert to_b >= 0.8 * 1_000_000 and to_a + to_b <= 1.2 * 20_000_000
+
+
 async def test_minimum_bandwidth_classes_come_and_go_on_the_bridge(lab: Lab) -> None:
     a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
     b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
@@ -300,6 +315,8 @@ async def test_minimum_bandwidth_classes_come_and_go_on_the_bridge(lab: Lab) -> 
         await tc.clear_port(a.tap)
     classes = await netns(lab.host, "tc", "class", "show", "dev", BRIDGE)
     assert minors[0] not in classes and minors[1] in classes
+    await apply(lab, port(b))  # no minimum any more: no tree on the bridge
+    assert "htb" not in await netns(lab.host, "tc", "qdisc", "show", "dev", BRIDGE)
 
 
 # -- mirroring -----------------------------------------------------------------------
