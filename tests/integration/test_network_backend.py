@@ -145,6 +145,11 @@ def test_vlan_ports(netns: Callable[[], str]) -> None:
     run_scenario(netns(), "vlan_ports")
 
 
+def test_composed_with_nftables_tc_and_dnsmasq(netns: Callable[[], str],
+                                               tmp_path: Path) -> None:
+    run_scenario(netns(), "composed", str(tmp_path / "dhcp"))
+
+
 def test_without_cap_net_admin_the_user_is_told(netns: Callable[[], str]) -> None:
     # Root without CAP_NET_ADMIN (dropped from the bounding set before exec).
     run_scenario(netns(), "unprivileged",
@@ -621,6 +626,61 @@ async def cleanup_and_facts() -> None:
             os.close(fd)
 
 
+
+
+@scenario
+async def composed(state_dir: str) -> None:
+    """The real rules, shaping and dnsmasq behind LinuxNetwork."""
+    net = LinuxNetwork()
+    Path(state_dir).mkdir()
+    nat = SwitchPlan("sw-n", "NAT", SwitchType.NAT, bridge_name(TAG, "sw-n"), TABLE,
+                     subnet=ipaddress.IPv4Network("10.99.0.0/24"),
+                     dhcp=DhcpPlan("10.99.0.10", "10.99.0.200", "hv", Path(state_dir)))
+    await net.ensure_switch(nat)
+    pid = Path(state_dir, "dnsmasq.pid").read_text().strip()
+    assert Path(f"/proc/{pid}").exists()
+    await net.ensure_switch(nat)  # a service restart: dnsmasq is adopted, not restarted
+    assert Path(state_dir, "dnsmasq.pid").read_text().strip() == pid
+    assert nat.bridge in nft("list", "table", "ip", TABLE)
+    sh("ip", "link", "add", "vm2", "type", "veth", "peer", "name", "vm2p")
+    await netlink.run(lambda ipr: netlink.attach(ipr, "vm2p", nat.bridge))
+    await netlink.run(lambda ipr: netlink.set_up(ipr, "vm2"))
+    mac = "52:54:00:aa:00:01"
+    port = PortPlan(tap_name(TAG, "vm1", mac), mac, "vm1",
+                    PortSettings(bandwidth_max=100_000_000), TABLE, nat.bridge, SwitchType.NAT)
+    fd = await net.open_port(port)
+    try:
+        assert f"port_{port.tap}" in nft("list", "table", "bridge", TABLE)
+        assert await net.acl_counters(port.tap, TABLE) == ()
+        raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        raw.bind(("vm2", 0))
+        deadline = time.monotonic() + 10
+        while True:  # the VM's own MAC passes the spoofing guard ...
+            os.write(fd, vnet_frame(b"\xff" * 6, bytes.fromhex("bad0000000ff"), b"spoofed"))
+            os.write(fd, vnet_frame(b"\xff" * 6, bytes.fromhex(mac.replace(":", "")), b"own"))
+            if select.select([raw], [], [], 0.3)[0] and b"own" in raw.recv(2048):
+                break
+            assert time.monotonic() < deadline, "the VM's frame never crossed the switch"
+        # ... a spoofed one, written first, never does.
+        while select.select([raw], [], [], 0)[0]:
+            assert b"spoofed" not in raw.recv(2048)
+        raw.close()
+        await net.close_port(port.tap, TABLE)
+        assert f"port_{port.tap}" not in nft("list", "table", "bridge", TABLE)
+    finally:
+        os.close(fd)
+    await net.remove_switch(nat)
+    assert not Path(f"/proc/{pid}").exists() or "dnsmasq" not in Path(
+        f"/proc/{pid}/cmdline").read_text()
+    assert nat.bridge not in nft("list", "table", "ip", TABLE)
+    await net.cleanup(TABLE, keep=set())
+    assert TABLE not in nft("list", "tables")
+    assert await our_links() == []
+
+
+def nft(*argv: str) -> str:
+    return subprocess.run(["nft", *argv], capture_output=True, text=True, check=False,
+                          timeout=60).stdout
 
 
 @scenario
