@@ -92,12 +92,15 @@ def run_scenario(ns: str, name: str, *args: str, wrapper: tuple[str, ...] = ()) 
 @pytest.fixture
 def physical(netns: Callable[[], str]) -> tuple[str, str]:
     """A host namespace whose adapter ``hx0`` (10.77.0.2/24, 2001:db8:77::2/64, default
-    route and a static route via 10.77.0.1) is a veth to a namespace playing the
-    physical network (10.77.0.1, and 192.0.2.1 beyond the default route)."""
+    route and a static route via 10.77.0.1, an IPv6 route via 2001:db8:77::1) is a veth
+    to a namespace playing the physical network (10.77.0.1 and 2001:db8:77::1; beyond
+    them 192.0.2.1 and 2001:db8:99::1)."""
     host, phys = netns(), netns()
     in_ns(host, "link", "add", "hx0", "type", "veth", "peer", "name", "px0", "netns", phys)
     in_ns(phys, "addr", "add", "10.77.0.1/24", "dev", "px0")
     in_ns(phys, "addr", "add", "192.0.2.1/32", "dev", "lo")
+    in_ns(phys, "-6", "addr", "add", "2001:db8:77::1/64", "dev", "px0", "nodad")
+    in_ns(phys, "-6", "addr", "add", "2001:db8:99::1/128", "dev", "lo")
     in_ns(phys, "link", "set", "px0", "up")
     in_ns(host, "addr", "add", "10.77.0.2/24", "dev", "hx0")
     in_ns(host, "-6", "addr", "add", "2001:db8:77::2/64", "dev", "hx0", "nodad")
@@ -105,6 +108,8 @@ def physical(netns: Callable[[], str]) -> tuple[str, str]:
     in_ns(host, "route", "add", "default", "via", "10.77.0.1", "dev", "hx0")
     in_ns(host, "route", "add", "198.51.100.0/24", "via", "10.77.0.1", "dev", "hx0",
           "metric", "50")
+    in_ns(host, "-6", "route", "add", "2001:db8:99::/48", "via", "2001:db8:77::1", "dev",
+          "hx0")
     return host, phys
 
 
@@ -209,23 +214,29 @@ def checksum(data: bytes) -> int:
 
 
 def reachable(address: str, deadline: float = 15.0) -> bool:
-    """Whether an ICMP echo to ``address`` is answered before ``deadline`` seconds."""
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    """Whether an ICMP (or ICMPv6) echo to ``address`` is answered in ``deadline`` s."""
+    v6 = ipaddress.ip_address(address).version == 6
+    family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                     else (socket.AF_INET, socket.IPPROTO_ICMP))
+    request, reply = (128, 129) if v6 else (8, 0)
+    with socket.socket(family, socket.SOCK_RAW, proto) as sock:
         ident, end = os.getpid() & 0xFFFF, time.monotonic() + deadline
         for seq in itertools.count():
             if time.monotonic() > end:
                 return False
-            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
             payload = b"hvstack"
-            packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq)
+            header = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+            # the kernel fills in an ICMPv6 checksum itself
+            total = 0 if v6 else checksum(header + payload)
+            packet = struct.pack("!BBHHH", request, 0, total, ident, seq)
             with contextlib.suppress(OSError):  # no route yet
                 sock.sendto(packet + payload, (address, 0))
             ready, _, _ = select.select([sock], [], [], 0.3)
             while ready:
-                data, (source, _) = sock.recvfrom(2048)
-                icmp = data[(data[0] & 0xF) * 4:]
+                data, source = sock.recvfrom(2048)
+                icmp = data if v6 else data[(data[0] & 0xF) * 4:]
                 echo_id = struct.unpack("!H", icmp[4:6])[0]
-                if source == address and icmp[0] == 0 and echo_id == ident:
+                if source[0] == address and icmp[0] == reply and echo_id == ident:
                     return True
                 ready, _, _ = select.select([sock], [], [], 0)
     return False
@@ -247,7 +258,7 @@ EXTERNAL = SwitchPlan("sw-ext", "External", SwitchType.EXTERNAL,
 
 
 async def assert_host_connected() -> None:
-    for address in ("10.77.0.1", "192.0.2.1"):
+    for address in ("10.77.0.1", "192.0.2.1", "2001:db8:77::1", "2001:db8:99::1"):
         assert await asyncio.to_thread(reachable, address), f"{address} unreachable"
 
 
