@@ -4,14 +4,22 @@ dnsmasq (Debian's ``dnsmasq-base``) runs with no configuration file
 (``--conf-file=/dev/null``), bound to the switch's bridge only, handing out the
 plan's range and answering DNS for the names VMs send as their DHCP host name, as
 ``NAME`` and ``NAME.<domain>`` (names of the domain are answered from leases only,
-never forwarded); other names go to the host's resolvers. Its pid file, lease file
-and log are in the plan's state directory.
+never forwarded); other names go to the host's resolvers. A MAC of the plan's
+``hosts`` gets the label given there instead of the name its guest sends (a
+``--dhcp-hostsfile``, one ``MAC,LABEL`` line each, both checked again here). Its pid
+file, lease file, hosts file and log are in the plan's state directory.
 
 dnsmasq detaches (its own session), so it survives a restart of the host service,
 like QEMU. :func:`start` is idempotent: a dnsmasq whose pid file names a live process
 whose command line is exactly the one this plan asks for is adopted; one started
 for an older plan of the same switch (same pid file, other options) is stopped and
 replaced. :func:`stop` stops only a process whose command line names that pid file.
+:func:`start` and :func:`reload` write the hosts file atomically, and only when its
+text changes; a running dnsmasq is then told to re-read it (SIGHUP), which renames the
+current leases of those MACs at once. dnsmasq reads that file after dropping root
+(as its own user), so the state directory and every directory above it must be
+searchable by others; :func:`start` logs a warning when they are not (DHCP and DNS
+still work, with the names the guests send).
 """
 
 from __future__ import annotations
@@ -19,17 +27,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvstack import runner
 from hvstack.errors import HypervisorError, InvalidInput, OperationTimeout
 from hvstack.network.backend import SwitchPlan
+from hvstack.network.hostnames import usable_label
+from hvstack.network.model import parse_mac
 from hvstack.network.nft import check_bridge, check_mac
+
+log = logging.getLogger(__name__)
 
 TIMEOUT = 30.0
 LEASE_TIME = "1h"
@@ -57,6 +71,60 @@ def _files(plan: SwitchPlan) -> tuple[Path, Path, Path]:
     return state / "dnsmasq.pid", state / "dnsmasq.leases", state / "dnsmasq.log"
 
 
+def _hosts_file(plan: SwitchPlan) -> Path:
+    return _files(plan)[0].parent / "dnsmasq.hosts"
+
+
+def hosts_text(plan: SwitchPlan) -> str:
+    """The hosts file of ``plan``: ``MAC,LABEL`` per line, each checked (a MAC given
+    twice is refused: dnsmasq would take one of them)."""
+    if plan.dhcp is None:
+        raise InvalidInput(f"switch '{plan.name}' has no DHCP")
+    lines: list[str] = []
+    seen: set[str] = set()
+    for mac_text, label in plan.dhcp.hosts:
+        mac = parse_mac(mac_text)
+        if not usable_label(label):
+            raise InvalidInput(f"'{label}' is not a DNS label dnsmasq can take as a "
+                               "host name", value=label)
+        if mac in seen:
+            raise InvalidInput(f"MAC {mac} has two DHCP host names", value=mac)
+        seen.add(mac)
+        lines.append(f"{mac},{label}\n")
+    return "".join(lines)
+
+
+def write_hosts(plan: SwitchPlan) -> bool:
+    """Write the plan's hosts file (atomically) if its text changed; whether it did."""
+    text = hosts_text(plan)
+    path = _hosts_file(plan)
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        temporary.chmod(0o644)  # dnsmasq reads it as its own user
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return True
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether a user with no rights of its own (dnsmasq after dropping root) can read
+    ``path``: every directory above it searchable by others, the file readable."""
+    try:
+        if not path.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
+    except OSError:
+        return False
+
+
 def dnsmasq_argv(plan: SwitchPlan, program: str = "dnsmasq") -> list[str]:
     """dnsmasq's command line for ``plan`` (every value checked)."""
     pid_file, lease_file, log_file = _files(plan)
@@ -77,6 +145,7 @@ def dnsmasq_argv(plan: SwitchPlan, program: str = "dnsmasq") -> list[str]:
     return [program, "--conf-file=/dev/null", "--bind-interfaces", f"--interface={bridge}",
             "--except-interface=lo", f"--pid-file={pid_file}",
             f"--dhcp-leasefile={lease_file}", f"--log-facility={log_file}",
+            f"--dhcp-hostsfile={_hosts_file(plan)}",
             f"--dhcp-range={first},{last},{network.netmask},{LEASE_TIME}",
             "--dhcp-authoritative", f"--domain={domain}", f"--local=/{domain}/",
             "--no-hosts", "--domain-needed"]
@@ -114,8 +183,16 @@ def _program() -> str:
 async def start(plan: SwitchPlan) -> None:
     """Start the switch's dnsmasq, or adopt the one running for this very plan."""
     argv = dnsmasq_argv(plan, _program())
+    changed = write_hosts(plan)
+    hosts = _hosts_file(plan)
+    if not readable_by_others(hosts):
+        log.warning("switch %s: dnsmasq cannot read %s (a directory above it is not "
+                    "searchable by others): VMs are named as their guests say, not after "
+                    "the VMs", plan.name, hosts)
     running = _ours(plan)
     if running is not None and running[1][1:] == argv[1:]:
+        if changed:
+            _hang_up(running[0])
         return
     if running is not None:
         await _terminate(running[0])
@@ -132,6 +209,21 @@ async def start(plan: SwitchPlan) -> None:
             raise HypervisorError(f"dnsmasq of switch '{plan.name}' did not write its pid "
                                   f"file within {TIMEOUT:g} s", tool="dnsmasq")
         await asyncio.sleep(0.05)
+
+
+async def reload(plan: SwitchPlan) -> None:
+    """Write the plan's hosts file; a running dnsmasq re-reads it if it changed (one
+    that does not run reads it when :func:`start` starts it)."""
+    dnsmasq_argv(plan)  # the plan is checked whole, as start() would
+    if write_hosts(plan):
+        running = _ours(plan)
+        if running is not None:
+            _hang_up(running[0])
+
+
+def _hang_up(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGHUP)
 
 
 async def stop(plan: SwitchPlan) -> None:
