@@ -142,3 +142,24 @@ async def test_stopping_when_nothing_runs_is_fine(tmp_path: Path) -> None:
     (tmp_path / "dnsmasq.pid").write_text(f"{os.getpid()}\n")
     await dhcp.stop(plan(tmp_path))  # not ours: left alone, stale pid file removed
     assert not (tmp_path / "dnsmasq.pid").exists()
+
+
+async def test_the_linux_backend_reloads_the_names_of_a_nat_switch_only(tmp_path: Path
+                                                                        ) -> None:
+    from hvstack.network.linux import LinuxNetwork
+
+    reloaded: list[SwitchPlan] = []
+
+    class Recorder:
+        async def start(self, p: SwitchPlan) -> None: ...
+        async def stop(self, p: SwitchPlan) -> None: ...
+
+        async def reload(self, p: SwitchPlan) -> None:
+            reloaded.append(p)
+
+    net = LinuxNetwork(dhcp_server=Recorder())
+    nat = plan(tmp_path, hosts=(("52:54:00:00:00:0e", "web"),))
+    await net.update_hosts(nat)
+    await net.update_hosts(SwitchPlan("s2", "lab", SwitchType.PRIVATE, BRIDGE, "t"))
+    await net.update_hosts(SwitchPlan("s3", "nat", SwitchType.NAT, BRIDGE, "t"))
+    assert reloaded == [nat]
