@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import httpx
 
+from hvstack.errors import HypervisorError
 from hvstack.host.config import HostConfig
 from hvstack.host.store import MemoryStore
 from hvstack.network.backend import SwitchPlan
@@ -117,3 +118,13 @@ async def test_without_privilege_nothing_is_pushed(net: Net) -> None:
     await create_vm(net.api, "web", switches=[])
     await net.ops.names.refresh()
     assert net.fake.calls[calls:] == []
+
+
+async def test_a_failed_push_is_made_good_by_the_next_change(net: Net) -> None:
+    net.fake.fail_on["update_hosts"] = HypervisorError("the disk is full")
+    vm = await create_vm(net.api, "web")
+    mac = vm["network_adapters"][0]["mac"]
+    await eventually(lambda: "update_hosts" not in net.fake.fail_on, "the failed push")
+    assert hosts_of(net, "Default Switch") == ()
+    await patch(net.api, "/vms/web", notes="any change")
+    await named(net, "Default Switch", (mac, "web"))

@@ -163,3 +163,11 @@ async def test_the_linux_backend_reloads_the_names_of_a_nat_switch_only(tmp_path
     await net.update_hosts(SwitchPlan("s2", "lab", SwitchType.PRIVATE, BRIDGE, "t"))
     await net.update_hosts(SwitchPlan("s3", "nat", SwitchType.NAT, BRIDGE, "t"))
     assert reloaded == [nat]
+
+
+def test_a_hosts_file_that_cannot_be_written_is_a_hypervisor_error(tmp_path: Path) -> None:
+    from hvstack.errors import HypervisorError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(HypervisorError, match="cannot write the DHCP host names"):
+        dhcp.write_hosts(plan(tmp_path / "file" / "s1"))

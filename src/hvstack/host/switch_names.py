@@ -58,8 +58,12 @@ class SwitchNames:
     async def _follow(self, events: Subscription) -> None:
         try:
             async for event in events:
-                if event.type in WATCHED:
+                if event.type not in WATCHED:
+                    continue
+                try:
                     await self.refresh()
+                except Exception:  # the next change pushes every name again
+                    log.exception("cannot give the NAT switches the VMs' names")
         finally:
             await events.aclose()
 

@@ -103,14 +103,18 @@ def write_hosts(plan: SwitchPlan) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_text(text)
         temporary.chmod(0o644)  # dnsmasq reads it as its own user
         os.replace(temporary, path)
+    except OSError as exc:
+        raise HypervisorError(f"cannot write the DHCP host names of switch '{plan.name}' "
+                              f"to {path}: {exc.strerror or exc}", tool="dnsmasq") from exc
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
     return True
 
 
