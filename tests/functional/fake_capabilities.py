@@ -131,6 +131,9 @@ class FakeDevices:
             raise _refuse(f"Device '{name}' not found", "DeviceNotFound")
         self.links[name] = up
 
+    async def device_ids(self) -> tuple[str, ...]:
+        return (*sorted(self.buses or ()), *self.devices)
+
     async def devices_on(self, bus: str) -> tuple[str, ...]:
         if self.buses is not None and bus not in self.buses:
             raise _refuse(f"path '/machine/peripheral/{bus}/{bus}' does not exist",

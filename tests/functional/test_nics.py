@@ -14,7 +14,7 @@ from hvstack.compute import nics
 from hvstack.compute.model import Generation, NetworkAdapter, NicModel
 from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
 from hvstack.hypervisor.capabilities import DeviceSpec, NetdevSpec
-from hvstack.hypervisor.spec import HOTPLUG_PORTS, hotplug_port_id
+from hvstack.hypervisor.spec import HOTPLUG_PORTS, PortLayout, hotplug_port_id
 from tests.functional.fake_capabilities import FakeDevices
 
 MAC = "52:54:00:0a:0b:0c"
@@ -188,3 +188,12 @@ async def test_a_netdev_that_will_not_go_gets_its_adapter_back() -> None:
     with pytest.raises(HypervisorError, match=f"adapter {MAC} could not be removed"):
         await nics.hot_remove(devices, nic, GEN2)
     assert devices.devices["nic-5254000a0b0c"].properties["netdev"] == "net-5254000a0b0c"
+
+
+async def test_the_layout_is_read_off_the_running_machine(devices: FakeDevices) -> None:
+    booted = NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO)  # its own port-...
+    await nics.hot_add(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2)
+    layout = await nics.read_layout(devices)
+    assert layout == PortLayout.at_launch([booted.mac]).plugged(MAC, "hotplug-port-0")
+    await nics.hot_remove(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2)
+    assert await nics.read_layout(devices) == PortLayout.at_launch([booted.mac])
