@@ -17,7 +17,9 @@ the same adapter the next start puts in the command line.
   as the adapter really is still there (the request stays pending in QEMU).
 - :func:`set_link`: cable in or out (``set_link``), for connect and disconnect.
 - :func:`read_layout`: where a running Generation 2 machine's adapters sit, for the
-  machine that receives its saved state or migration (which must be built the same).
+  machine that receives its saved state or migration (which must be built the same);
+  :func:`save_layout` keeps it beside a saved state, :func:`with_saved_layout` builds
+  the restored machine from it.
 
 A step that fails part-way undoes the steps before it, so the machine is left as it
 was; the error says what failed. Cancellation undoes too, and is re-raised.
@@ -25,10 +27,19 @@ was; the error says what failed. Cancellation undoes too, and is re-raised.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Iterable
+from dataclasses import replace
+from pathlib import Path
 
-from hvstack.compute.model import SWITCH_MODE, Generation, NetworkAdapter, NicModel
+from hvstack.compute.model import (
+    SWITCH_MODE,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+)
 from hvstack.errors import (
     HvError,
     HypervisorError,
@@ -38,6 +49,7 @@ from hvstack.errors import (
 from hvstack.hypervisor.capabilities import Devices, DeviceSpec, NetdevSpec
 from hvstack.hypervisor.spec import (
     HOTPLUG_PORTS,
+    MachineSpec,
     PortLayout,
     hotplug_port_id,
     nic_device_id,
@@ -144,6 +156,34 @@ async def read_layout(devices: Devices,
             if mac:
                 layout = layout.plugged(mac, port)
     return layout
+
+
+async def save_layout(devices: Devices, config: VmConfig, path: Path) -> None:
+    """Before a Generation 2 machine's state is saved: keep in ``path`` where its
+    adapters sit, if hot plug moved them from where the settings put them (nothing is
+    kept otherwise: the settings build the same machine)."""
+    path.unlink(missing_ok=True)
+    if config.generation is not Generation.GEN2:
+        return
+    layout = await read_layout(devices)
+    if layout != PortLayout.at_launch(n.mac for n in config.network_adapters):
+        path.write_text(json.dumps(layout.to_json()))
+
+
+def with_saved_layout(spec: MachineSpec, path: Path) -> MachineSpec:
+    """``spec`` laid out as the machine whose state was saved beside ``path`` was
+    (``spec`` itself when nothing was kept). InvalidInput when the layout has no port
+    for an adapter of the settings (adapters changed while the VM was saved)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return spec
+    try:
+        layout = PortLayout.from_json(json.loads(text))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise HypervisorError(f"the adapter layout kept with the saved state ({path.name}) "
+                              f"is unreadable: {exc}") from exc
+    return replace(spec, layout=layout)
 
 
 def _mac_of(digits: str) -> str | None:
