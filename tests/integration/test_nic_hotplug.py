@@ -9,8 +9,11 @@ IFF_VNET_HDR inside a network namespace this test makes, handed to QEMU with
 root ports; Generation 1: on the root bus, ACPI hot plug); the guest
 agent's ``guest-network-get-interfaces`` lists both MACs and the guest reads the
 switch port's carrier off, then on after ``set_link``; both are removed again, the
-guest lets go of them, and their MACs leave the guest's list. Every wait is on a
-condition with a generous deadline.
+guest lets go of them, and their MACs leave the guest's list. Then a machine saved
+after its adapters changed is restored from the layout read off it, and, end to end
+through ``hv``, a VM saved after a hot add starts again from its saved state (before the
+layout was kept, QEMU could not load the state into the machine the settings built).
+Every wait is on a condition with a generous deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ from hvstack.hypervisor.qemu.driver import QemuMachine
 from hvstack.hypervisor.qemu.monitor import Monitor
 from hvstack.hypervisor.spec import PortLayout, nic_device_id
 from hvstack.progress import no_progress
+from tests.integration.hostproc import HostProcess
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +286,32 @@ async def test_a_saved_machine_comes_back_with_the_adapters_it_had(
         assert await restored.devices.devices_on(port) == (nic_device_id(USER_MAC),)
     finally:
         await stop(restored, agent)
+
+
+def test_the_service_saves_and_restores_a_vm_after_a_hot_add(host: HostProcess) -> None:
+    """End to end through ``hv``: an adapter hot added to a running Generation 2 VM,
+    then ``hv vm save`` and ``hv vm start`` bring the guest back with it."""
+    host.ok("vm", "create", "hot", "--generation", "2", "--image", "tiny",
+            "--memory", "256M")
+    host.ok("vm", "start", "hot")
+    guest = host.guest("hot")
+    guest.wait_ready()
+    host.ok("vm", "nic", "add", "hot", "--user-mode", "--mac", USER_MAC)
+
+    def guest_has_it() -> bool:
+        code, out = guest.sh("cat /sys/class/net/*/address")
+        return code == 0 and USER_MAC in out.split()
+
+    deadline = time.monotonic() + SEEN_TIMEOUT
+    while not guest_has_it():
+        assert time.monotonic() < deadline, "the guest never saw the added adapter"
+        time.sleep(0.5)
+    host.ok("vm", "save", "hot")
+    folder = Path(host.vm("hot")["folder"])
+    assert "hotplugged" in (folder / "saved-state.layout.json").read_text()
+    host.ok("vm", "start", "hot")
+    assert host.vm("hot")["state"] == "Running"
+    guest.wait_ready()
+    assert guest_has_it()
+    # the guest resumed rather than booted again
+    assert host.console("hot").count("Linux version") == 1
