@@ -16,10 +16,8 @@ import ctypes
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -498,10 +496,7 @@ async def test_dnsmasq_names_each_vm_after_its_vm_and_reloads_the_names(lab: Lab
     # names win, in their leases and in DNS, from another VM and from the host.
     d = lab.add_vm("d", "52:54:00:00:00:0d", None)
     e = lab.add_vm("e", "52:54:00:00:00:0e", None)
-    # dnsmasq reads its hosts file as its own user: the state directory must be
-    # reachable by others, which a test's own temporary directory is not.
-    state = Path(tempfile.mkdtemp(prefix="hvt-dns-")) / "dhcp"
-    state.parent.chmod(0o755)
+    state = lab.tmp / "dhcp"  # private, as a service's data directory is
 
     def named(*hosts: tuple[str, str]) -> SwitchPlan:
         return nat_plan(dhcp_plan=DhcpPlan("10.77.0.100", "10.77.0.150", "hv.test", state,
@@ -513,8 +508,8 @@ async def test_dnsmasq_names_each_vm_after_its_vm_and_reloads_the_names(lab: Lab
         with inside(lab.host):
             await dhcp.start(plan)
         pid = int((state / "dnsmasq.pid").read_text())
-        assert (state / "dnsmasq.hosts").read_text() == (
-            f"{d.mac},v1\n{e.mac},v-two\n")
+        hosts = dhcp._hosts_file(plan)  # where dnsmasq's own user may read it
+        assert hosts.read_text() == f"{d.mac},v1\n{e.mac},v-two\n"
         for vm in (d, e):
             script, got = lab.tmp / f"udhcpc-{vm.name}.sh", lab.tmp / f"address-{vm.name}"
             script.write_text(UDHCPC_SCRIPT.format(out=got))
@@ -540,10 +535,10 @@ async def test_dnsmasq_names_each_vm_after_its_vm_and_reloads_the_names(lab: Lab
         assert await _lookup(e.ns, "v1.hv.test") == []
         assert await _lookup(d.ns, "v-two") == [addresses["e"]]
         assert int((state / "dnsmasq.pid").read_text()) == pid
-        reads = _reads(state)
+        reads = _reads(state, hosts)
         with inside(lab.host):
             await dhcp.reload(renamed)  # nothing changed: not told again
-        assert (state / "dnsmasq.hosts").read_text() == f"{d.mac},v3\n{e.mac},v-two\n"
+        assert hosts.read_text() == f"{d.mac},v3\n{e.mac},v-two\n"
 
         # The service restarts: the running dnsmasq (its command line names the hosts
         # file) is adopted, and a change made meanwhile is read.
@@ -553,23 +548,24 @@ async def test_dnsmasq_names_each_vm_after_its_vm_and_reloads_the_names(lab: Lab
         assert int((state / "dnsmasq.pid").read_text()) == pid
         await _until("v4 answers", lambda: _has(lab.host, "v4", addresses["d"]))
         assert await _lookup(lab.host, "v3") == []
-        assert _reads(state) == reads + 1
+        assert _reads(state, hosts) == reads + 1
         with inside(lab.host):
             await dhcp.stop(again)
+        assert not hosts.exists()
     finally:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int((state / "dnsmasq.pid").read_text()), 9)
-        shutil.rmtree(state.parent, ignore_errors=True)
 
 
 async def _has(ns: str, name: str, address: str) -> bool:
     return await _lookup(ns, name) == [address]
 
 
-def _reads(state: Path) -> int:
+def _reads(state: Path, hosts: Path) -> int:
     """How many times dnsmasq logged reading its hosts file."""
     log = (state / "dnsmasq.log").read_text(errors="replace")
-    return log.count(f"read {state / 'dnsmasq.hosts'}")
+    assert "cannot read" not in log, log
+    return log.count(f"read {hosts}")
 
 
 # -- every rule shape ----------------------------------------------------------------

@@ -16,6 +16,14 @@ from hvstack.network.model import SwitchType
 BRIDGE = "hvb12345abcdef"
 
 
+@pytest.fixture(autouse=True)
+def unprivileged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a service that is not root: dnsmasq keeps its user, the hosts file is in
+    the state directory (:func:`test_as_root_dnsmasq_reads_its_names_from_run` is the
+    other case)."""
+    monkeypatch.setattr(dhcp, "_runs_as", lambda: None)
+
+
 def plan(state: Path, first: str = "172.16.0.100", last: str = "172.16.0.200",
          domain: str = "mshome.net", bridge: str = BRIDGE,
          hosts: tuple[tuple[str, str], ...] = ()) -> SwitchPlan:
@@ -44,6 +52,37 @@ def test_command_line(tmp_path: Path) -> None:
 def test_bad_plans_are_refused(tmp_path: Path, changes: dict[str, str]) -> None:
     with pytest.raises(InvalidInput):
         dhcp.dnsmasq_argv(plan(tmp_path, **changes))
+
+
+def test_as_root_dnsmasq_reads_its_names_from_run(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    monkeypatch.setattr(dhcp, "HOSTS_ROOT", run)
+    monkeypatch.setattr(dhcp, "_runs_as", lambda: ("dnsmasq", os.geteuid()))
+    s = tmp_path / "s1"
+    p = plan(s, hosts=(("52:54:00:00:00:0e", "web"),))
+    argv = dhcp.dnsmasq_argv(p, "dnsmasq")
+    assert argv[5:7] == ["--user=dnsmasq", f"--pid-file={s}/dnsmasq.pid"]
+    assert f"--dhcp-hostsfile={run}/{BRIDGE}/hosts" in argv
+    assert dhcp.write_hosts(p) is True
+    hosts = run / BRIDGE / "hosts"
+    assert hosts.read_text() == "52:54:00:00:00:0e,web\n"
+    assert (hosts.parent.stat().st_mode & 0o777, hosts.parent.stat().st_uid) == (
+        0o500, os.geteuid())
+    assert run.stat().st_mode & 0o777 == 0o755
+    assert dhcp.write_hosts(p) is False
+
+
+async def test_stop_removes_the_hosts_directory_under_run(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    run = tmp_path / "run"
+    monkeypatch.setattr(dhcp, "HOSTS_ROOT", run)
+    monkeypatch.setattr(dhcp, "_runs_as", lambda: ("dnsmasq", os.geteuid()))
+    p = plan(tmp_path / "s1", hosts=(("52:54:00:00:00:0e", "web"),))
+    dhcp.write_hosts(p)
+    await dhcp.stop(p)
+    assert not (run / BRIDGE).exists() and run.exists()
 
 
 def test_the_hosts_file_names_each_mac(tmp_path: Path) -> None:
@@ -83,20 +122,6 @@ def test_the_hosts_file_is_written_only_when_it_changes(tmp_path: Path) -> None:
     assert dhcp.write_hosts(plan(state)) is True
     assert hosts.read_text() == "" and hosts.stat().st_ino != inode  # replaced whole
     assert [f.name for f in state.iterdir()] == ["dnsmasq.hosts"]
-
-
-def test_readable_by_others(tmp_path: Path) -> None:
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "f").write_text("")
-    (shared / "f").chmod(0o644)
-    for parent in (shared, *shared.parents):
-        if not parent.stat().st_mode & 0o001:
-            assert not dhcp.readable_by_others(shared / "f")
-            break
-    else:
-        assert dhcp.readable_by_others(shared / "f")
-    assert not dhcp.readable_by_others(shared / "missing")
 
 
 async def test_reload_writes_the_names_and_signals_no_stranger(tmp_path: Path) -> None:

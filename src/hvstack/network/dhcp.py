@@ -7,7 +7,13 @@ plan's range and answering DNS for the names VMs send as their DHCP host name, a
 never forwarded); other names go to the host's resolvers. A MAC of the plan's
 ``hosts`` gets the label given there instead of the name its guest sends (a
 ``--dhcp-hostsfile``, one ``MAC,LABEL`` line each, both checked again here). Its pid
-file, lease file, hosts file and log are in the plan's state directory.
+file, lease file and log are in the plan's state directory.
+
+A dnsmasq started by root drops to its own user (``--user``: ``dnsmasq``, else
+``nobody``) before it reads the hosts file, and the service's data directory is
+private, so the hosts file of a root service is ``HOSTS_ROOT/<bridge>/hosts``, in a
+directory only that user (and root) may enter; under another user (who keeps its
+user) it is in the state directory.
 
 dnsmasq detaches (its own session), so it survives a restart of the host service,
 like QEMU. :func:`start` is idempotent: a dnsmasq whose pid file names a live process
@@ -16,10 +22,7 @@ for an older plan of the same switch (same pid file, other options) is stopped a
 replaced. :func:`stop` stops only a process whose command line names that pid file.
 :func:`start` and :func:`reload` write the hosts file atomically, and only when its
 text changes; a running dnsmasq is then told to re-read it (SIGHUP), which renames the
-current leases of those MACs at once. dnsmasq reads that file after dropping root
-(as its own user), so the state directory and every directory above it must be
-searchable by others; :func:`start` logs a warning when they are not (DHCP and DNS
-still work, with the names the guests send).
+current leases of those MACs at once.
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import os
+import pwd
 import re
 import shutil
 import signal
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +45,8 @@ from hvstack.network.hostnames import usable_label
 from hvstack.network.model import parse_mac
 from hvstack.network.nft import check_bridge, check_mac
 
-log = logging.getLogger(__name__)
-
 TIMEOUT = 30.0
+HOSTS_ROOT = Path("/run/hvstack-dnsmasq")  # only root may write /run
 LEASE_TIME = "1h"
 _DOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
                      r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$", re.IGNORECASE)
@@ -71,8 +72,35 @@ def _files(plan: SwitchPlan) -> tuple[Path, Path, Path]:
     return state / "dnsmasq.pid", state / "dnsmasq.leases", state / "dnsmasq.log"
 
 
+def _runs_as() -> tuple[str, int] | None:
+    """The user (name, uid) dnsmasq drops root to; None when the service is not root
+    (dnsmasq then keeps the service's user) or no such user exists."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("dnsmasq", "nobody"):
+        with contextlib.suppress(KeyError):
+            return name, pwd.getpwnam(name).pw_uid
+    return None
+
+
 def _hosts_file(plan: SwitchPlan) -> Path:
-    return _files(plan)[0].parent / "dnsmasq.hosts"
+    if _runs_as() is None:
+        return _files(plan)[0].parent / "dnsmasq.hosts"
+    return HOSTS_ROOT / check_bridge(plan.bridge) / "hosts"
+
+
+def _hosts_dir(path: Path) -> None:
+    """Make the hosts file's directory; under :data:`HOSTS_ROOT`, one only dnsmasq's
+    user (and root) may enter."""
+    user = _runs_as()
+    if user is None or path.parent.parent != HOSTS_ROOT:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    HOSTS_ROOT.mkdir(exist_ok=True)
+    HOSTS_ROOT.chmod(0o755)
+    path.parent.mkdir(exist_ok=True)
+    os.chown(path.parent, user[1], 0)
+    path.parent.chmod(0o500)
 
 
 def hosts_text(plan: SwitchPlan) -> str:
@@ -105,7 +133,7 @@ def write_hosts(plan: SwitchPlan) -> bool:
         pass
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _hosts_dir(path)
         temporary.write_text(text)
         temporary.chmod(0o644)  # dnsmasq reads it as its own user
         os.replace(temporary, path)
@@ -116,17 +144,6 @@ def write_hosts(plan: SwitchPlan) -> bool:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
     return True
-
-
-def readable_by_others(path: Path) -> bool:
-    """Whether a user with no rights of its own (dnsmasq after dropping root) can read
-    ``path``: every directory above it searchable by others, the file readable."""
-    try:
-        if not path.stat().st_mode & stat.S_IROTH:
-            return False
-        return all(p.stat().st_mode & stat.S_IXOTH for p in path.parents)
-    except OSError:
-        return False
 
 
 def dnsmasq_argv(plan: SwitchPlan, program: str = "dnsmasq") -> list[str]:
@@ -146,8 +163,10 @@ def dnsmasq_argv(plan: SwitchPlan, program: str = "dnsmasq") -> list[str]:
     domain = plan.dhcp.domain
     if not _DOMAIN.match(domain):
         raise InvalidInput(f"'{domain}' is not a DNS domain name", value=domain)
+    user = _runs_as()
     return [program, "--conf-file=/dev/null", "--bind-interfaces", f"--interface={bridge}",
-            "--except-interface=lo", f"--pid-file={pid_file}",
+            "--except-interface=lo", *([f"--user={user[0]}"] if user else []),
+            f"--pid-file={pid_file}",
             f"--dhcp-leasefile={lease_file}", f"--log-facility={log_file}",
             f"--dhcp-hostsfile={_hosts_file(plan)}",
             f"--dhcp-range={first},{last},{network.netmask},{LEASE_TIME}",
@@ -188,11 +207,6 @@ async def start(plan: SwitchPlan) -> None:
     """Start the switch's dnsmasq, or adopt the one running for this very plan."""
     argv = dnsmasq_argv(plan, _program())
     changed = write_hosts(plan)
-    hosts = _hosts_file(plan)
-    if not readable_by_others(hosts):
-        log.warning("switch %s: dnsmasq cannot read %s (a directory above it is not "
-                    "searchable by others): VMs are named as their guests say, not after "
-                    "the VMs", plan.name, hosts)
     running = _ours(plan)
     if running is not None and running[1][1:] == argv[1:]:
         if changed:
@@ -231,11 +245,15 @@ def _hang_up(pid: int) -> None:
 
 
 async def stop(plan: SwitchPlan) -> None:
-    """Stop the switch's dnsmasq if it runs; its lease file stays."""
+    """Stop the switch's dnsmasq if it runs; its lease file stays, a hosts file under
+    :data:`HOSTS_ROOT` goes."""
     running = _ours(plan)
     if running is not None:
         await _terminate(running[0])
     _files(plan)[0].unlink(missing_ok=True)
+    hosts = _hosts_file(plan)
+    if hosts.parent.parent == HOSTS_ROOT:
+        shutil.rmtree(hosts.parent, ignore_errors=True)
 
 
 async def _terminate(pid: int, grace: float = 10.0) -> None:
