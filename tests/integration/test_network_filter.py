@@ -210,6 +210,33 @@ async def test_guards_stop_spoofing_and_server_messages_of_a_guarded_port_only(l
     assert {"c-dhcp", "c-dhcp6", "c-redirect", "c-ra", "c-spoof", "c-arpspoof"} <= seen
 
 
+def tagged(frame: bytes, vid: int = 10) -> bytes:
+    """``frame`` with an 802.1Q tag, as a trunk port's VM sends it."""
+    return frame[:12] + (0x8100).to_bytes(2, "big") + vid.to_bytes(2, "big") + frame[12:]
+
+
+async def test_guards_and_acls_hold_for_vlan_tagged_frames(lab: Lab) -> None:
+    # The kernel keeps a received tag aside and puts it back for link-layer reads, so
+    # a guard keyed on the Ethernet type would never see a tagged ARP or ICMP frame.
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    acls = (PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "10.78.0.0/16"),
+            PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "2001:db8::/32"))
+    await apply(lab, port(a, PortSettings(dhcp_guard=True, router_guard=True, acls=acls)))
+    bad = [udp(a, b, "dhcp", sport=67),
+           frames.icmp_frame(b.mac, a.mac, "10.77.0.1", "10.77.0.2", 5, "redirect"),
+           frames.router_advert_frame(a.mac, "ra"),
+           frames.arp_frame(a.mac, "52:54:00:99:99:99", "10.77.0.1", "10.77.0.2", "arpspoof"),
+           udp(a, b, "acl4", dst_ip="10.78.0.2"),
+           frames.udp6_frame(b.mac, a.mac, "fd00::1", "2001:db8::2", 4000, 5000, "acl6")]
+
+    async def traffic() -> None:
+        await send(a, *(tagged(f) for f in bad), tagged(udp(a, b, "mark")))
+
+    seen = await receive(b, ["mark"], traffic)
+    assert not set(seen) & {"dhcp", "redirect", "ra", "arpspoof", "acl4", "acl6"}, seen
+
+
 # -- ACLs ----------------------------------------------------------------------------
 
 async def test_acls_drop_and_count_and_other_ports_counters_survive(lab: Lab) -> None:

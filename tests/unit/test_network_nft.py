@@ -74,7 +74,7 @@ flush chain {T} {ACL_OUT}
 
 def test_a_default_port_gets_mac_spoofing_protection_only() -> None:
     assert nft.port_script(plan()) == BASE + CHAINS + f"""{CHAIN} iifname "{TAP}" ether saddr != {MAC} drop
-{CHAIN} iifname "{TAP}" arp saddr ether != {MAC} drop
+{CHAIN} iifname "{TAP}" meta protocol arp arp saddr ether != {MAC} drop
 add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
 add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
 """  # noqa: E501
@@ -90,8 +90,9 @@ def test_every_feature_in_order_the_acls_between_the_guards_and_the_policer() ->
     assert nft.port_rules(plan(settings)) == [
         f'iifname "{TAP}" udp sport 67 drop',
         f'iifname "{TAP}" udp sport 547 drop',
-        f'iifname "{TAP}" icmpv6 type {{ nd-router-advert, nd-redirect }} drop',
-        f'iifname "{TAP}" icmp type redirect drop',
+        f'iifname "{TAP}" meta protocol ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} '
+        'drop',
+        f'iifname "{TAP}" meta protocol ip icmp type redirect drop',
         f'iifname "{TAP}" jump {ACL_OUT}',
         f'iifname "{TAP}" limit rate over 1000000 bytes/second burst 131072 bytes drop',
         f'oifname "{TAP}" jump {ACL_IN}',

@@ -27,9 +27,10 @@ Two tables per service, both named ``names.table_name(tag)``:
   IPv6); MACs match every frame. Address resolution is not IP traffic for the ACLs: ARP
   (never matched by an IP prefix) and IPv6 neighbour solicitations and advertisements
   pass the IP prefixes, so a VM resolves the remotes it may reach under "deny
-  everything, allow a subnet"; a MAC ACL still applies to them. Protocol matches
-  depend on ``meta protocol`` (not the Ethernet type field), so they hold for frames a
-  trunk port carries with a VLAN tag too.
+  everything, allow a subnet"; a MAC ACL still applies to them. Guards and ACLs
+  check the protocol with ``meta protocol``, not the Ethernet type field, so they hold
+  for VLAN-tagged frames too (a trunk port's; any port's on a bridge without VLAN
+  filtering).
 * family ``ip``: per NAT switch, base chains ``post_/pre_/out_/fwd_<bridge>`` holding
   the masquerade of its subnet, the dnat of its static mappings (from outside, from
   the host itself and from the switch's own VMs, for addresses of this host only, so
@@ -132,8 +133,9 @@ def _bridge_base(table: str) -> list[str]:
 _MAC_KIND, _IPV4_KIND, _IPV6_KIND = 0, 1, 2
 # Neighbour solicitations and advertisements: IPv6's ARP, let through the IP prefixes.
 # ``meta protocol`` (what ``ip6 saddr`` depends on in this family too) rather than
-# nft's default Ethernet type dependency of ``icmpv6``, which reads 802.1Q on a
-# trunk port's tagged frames.
+# the Ethernet type nft checks before ``icmpv6``, ``icmp`` and ``arp`` matches: that
+# reads 802.1Q on a VLAN-tagged frame (the kernel keeps the tag aside and puts it back
+# for link-layer reads), so the match would never hold for one.
 _ND = "meta protocol ip6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } return"
 
 
@@ -182,12 +184,14 @@ def port_rules(plan: PortPlan) -> list[str]:
     tap, mac, s = check_tap(plan.tap), check_mac(plan.mac), plan.settings
     acl_in, acl_out = acl_chains(tap)
     out: list[str] = []
+    # ``meta protocol``: see :data:`_ND` (a guard must hold for tagged frames too).
     if not s.mac_spoofing:
-        out += [f"ether saddr != {mac} drop", f"arp saddr ether != {mac} drop"]
+        out += [f"ether saddr != {mac} drop", f"meta protocol arp arp saddr ether != {mac} drop"]
     if s.dhcp_guard:
         out += ["udp sport 67 drop", "udp sport 547 drop"]
     if s.router_guard:
-        out += ["icmpv6 type { nd-router-advert, nd-redirect } drop", "icmp type redirect drop"]
+        out += ["meta protocol ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
+                "meta protocol ip icmp type redirect drop"]
     if acl_rules(s.acls, inbound=False):
         out.append(f"jump {acl_out}")
     if s.bandwidth_max is not None:
