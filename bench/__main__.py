@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import api_list, cli_startup, guest_exec, vm_start
+from bench import api_list, cli_startup, guest_exec, switch_throughput, vm_start
 from bench.report import Section, render
 from bench.support import Machine
 
@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "api_list": api_list.run,
     "guest_exec": guest_exec.run,
     "cli_startup": cli_startup.run,
+    "switch_throughput": switch_throughput.run,
 }
 
 
