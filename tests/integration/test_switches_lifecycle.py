@@ -94,7 +94,7 @@ def test_hot_add_and_remove_an_adapter(setup: Setup) -> None:
                what="hv vm show does not list the hot-added adapter's address")
     tap = next(p["tap"] for p in ports(host, "nat") if p["mac"] == mac)
     assert tap in space.links()
-    host.ok("vm", "nic", "remove", "ha", "--mac", mac)
+    host.ok("vm", "nic", "remove", "ha", mac)
     wait_until(lambda: ha.sh(f"hvstack-ifname {mac}")[0] != 0, WAIT,
                "the removed adapter is still in the guest")
     assert macs(host, "ha") == before
@@ -106,11 +106,11 @@ def test_disconnect_and_connect_while_running(setup: Setup) -> None:
     host, ha = setup.host, setup.ha
     mac = mac_on(host, "ha", "priv")
     iface = ifname(ha, mac)
-    host.ok("vm", "nic", "set", "ha", "--mac", mac, "--switch", "")
+    host.ok("vm", "nic", "set", "ha", mac, "--disconnect")
     wait_until(lambda: ha.ok(f"cat /sys/class/net/{iface}/carrier").strip() == "0",
                what="the guest still sees a link after the disconnect")
     assert no_ping(ha, "10.78.0.2")
-    host.ok("vm", "nic", "set", "ha", "--mac", mac, "--switch", "priv")
+    host.ok("vm", "nic", "set", "ha", mac, "--switch", "priv")
     wait_ping(ha, "10.78.0.2")
 
 
@@ -166,10 +166,13 @@ def test_bad_inputs_are_refused_and_leave_nothing(setup: Setup) -> None:
         ("switch", "create", "x5", "--type", "nat", "--subnet", "10.0.0.0/33"),
         ("switch", "create", "x6", "--type", "wormhole"),
         ("switch", "create", "priv", "--type", "private"),  # the name is taken
-        ("vm", "nic", "set", "ha", "--mac", ha_mac, "--vlan", "4095"),
-        ("vm", "nic", "set", "ha", "--mac", ha_mac, "--vlan", "0"),
-        ("vm", "nic", "set", "ha", "--mac", ha_mac, "--bandwidth-max", "fast"),
-        ("vm", "nic", "set", "ha", "--mac", "52:54:00:00:00:99", "--vlan", "5"),
+        ("vm", "nic", "set", "ha", ha_mac, "--vlan", "4095"),
+        ("vm", "nic", "set", "ha", ha_mac, "--vlan", "0"),
+        ("vm", "nic", "set", "ha", ha_mac, "--trunk", "10,5000"),
+        ("vm", "nic", "set", "ha", ha_mac, "--bandwidth-max", "fast"),
+        ("vm", "nic", "set", "ha", ha_mac, "--acl", "deny:both:10.0.0.1/8"),
+        ("vm", "nic", "set", "ha", "52:54:00:00:00:99", "--vlan", "5"),  # no such adapter
+        ("vm", "nic", "set", "ha", ha_mac, "--mac", hb_mac),  # hb has it (and ha runs)
         ("vm", "nic", "add", "ha", "--switch", "priv", "--mac", "52:54:00:zz:00:01"),
         ("vm", "nic", "add", "ha", "--switch", "priv", "--mac", "01:00:5e:00:00:01"),
         ("vm", "nic", "add", "ha", "--switch", "priv", "--mac", hb_mac),  # hb has it
