@@ -116,6 +116,8 @@ def fails_cleanly(host: HostProcess, *args: str) -> str:
     assert result.returncode == 2, (args, result.returncode, result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, (args, result.stderr)
+    assert "unexpected" not in lines[0], (args, lines[0])  # a crash, not a refusal
+    print(f"hv {' '.join(args)}: {lines[0]}")
     return lines[0]
 
 
