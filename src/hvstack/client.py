@@ -7,6 +7,10 @@ the token and the server certificate's trust default from ``$HV_TOKEN``,
 back as :class:`ApiError` carrying the server's problem+json; a host service that cannot
 be reached is :class:`ApiError` too.
 
+Virtual switches and VM network adapters have their own methods (``create_switch``,
+``add_adapter``, ...): each sends the API's typed request, every name and MAC in the
+path escaped with :func:`segment`.
+
 File copies with a guest (Copy-VMFile) are :meth:`Client.copy_to_guest` and
 :meth:`Client.copy_from_guest`: each runs the two-phase protocol of ``POST
 /vms/{ref}/files`` and then the data connection, with sha256 checked on this side too.
@@ -356,3 +360,72 @@ class Client:
                 if timeout is None and exc.problem.get("type") == "/problems/wait-timeout":
                     continue
                 raise
+
+    # -- virtual switches and network adapters -------------------------------------
+
+    def list_switches(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get("/switches")
+        return result
+
+    def get_switch(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.get(url_path("switches", ref))
+        return result
+
+    def create_switch(self, name: str, type: str, *, adapter: str | None = None,
+                      subnet: str | None = None, host_address: str | None = None,
+                      notes: str = "") -> dict[str, Any]:
+        """New-VMSwitch: ``type`` external (``adapter``), internal, private or nat."""
+        body = {"name": name, "type": type, "adapter": adapter, "subnet": subnet,
+                "host_address": host_address, "notes": notes}
+        result: dict[str, Any] = self.post("/switches", _present(body))
+        return result
+
+    def update_switch(self, ref: str, *, name: str | None = None, notes: str | None = None,
+                      host_address: str | None = None) -> dict[str, Any]:
+        body = _present({"name": name, "notes": notes, "host_address": host_address})
+        result: dict[str, Any] = self.request("PATCH", url_path("switches", ref), json=body)
+        return result
+
+    def delete_switch(self, ref: str, force: bool = False) -> dict[str, Any]:
+        """Delete a switch; one in use only with ``force`` (its ports disconnected)."""
+        result: dict[str, Any] = self.request("DELETE", url_path("switches", ref),
+                                              params={"force": str(force).lower()})
+        return result
+
+    def add_nat_mapping(self, ref: str, protocol: str, external_port: int, internal_ip: str,
+                        internal_port: int) -> dict[str, Any]:
+        """Add-NetNatStaticMapping on NAT switch ``ref``."""
+        result: dict[str, Any] = self.post(url_path("switches", ref, "mappings"), {
+            "protocol": protocol, "external_port": external_port,
+            "internal_ip": internal_ip, "internal_port": internal_port})
+        return result
+
+    def remove_nat_mapping(self, ref: str, protocol: str, external_port: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "DELETE", url_path("switches", ref, "mappings", protocol, str(external_port)))
+        return result
+
+    def list_adapters(self, vm: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.get(url_path("vms", vm, "adapters"))
+        return result
+
+    def add_adapter(self, vm: str, **fields: Any) -> dict[str, Any]:
+        """Add-VMNetworkAdapter; ``fields`` as the API's AdapterBody (switch, mac,
+        vlan, bandwidth_max, ...). Returns the VM."""
+        result: dict[str, Any] = self.post(url_path("vms", vm, "adapters"), _present(fields))
+        return result
+
+    def update_adapter(self, vm: str, mac: str, **fields: Any) -> dict[str, Any]:
+        """Connect (``switch=NAME``), disconnect (``switch=""``) or change the port
+        settings of the adapter with MAC ``mac``. Returns the VM."""
+        result: dict[str, Any] = self.request("PATCH", url_path("vms", vm, "adapters", mac),
+                                              json=_present(fields))
+        return result
+
+    def remove_adapter(self, vm: str, mac: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("DELETE", url_path("vms", vm, "adapters", mac))
+        return result
+
+
+def _present(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}

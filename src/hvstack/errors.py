@@ -16,7 +16,8 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   ├── InvalidState        the VM's state does not allow the operation
     │   ├── ResourceBusy        a disk in use by another running VM
     │   ├── StaleRevision       a stored record changed since it was read
-    │   └── ServiceDisabled     an integration service that is turned off
+    │   ├── ServiceDisabled     an integration service that is turned off
+    │   └── NetworkUnavailable  no CAP_NET_ADMIN: switches and taps refused
     ├── InsufficientResources   more memory/CPUs than the host has           (422)
     │   └── NoSpace             a host file system (or the store on it) is full (507)
     ├── OperationTimeout        something outside did not answer in time     (504)
@@ -140,6 +141,20 @@ class ServiceDisabled(Conflict):
         )
 
 
+class NetworkUnavailable(Conflict):
+    """The host service cannot manage bridges and taps; ``reason`` says why (the
+    backend's words). User-mode NAT adapters work without it."""
+
+    slug = "network-unavailable"
+    title = "Cannot manage network devices"
+
+    def __init__(self, doing: str, reason: str) -> None:
+        super().__init__(
+            f"cannot {doing}: this host service cannot manage network devices ({reason}); "
+            "it needs CAP_NET_ADMIN (run hv serve as root). Adapters in user-mode NAT "
+            "still work", reason=reason)
+
+
 class InsufficientResources(HvError):
     http_status = 422
     slug = "insufficient-resources"
@@ -205,6 +220,7 @@ ERROR_TYPES: dict[str, type[HvError]] = {
         NotAuthenticated,
         AccessDenied,
         ServiceDisabled,
+        NetworkUnavailable,
         InsufficientResources,
         NoSpace,
         OperationTimeout,

@@ -38,7 +38,7 @@ from hvstack.errors import AlreadyExists, Conflict, InvalidInput
 from hvstack.host.auth import TokenStore
 from hvstack.host.config import HostConfig, ListenAddress
 from hvstack.host.files import AccessGroup, resolve_group, secure_data_dir, secure_run_dir
-from hvstack.host.root import HostRoot
+from hvstack.host.root import HostRoot, linux_network
 from hvstack.host.store import SqliteStore
 from hvstack.host.tls import TlsPair, tls_pair
 from hvstack.hypervisor.qemu.driver import QemuDriver
@@ -200,7 +200,7 @@ async def serve(config: HostConfig, ready: asyncio.Event | None = None,
             sockets.append(_bind_tcp(config.tcp))
         store = SqliteStore(config.data_dir / "hvstack.db")
         tokens = TokenStore(config.data_dir / "hvstack.db")
-        root = await HostRoot.start(config, store, QemuDriver())
+        root = await HostRoot.start(config, store, QemuDriver(), network=linux_network())
         app = create_app(root, tokens=tokens)
         origins = [config.tcp.origin] if config.tcp is not None else []
         servers = [(_uvicorn(ListenerGuard(app, tokens=None, own_origins=origins),

@@ -45,6 +45,9 @@ class FakeDevices:
     fdsets: dict[int, list[int]] = field(default_factory=dict)
     auto_release: bool = True  # the guest releases a device as soon as asked
     released: dict[str, asyncio.Event] = field(default_factory=dict)
+    links: dict[str, bool] = field(default_factory=dict)  # set_link's last word by name
+    netdev_fds: dict[str, int] = field(default_factory=dict)  # a tap netdev's descriptor
+    buses: set[str] | None = None  # the machine's ports (None: any bus is there)
 
     async def pass_fd(self, fd: int, name: str) -> None:
         if name in self.fds:
@@ -74,7 +77,17 @@ class FakeDevices:
         netdev = device.properties.get("netdev")
         if netdev is not None and netdev not in self.netdevs:
             raise _refuse(f"Property 'netdev' can't find value '{netdev}'")
+        if netdev is not None and any(d.properties.get("netdev") == netdev
+                                      for d in self.devices.values()):
+            raise _refuse(f"Property 'netdev' can't use value '{netdev}', it's in use")
+        bus = device.properties.get("bus")
+        if isinstance(bus, str) and self.buses is not None:
+            if bus not in self.buses:
+                raise _refuse(f"Bus '{bus}' not found")
+            if any(d.properties.get("bus") == bus for d in self.devices.values()):
+                raise _refuse(f"PCI: slot 0 function 0 not available for {device.driver}")
         self.devices[device.id] = device
+        self.links[device.id] = True
 
     async def remove_device(self, device_id: str, timeout: float) -> None:
         if device_id not in self.devices:
@@ -89,6 +102,7 @@ class FakeDevices:
                 f"the guest did not release device {device_id} within {timeout:g} s") from None
         del self.devices[device_id]
         del self.released[device_id]
+        self.links.pop(device_id, None)
 
     def release(self, device_id: str) -> None:
         """The guest lets go of a device whose removal is pending."""
@@ -98,18 +112,37 @@ class FakeDevices:
         if netdev.id in self.netdevs:
             raise _refuse(f"Duplicate ID '{netdev.id}' for netdev")
         fd = netdev.properties.get("fd")
-        if isinstance(fd, str) and not fd.isdigit() and fd not in self.fds:
-            raise _refuse(f"File descriptor named '{fd}' has not been found")
+        if isinstance(fd, str) and not fd.isdigit():
+            if fd not in self.fds:
+                raise _refuse(f"File descriptor named '{fd}' has not been found")
+            self.netdev_fds[netdev.id] = self.fds.pop(fd)  # QEMU's monitor hands it over
         self.netdevs[netdev.id] = netdev
+        self.links[netdev.id] = True
 
     async def remove_netdev(self, netdev_id: str) -> None:
         if self.netdevs.pop(netdev_id, None) is None:
             raise _refuse(f"Device '{netdev_id}' not found", "DeviceNotFound")
+        self.links.pop(netdev_id, None)
+        if netdev_id in self.netdev_fds:
+            os.close(self.netdev_fds.pop(netdev_id))
+
+    async def set_link(self, name: str, up: bool) -> None:
+        if name not in self.devices and name not in self.netdevs:
+            raise _refuse(f"Device '{name}' not found", "DeviceNotFound")
+        self.links[name] = up
+
+    async def devices_on(self, bus: str) -> tuple[str, ...]:
+        if self.buses is not None and bus not in self.buses:
+            raise _refuse(f"path '/machine/peripheral/{bus}/{bus}' does not exist",
+                          "DeviceNotFound")
+        return tuple(d.id for d in self.devices.values() if d.properties.get("bus") == bus)
 
     def close(self) -> None:
-        for fd in [*self.fds.values(), *(f for s in self.fdsets.values() for f in s)]:
+        for fd in [*self.fds.values(), *self.netdev_fds.values(),
+                   *(f for s in self.fdsets.values() for f in s)]:
             os.close(fd)
         self.fds.clear()
+        self.netdev_fds.clear()
         self.fdsets.clear()
 
 

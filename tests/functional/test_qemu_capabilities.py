@@ -83,6 +83,33 @@ async def test_a_nic_is_plugged_on_a_passed_tap_descriptor(
     assert "tap-nic1" not in qmp.fds
 
 
+async def test_link_state_goes_to_set_link(qmp: FakeQmp, machine: QemuMachine) -> None:
+    qmp.reply("set_link", {})
+    await machine.devices.set_link("nic-525400123457", False)
+    await machine.devices.set_link("nic-525400123457", True)
+    assert qmp.sent("set_link") == [{"name": "nic-525400123457", "up": False},
+                                    {"name": "nic-525400123457", "up": True}]
+
+
+async def test_the_devices_on_a_port_are_its_bus_children(qmp: FakeQmp,
+                                                          machine: QemuMachine) -> None:
+    # qom-list of a root port's bus, as QEMU 7.2 answers it
+    qmp.reply("qom-list", [
+        {"name": "type", "type": "string"}, {"name": "realized", "type": "bool"},
+        {"name": "acpi-pcihp-bsel", "type": "uint32"},
+        {"name": "child[3]", "type": "link<virtio-net-pci>"},
+        {"name": "hotplug-handler", "type": "link<hotplug-handler>"}])
+    qmp.reply("qom-get", "/machine/peripheral/nic-525400123457")
+    assert await machine.devices.devices_on("hotplug-port-1") == ("nic-525400123457",)
+    assert qmp.sent("qom-list") == [{"path": "/machine/peripheral/hotplug-port-1/"
+                                             "hotplug-port-1"}]
+    assert qmp.sent("qom-get") == [{"path": "/machine/peripheral/hotplug-port-1/"
+                                            "hotplug-port-1", "property": "child[3]"}]
+    qmp.reply("qom-list", [{"name": "type", "type": "string"},
+                           {"name": "hotplug-handler", "type": "link<hotplug-handler>"}])
+    assert await machine.devices.devices_on("hotplug-port-0") == ()
+
+
 async def test_descriptors_join_fd_sets(qmp: FakeQmp, machine: QemuMachine,
                                         tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"

@@ -103,6 +103,10 @@ async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
                 "qom-list", {"path": "/machine/peripheral"})
             assert {"disk-d15c0a1b2c-dev", "dvd-dev", "nic-525400aabbcc"} <= {
                 d["name"] for d in devices}
+            if generation is Generation.GEN2:  # the adapter on its own root port
+                assert await machine.devices.devices_on("port-525400aabbcc") == (
+                    "nic-525400aabbcc",)
+                assert await machine.devices.devices_on("hotplug-port-3") == ()
             dump = run_dir / "screen.ppm"
             await machine.screendump(dump)
             image = parse_ppm(dump.read_bytes())

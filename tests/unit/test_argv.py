@@ -29,6 +29,7 @@ from hvstack.hypervisor.qemu.argv import (
 from hvstack.hypervisor.spec import (
     DVD_DEVICE,
     DVD_NODE,
+    HOTPLUG_PORTS,
     BlockBus,
     BlockDevice,
     BlockNode,
@@ -120,8 +121,17 @@ def gen2_spec(accelerator: str = "tcg", os_type: str = "linux") -> MachineSpec:
     )
 
 
+def gen2_switch_spec() -> MachineSpec:
+    """A generation 2 VM with a tap port on a switch (descriptor 3) and a user-mode
+    adapter, listed against the order of their MACs."""
+    return replace(gen2_spec("kvm"), pass_fds=(3,), net_devices=(
+        NetDevice("52:54:00:ab:cd:ef", NicModel.VIRTIO, TapNetdev("3")),
+        NetDevice(MAC, NicModel.VIRTIO)))
+
+
 GOLDEN_SPECS = {
     "argv_gen1": lambda: gen1_spec("tcg"),
+    "argv_gen2_switch": gen2_switch_spec,
     "argv_gen2": lambda: gen2_spec("tcg"),
     "argv_gen2_kvm": lambda: gen2_spec("kvm"),
     "argv_gen2_windows": lambda: gen2_spec("kvm", os_type="windows"),
@@ -346,6 +356,54 @@ def test_a_tap_netdev_names_its_descriptor() -> None:
     argv = build_argv(replace(gen2_spec(), net_devices=(nic,), pass_fds=(9,)))
     assert json_options(argv, "-netdev") == [{"type": "tap", "id": "net-525400123456",
                                               "fd": "tap-nic"}]
+
+
+def test_a_tap_netdev_has_no_vnet_hdr_option() -> None:
+    # QEMU 7.2 refuses vnet_hdr= beside fd= and probes the tap's flags instead.
+    netdevs = json_options(build_argv(gen2_switch_spec()), "-netdev")
+    assert netdevs[0] == {"type": "tap", "id": "net-525400abcdef", "fd": "3"}
+    assert all("vnet_hdr" not in n for n in netdevs)
+
+
+def root_ports(argv: list[str]) -> dict[str, dict[str, object]]:
+    return {str(d["id"]): d for d in json_options(argv, "-device")
+            if d["driver"] == "pcie-root-port"}
+
+
+def test_on_q35_each_adapter_has_its_own_root_port_and_spares_wait() -> None:
+    argv = build_argv(gen2_switch_spec())
+    ports = root_ports(argv)
+    assert list(ports) == ["port-525400123456", "port-525400abcdef", *(
+        f"hotplug-port-{i}" for i in range(HOTPLUG_PORTS))]
+    devices = {d["id"]: d for d in json_options(argv, "-device")}
+    assert devices["nic-525400123456"]["bus"] == "port-525400123456"
+    assert devices["nic-525400abcdef"]["bus"] == "port-525400abcdef"
+    pairs = [(p["chassis"], p["slot"]) for p in ports.values()]
+    assert len(set(pairs)) == len(pairs)
+    assert all(p["io-reserve"] == 0 for p in ports.values())
+    # a port is defined before the adapter that sits on it
+    position = {json.loads(a).get("id"): i for i, a in enumerate(argv) if a.startswith("{")}
+    assert position["port-525400abcdef"] < position["nic-525400abcdef"]
+
+
+def test_root_ports_depend_on_the_set_of_adapters_not_their_order() -> None:
+    spec = gen2_switch_spec()
+    flipped = replace(spec, net_devices=spec.net_devices[::-1])
+    assert root_ports(build_argv(spec)) == root_ports(build_argv(flipped))
+    assert spec.root_ports() == flipped.root_ports()
+
+
+def test_the_number_of_spare_ports_is_the_specs() -> None:
+    spec = replace(gen2_spec(), hotplug_ports=1)
+    assert [p.id for p in spec.root_ports()] == ["port-525400123456", "hotplug-port-0"]
+
+
+def test_i440fx_has_no_root_ports_and_hot_plugs_on_its_root_bus() -> None:
+    argv = build_argv(gen1_spec())
+    assert root_ports(argv) == {}
+    assert gen1_spec().root_ports() == ()
+    devices = {d["id"]: d for d in json_options(argv, "-device")}
+    assert "bus" not in devices["nic-525400123456"]
 
 
 def test_a_balloon_is_there_when_asked_for() -> None:

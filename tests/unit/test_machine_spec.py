@@ -18,14 +18,15 @@ from hvstack.compute.model import (
     NicModel,
     VmConfig,
 )
-from hvstack.errors import InvalidInput
+from hvstack.errors import HypervisorError, InvalidInput
 from hvstack.hypervisor.qemu.argv import build_argv
-from hvstack.hypervisor.spec import MachineSpec
+from hvstack.hypervisor.spec import MachineSpec, TapNetdev, UserNetdev
 from tests.unit import test_argv
 from tests.unit.test_argv import FOLDER, GIB, IMAGE, ISO, MAC, RUN, VM_ID
 
 FILES = VmFiles(Path(FOLDER), Path(RUN))
 OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+SWITCHED = "52:54:00:ab:cd:ef"
 
 
 def gen1_config(os_type: str = "linux") -> VmConfig:
@@ -77,14 +78,40 @@ GOLDEN_SETTINGS = {
     "argv_gen2_windows_tcg": (gen2_config("windows"), "tcg"),
     "argv_gen1_windows_kvm": (gen1_config("windows"), "kvm"),
     "argv_gen1_windows_tcg": (gen1_config("windows"), "tcg"),
+    "argv_gen2_switch": (replace(gen2_config(), network_adapters=(
+        NetworkAdapter(SWITCHED, NicModel.VIRTIO, "switch", "sw1"),
+        NetworkAdapter(MAC, NicModel.VIRTIO))), "kvm"),
 }
+SWITCH_TAPS = {"argv_gen2_switch": {SWITCHED: 3}}
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SETTINGS))
 def test_golden_through_the_settings(name: str) -> None:
     assert set(GOLDEN_SETTINGS) == set(test_argv.GOLDEN_SPECS)
     config, accelerator = GOLDEN_SETTINGS[name]
-    test_argv.check_golden(name, build_argv(spec_of(config, accelerator)))
+    spec = spec_of(config, accelerator, tap_fds=SWITCH_TAPS.get(name, {}))
+    assert spec == test_argv.GOLDEN_SPECS[name]()
+    test_argv.check_golden(name, build_argv(spec))
+
+
+def test_a_switch_port_gets_its_tap_and_qemu_inherits_it() -> None:
+    config = replace(gen2_config(), network_adapters=(
+        NetworkAdapter(MAC, NicModel.VIRTIO, "switch"),  # not connected: a tap all the same
+        NetworkAdapter(SWITCHED, NicModel.VIRTIO, "switch", "sw1"),
+        NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO)))
+    spec = spec_of(config, tap_fds={SWITCHED.upper(): 12, MAC: 7})
+    assert [n.backend for n in spec.net_devices] == [TapNetdev("7"), TapNetdev("12"),
+                                                     UserNetdev()]
+    assert spec.pass_fds == (7, 12)
+    assert spec_of(gen2_config()).pass_fds == ()
+
+
+def test_a_switch_port_without_a_tap_is_an_error_naming_it() -> None:
+    config = replace(gen2_config(), network_adapters=(
+        NetworkAdapter(MAC, NicModel.VIRTIO),
+        NetworkAdapter(SWITCHED, NicModel.VIRTIO, "switch", "sw1")))
+    with pytest.raises(HypervisorError, match=f"adapter {SWITCHED} is a switch port"):
+        spec_of(config, tap_fds={MAC: 4})
 
 
 def test_names_follow_identities_not_positions() -> None:

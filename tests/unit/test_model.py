@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,15 @@ from hvstack.compute.model import (
     validate_name,
 )
 from hvstack.errors import InsufficientResources, InvalidInput
+from hvstack.network.model import (
+    AclAction,
+    AclDirection,
+    MirrorMode,
+    PortAcl,
+    PortSettings,
+    Vlan,
+    VlanMode,
+)
 
 GIB = 1024**3
 HOST = {"host_cpus": 4, "host_memory": 8 * GIB}
@@ -142,6 +152,15 @@ def test_valid_configs(cfg: VmConfig) -> None:
     (config(network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),
                               NetworkAdapter(MAC.upper(), NicModel.VIRTIO))),
      "is given to two network adapters"),
+    (config(network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO, "switch", "s1"),
+                              NetworkAdapter(MAC.replace(":", "-"), NicModel.VIRTIO))),
+     "is given to two network adapters"),
+    (config(network_adapters=(NetworkAdapter("01:00:5e:00:00:01", NicModel.VIRTIO),)),
+     "multicast"),
+    (config(network_adapters=(NetworkAdapter("00:00:00:00:00:00", NicModel.VIRTIO),)),
+     "not usable"),
+    (config(network_adapters=(NetworkAdapter("52:54:00:ab:cd:zz", NicModel.VIRTIO),)),
+     "six hex pairs"),
     (gen1(disks=ide(5)), "5 IDE devices were asked for"),
     (gen1(disks=ide(4), dvd="/iso/x.iso"), "5 IDE devices were asked for"),
     (gen1(disks=(DiskAttachment("/d/a", DiskBus.SCSI),)), "its first disk must be on IDE"),
@@ -184,8 +203,18 @@ def full_config() -> VmConfig:
         disks=(DiskAttachment("/d/a.qcow2", DiskBus.IDE, "qcow2", False),
                DiskAttachment("/d/b.raw", DiskBus.VIRTIO, "raw", True)),
         dvd="/iso/install.iso",
-        network_adapters=(NetworkAdapter(MAC, NicModel.E1000, "user"),
-                          NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO, "bridge")),
+        network_adapters=(
+            NetworkAdapter(MAC, NicModel.E1000, "user"),
+            NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO, "switch", "sw-1",
+                           PortSettings(Vlan(VlanMode.TRUNK, allowed=(10, 20), native=5),
+                                        mac_spoofing=True, dhcp_guard=True,
+                                        router_guard=True,
+                                        acls=(PortAcl(AclAction.DENY, AclDirection.INBOUND,
+                                                      "10.0.0.0/8"),),
+                                        bandwidth_max=10**8, bandwidth_min=10**7,
+                                        mirror=MirrorMode.SOURCE),
+                           dynamic_mac=True),
+            NetworkAdapter("52:54:00:00:00:02", NicModel.VIRTIO, "switch")),
         boot_order=(BootDevice.NETWORK, BootDevice.DVD),
         auto_start=AutoStartAction.ALWAYS_START,
         auto_start_delay_seconds=30,
@@ -228,6 +257,43 @@ def test_from_json_ignores_unknown_fields_and_fills_defaults() -> None:
     back = VmConfig.from_json(json.dumps(raw))
     assert back.disks == (DiskAttachment("/d/a", DiskBus.SCSI, "qcow2", False),)
     assert back.network_adapters == (NetworkAdapter(MAC, NicModel.VIRTIO, "user"),)
+
+
+def test_adapter_records_from_before_switches_load_as_user_mode_adapters() -> None:
+    raw = {"mac": MAC, "model": "e1000", "mode": "user"}
+    nic = NetworkAdapter.from_json(raw)
+    assert nic == NetworkAdapter(MAC, NicModel.E1000)
+    assert (nic.switch, nic.port, nic.dynamic_mac) == ("", PortSettings(), False)
+    assert NetworkAdapter.from_json(nic.to_json()) == nic
+
+
+def test_adapter_json_round_trip_keeps_port_settings() -> None:
+    nic = full_config().network_adapters[1]
+    text = json.dumps(nic.to_json())
+    back = NetworkAdapter.from_json(json.loads(text))
+    assert back == nic
+    assert back.port.acls[0].action is AclAction.DENY
+    assert isinstance(back.port.vlan.allowed, tuple)
+
+
+def test_adapter_mac_is_kept_lower_case_with_colons() -> None:
+    assert NetworkAdapter(" 52-54-00-AB-CD-EF", NicModel.VIRTIO).mac == MAC
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"mode": "bridge"}, "mode 'bridge' is not one of user, switch"),
+    ({"mode": "user", "switch": "s1"}, "user-mode NAT adapter has no switch"),
+    ({"mode": "user", "port": PortSettings(dhcp_guard=True)}, "no port settings"),
+])
+def test_adapter_shape_is_checked(kwargs: dict[str, Any], why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        NetworkAdapter(MAC, NicModel.VIRTIO, **kwargs)
+
+
+def test_an_adapter_in_switch_mode_may_be_not_connected() -> None:
+    nic = NetworkAdapter(MAC, NicModel.VIRTIO, "switch")
+    validate_config(config(network_adapters=(nic,)), **HOST)
+    assert nic.switch == ""
 
 
 def test_record_evolve_and_name() -> None:

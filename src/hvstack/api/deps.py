@@ -7,6 +7,7 @@ from starlette.requests import HTTPConnection
 
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
 from hvstack.integration.ops import GuestOperations
 
@@ -28,4 +29,9 @@ def guest_ops_of(connection: HTTPConnection) -> GuestOperations:
 
 def console_ops_of(connection: HTTPConnection) -> ConsoleOperations:
     ops: ConsoleOperations = connection.app.state.root.console
+    return ops
+
+
+def network_ops_of(connection: HTTPConnection) -> NetworkOperations:
+    ops: NetworkOperations = connection.app.state.root.network
     return ops

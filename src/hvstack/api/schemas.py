@@ -42,6 +42,8 @@ class VmCreate(Request):
     auto_stop: AutoStop = "save"
     os_type: Literal["linux", "windows", "other"] = "linux"
     accelerator: Literal["kvm", "tcg"] | None = None
+    switches: list[str] = []  # one adapter on each (names or ids)
+    no_network: bool = False  # no adapter at all
 
 
 class IntegrationServicesUpdate(Request):
@@ -140,7 +142,15 @@ class DiskView(BaseModel):
 class NicView(BaseModel):
     mac: str
     model: str
-    mode: str
+    mode: str  # "user" (user-mode NAT) or "switch"
+    switch: str = ""  # the switch's id; "" when not connected
+    switch_name: str | None = None  # shown by GET /vms/{ref} and the adapter routes
+    dynamic_mac: bool = False
+    port: dict[str, Any] = {}  # Hyper-V's port settings (network.model.PortSettings)
+    ip_addresses: list[str] = []  # the guest's, from its agent, while it runs
+    # Packets and bytes each ACL of the port matched (index into port.acls), while the
+    # VM runs; shown by GET /vms/{ref}/adapters.
+    acl_counters: list[dict[str, Any]] = []
 
 
 class VmView(BaseModel):

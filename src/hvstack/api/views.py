@@ -69,7 +69,9 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
                    "id": d.id}
                   for d in config.disks],
         "dvd": config.dvd,
-        "network_adapters": [{"mac": n.mac, "model": n.model.value, "mode": n.mode}
+        "network_adapters": [{"mac": n.mac, "model": n.model.value, "mode": n.mode,
+                              "switch": n.switch, "dynamic_mac": n.dynamic_mac,
+                              "port": n.port.to_json()}
                              for n in config.network_adapters],
         "boot_order": [b.value for b in config.boot_order],
         "auto_start": config.auto_start.value,

@@ -19,7 +19,7 @@ from rich.text import Text
 from typer.main import get_command_name
 from typer.models import TyperInfo
 
-from hvstack.cli import auth, disk, vm
+from hvstack.cli import auth, disk, switch, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
 from hvstack.cli.connection import Connection, current_connection
@@ -48,6 +48,7 @@ app = typer.Typer(help="hvstack: Hyper-V's virtualization stack on KVM/QEMU.",
 app.add_typer(vm.app, name="vm")
 app.add_typer(disk.app, name="disk")
 app.add_typer(disk.image_app, name="image")
+app.add_typer(switch.app, name="switch")
 app.add_typer(auth.app, name="auth")
 host_app = typer.Typer(help="The host and its service.", no_args_is_help=True)
 job_app = typer.Typer(help="Long operations: list, show, cancel.", no_args_is_help=True)
@@ -88,6 +89,13 @@ def serve(
     tls_key: str | None = typer.Option(None, "--tls-key", help="its private key (PEM)"),
     insecure: bool = typer.Option(False, "--insecure",
                                   help="plain HTTP on the TCP listener (loopback only)"),
+    default_switch: str = typer.Option(
+        "default", "--default-switch",
+        help="default: make the Default Switch (NAT) on first start and connect new VMs "
+             "to it; none: do not (new VMs get user-mode NAT)"),
+    mac_pool: str | None = typer.Option(
+        None, "--mac-pool", help="FIRST-LAST: the MACs new adapters get (default "
+        "52:54:00:00:00:00-52:54:00:ff:ff:ff)"),
 ) -> None:
     """Run the host service in the foreground."""
     import asyncio
@@ -100,7 +108,8 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every disconnect
     config = load_config(data_dir, listen, storage_root or None, accelerator, detach_on_exit,
-                         tls_cert=tls_cert, tls_key=tls_key, insecure=insecure)
+                         tls_cert=tls_cert, tls_key=tls_key, insecure=insecure,
+                         default_switch=default_switch, mac_pool=mac_pool)
 
     def announce(message: str) -> None:
         err_console.print(Text(message), highlight=False)

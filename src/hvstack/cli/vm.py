@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from hvstack.cli import nic
 from hvstack.cli.render import (
     HostOption,
     Output,
@@ -25,6 +26,7 @@ from hvstack.cli.render import (
 from hvstack.client import url_path
 
 app = typer.Typer(help="Create, run and manage virtual machines.", no_args_is_help=True)
+app.add_typer(nic.app, name="nic")
 
 LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("cpus", "CPUs"),
                 ("memory_bytes", "Memory"), ("uptime_seconds", "Uptime"),
@@ -39,8 +41,7 @@ def _show(vm: dict[str, Any], output: Output) -> None:
         return
     view = dict(vm)
     view["disks"] = [f"{d['path']} ({d['bus']}, {d['format']})" for d in vm["disks"]]
-    view["network_adapters"] = [f"{n['mac']} ({n['model']}, {n['mode']})"
-                                for n in vm["network_adapters"]]
+    view["network_adapters"] = [nic.adapter_line(n) for n in vm["network_adapters"]]
     view["integration_services"] = [
         f"{name.replace('_', '-')}: "
         + (s["status"] or ("enabled" if s["enabled"] else "Disabled"))
@@ -88,17 +89,24 @@ def create(
                                    help="nothing, start-if-running or always-start"),
     auto_start_delay: int = typer.Option(0, "--auto-start-delay", help="seconds"),
     auto_stop: str = typer.Option("save", "--auto-stop", help="save, turn-off or shut-down"),
+    switch: list[str] = typer.Option(
+        [], "--switch", "-s", help="an adapter on this switch (repeatable); default: the "
+        "Default Switch if the host has one, else user-mode NAT"),
+    no_network: bool = typer.Option(False, "--no-network", help="no network adapter"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
     """Create a VM (Hyper-V's New-VM)."""
     if generation not in (1, 2):
         fail("--generation must be 1 or 2")
+    if switch and no_network:
+        fail("--switch and --no-network exclude each other")
     body = {"name": name, "generation": generation, "cpus": cpus, "memory": memory,
             "image": image, "disk": local_path(disk), "disk_format": disk_format,
             "new_disk": new_disk, "dvd": local_path(dvd),
             "notes": notes, "os_type": os_type, "auto_start": auto_start,
-            "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop}
+            "auto_start_delay_seconds": auto_start_delay, "auto_stop": auto_stop,
+            "switches": switch, "no_network": no_network}
     with client(host) as api:
         vm = api.post("/vms", {k: v for k, v in body.items() if v is not None})
     if output is Output.json:

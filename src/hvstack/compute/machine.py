@@ -7,6 +7,11 @@ q35 PC with UEFI and its DVD drive on SCSI; the boot order becomes boot indices 
 first disk, the DVD drive, the first adapter); a Windows guest gets the Hyper-V
 enlightenments, a local-time clock and a USB tablet. Disks and their backing chains
 become block nodes named from the disk's id, adapters devices named from their MAC.
+
+An adapter in switch mode is a tap port: the host opens the tap (always, also for an
+adapter that is not connected: its tap is there, its link down) and hands the open
+descriptor in ``tap_fds``; QEMU inherits it (``pass_fds``) and the netdev names it. A
+user-mode adapter is QEMU's own NAT.
 """
 
 from __future__ import annotations
@@ -15,8 +20,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hvstack.compute.lifecycle import VmFiles
-from hvstack.compute.model import BootDevice, DiskAttachment, DiskBus, Generation, VmConfig
+from hvstack.compute.model import (
+    SWITCH_MODE,
+    BootDevice,
+    DiskAttachment,
+    DiskBus,
+    Generation,
+    NetworkAdapter,
+    VmConfig,
+)
 from hvstack.compute.model import NicModel as AdapterModel
+from hvstack.errors import HypervisorError
 from hvstack.hypervisor import spec as hw
 
 
@@ -75,8 +89,20 @@ def _block_devices(config: VmConfig,
     return devices
 
 
-def _net_devices(config: VmConfig) -> list[hw.NetDevice]:
-    return [hw.NetDevice(nic.mac, _MODELS[nic.model], hw.UserNetdev(),
+def netdev_of(nic: NetworkAdapter, tap_fds: Mapping[str, int]) -> hw.Netdev:
+    """The host side of ``nic``: its open tap (by MAC in ``tap_fds``) in switch mode,
+    QEMU's user-mode NAT otherwise. HypervisorError if a switch-mode adapter has no tap."""
+    if nic.mode != SWITCH_MODE:
+        return hw.UserNetdev()
+    fd = tap_fds.get(nic.mac)
+    if fd is None:
+        raise HypervisorError(f"network adapter {nic.mac} is a switch port but no tap "
+                              "device was opened for it", mac=nic.mac)
+    return hw.TapNetdev(str(fd))
+
+
+def _net_devices(config: VmConfig, tap_fds: Mapping[str, int]) -> list[hw.NetDevice]:
+    return [hw.NetDevice(nic.mac, _MODELS[nic.model], netdev_of(nic, tap_fds),
                          _boot_index(config, BootDevice.NETWORK) if index == 0 else None)
             for index, nic in enumerate(config.network_adapters)]
 
@@ -94,9 +120,16 @@ def runtime_paths(files: VmFiles) -> hw.RuntimePaths:
 
 def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost, *,
                  chains: Mapping[str, tuple[BackingFile, ...]] | None = None,
-                 incoming: bool = False) -> hw.MachineSpec:
+                 incoming: bool = False,
+                 tap_fds: Mapping[str, int] | None = None) -> hw.MachineSpec:
     """The machine that runs ``config``. ``chains``: each disk's checked parents by disk
-    id, nearest first (a disk missing there is opened without a parent)."""
+    id, nearest first (a disk missing there is opened without a parent). ``tap_fds``:
+    the open tap of each adapter in switch mode, by MAC (every one must have one:
+    HypervisorError naming the adapter otherwise); they become ``pass_fds``."""
+    taps = {mac.strip().lower().replace("-", ":"): fd for mac, fd in (tap_fds or {}).items()}
+    net_devices = tuple(_net_devices(config, taps))
+    passed = sorted({int(d.backend.fd) for d in net_devices
+                     if isinstance(d.backend, hw.TapNetdev)})
     gen1 = config.generation is Generation.GEN1
     windows = config.os_type == "windows"
     firmware: hw.Firmware = (hw.SeaBios() if gen1
@@ -112,7 +145,8 @@ def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost
         enlightenments=hw.Enlightenments(hyperv=windows, rtc_localtime=windows,
                                          usb_tablet=windows),
         block_devices=tuple(_block_devices(config, chains or {})),
-        net_devices=tuple(_net_devices(config)),
+        net_devices=net_devices,
         incoming=incoming,
         binary=host.binary,
+        pass_fds=tuple(passed),
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hvstack.errors import InsufficientResources, InvalidInput
+from hvstack.network.model import PortSettings, parse_mac
 
 MAX_NAME_LENGTH = 100
 MAX_NOTES_LENGTH = 4000
@@ -109,13 +110,49 @@ class DiskAttachment:
             object.__setattr__(self, "id", disk_id_of(self.path))
 
 
+USER_MODE = "user"  # QEMU's user-mode NAT inside the VM's process: no privilege needed
+SWITCH_MODE = "switch"  # a tap port on a virtual switch of the host
+ADAPTER_MODES = (USER_MODE, SWITCH_MODE)
+
+
 @dataclass(frozen=True)
 class NetworkAdapter:
-    """A network adapter; user-mode NAT until virtual switches land."""
+    """A network adapter, named by its MAC (which also names it in QEMU).
+
+    ``mode`` :data:`USER_MODE` is QEMU's user-mode NAT: no switch, default port
+    settings. :data:`SWITCH_MODE` is a tap port on the switch with id ``switch``, ""
+    when not connected (the adapter is still there, its link down), with Hyper-V's
+    per-port settings ``port``. ``dynamic_mac``: the MAC came from the host's pool
+    rather than from the user (Hyper-V's dynamic MAC). The MAC is kept in lower case
+    with colons; :func:`validate_config` checks it is a usable unicast address.
+    """
 
     mac: str
     model: NicModel
-    mode: str = "user"
+    mode: str = USER_MODE
+    switch: str = ""
+    port: PortSettings = field(default_factory=PortSettings)
+    dynamic_mac: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mac", self.mac.strip().lower().replace("-", ":"))
+        if self.mode not in ADAPTER_MODES:
+            raise InvalidInput(f"network adapter mode '{self.mode}' is not one of "
+                               f"{', '.join(ADAPTER_MODES)}", value=self.mode)
+        if self.mode == USER_MODE and (self.switch or self.port != PortSettings()):
+            raise InvalidInput("a user-mode NAT adapter has no switch and no port "
+                               "settings; connect it to a switch instead", value=self.mac)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> NetworkAdapter:
+        """An adapter as :meth:`to_json` wrote it, or as records before virtual
+        switches did (no switch, port or dynamic_mac: a user-mode adapter)."""
+        return NetworkAdapter(raw["mac"], NicModel(raw["model"]), raw.get("mode", USER_MODE),
+                              raw.get("switch", ""), PortSettings.from_json(raw.get("port")),
+                              raw.get("dynamic_mac", False))
 
 
 @dataclass(frozen=True)
@@ -180,8 +217,7 @@ class VmConfig:
             for d in raw.get("disks", ())
         )
         raw["network_adapters"] = tuple(
-            NetworkAdapter(n["mac"], NicModel(n["model"]), n.get("mode", "user"))
-            for n in raw.get("network_adapters", ())
+            NetworkAdapter.from_json(n) for n in raw.get("network_adapters", ())
         )
         raw["boot_order"] = tuple(BootDevice(b) for b in raw.get("boot_order", ()))
         raw["auto_start"] = AutoStartAction(raw["auto_start"])
@@ -253,8 +289,6 @@ class VmRecord:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-
-_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
 def validate_name(name: str, *, what: str = "VM name") -> str:
@@ -330,14 +364,21 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
         raise InvalidInput(f"accelerator '{config.accelerator}' is not one of kvm, tcg")
     if len(set(config.boot_order)) != len(config.boot_order):
         raise InvalidInput("boot order names a device twice")
-    macs = [nic.mac.lower() for nic in config.network_adapters]
-    for nic in config.network_adapters:
-        if not _MAC.match(nic.mac):
-            raise InvalidInput(f"MAC address '{nic.mac}' is not of the form 52:54:00:xx:xx:xx")
-        if macs.count(nic.mac.lower()) > 1:  # it names the adapter in QEMU, too
-            raise InvalidInput(f"MAC address '{nic.mac}' is given to two network adapters")
+    validate_adapters(config.network_adapters)
     _check_buses(config)
     return config
+
+
+def validate_adapters(adapters: tuple[NetworkAdapter, ...]) -> None:
+    """Each MAC a usable unicast address (:func:`~hvstack.network.model.parse_mac`),
+    and no MAC twice: it names the adapter in QEMU and on the switch."""
+    seen: set[str] = set()
+    for nic in adapters:
+        mac = parse_mac(nic.mac)
+        if mac in seen:
+            raise InvalidInput(f"MAC address '{nic.mac}' is given to two network adapters",
+                               value=nic.mac)
+        seen.add(mac)
 
 
 def _check_buses(config: VmConfig) -> None:

@@ -8,7 +8,9 @@ for root, else ``~/.local/share/hvstack``.
 The service always listens on its unix socket (``hv.sock`` in the data directory, or
 ``--listen unix:PATH``, or a ``unix:`` ``$HV_HOST``); ``--listen tcp:HOST:PORT`` adds a
 TCP listener, which serves TLS unless ``--insecure`` (allowed on loopback addresses
-only). Addresses are ``unix:PATH``, ``tcp:HOST:PORT`` (TLS) or ``http+tcp:HOST:PORT``
+only). ``--default-switch none`` keeps the service from making the Default Switch;
+``--mac-pool FIRST-LAST`` is the range new adapters' MACs come from. Addresses are
+``unix:PATH``, ``tcp:HOST:PORT`` (TLS) or ``http+tcp:HOST:PORT``
 (plain HTTP, said explicitly).
 """
 
@@ -27,6 +29,7 @@ DEFAULT_STOP_TIMEOUT = 60.0
 DEFAULT_MAX_REQUEST_BODY = 1024 * 1024  # JSON requests; uploads stream with their own limit
 
 
+DEFAULT_MAC_POOL = "52:54:00:00:00:00-52:54:00:ff:ff:ff"  # as network.policy's
 PLAIN_TCP = "http+tcp:"  # the one address form for plain HTTP over TCP
 
 
@@ -123,6 +126,10 @@ class HostConfig:
     ovmf_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     qemu_binary: str = "qemu-system-x86_64"
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes of a request body the API reads
+    # Virtual switches: make the Default Switch (NAT) on first start; the MACs new
+    # adapters get (network.policy.MacPool's form).
+    default_switch: bool = True
+    mac_pool: str = DEFAULT_MAC_POOL
 
     @property
     def vms_dir(self) -> Path:
@@ -202,6 +209,8 @@ def load_config(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     insecure: bool = False,
+    default_switch: str = "default",
+    mac_pool: str | None = None,
 ) -> HostConfig:
     data = Path(data_dir).absolute() if data_dir else default_data_dir()
     if any(c in str(data) for c in ",=\n"):
@@ -218,6 +227,13 @@ def load_config(
         from hvstack.units import parse_size
 
         max_body = parse_size(env_body, what="HV_MAX_REQUEST_BODY")
+    if default_switch not in ("default", "none"):
+        raise InvalidInput(f"--default-switch '{default_switch}' is not one of default, none")
+    pool = DEFAULT_MAC_POOL
+    if mac_pool is not None:
+        from hvstack.network.policy import MacPool  # only the service needs it
+
+        pool = str(MacPool.parse(mac_pool))
     return HostConfig(
         data_dir=data,
         storage_roots=tuple(dict.fromkeys(roots)),
@@ -229,4 +245,6 @@ def load_config(
         tls_cert=cert,
         tls_key=key,
         max_request_body=max_body,
+        default_switch=default_switch == "default",
+        mac_pool=pool,
     )

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,22 @@ class NewVm:
     disk: str | None = None
     new_disk_bytes: int | None = None
     disk_format: str | None = None  # of ``disk``; default: as its extension says
+    switches: tuple[str, ...] = ()  # one adapter on each switch (names or ids)
+    network: bool = True  # False: no adapter at all
+
+
+# The adapters of a new VM that gave none: the network operations decide (the Default
+# Switch, the switches asked for, the MAC pool); without them one user-mode adapter.
+AdapterChooser = Callable[[VmConfig, NewVm], Awaitable[tuple[NetworkAdapter, ...]]]
+
+
+async def user_mode_adapter(config: VmConfig, new: NewVm) -> tuple[NetworkAdapter, ...]:
+    if new.switches:
+        raise InvalidInput("this host service has no virtual switches")
+    if not new.network:
+        return ()
+    model = NicModel.E1000 if config.generation is Generation.GEN1 else NicModel.VIRTIO
+    return (NetworkAdapter(new_mac(), model),)
 
 
 class Provisioning:
@@ -78,8 +94,9 @@ class Provisioning:
         self._records = records
         self.disk_use = disk_use
         self._events = events
+        self.choose_adapters: AdapterChooser = user_mode_adapter
 
-    def _validate(self, config: VmConfig) -> None:
+    def validate(self, config: VmConfig) -> None:
         facts = self._facts()
         validate_config(config, host_cpus=facts.cpus, host_memory=facts.memory_bytes)
 
@@ -98,7 +115,7 @@ class Provisioning:
 
     async def create(self, new: NewVm) -> VmController:
         config = new.config
-        self._validate(config)
+        self.validate(config)
         self._registry.check_free(config.name)
         sources = sum(x is not None for x in (new.image, new.disk, new.new_disk_bytes))
         if sources > 1:
@@ -108,8 +125,8 @@ class Provisioning:
                                                            what="ISO")))
         bus = _default_bus(config.generation)
         if not config.network_adapters:
-            model = NicModel.E1000 if config.generation is Generation.GEN1 else NicModel.VIRTIO
-            config = replace(config, network_adapters=(NetworkAdapter(new_mac(), model),))
+            config = replace(config,
+                             network_adapters=await self.choose_adapters(config, new))
         existing = None
         if new.disk:
             existing = self.disk_use.confine(new.disk, must_exist=True)
@@ -151,7 +168,7 @@ class Provisioning:
                     str(existing), bus, info.format, id=new_disk_id()), *config.disks))
             if config.generation is Generation.GEN2:
                 shutil.copyfile(self.config.ovmf_vars, files.efi_vars)
-            self._validate(config)
+            self.validate(config)
             record = VmRecord(id=vm_id, config=config, created_at=time.time())
             self._registry.check_free(config.name)
             record = await self._records.create(record)
@@ -173,18 +190,23 @@ class Provisioning:
         vm = self._registry.get(ref)
         async with vm.lock:
             check_change(changes, vm.state, vm.record.name)
-            new = replace(vm.record.config, **changes)
-            self._validate(new)
-            old_name = vm.record.name
-            if new.name != old_name:
-                self._registry.check_free(new.name)
-            stored = await self._records.change(vm.record, new)
-            record = vm.record = vm.record.evolve(config=new, revision=stored.revision)
-            if new.name != old_name:
-                self._registry.renamed(vm, old_name)
-            self._write_config_copy(vm)
-            self._events.publish("vm.changed", vm=new.name, id=record.id)
+            await self.store_config(vm, replace(vm.record.config, **changes))
         return vm
+
+    async def store_config(self, vm: VmController, new: VmConfig) -> None:
+        """Validate and store ``new`` settings of ``vm`` (compare-and-swap on the
+        revision), keep the registry in step. The caller holds ``vm.lock`` and has
+        checked the change against the VM's state."""
+        self.validate(new)
+        old_name = vm.record.name
+        if new.name != old_name:
+            self._registry.check_free(new.name)
+        stored = await self._records.change(vm.record, new)
+        record = vm.record = vm.record.evolve(config=new, revision=stored.revision)
+        if new.name != old_name:
+            self._registry.renamed(vm, old_name)
+        self._write_config_copy(vm)
+        self._events.publish("vm.changed", vm=new.name, id=record.id)
 
     async def delete(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in

@@ -6,9 +6,14 @@ The keys (a cluster's hosts share the first two kinds, each host writes its own 
     vms/names/<name>            <id>: a name is taken by one VM at a time
     vms/observed/<host>/<id>    what <host> observes of it (VmObserved)
     jobs/<id>                   a job's record (JobRecord)
+    switches/<id>               a virtual switch (network.model.Switch)
+    switches/names/<name>       <id>: a name is taken by one switch at a time
+    network/default-switch      "made": the Default Switch was made once (a deleted
+                                one is not made again)
 
 :class:`VmRecords` creates, changes (compare-and-swap on the settings' revision) and
-deletes VMs and records their observed state; :class:`JobRecords` keeps the jobs.
+deletes VMs and records their observed state; :class:`JobRecords` keeps the jobs;
+:class:`SwitchRecords` the switches (compare-and-swap as VM settings).
 :class:`Writer` lets synchronous code (a state change, a job's bookkeeping) record
 through the asynchronous store in order: the newest value of each key is written, and
 ``flush`` waits for what was queued and raises the error of a key's last write.
@@ -27,6 +32,7 @@ from typing import Any
 from hvstack.compute.model import VmConfig, VmObserved, VmRecord, VmSettings, VmState
 from hvstack.errors import AlreadyExists, HvError, StaleRevision
 from hvstack.host.store import Delete, Op, Put, Store
+from hvstack.network.model import Switch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,9 @@ SETTINGS = "vms/settings/"
 NAMES = "vms/names/"
 OBSERVED = "vms/observed/"
 JOBS = "jobs/"
+SWITCHES = "switches/"
+SWITCH_NAMES = "switches/names/"
+DEFAULT_SWITCH_MADE = "network/default-switch"
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,59 @@ class JobRecords:
 
     async def forget(self, job_id: str) -> None:
         await self.store.delete(JOBS + job_id)
+
+
+@dataclass(frozen=True)
+class StoredSwitch:
+    switch: Switch
+    revision: int = 0
+
+
+class SwitchRecords:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def load(self) -> list[StoredSwitch]:
+        found = [StoredSwitch(Switch.from_json(json.loads(e.value)), e.revision)
+                 for e in await self.store.scan(SWITCHES)
+                 if not e.key.startswith(SWITCH_NAMES)]
+        return sorted(found, key=lambda s: s.switch.name)
+
+    async def _commit(self, ops: list[Op], name: str) -> int:
+        try:
+            return await self.store.commit(ops)
+        except StaleRevision as exc:
+            if exc.data.get("key") == SWITCH_NAMES + name:
+                raise AlreadyExists(f"a switch named '{name}' already exists",
+                                    switch=name) from None
+            raise StaleRevision(f"switch '{name}' was changed meanwhile; read it again "
+                                "and retry", switch=name) from exc
+
+    async def create(self, switch: Switch) -> StoredSwitch:
+        ops: list[Op] = [Put(SWITCH_NAMES + switch.name, switch.id, expected=0),
+                         Put(SWITCHES + switch.id, _switch_value(switch), expected=0)]
+        if switch.default:
+            ops.append(Put(DEFAULT_SWITCH_MADE, "made"))
+        return StoredSwitch(switch, await self._commit(ops, switch.name))
+
+    async def change(self, old: StoredSwitch, new: Switch) -> StoredSwitch:
+        ops: list[Op] = [Put(SWITCHES + old.switch.id, _switch_value(new),
+                             expected=old.revision)]
+        if new.name != old.switch.name:
+            ops += [Delete(SWITCH_NAMES + old.switch.name),
+                    Put(SWITCH_NAMES + new.name, new.id, expected=0)]
+        return StoredSwitch(new, await self._commit(ops, new.name))
+
+    async def delete(self, old: StoredSwitch) -> None:
+        await self._commit([Delete(SWITCHES + old.switch.id, expected=old.revision),
+                            Delete(SWITCH_NAMES + old.switch.name)], old.switch.name)
+
+    async def default_made(self) -> bool:
+        return await self.store.get(DEFAULT_SWITCH_MADE) is not None
+
+
+def _switch_value(switch: Switch) -> str:
+    return json.dumps(switch.to_json(), sort_keys=True)
 
 
 class Writer:

@@ -46,6 +46,9 @@ class VmRegistry:
         # Called when a VM's guest agent answers after it did not (boot, reattach):
         # domain operations register here, e.g. to push the KVP pool into the guest.
         self.contact_hooks: list[Callable[[VmController], Awaitable[None]]] = []
+        # Called on every change of a VM's state (the network closes its ports when a
+        # VM stops); a hook must not raise.
+        self.state_hooks: list[Callable[[VmRecord], None]] = []
 
     def files(self, vm_id: str) -> VmFiles:
         return VmFiles(self._config.vms_dir / vm_id, self._config.run_dir / vm_id)
@@ -114,6 +117,8 @@ class VmRegistry:
         try:
             self.persist(record)
         finally:  # the change happened (or was undone) even if the store failed
+            for hook in self.state_hooks:
+                hook(record)
             self._events.publish(
                 "vm.state", vm=record.name, id=record.id, state=record.state.value,
                 reason=record.state_reason,

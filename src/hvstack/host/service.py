@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from hvstack.compute import policy
 from hvstack.compute.lifecycle import VmController
@@ -52,6 +52,22 @@ log = logging.getLogger(__name__)
 AUTO_STOP_TIMEOUT = 120.0
 
 
+class StartHook(Protocol):
+    """What a domain adds to every start of a VM (the network: tap ports)."""
+
+    async def before_start(self, record: VmRecord) -> None:
+        """Prepare what the machine needs; runs before the start's other checks."""
+        ...
+
+    def start_aborted(self, record: VmRecord) -> None:
+        """A check after :meth:`before_start` refused the start: undo it."""
+        ...
+
+    def tap_fds(self, record: VmRecord) -> dict[str, int]:
+        """The open tap of each switch-mode adapter, by MAC, for the machine spec."""
+        ...
+
+
 class HostService:
     def __init__(self, config: HostConfig, store: Store, driver: Driver,
                  host: HostProbe | None = None) -> None:
@@ -69,6 +85,7 @@ class HostService:
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.start_hook: StartHook | None = None  # set by the network operations
         self.started_at = time.time()
         self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
         # Called when a VM's guest agent answers after it did not (boot, reattach).
@@ -186,10 +203,23 @@ class HostService:
     def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
         host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
                            self.config.qemu_binary)
+        taps = self.start_hook.tap_fds(record) if self.start_hook else None
         return machine_spec(record.id, record.config, self.registry.files(record.id), host,
-                            chains=self.registry.chains.get(record.id, {}), incoming=incoming)
+                            chains=self.registry.chains.get(record.id, {}), incoming=incoming,
+                            tap_fds=taps)
 
     async def _before_start(self, record: VmRecord) -> None:
+        if self.start_hook is None:
+            await self._check_start(record)
+            return
+        await self.start_hook.before_start(record)
+        try:
+            await self._check_start(record)
+        except BaseException:
+            self.start_hook.start_aborted(record)
+            raise
+
+    async def _check_start(self, record: VmRecord) -> None:
         """Checks that need the whole host: files present, disks free, memory there."""
         for disk in record.config.disks:
             if not os.path.exists(disk.path):

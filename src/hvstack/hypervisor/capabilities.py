@@ -92,8 +92,22 @@ class Devices(Protocol):
         """
         ...
 
-    async def add_netdev(self, netdev: NetdevSpec) -> None: ...
+    async def add_netdev(self, netdev: NetdevSpec) -> None:
+        """Add a network back end; a tap's ``fd`` property may name a descriptor given
+        with :meth:`pass_fd`, which the netdev then owns (the name is used up)."""
+        ...
+
     async def remove_netdev(self, netdev_id: str) -> None: ...
+
+    async def set_link(self, name: str, up: bool) -> None:
+        """Put the link of the network adapter (or netdev) ``name`` up or down: the
+        guest sees its cable plugged in or pulled out."""
+        ...
+
+    async def devices_on(self, bus: str) -> tuple[str, ...]:
+        """The ids of the devices plugged into the bus of the bridge or PCIe root
+        port with id ``bus`` (a device whose removal is pending is still there)."""
+        ...
 
 
 # -- memory -------------------------------------------------------------------------------

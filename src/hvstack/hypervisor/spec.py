@@ -10,7 +10,8 @@ one that turns it into a QEMU command line.
 Every block node, device and netdev has an id derived from what it is, never from its
 position: a disk's nodes and device from the disk's id (:func:`disk_node_id`,
 :func:`disk_device_id`), an adapter's device and netdev from its MAC
-(:func:`nic_device_id`), the one DVD drive from :data:`DVD_DEVICE`. Hot plug, block jobs,
+(:func:`nic_device_id`) and, on a q35 machine, its PCIe root port too
+(:func:`nic_port_id`), the one DVD drive from :data:`DVD_DEVICE`. Hot plug, block jobs,
 checkpoints and migration address them by these ids, and both ends of a migration build
 the same ones. A spec whose ids collide is refused (:class:`InvalidInput`) before QEMU
 sees it.
@@ -71,6 +72,33 @@ def nic_device_id(mac: str) -> str:
 def nic_netdev_id(mac: str) -> str:
     """The host side (netdev) of the network adapter with MAC ``mac``."""
     return f"net-{_mac_digits(mac)}"
+
+
+def nic_port_id(mac: str) -> str:
+    """The PCIe root port a q35 machine gives the adapter with MAC ``mac``."""
+    return f"port-{_mac_digits(mac)}"
+
+
+HOTPLUG_PORTS = 4
+"""Spare PCIe root ports a q35 machine starts with, for devices added while it runs
+(PCIe has no hot plug on the root complex itself)."""
+
+
+def hotplug_port_id(index: int) -> str:
+    return f"hotplug-port-{index}"
+
+
+@dataclass(frozen=True)
+class RootPort:
+    """A ``pcie-root-port``: its (chassis, slot) pair must be unique in the machine."""
+
+    id: str
+    chassis: int
+    slot: int
+
+
+NIC_CHASSIS = 1  # the adapters' own ports: slot 1.. in the order of their MACs
+HOTPLUG_CHASSIS = 2  # the spare ports: slot 1..N
 
 
 class Chipset(enum.StrEnum):
@@ -231,9 +259,11 @@ class MachineSpec:
     # Descriptors QEMU inherits under the same numbers; options name them as fd=N or
     # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
     pass_fds: tuple[int, ...] = ()
+    hotplug_ports: int = HOTPLUG_PORTS  # q35 only: i440fx hot plugs on its root bus
 
     def __post_init__(self) -> None:
-        devices = [d.id for d in self.block_devices] + [n.id for n in self.net_devices]
+        devices = ([d.id for d in self.block_devices] + [n.id for n in self.net_devices]
+                   + [p.id for p in self.root_ports()])
         nodes = [n.id for d in self.block_devices for n in d.node.chain()]
         netdevs = [n.netdev_id for n in self.net_devices]
         for kind, ids in (("device", devices), ("block node", nodes), ("netdev", netdevs)):
@@ -243,6 +273,24 @@ class MachineSpec:
                 if ids.count(ident) > 1:
                     raise InvalidInput(f"two parts of the machine are the {kind} "
                                        f"'{ident}'; each needs its own identity", value=ident)
+
+    def root_ports(self) -> tuple[RootPort, ...]:
+        """The PCIe root ports of a q35 machine (none on i440fx): one per network
+        adapter, then :attr:`hotplug_ports` spare ones.
+
+        An adapter's port is numbered by the place of its MAC among the adapters' MACs
+        in sorted order, not by its place in the spec: the same set of adapters always
+        gets the same ports, whatever order the user listed them in, so both ends of a
+        migration agree and a guest sees the same topology on every start.
+        """
+        if self.chipset is not Chipset.Q35:
+            return ()
+        macs = sorted(n.mac.lower() for n in self.net_devices)
+        nics = [RootPort(nic_port_id(mac), NIC_CHASSIS, slot)
+                for slot, mac in enumerate(macs, start=1)]
+        spare = [RootPort(hotplug_port_id(i), HOTPLUG_CHASSIS, i + 1)
+                 for i in range(self.hotplug_ports)]
+        return (*nics, *spare)
 
     def block_nodes(self) -> tuple[BlockNode, ...]:
         """Every block node of every device, each device's chain nearest first."""

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from hvstack.api.deps import service_of
+from hvstack.api.routes.network import full_vm_view
 from hvstack.api.schemas import (
     MAX_WAIT_SECONDS,
     DiskAttach,
@@ -68,14 +69,16 @@ async def create_vm(request: Request, body: VmCreate) -> VmView:
     new_disk = (parse_size(body.new_disk, what="disk size", bare_unit="G")
                 if body.new_disk is not None else None)
     vm = await service.create_vm(NewVm(config, image=body.image, disk=body.disk,
-                                       new_disk_bytes=new_disk, disk_format=body.disk_format))
-    return vm_view(vm, service)
+                                       new_disk_bytes=new_disk, disk_format=body.disk_format,
+                                       switches=tuple(body.switches),
+                                       network=not body.no_network))
+    return await full_vm_view(request, vm)
 
 
 @router.get("/{ref}", response_model=VmView)
 async def show_vm(request: Request, ref: str) -> VmView:
-    service = service_of(request)
-    return vm_view(service.get_vm(ref), service)
+    """A VM, its adapters with their switch's name and the guest's addresses."""
+    return await full_vm_view(request, service_of(request).get_vm(ref))
 
 
 @router.patch("/{ref}", response_model=VmView)

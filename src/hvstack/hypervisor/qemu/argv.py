@@ -13,6 +13,11 @@ Disks: every member of a disk's backing chain is its own pair of ``-blockdev`` n
 exactly the files listed here and never a parent a qcow2 header names. Node, device and
 netdev ids are the spec's own (from identities, never positions).
 
+Network adapters: on a q35 machine each sits on its own ``pcie-root-port`` (see
+:meth:`~hvstack.hypervisor.spec.MachineSpec.root_ports`), and spare root ports wait for
+hot-plugged devices; an i440fx machine hot plugs on its root bus. A tap netdev names the
+descriptor the host opened (``fd``), nothing else.
+
 Consoles: the serial port is a socket server (one client: the host service's console
 hub) with a log file; the display is QEMU's VNC server on a unix socket in the run
 directory, never a TCP port.
@@ -43,6 +48,7 @@ from hvstack.hypervisor.spec import (
     NicModel,
     TapNetdev,
     Uefi,
+    nic_port_id,
 )
 
 QGA_CHANNEL = "org.qemu.guest_agent.0"
@@ -184,18 +190,34 @@ def _storage_args(spec: MachineSpec) -> list[str]:
 
 
 def _netdev(nic: NetDevice) -> dict[str, object]:
+    # No vnet_hdr with fd: QEMU 7.2 refuses the option there and asks the tap itself
+    # (TUNGETIFF), so a tap opened with IFF_VNET_HDR gets offloads without it.
     if isinstance(nic.backend, TapNetdev):
         return {"type": "tap", "id": nic.netdev_id, "fd": nic.backend.fd}
     return {"type": "user", "id": nic.netdev_id}
 
 
+def _root_port_args(spec: MachineSpec) -> list[str]:
+    # io-reserve 0: the firmware gives a port no I/O window (a q35 machine has room for
+    # only about ten); what sits on them, virtio on PCIe, is modern-only and needs none.
+    args: list[str] = []
+    for port in spec.root_ports():
+        args += ["-device", _json({"driver": "pcie-root-port", "id": port.id,
+                                   "chassis": port.chassis, "slot": port.slot,
+                                   "io-reserve": 0})]
+    return args
+
+
 def _network_args(spec: MachineSpec) -> list[str]:
     args: list[str] = []
+    q35 = spec.chipset is Chipset.Q35
     for nic in spec.net_devices:
         args += ["-netdev", _json(_netdev(nic))]
         driver = "e1000" if nic.model is NicModel.E1000 else "virtio-net-pci"
         device: dict[str, object] = {"driver": driver, "netdev": nic.netdev_id, "mac": nic.mac,
                                      "id": nic.id}
+        if q35:  # its own root port, so the guest can let go of it (hot remove)
+            device["bus"] = nic_port_id(nic.mac)
         if nic.boot_index is not None:
             device["bootindex"] = nic.boot_index
         args += ["-device", _json(device)]
@@ -261,6 +283,7 @@ def build_argv(spec: MachineSpec) -> list[str]:
         "-device", _json({"driver": "virtio-rng-pci", "id": "rng0"}),
         *_memory_devices(spec),
         *_storage_args(spec),
+        *_root_port_args(spec),
         *_network_args(spec),
         # spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid.
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",

@@ -30,7 +30,8 @@ from hvstack.hypervisor.capabilities import (
 from hvstack.hypervisor.events import DeviceDeleted, QmpEvent
 from hvstack.hypervisor.qemu.monitor import Monitor
 
-BALLOON_PATH = "/machine/peripheral/balloon0"
+PERIPHERALS = "/machine/peripheral"  # QOM's home of every device given an id
+BALLOON_PATH = f"{PERIPHERALS}/balloon0"
 _UNREPORTED = 2**64 - 1
 
 
@@ -121,6 +122,28 @@ class QemuDevices:
 
     async def remove_netdev(self, netdev_id: str) -> None:
         await self._monitor.execute("netdev_del", {"id": netdev_id})
+
+    async def set_link(self, name: str, up: bool) -> None:
+        await self._monitor.execute("set_link", {"name": name, "up": up})
+
+    async def devices_on(self, bus: str) -> tuple[str, ...]:
+        # A port's bus is its QOM child of the same name, with a child[N] link to each
+        # device on it: unlike query-pci, this does not wait for the guest to number
+        # the bus.
+        path = f"{PERIPHERALS}/{bus}/{bus}"
+        links = parse_bus_children(await self._monitor.execute("qom-list", {"path": path}))
+        ids = []
+        for link in links:
+            target = await self._monitor.execute("qom-get", {"path": path, "property": link})
+            ids.append(str(target).rpartition("/")[2])
+        return tuple(ids)
+
+
+def parse_bus_children(reply: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``child[N]`` link properties of a bus in a ``qom-list`` reply."""
+    return [str(p["name"]) for p in reply
+            if str(p.get("name", "")).startswith("child[")
+            and str(p.get("type", "")).startswith("link<")]
 
 
 # -- memory -------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""nftables rules of a host service: per-port guards, ACLs and policing; NAT of a switch.
+
+Two tables per service, both named ``names.table_name(tag)``:
+
+* family ``bridge``: base chains on the ``forward``, ``input`` and ``output`` hooks look
+  the frame's ``iifname`` up in the verdict map ``from_vm`` and its ``oifname`` in
+  ``to_vm``; each port's tap maps to a jump to its own chain ``port_<tap>``. A port's
+  chain holds, for frames from the VM (``iifname``): MAC spoofing protection (Ethernet
+  source and ARP sender MAC must be the VM's), the DHCP guard (UDP source port 67 and
+  547: DHCP and DHCPv6 server messages), the router guard (ICMPv6 router advertisements
+  and redirects, ICMPv4 redirects), outbound ACLs and the maximum bandwidth policer;
+  for frames to the VM (``oifname``): inbound ACLs. ACLs: every deny rule comes before
+  every allow rule, so deny wins; traffic no rule matches passes, so an allow rule
+  only counts (each ACL rule has a counter, read back by :func:`acl_counters`).
+  The policer is nftables' ``limit rate over ... drop``, a token bucket like tc's
+  police action, which many host kernels (this project's CI among them) lack.
+* family ``ip``: per NAT switch, base chains ``post_/pre_/out_/fwd_<bridge>`` holding
+  the masquerade of its subnet, the dnat of its static mappings (from outside, from
+  the host itself and from the switch's own VMs, for addresses of this host only, so
+  a VM's connections to that port elsewhere are untouched) and forward accepts. Each
+  switch has its own base chains so that replacing or removing one never rewrites
+  another's.
+
+Every change is one ``nft -f -`` transaction that adds what it needs and flushes only
+the chains it rewrites: applying a plan twice leaves the same rules (the port's own
+counters start again from zero), and other ports' counters survive. Rule text is
+built by pure functions from the plans; every value put into it is checked first
+(interface names of the shapes :mod:`.names` makes, MACs, prefixes, ports), so no
+user text reaches nft.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+
+from hvstack import runner
+from hvstack.errors import HvError, HypervisorError, InvalidInput
+from hvstack.network.backend import AclCounter, PortPlan, SwitchPlan
+from hvstack.network.model import AclAction, AclDirection, NatProtocol, PortAcl, SwitchType
+
+NFT = "nft"
+TIMEOUT = 30.0
+MIN_BURST = 128 * 1024  # bytes: above a 64 KiB GSO frame, which would never conform
+MAX_BURST = 2**27  # bytes: with POLICER_MAX, still a bucket the kernel takes
+POLICER_MAX = 2**34  # bytes/s (137 Gbit/s): the kernel refuses a limit much above it
+
+_TAP = re.compile(r"^hvt[0-9a-f]{1,12}$")
+_BRIDGE = re.compile(r"^hvb[0-9a-f]{1,12}$")
+_TABLE = re.compile(r"^hvstack_[0-9a-z_]{1,40}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_ACL_COMMENT = re.compile(r"^acl (\d+) (inbound|outbound)$")
+
+
+# -- checks: everything interpolated into rule text passes one of these ------------
+
+def check_tap(name: str) -> str:
+    if not isinstance(name, str) or not _TAP.match(name):
+        raise InvalidInput(f"'{name}' is not a tap name this service makes", value=str(name))
+    return name
+
+
+def check_bridge(name: str) -> str:
+    if not isinstance(name, str) or not _BRIDGE.match(name):
+        raise InvalidInput(f"'{name}' is not a bridge name this service makes",
+                           value=str(name))
+    return name
+
+
+def check_table(name: str) -> str:
+    if not isinstance(name, str) or not _TABLE.match(name):
+        raise InvalidInput(f"'{name}' is not an nftables table of this service",
+                           value=str(name))
+    return name
+
+
+def check_mac(mac: str) -> str:
+    if not isinstance(mac, str) or not _MAC.match(mac):
+        raise InvalidInput(f"'{mac}' is not a MAC address in lower case with colons",
+                           value=str(mac))
+    return mac
+
+
+def check_int(value: int, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{what} {value} is outside {low}-{high}", value=str(value))
+    return value
+
+
+def burst_bytes(rate: int) -> int:
+    """A bucket of 50 ms at ``rate`` bits/s, between :data:`MIN_BURST` and
+    :data:`MAX_BURST`."""
+    return min(max(rate // 8 // 20, MIN_BURST), MAX_BURST)
+
+
+# -- the bridge table: ports ----------------------------------------------------------
+
+def _bridge_base(table: str) -> list[str]:
+    t = f"bridge {table}"
+    lines = [f"add table {t}",
+             f"add map {t} from_vm {{ type ifname : verdict ; }}",
+             f"add map {t} to_vm {{ type ifname : verdict ; }}"]
+    for hook in ("forward", "input", "output"):
+        lines += [f"add chain {t} {hook} {{ type filter hook {hook} priority 0 ; "
+                  "policy accept ; }",
+                  f"flush chain {t} {hook}",
+                  f"add rule {t} {hook} iifname vmap @from_vm",
+                  f"add rule {t} {hook} oifname vmap @to_vm"]
+    return lines
+
+
+def _acl_match(acl: PortAcl, inbound: bool) -> str:
+    """The remote end: the source of what comes in, the destination of what goes out."""
+    end = "saddr" if inbound else "daddr"
+    if acl.is_mac:
+        return f"ether {end} {check_mac(acl.remote.lower().replace('-', ':'))}"
+    try:
+        net = ipaddress.ip_network(acl.remote, strict=True)
+    except ValueError:
+        raise InvalidInput(f"ACL remote '{acl.remote}' is neither a MAC address nor an IP "
+                           "prefix", value=acl.remote) from None
+    return f"{'ip' if net.version == 4 else 'ip6'} {end} {net}"
+
+
+def _acl_rules(acls: tuple[PortAcl, ...], inbound: bool) -> list[str]:
+    wanted = AclDirection.INBOUND if inbound else AclDirection.OUTBOUND
+    direction = wanted.value
+    chosen = [(i, a) for i, a in enumerate(acls) if a.direction in (wanted, AclDirection.BOTH)]
+    ordered = ([x for x in chosen if x[1].action is AclAction.DENY]
+               + [x for x in chosen if x[1].action is AclAction.ALLOW])
+    return [f"{_acl_match(acl, inbound)} counter"
+            f"{' drop' if acl.action is AclAction.DENY else ''}"
+            f' comment "acl {index} {direction}"' for index, acl in ordered]
+
+
+def port_rules(plan: PortPlan) -> list[str]:
+    """The port chain's rules, in order (without ``add rule ...`` in front)."""
+    tap, mac, s = check_tap(plan.tap), check_mac(plan.mac), plan.settings
+    out: list[str] = []
+    if not s.mac_spoofing:
+        out += [f"ether saddr != {mac} drop", f"arp saddr ether != {mac} drop"]
+    if s.dhcp_guard:
+        out += ["udp sport 67 drop", "udp sport 547 drop"]
+    if s.router_guard:
+        out += ["icmpv6 type { nd-router-advert, nd-redirect } drop", "icmp type redirect drop"]
+    out += _acl_rules(s.acls, inbound=False)
+    if s.bandwidth_max is not None:
+        rate = check_int(s.bandwidth_max, 1000, 400 * 10**9, "maximum bandwidth")
+        out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
+                   f"{burst_bytes(rate)} bytes drop")
+    inbound = _acl_rules(s.acls, inbound=True)
+    return ([f'iifname "{tap}" {rule}' for rule in out]
+            + [f'oifname "{tap}" {rule}' for rule in inbound])
+
+
+def port_script(plan: PortPlan) -> str:
+    """The transaction that makes the port's chain exactly what ``plan`` asks."""
+    t, tap = f"bridge {check_table(plan.table)}", check_tap(plan.tap)
+    chain = f"port_{tap}"
+    lines = [*_bridge_base(plan.table), f"add chain {t} {chain}", f"flush chain {t} {chain}"]
+    lines += [f"add rule {t} {chain} {rule}" for rule in port_rules(plan)]
+    lines += [f'add element {t} {m} {{ "{tap}" : jump {chain} }}' for m in ("from_vm", "to_vm")]
+    return "\n".join(lines) + "\n"
+
+
+def port_removal_script(tap: str, table: str) -> str:
+    """Removes the port's chain and map entries; adds them first so that removing an
+    absent port is not an error (nft 1.0.6 has no ``destroy``)."""
+    t, tap = f"bridge {check_table(table)}", check_tap(tap)
+    chain = f"port_{tap}"
+    lines = [f"add table {t}",
+             f"add map {t} from_vm {{ type ifname : verdict ; }}",
+             f"add map {t} to_vm {{ type ifname : verdict ; }}",
+             f"add chain {t} {chain}"]
+    for m in ("from_vm", "to_vm"):
+        lines += [f'add element {t} {m} {{ "{tap}" : jump {chain} }}',
+                  f'delete element {t} {m} {{ "{tap}" }}']
+    lines += [f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_acl_counters(text: str) -> tuple[AclCounter, ...]:
+    """The counters of the ACL rules in ``nft -j list chain`` output, by ACL index."""
+    found: list[AclCounter] = []
+    for item in json.loads(text).get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict):
+            continue
+        match = _ACL_COMMENT.match(str(rule.get("comment", "")))
+        counter = next((e["counter"] for e in rule.get("expr", ())
+                        if isinstance(e, dict) and isinstance(e.get("counter"), dict)), None)
+        if match and counter is not None:
+            found.append(AclCounter(int(match[1]), match[2], int(counter.get("packets", 0)),
+                                    int(counter.get("bytes", 0))))
+    return tuple(sorted(found, key=lambda c: (c.index, c.direction)))
+
+
+# -- the ip table: NAT ------------------------------------------------------------------
+
+_NAT_HOOKS = (("post", "nat hook postrouting priority srcnat"),
+              ("pre", "nat hook prerouting priority dstnat"),
+              ("out", "nat hook output priority -100"),
+              ("fwd", "filter hook forward priority filter"))
+
+
+def nat_rules(plan: SwitchPlan) -> dict[str, list[str]]:
+    """The rules of each of the switch's NAT chains, keyed by chain prefix."""
+    bridge = check_bridge(plan.bridge)
+    if plan.subnet is None:
+        raise InvalidInput(f"NAT switch '{plan.name}' has no subnet")
+    net = ipaddress.IPv4Network(plan.subnet)
+    rules: dict[str, list[str]] = {
+        # First: only what the host routes out of the switch (bridged frames pass these
+        # hooks too when br_netfilter is on). Second: a VM reaching a mapping of its
+        # own switch (hairpin) must get the answer back through the host.
+        "post": [f'iifname "{bridge}" oifname != "{bridge}" ip saddr {net} '
+                 f"ip daddr != {net} masquerade",
+                 f"ip saddr {net} ip daddr {net} ct status dnat masquerade"],
+        "pre": [], "out": [],
+        "fwd": [f'iifname "{bridge}" ip saddr {net} accept',
+                f'oifname "{bridge}" ip daddr {net} ct state established,related accept',
+                f'oifname "{bridge}" ip daddr {net} ct status dnat accept'],
+    }
+    for m in plan.mappings:
+        proto = NatProtocol(m.protocol).value
+        external = check_int(m.external_port, 1, 65535, "external port")
+        internal = check_int(m.internal_port, 1, 65535, "internal port")
+        try:
+            ip = ipaddress.IPv4Address(m.internal_ip)
+        except ValueError:
+            raise InvalidInput(f"internal IP '{m.internal_ip}' is not an IPv4 address",
+                               value=str(m.internal_ip)) from None
+        dnat = f"{proto} dport {external} dnat to {ip}:{internal}"
+        rules["pre"].append(f"fib daddr type local {dnat}")
+        # 127/8 is left alone: a dnat'd packet from a loopback source cannot leave.
+        rules["out"].append(f"ip daddr != 127.0.0.0/8 fib daddr type local {dnat}")
+    return rules
+
+
+def nat_script(plan: SwitchPlan) -> str:
+    """The transaction that makes the switch's NAT chains what ``plan`` asks; for a
+    switch that is not NAT, the removal of any."""
+    if plan.type is not SwitchType.NAT:
+        return nat_removal_script(plan)
+    t, bridge = f"ip {check_table(plan.table)}", check_bridge(plan.bridge)
+    lines = [f"add table {t}"]
+    for prefix, rules in nat_rules(plan).items():
+        chain = f"{prefix}_{bridge}"
+        hook = dict(_NAT_HOOKS)[prefix]
+        lines += [f"add chain {t} {chain} {{ type {hook} ; policy accept ; }}",
+                  f"flush chain {t} {chain}"]
+        lines += [f"add rule {t} {chain} {rule}" for rule in rules]
+    return "\n".join(lines) + "\n"
+
+
+def nat_removal_script(plan: SwitchPlan) -> str:
+    t, bridge = f"ip {check_table(plan.table)}", check_bridge(plan.bridge)
+    lines = [f"add table {t}"]
+    for prefix, hook in _NAT_HOOKS:
+        chain = f"{prefix}_{bridge}"
+        lines += [f"add chain {t} {chain} {{ type {hook} ; policy accept ; }}",
+                  f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+    return "\n".join(lines) + "\n"
+
+
+def table_removal_script(table: str) -> str:
+    table = check_table(table)
+    return "".join(f"add table {f} {table}\ndelete table {f} {table}\n"
+                   for f in ("bridge", "ip"))
+
+
+# -- applying ---------------------------------------------------------------------------
+
+def _errors(returncode: int, stderr: str) -> HvError:
+    if "Operation not permitted" in stderr:
+        return HypervisorError("changing nftables rules needs CAP_NET_ADMIN (run the host "
+                               "service as root); user-mode NAT adapters still work",
+                               tool=NFT, exit_code=returncode, stderr=stderr)
+    return HypervisorError(f"nft failed (exit {returncode}): {stderr or 'no message'}",
+                           tool=NFT, exit_code=returncode, stderr=stderr)
+
+
+async def _nft(script: str) -> None:
+    await runner.run([NFT, "-f", "-"], input=script.encode(), timeout=TIMEOUT,
+                     errors=_errors, package="nftables")
+
+
+async def apply_switch(plan: SwitchPlan) -> None:
+    """NAT rules for a NAT switch (idempotent); for another type, none."""
+    await _nft(nat_script(plan))
+
+
+async def remove_switch(plan: SwitchPlan) -> None:
+    await _nft(nat_removal_script(plan))
+
+
+async def apply_port(plan: PortPlan) -> None:
+    """Replaces the port's chain (one transaction; other ports are untouched)."""
+    await _nft(port_script(plan))
+
+
+async def remove_port(tap: str, table: str) -> None:
+    await _nft(port_removal_script(tap, table))
+
+
+async def acl_counters(tap: str, table: str) -> tuple[AclCounter, ...]:
+    """The port's ACL counters; none when the port has no chain."""
+    argv = [NFT, "-j", "list", "chain", "bridge", check_table(table), f"port_{check_tap(tap)}"]
+    try:
+        out = await runner.run(argv, timeout=TIMEOUT, errors=_errors, package="nftables")
+    except HypervisorError as exc:
+        if "No such file or directory" in str(exc.data.get("stderr")):
+            return ()
+        raise
+    return parse_acl_counters(out.decode())
+
+
+async def remove_table(table: str) -> None:
+    """Everything of this service, in both families."""
+    await _nft(table_removal_script(table))

@@ -1,0 +1,190 @@
+"""Hot add, hot remove and link state of network adapters (compute/nics.py) against the
+fake Devices capability: the steps sent, the ports chosen, and the undo of every step
+before one that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from hvstack.compute import nics
+from hvstack.compute.model import Generation, NetworkAdapter, NicModel
+from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
+from hvstack.hypervisor.capabilities import DeviceSpec, NetdevSpec
+from hvstack.hypervisor.spec import HOTPLUG_PORTS, hotplug_port_id
+from tests.functional.fake_capabilities import FakeDevices
+
+MAC = "52:54:00:0a:0b:0c"
+PORTS = {hotplug_port_id(i) for i in range(HOTPLUG_PORTS)} | {"port-525400000001"}
+GEN2, GEN1 = Generation.GEN2, Generation.GEN1
+
+
+def switched(mac: str = MAC, switch: str = "sw1") -> NetworkAdapter:
+    return NetworkAdapter(mac, NicModel.VIRTIO, "switch", switch)
+
+
+@pytest.fixture
+def devices() -> Iterator[FakeDevices]:
+    fake = FakeDevices(buses=set(PORTS))
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def tap() -> Iterator[int]:
+    """A descriptor standing in for an open tap (the test keeps the other end)."""
+    read_end, write_end = os.pipe()
+    yield write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+async def test_a_switch_port_is_plugged_on_the_first_free_spare_port(
+        devices: FakeDevices, tap: int) -> None:
+    port = await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    assert port == "hotplug-port-0"
+    assert devices.netdevs["net-5254000a0b0c"] == NetdevSpec(
+        "net-5254000a0b0c", "tap", {"fd": "fd-net-5254000a0b0c"})
+    assert devices.devices["nic-5254000a0b0c"] == DeviceSpec(
+        "virtio-net-pci", "nic-5254000a0b0c",
+        {"netdev": "net-5254000a0b0c", "mac": MAC, "bus": "hotplug-port-0"})
+    # the netdev owns the descriptor now; the caller still has its own copy
+    assert devices.fds == {} and "net-5254000a0b0c" in devices.netdev_fds
+    os.fstat(tap)
+    assert devices.links["nic-5254000a0b0c"] is True
+    other = await nics.hot_add(devices, NetworkAdapter("52:54:00:0a:0b:0d", NicModel.VIRTIO),
+                               GEN2)
+    assert other == "hotplug-port-1"
+
+
+async def test_generation_1_plugs_on_the_root_bus(devices: FakeDevices) -> None:
+    nic = NetworkAdapter(MAC, NicModel.E1000)
+    assert await nics.hot_add(devices, nic, GEN1) is None
+    device = devices.devices["nic-5254000a0b0c"]
+    assert device.driver == "e1000" and "bus" not in device.properties
+    assert devices.netdevs["net-5254000a0b0c"].type == "user"
+
+
+async def test_a_port_not_connected_to_a_switch_comes_up_with_its_link_down(
+        devices: FakeDevices, tap: int) -> None:
+    await nics.hot_add(devices, switched(switch=""), GEN2, tap_fd=tap)
+    assert devices.links["nic-5254000a0b0c"] is False
+    await nics.set_link(devices, MAC, True)
+    assert devices.links["nic-5254000a0b0c"] is True
+
+
+async def test_apply_links_puts_down_the_ports_not_connected(devices: FakeDevices) -> None:
+    for mac in ("52:54:00:00:00:0a", "52:54:00:00:00:0b"):
+        await devices.add_netdev(NetdevSpec(f"net-{mac.replace(':', '')}", "user"))
+        await devices.add_device(DeviceSpec("virtio-net-pci", f"nic-{mac.replace(':', '')}",
+                                            {"netdev": f"net-{mac.replace(':', '')}"}))
+    await nics.apply_links(devices, [switched("52:54:00:00:00:0a", ""),
+                                     switched("52:54:00:00:00:0b", "sw1")])
+    assert devices.links["nic-52540000000a"] is False
+    assert devices.links["nic-52540000000b"] is True
+
+
+async def test_a_switch_port_needs_its_tap_and_a_user_adapter_takes_none(
+        devices: FakeDevices, tap: int) -> None:
+    with pytest.raises(HypervisorError, match=f"adapter {MAC} is a switch port but no tap"):
+        await nics.hot_add(devices, switched(), GEN2)
+    with pytest.raises(HypervisorError, match="takes no tap device"):
+        await nics.hot_add(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2, tap_fd=tap)
+    assert (devices.devices, devices.netdevs, devices.fds) == ({}, {}, {})
+
+
+async def test_when_every_spare_port_is_taken_nothing_is_left_behind(
+        devices: FakeDevices, tap: int) -> None:
+    for i in range(HOTPLUG_PORTS):
+        await nics.hot_add(devices, NetworkAdapter(f"52:54:00:00:01:0{i}", NicModel.VIRTIO),
+                           GEN2)
+    before = (dict(devices.devices), dict(devices.netdevs))
+    with pytest.raises(InsufficientResources, match="no free hot-plug port: 4 adapters"):
+        await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    assert (devices.devices, devices.netdevs) == before
+    assert devices.fds == {} and devices.netdev_fds == {}
+
+
+async def test_a_refused_netdev_gives_its_descriptor_back(devices: FakeDevices,
+                                                          tap: int) -> None:
+    await devices.add_netdev(NetdevSpec("net-5254000a0b0c", "user"))  # the id is taken
+    with pytest.raises(HypervisorError, match="Duplicate ID"):
+        await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    assert devices.fds == {} and devices.devices == {}
+
+
+async def test_a_port_qemu_does_not_have_takes_the_netdev_with_it(devices: FakeDevices,
+                                                         tap: int) -> None:
+    devices.buses = {"hotplug-port-0"}  # a machine with fewer ports than asked for
+    await nics.hot_add(devices, NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO), GEN2)
+    with pytest.raises(HypervisorError, match="hotplug-port-1' does not exist"):
+        await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    assert set(devices.netdevs) == {"net-525400000001"}
+    assert devices.netdev_fds == {} and devices.fds == {}
+
+
+class HangingDevices(FakeDevices):
+    """device_add never returns: the caller gives up (a cancelled job)."""
+
+    async def add_device(self, device: DeviceSpec) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_cancelled_hot_add_is_undone_and_stays_cancelled(tap: int) -> None:
+    devices = HangingDevices(buses=set(PORTS))
+    try:
+        adding = asyncio.create_task(nics.hot_add(devices, switched(), GEN2, tap_fd=tap))
+        while not devices.netdevs:
+            await asyncio.sleep(0)
+        adding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        assert devices.netdevs == {} and devices.netdev_fds == {} and devices.fds == {}
+    finally:
+        devices.close()
+
+
+async def test_hot_remove_unplugs_then_drops_the_netdev(devices: FakeDevices,
+                                                        tap: int) -> None:
+    await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    await nics.hot_remove(devices, switched(), GEN2)
+    assert (devices.devices, devices.netdevs, devices.netdev_fds) == ({}, {}, {})
+    # its port is free again
+    assert await nics.hot_add(devices, switched(), GEN2, tap_fd=tap) == "hotplug-port-0"
+
+
+async def test_a_guest_that_keeps_the_adapter_keeps_it_whole(devices: FakeDevices,
+                                                             tap: int) -> None:
+    await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    devices.auto_release = False
+    with pytest.raises(OperationTimeout, match=f"did not release network adapter {MAC} "
+                                               r"within 0\.05 s; it is still plugged in"):
+        await nics.hot_remove(devices, switched(), GEN2, timeout=0.05)
+    assert "nic-5254000a0b0c" in devices.devices
+    assert "net-5254000a0b0c" in devices.netdevs
+    # its port stays taken: the next adapter goes elsewhere
+    assert await nics.free_port(devices) == "hotplug-port-1"
+
+
+async def test_an_adapter_whose_device_left_already_loses_its_netdev(
+        devices: FakeDevices) -> None:
+    await devices.add_netdev(NetdevSpec("net-5254000a0b0c", "user"))
+    await nics.hot_remove(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2)
+    assert devices.netdevs == {}
+
+
+class StickyNetdevs(FakeDevices):
+    async def remove_netdev(self, netdev_id: str) -> None:
+        raise HypervisorError("QEMU refused netdev_del: busy", qmp_class="GenericError")
+
+
+async def test_a_netdev_that_will_not_go_gets_its_adapter_back() -> None:
+    devices = StickyNetdevs(buses=set(PORTS))
+    nic = NetworkAdapter(MAC, NicModel.VIRTIO)
+    await nics.hot_add(devices, nic, GEN2)
+    with pytest.raises(HypervisorError, match=f"adapter {MAC} could not be removed"):
+        await nics.hot_remove(devices, nic, GEN2)
+    assert devices.devices["nic-5254000a0b0c"].properties["netdev"] == "net-5254000a0b0c"

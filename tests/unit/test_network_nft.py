@@ -1,0 +1,243 @@
+"""nftables rule text from port and switch plans (golden), its checks, counters parsing,
+and what the async functions hand to ``nft``."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from hvstack import runner
+from hvstack.errors import HypervisorError, InvalidInput
+from hvstack.network import nft
+from hvstack.network.backend import AclCounter, PortPlan, SwitchPlan
+from hvstack.network.model import (
+    AclAction,
+    AclDirection,
+    NatMapping,
+    NatProtocol,
+    PortAcl,
+    PortSettings,
+    SwitchType,
+)
+
+TAP, TABLE, BRIDGE, MAC = "hvt1234567890ab", "hvstack_12345", "hvb12345abcdef", "52:54:00:12:34:56"
+T = f"bridge {TABLE}"
+CHAIN = f"add rule {T} port_{TAP}"
+
+
+def plan(settings: PortSettings = PortSettings(), **changes: object) -> PortPlan:
+    fields: dict[str, object] = {"tap": TAP, "mac": MAC, "vm_name": "vm1",
+                                 "settings": settings, "table": TABLE, "bridge": BRIDGE}
+    fields.update(changes)
+    return PortPlan(**fields)  # type: ignore[arg-type]
+
+
+def nat(mappings: tuple[NatMapping, ...] = (), **changes: object) -> SwitchPlan:
+    fields: dict[str, object] = {
+        "switch_id": "s1", "name": "Default Switch", "type": SwitchType.NAT,
+        "bridge": BRIDGE, "table": TABLE,
+        "host_address": ipaddress.IPv4Interface("172.16.0.1/24"),
+        "subnet": ipaddress.IPv4Network("172.16.0.0/24"), "mappings": mappings}
+    fields.update(changes)
+    return SwitchPlan(**fields)  # type: ignore[arg-type]
+
+
+BASE = f"""add table {T}
+add map {T} from_vm {{ type ifname : verdict ; }}
+add map {T} to_vm {{ type ifname : verdict ; }}
+add chain {T} forward {{ type filter hook forward priority 0 ; policy accept ; }}
+flush chain {T} forward
+add rule {T} forward iifname vmap @from_vm
+add rule {T} forward oifname vmap @to_vm
+add chain {T} input {{ type filter hook input priority 0 ; policy accept ; }}
+flush chain {T} input
+add rule {T} input iifname vmap @from_vm
+add rule {T} input oifname vmap @to_vm
+add chain {T} output {{ type filter hook output priority 0 ; policy accept ; }}
+flush chain {T} output
+add rule {T} output iifname vmap @from_vm
+add rule {T} output oifname vmap @to_vm
+"""
+
+
+def test_a_default_port_gets_mac_spoofing_protection_only() -> None:
+    assert nft.port_script(plan()) == BASE + f"""add chain {T} port_{TAP}
+flush chain {T} port_{TAP}
+{CHAIN} iifname "{TAP}" ether saddr != {MAC} drop
+{CHAIN} iifname "{TAP}" arp saddr ether != {MAC} drop
+add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
+add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
+"""
+
+
+def test_every_feature_in_order_deny_before_allow() -> None:
+    acls = (PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "10.0.0.0/8"),
+            PortAcl(AclAction.DENY, AclDirection.BOTH, "10.1.0.0/16"),
+            PortAcl(AclAction.DENY, AclDirection.INBOUND, "52:54:00:aa:bb:cc"),
+            PortAcl(AclAction.ALLOW, AclDirection.INBOUND, "fd00::/8"))
+    settings = PortSettings(mac_spoofing=True, dhcp_guard=True, router_guard=True,
+                            acls=acls, bandwidth_max=8_000_000)
+    assert nft.port_rules(plan(settings)) == [
+        f'iifname "{TAP}" udp sport 67 drop',
+        f'iifname "{TAP}" udp sport 547 drop',
+        f'iifname "{TAP}" icmpv6 type {{ nd-router-advert, nd-redirect }} drop',
+        f'iifname "{TAP}" icmp type redirect drop',
+        f'iifname "{TAP}" ip daddr 10.1.0.0/16 counter drop comment "acl 1 outbound"',
+        f'iifname "{TAP}" ip daddr 10.0.0.0/8 counter comment "acl 0 outbound"',
+        f'iifname "{TAP}" limit rate over 1000000 bytes/second burst 131072 bytes drop',
+        f'oifname "{TAP}" ip saddr 10.1.0.0/16 counter drop comment "acl 1 inbound"',
+        f'oifname "{TAP}" ether saddr 52:54:00:aa:bb:cc counter drop comment "acl 2 inbound"',
+        f'oifname "{TAP}" ip6 saddr fd00::/8 counter comment "acl 3 inbound"',
+    ]
+
+
+def test_the_policer_bucket_holds_a_gso_frame_and_stays_in_the_kernels_range() -> None:
+    assert nft.burst_bytes(1000) == nft.MIN_BURST
+    assert nft.burst_bytes(1_000_000_000) == 1_000_000_000 // 8 // 20
+    assert nft.burst_bytes(400 * 10**9) == nft.MAX_BURST
+    rule = nft.port_rules(plan(PortSettings(mac_spoofing=True, bandwidth_max=400 * 10**9)))
+    assert rule == [f'iifname "{TAP}" limit rate over {2**34} bytes/second burst '
+                    f'{2**27} bytes drop']
+
+
+def test_removing_a_port_adds_what_it_deletes_so_absence_is_no_error() -> None:
+    assert nft.port_removal_script(TAP, TABLE) == f"""add table {T}
+add map {T} from_vm {{ type ifname : verdict ; }}
+add map {T} to_vm {{ type ifname : verdict ; }}
+add chain {T} port_{TAP}
+add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
+delete element {T} from_vm {{ "{TAP}" }}
+add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
+delete element {T} to_vm {{ "{TAP}" }}
+flush chain {T} port_{TAP}
+delete chain {T} port_{TAP}
+"""
+
+
+def test_nat_switch_rules() -> None:
+    mappings = (NatMapping(NatProtocol.TCP, 8080, "172.16.0.5", 80),
+                NatMapping(NatProtocol.UDP, 53, "172.16.0.6", 5353))
+    i, net = f"ip {TABLE}", "172.16.0.0/24"
+    assert nft.nat_script(nat(mappings)) == f"""add table {i}
+add chain {i} post_{BRIDGE} {{ type nat hook postrouting priority srcnat ; policy accept ; }}
+flush chain {i} post_{BRIDGE}
+add rule {i} post_{BRIDGE} iifname "{BRIDGE}" oifname != "{BRIDGE}" ip saddr {net} ip daddr != {net} masquerade
+add rule {i} post_{BRIDGE} ip saddr {net} ip daddr {net} ct status dnat masquerade
+add chain {i} pre_{BRIDGE} {{ type nat hook prerouting priority dstnat ; policy accept ; }}
+flush chain {i} pre_{BRIDGE}
+add rule {i} pre_{BRIDGE} fib daddr type local tcp dport 8080 dnat to 172.16.0.5:80
+add rule {i} pre_{BRIDGE} fib daddr type local udp dport 53 dnat to 172.16.0.6:5353
+add chain {i} out_{BRIDGE} {{ type nat hook output priority -100 ; policy accept ; }}
+flush chain {i} out_{BRIDGE}
+add rule {i} out_{BRIDGE} ip daddr != 127.0.0.0/8 fib daddr type local tcp dport 8080 dnat to 172.16.0.5:80
+add rule {i} out_{BRIDGE} ip daddr != 127.0.0.0/8 fib daddr type local udp dport 53 dnat to 172.16.0.6:5353
+add chain {i} fwd_{BRIDGE} {{ type filter hook forward priority filter ; policy accept ; }}
+flush chain {i} fwd_{BRIDGE}
+add rule {i} fwd_{BRIDGE} iifname "{BRIDGE}" ip saddr {net} accept
+add rule {i} fwd_{BRIDGE} oifname "{BRIDGE}" ip daddr {net} ct state established,related accept
+add rule {i} fwd_{BRIDGE} oifname "{BRIDGE}" ip daddr {net} ct status dnat accept
+"""  # noqa: E501
+
+
+def test_a_switch_that_is_not_nat_gets_its_nat_chains_removed() -> None:
+    script = nft.nat_script(nat(type=SwitchType.INTERNAL))
+    assert script == nft.nat_removal_script(nat())
+    assert script.count("delete chain") == 4 and "masquerade" not in script
+
+
+def test_removing_the_table_covers_both_families() -> None:
+    assert nft.table_removal_script(TABLE) == (
+        f"add table bridge {TABLE}\ndelete table bridge {TABLE}\n"
+        f"add table ip {TABLE}\ndelete table ip {TABLE}\n")
+
+
+@pytest.mark.parametrize("changes", [
+    {"tap": 'hvt1" drop; x'}, {"tap": "eth0"}, {"tap": "hvt1234567890abc"},
+    {"table": "filter"}, {"table": "hvstack_x y"}, {"mac": "52:54:00:12:34"},
+    {"mac": "52:54:00:12:34:5G"}, {"mac": '52:54:00:12:34:56" accept'},
+])
+def test_values_that_are_not_what_they_claim_never_reach_nft(changes: dict[str, str]) -> None:
+    with pytest.raises(InvalidInput):
+        nft.port_script(plan(**changes))
+
+
+@pytest.mark.parametrize("remote", ["10.1.2.3/8", "any", "10.0.0.0/8 accept", "52-54-00-aa-bb"])
+def test_bad_acl_remotes_are_refused(remote: str) -> None:
+    acl = PortAcl(AclAction.DENY, AclDirection.OUTBOUND, remote)
+    with pytest.raises(InvalidInput):
+        nft.port_rules(plan(PortSettings(acls=(acl,))))
+
+
+@pytest.mark.parametrize("changes", [
+    {"bridge": "br0"}, {"subnet": None},
+    {"mappings": (NatMapping(NatProtocol.TCP, 0, "172.16.0.5", 80),)},
+    {"mappings": (NatMapping(NatProtocol.TCP, 80, "172.16.0.5", 70000),)},
+    {"mappings": (NatMapping(NatProtocol.TCP, 80, "172.16.0.5:81", 80),)},
+    {"mappings": (NatMapping(NatProtocol.TCP, 80, "fd00::1", 80),)},
+])
+def test_bad_nat_plans_are_refused(changes: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        nft.nat_script(nat(**changes))
+
+
+def _rule(comment: str | None, packets: int, size: int) -> dict[str, object]:
+    rule: dict[str, object] = {"family": "bridge", "table": TABLE, "chain": f"port_{TAP}",
+                               "expr": [{"match": {}}, {"counter": {"packets": packets,
+                                                                    "bytes": size}}]}
+    if comment is not None:
+        rule["comment"] = comment
+    return {"rule": rule}
+
+
+def test_counters_are_read_back_by_acl_index_and_direction() -> None:
+    text = json.dumps({"nftables": [
+        {"metainfo": {"version": "1.0.6"}}, {"chain": {"name": f"port_{TAP}"}},
+        _rule("acl 3 inbound", 1, 60), _rule("acl 1 outbound", 7, 700),
+        _rule(None, 9, 900), _rule("acl 1 inbound", 0, 0), _rule("something else", 2, 2)]})
+    assert nft.parse_acl_counters(text) == (
+        AclCounter(1, "inbound", 0, 0), AclCounter(1, "outbound", 7, 700),
+        AclCounter(3, "inbound", 1, 60))
+
+
+async def test_apply_and_remove_feed_one_transaction_to_nft(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[list[str], bytes | None]] = []
+
+    async def fake_run(argv: list[str], **kw: object) -> bytes:
+        calls.append((list(argv), kw.get("input")))  # type: ignore[arg-type]
+        return b""
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    await nft.apply_port(plan())
+    await nft.remove_port(TAP, TABLE)
+    await nft.apply_switch(nat())
+    await nft.remove_switch(nat())
+    await nft.remove_table(TABLE)
+    assert [c[0] for c in calls] == [["nft", "-f", "-"]] * 5
+    assert [c[1] for c in calls] == [s.encode() for s in (
+        nft.port_script(plan()), nft.port_removal_script(TAP, TABLE), nft.nat_script(nat()),
+        nft.nat_removal_script(nat()), nft.table_removal_script(TABLE))]
+
+
+async def test_counters_of_a_port_without_a_chain_are_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def fake_run(argv: list[str], **kw: object) -> bytes:
+        assert argv == ["nft", "-j", "list", "chain", "bridge", TABLE, f"port_{TAP}"]
+        raise kw["errors"](1, "Error: No such file or directory")  # type: ignore[operator]
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert await nft.acl_counters(TAP, TABLE) == ()
+
+
+async def test_a_missing_privilege_says_what_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def fake_run(argv: list[str], **kw: object) -> bytes:
+        raise kw["errors"](1, "Error: Operation not permitted")  # type: ignore[operator]
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    with pytest.raises(HypervisorError, match=r"CAP_NET_ADMIN.*user-mode NAT"):
+        await nft.apply_port(plan())
+    with pytest.raises(HypervisorError, match="CAP_NET_ADMIN"):
+        await nft.acl_counters(TAP, TABLE)
+
