@@ -1,6 +1,6 @@
 """Network namespaces for integration tests: a host service's own network, a namespace
 that plays the physical network or a remote service, veth pairs between them, and
-small TCP services (echo, sink, source) on addresses there.
+small TCP services (echo, sink, http) on addresses there.
 
 Everything is made inside namespaces this module creates (``hvt-guest-<pid>-<n>``);
 nothing touches the namespace the tests run in. :class:`Lab` owns what it made and
@@ -180,7 +180,7 @@ class TcpService:
     """A small TCP service in a namespace (see ``netserve.py`` for the modes): ``echo``
     answers each connection with ``PEER_IP DATA`` once the client is done sending;
     ``sink`` reads until EOF and answers with a JSON report of bytes and seconds;
-    ``source`` sends ``--bytes`` bytes and closes. Every finished connection's report
+    ``http`` answers any request with ``nbytes`` bytes. Every finished connection's report
     (JSON) is appended to :attr:`reports`."""
 
     def __init__(self, space: Namespace, address: str, port: int, mode: str,

@@ -6,10 +6,12 @@ network namespace by ``netns.TcpService``; standard library only).
 
 MODE ``echo``: read until the client half-closes, answer ``PEER_IP DATA`` and close
 (so a guest learns which address it was seen from: masquerading shows). ``sink``: read
-until EOF, answer one JSON line ``{"peer", "bytes", "seconds"}`` (seconds from the first
-to the last byte) and close. ``source``: send BYTES bytes, half-close and wait for the
-client to close (seconds from the start to then). Every finished connection appends
-its JSON report to REPORTS; READY is created once listening.
+until EOF, answer one JSON line ``{"peer", "bytes", "seconds", "steady_bytes",
+"steady_seconds"}`` and close: seconds from the first to the last byte, and the same
+for what came after the first :data:`STEADY_AFTER` seconds (a policer's bucket lets a
+start-up burst through). ``http``: answer any request with BYTES bytes (HTTP/1.0).
+Every finished connection appends its JSON report to REPORTS; READY is created once
+listening.
 ``client`` connects, sends TEXT, half-closes and prints what comes back (exit 1 if the
 connection fails within 10 s).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 CHUNK = 1 << 16
 IDLE = 120.0  # a connection idle this long is dropped
+STEADY_AFTER = 2.0
 
 
 async def main(mode: str, address: str, port: int, reports: Path, ready: Path,
@@ -35,27 +38,31 @@ async def main(mode: str, address: str, port: int, reports: Path, ready: Path,
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         try:
-            if mode == "source":
-                block = b"\0" * CHUNK
-                sent, started = 0, time.monotonic()
+            if mode == "http":
+                while (await asyncio.wait_for(reader.readline(), IDLE)).strip():
+                    pass
+                writer.write(f"HTTP/1.0 200 OK\r\nContent-Length: {nbytes}\r\n"
+                             "Content-Type: application/octet-stream\r\n\r\n".encode())
+                block, sent = b"\0" * CHUNK, 0
                 while sent < nbytes:
                     writer.write(block[: min(CHUNK, nbytes - sent)])
                     sent += min(CHUNK, nbytes - sent)
                     await asyncio.wait_for(writer.drain(), IDLE)
-                # the client has it all once it closes in turn (busybox nc does on EOF)
-                writer.write_eof()
-                while await asyncio.wait_for(reader.read(CHUNK), IDLE):
-                    pass
-                entry = {"peer": peer, "bytes": sent, "seconds": time.monotonic() - started}
+                entry = {"peer": peer, "bytes": sent}
             else:
                 data, total, first, last = b"", 0, 0.0, 0.0
+                steady_from, steady_base = 0.0, 0
                 while chunk := await asyncio.wait_for(reader.read(CHUNK), IDLE):
                     last = time.monotonic()
                     first = first or last
+                    if not steady_from and last - first >= STEADY_AFTER:
+                        steady_from, steady_base = last, total
                     total += len(chunk)
                     if mode == "echo" and len(data) < 4096:
                         data += chunk
-                entry = {"peer": peer, "bytes": total, "seconds": last - first}
+                entry = {"peer": peer, "bytes": total, "seconds": last - first,
+                         "steady_bytes": total - steady_base if steady_from else 0,
+                         "steady_seconds": last - steady_from if steady_from else 0.0}
                 if mode == "echo":
                     writer.write(f"{peer} ".encode() + data)
                 else:
