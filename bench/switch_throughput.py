@@ -7,11 +7,14 @@ DHCP guard, router guard) and one ACL each (deny 192.0.2.0/24: it matches nothin
 here, but every frame goes through the port's rules). Then:
 
 * switch: the service starts them; guests get 10.90.0.1 and .2 through ``hv vm exec``.
-* bridge by hand (baseline): the VMs are turned off and the service stopped; a bridge
+* bridge by hand (baseline): the VMs are turned off, the service stopped and its
+  nftables rules removed; a bridge
   and two persistent taps are made with ``ip``; each VM's QEMU command line, read from
   ``/proc/PID/cmdline`` while the service ran it, is run again by hand with only the
   tap netdev's ``fd=`` replaced by ``ifname=`` (same devices, MACs, disks, options).
   The guests are driven through their agent sockets directly.
+* switch again: the service starts (and rebuilds its rules) and the VMs run on the
+  switch once more, so load that drifts during the run hits both sides.
 
 In each phase, all measured inside the guests (so the exec path does not count):
 throughput of a TCP bulk transfer B -> A (busybox ``httpd`` serves a file from RAM,
@@ -37,10 +40,11 @@ from bench.guest_exec import DirectAgent, _image
 from bench.report import Section, Table, ms, ratio, verdict
 from bench.support import ServiceProcess, median
 from hvstack.client import ApiError, url_path
+from hvstack.integration.guest_io import POLL_STEADY, POLL_STEPS
 
 GOAL = 0.05
-ROUNDS = 3
-TRANSFER_BLOCKS = 1024  # of 64 KiB: 64 MiB a transfer
+ROUNDS = 2  # a phase; phases: switch, bridge, switch
+TRANSFER_BLOCKS = 512  # of 64 KiB: 32 MiB a transfer
 PINGS = 20
 VMS = ("bench-net-a", "bench-net-b")
 ADDRESSES = ("10.90.0.1", "10.90.0.2")
@@ -99,7 +103,7 @@ def _api_shell(service: ServiceProcess) -> Shell:
     def shell(vm: str, script: str) -> str:
         result = service.client.post(url_path("vms", vm, "exec"),
                                      {"command": ["/bin/sh", "-c", script],
-                                      "timeout_seconds": 300})
+                                      "timeout_seconds": 300}, timeout=330)
         if result["exit_code"] != 0:
             raise RuntimeError(f"{vm}: `{script}` exited {result['exit_code']}")
         return str(result["stdout"])
@@ -111,11 +115,14 @@ def _agent_shell(agents: dict[str, DirectAgent]) -> Shell:
         agent = agents[vm]
         pid = agent.call("guest-exec", {"path": "/bin/sh", "arg": ["-c", script],
                                         "capture-output": True})["pid"]
-        deadline = time.monotonic() + 300
+        deadline, step = time.monotonic() + 300, 0
+        # the service's own poll schedule: polling wakes the guest's agent, which
+        # costs a TCG guest CPU time during a measurement
         while not (status := agent.call("guest-exec-status", {"pid": pid})).get("exited"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{vm}: `{script}` did not finish")
-            time.sleep(0.05)
+            time.sleep(POLL_STEPS[step] if step < len(POLL_STEPS) else POLL_STEADY)
+            step += 1
         if status.get("exitcode") != 0:
             raise RuntimeError(f"{vm}: `{script}` exited {status.get('exitcode')}")
         return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
@@ -149,16 +156,69 @@ def _by_hand(argv: list[str], tap: str) -> list[str]:
     return out
 
 
+def _switch_phase(service: ServiceProcess, times: dict[str, list[float]],
+                  argvs: dict[str, list[str]], sockets: dict[str, Path]) -> None:
+    """Start the VMs through the service, measure, turn them off; note their argv."""
+    api = service.client
+    for vm in VMS:
+        api.wait_job(api.post(url_path("vms", vm, "start")), timeout=120)
+    shell = _api_shell(service)
+    for vm, address in zip(VMS, ADDRESSES, strict=True):
+        _wait_api_agent(service, vm)
+        shell(vm, f"hvstack-static eth0 {address}/24")
+        view = api.get(url_path("vms", vm))
+        argvs[vm] = Path(f"/proc/{view['pid']}/cmdline").read_bytes().decode().split("\0")[:-1]
+        sockets[vm] = service.config.run_dir / view["id"] / "qga.sock"
+    _measure(shell, times, "switch")
+    for vm in VMS:
+        service.turn_off(vm)
+
+
+def _bridge_phase(space: str, times: dict[str, list[float]], argvs: dict[str, list[str]],
+                  sockets: dict[str, Path]) -> None:
+    """The same command lines by hand, on a bridge and taps made with ``ip``."""
+    _ip(space, "link", "add", "hvbbr0", "type", "bridge")
+    _ip(space, "link", "set", "hvbbr0", "up")
+    pids: list[int] = []
+    try:
+        for n, vm in enumerate(VMS):
+            tap = f"hvbtap{n}"
+            _ip(space, "tuntap", "add", "dev", tap, "mode", "tap")
+            _ip(space, "link", "set", tap, "master", "hvbbr0", "up")
+            sockets[vm].parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["ip", "netns", "exec", space, *_by_hand(argvs[vm], tap)],
+                           check=True, capture_output=True, timeout=60)
+            pidfile = argvs[vm][argvs[vm].index("-pidfile") + 1]
+            pids.append(int(Path(pidfile).read_text()))
+        agents = {vm: DirectAgent(sockets[vm], timeout=BOOT_TIMEOUT) for vm in VMS}
+        try:
+            shell = _agent_shell(agents)
+            for vm, address in zip(VMS, ADDRESSES, strict=True):
+                shell(vm, f"hvstack-static eth0 {address}/24")
+            _measure(shell, times, "bridge")
+        finally:
+            for agent in agents.values():
+                agent.close()
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for name in ("hvbtap0", "hvbtap1", "hvbbr0"):
+            subprocess.run(["ip", "-n", space, "link", "delete", name], capture_output=True,
+                           timeout=30)
+
+
 def run(tmp: Path) -> Section:
     data_dir = tmp / "data"
     _image(data_dir)
     times: dict[str, list[float]] = {k: [] for k in (
         "switch-mbit", "switch-rtt", "bridge-mbit", "bridge-rtt")}
+    argvs: dict[str, list[str]] = {}
+    sockets: dict[str, Path] = {}
     with _namespace() as space:
-        prefix = ("ip", "netns", "exec", space)
-        argvs: dict[str, list[str]] = {}
-        sockets: dict[str, Path] = {}
-        with ServiceProcess(data_dir, ["--default-switch", "none"], prefix=prefix) as service:
+        service = ServiceProcess(data_dir, ["--default-switch", "none"],
+                                 prefix=("ip", "netns", "exec", space))
+        with service:
             api = service.client
             api.post("/switches", {"name": "bench", "type": "private"})
             for vm in VMS:
@@ -167,47 +227,14 @@ def run(tmp: Path) -> Section:
                                   "auto_start": "nothing", "auto_stop": "turn-off"})
                 mac = api.get(url_path("vms", vm))["network_adapters"][0]["mac"]
                 api.request("PATCH", url_path("vms", vm, "adapters", mac), json=PORT_SETTINGS)
-            for vm in VMS:
-                api.wait_job(api.post(url_path("vms", vm, "start")), timeout=120)
-            shell = _api_shell(service)
-            for vm, address in zip(VMS, ADDRESSES, strict=True):
-                _wait_api_agent(service, vm)
-                shell(vm, f"hvstack-static eth0 {address}/24")
-                view = api.get(url_path("vms", vm))
-                argvs[vm] = Path(f"/proc/{view['pid']}/cmdline").read_bytes().decode(
-                    ).split("\0")[:-1]
-                sockets[vm] = service.config.run_dir / view["id"] / "qga.sock"
-            _measure(shell, times, "switch")
-            for vm in VMS:
-                service.turn_off(vm)
-            run_dir = service.config.run_dir
-        _ip(space, "link", "add", "hvbbr0", "type", "bridge")
-        _ip(space, "link", "set", "hvbbr0", "up")
-        pids: list[int] = []
-        try:
-            for n, vm in enumerate(VMS):
-                tap = f"hvbtap{n}"
-                _ip(space, "tuntap", "add", "dev", tap, "mode", "tap")
-                _ip(space, "link", "set", tap, "master", "hvbbr0", "up")
-                sockets[vm].parent.mkdir(parents=True, exist_ok=True)
-                subprocess.run([*prefix, *_by_hand(argvs[vm], tap)], check=True,
-                               capture_output=True, timeout=60)
-                pidfile = argvs[vm][argvs[vm].index("-pidfile") + 1]
-                pids.append(int(Path(pidfile).read_text()))
-            agents = {vm: DirectAgent(sockets[vm], timeout=BOOT_TIMEOUT) for vm in VMS}
-            try:
-                shell = _agent_shell(agents)
-                for vm, address in zip(VMS, ADDRESSES, strict=True):
-                    shell(vm, f"hvstack-static eth0 {address}/24")
-                _measure(shell, times, "bridge")
-            finally:
-                for agent in agents.values():
-                    agent.close()
-        finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, 9)
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _switch_phase(service, times, argvs, sockets)
+        # the baseline runs without any of the service's rules; it makes them again
+        subprocess.run(["ip", "netns", "exec", space, "nft", "flush", "ruleset"], check=True,
+                       capture_output=True, timeout=30)
+        _bridge_phase(space, times, argvs, sockets)
+        shutil.rmtree(service.config.run_dir, ignore_errors=True)  # the hand runs' sockets
+        with service:  # switch, bridge, switch: load that drifts hits both sides
+            _switch_phase(service, times, argvs, sockets)
     return _section(times)
 
 
@@ -225,7 +252,8 @@ def _section(times: dict[str, list[float]]) -> Section:
          f"throughput {verdict(mbit_met)}, latency {verdict(rtt_met)}"),
     )
     notes = (
-        f"{ROUNDS} rounds a phase; each: one TCP transfer of "
+        f"Phases: switch, bridge, switch (so load that drifts during the run hits both "
+        f"sides); {ROUNDS} rounds a phase, each: one TCP transfer of "
         f"{TRANSFER_BLOCKS * 64 // 1024} MiB from B to A (busybox httpd with sendfile to "
         "`wget | wc -c`, timed in the guest from /proc/uptime, 10 ms resolution) and "
         f"{PINGS} pings 0.2 s apart "
