@@ -92,12 +92,15 @@ def run_scenario(ns: str, name: str, *args: str, wrapper: tuple[str, ...] = ()) 
 @pytest.fixture
 def physical(netns: Callable[[], str]) -> tuple[str, str]:
     """A host namespace whose adapter ``hx0`` (10.77.0.2/24, 2001:db8:77::2/64, default
-    route and a static route via 10.77.0.1) is a veth to a namespace playing the
-    physical network (10.77.0.1, and 192.0.2.1 beyond the default route)."""
+    route and a static route via 10.77.0.1, an IPv6 route via 2001:db8:77::1) is a veth
+    to a namespace playing the physical network (10.77.0.1 and 2001:db8:77::1; beyond
+    them 192.0.2.1 and 2001:db8:99::1)."""
     host, phys = netns(), netns()
     in_ns(host, "link", "add", "hx0", "type", "veth", "peer", "name", "px0", "netns", phys)
     in_ns(phys, "addr", "add", "10.77.0.1/24", "dev", "px0")
     in_ns(phys, "addr", "add", "192.0.2.1/32", "dev", "lo")
+    in_ns(phys, "-6", "addr", "add", "2001:db8:77::1/64", "dev", "px0", "nodad")
+    in_ns(phys, "-6", "addr", "add", "2001:db8:99::1/128", "dev", "lo")
     in_ns(phys, "link", "set", "px0", "up")
     in_ns(host, "addr", "add", "10.77.0.2/24", "dev", "hx0")
     in_ns(host, "-6", "addr", "add", "2001:db8:77::2/64", "dev", "hx0", "nodad")
@@ -105,6 +108,8 @@ def physical(netns: Callable[[], str]) -> tuple[str, str]:
     in_ns(host, "route", "add", "default", "via", "10.77.0.1", "dev", "hx0")
     in_ns(host, "route", "add", "198.51.100.0/24", "via", "10.77.0.1", "dev", "hx0",
           "metric", "50")
+    in_ns(host, "-6", "route", "add", "2001:db8:99::/48", "via", "2001:db8:77::1", "dev",
+          "hx0")
     return host, phys
 
 
@@ -143,6 +148,11 @@ def test_failures_leave_nothing_behind(netns: Callable[[], str]) -> None:
 
 def test_vlan_ports(netns: Callable[[], str]) -> None:
     run_scenario(netns(), "vlan_ports")
+
+
+def test_composed_with_nftables_tc_and_dnsmasq(netns: Callable[[], str],
+                                               tmp_path: Path) -> None:
+    run_scenario(netns(), "composed", str(tmp_path / "dhcp"))
 
 
 def test_without_cap_net_admin_the_user_is_told(netns: Callable[[], str]) -> None:
@@ -204,23 +214,29 @@ def checksum(data: bytes) -> int:
 
 
 def reachable(address: str, deadline: float = 15.0) -> bool:
-    """Whether an ICMP echo to ``address`` is answered before ``deadline`` seconds."""
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    """Whether an ICMP (or ICMPv6) echo to ``address`` is answered in ``deadline`` s."""
+    v6 = ipaddress.ip_address(address).version == 6
+    family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                     else (socket.AF_INET, socket.IPPROTO_ICMP))
+    request, reply = (128, 129) if v6 else (8, 0)
+    with socket.socket(family, socket.SOCK_RAW, proto) as sock:
         ident, end = os.getpid() & 0xFFFF, time.monotonic() + deadline
         for seq in itertools.count():
             if time.monotonic() > end:
                 return False
-            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
             payload = b"hvstack"
-            packet = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq)
+            header = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+            # the kernel fills in an ICMPv6 checksum itself
+            total = 0 if v6 else checksum(header + payload)
+            packet = struct.pack("!BBHHH", request, 0, total, ident, seq)
             with contextlib.suppress(OSError):  # no route yet
                 sock.sendto(packet + payload, (address, 0))
             ready, _, _ = select.select([sock], [], [], 0.3)
             while ready:
-                data, (source, _) = sock.recvfrom(2048)
-                icmp = data[(data[0] & 0xF) * 4:]
+                data, source = sock.recvfrom(2048)
+                icmp = data if v6 else data[(data[0] & 0xF) * 4:]
                 echo_id = struct.unpack("!H", icmp[4:6])[0]
-                if source == address and icmp[0] == 0 and echo_id == ident:
+                if source[0] == address and icmp[0] == reply and echo_id == ident:
                     return True
                 ready, _, _ = select.select([sock], [], [], 0)
     return False
@@ -242,7 +258,7 @@ EXTERNAL = SwitchPlan("sw-ext", "External", SwitchType.EXTERNAL,
 
 
 async def assert_host_connected() -> None:
-    for address in ("10.77.0.1", "192.0.2.1"):
+    for address in ("10.77.0.1", "192.0.2.1", "2001:db8:77::1", "2001:db8:99::1"):
         assert await asyncio.to_thread(reachable, address), f"{address} unreachable"
 
 
@@ -621,6 +637,61 @@ async def cleanup_and_facts() -> None:
             os.close(fd)
 
 
+
+
+@scenario
+async def composed(state_dir: str) -> None:
+    """The real rules, shaping and dnsmasq behind LinuxNetwork."""
+    net = LinuxNetwork()
+    Path(state_dir).mkdir()
+    nat = SwitchPlan("sw-n", "NAT", SwitchType.NAT, bridge_name(TAG, "sw-n"), TABLE,
+                     subnet=ipaddress.IPv4Network("10.99.0.0/24"),
+                     dhcp=DhcpPlan("10.99.0.10", "10.99.0.200", "hv", Path(state_dir)))
+    await net.ensure_switch(nat)
+    pid = Path(state_dir, "dnsmasq.pid").read_text().strip()
+    assert Path(f"/proc/{pid}").exists()
+    await net.ensure_switch(nat)  # a service restart: dnsmasq is adopted, not restarted
+    assert Path(state_dir, "dnsmasq.pid").read_text().strip() == pid
+    assert nat.bridge in nft("list", "table", "ip", TABLE)
+    sh("ip", "link", "add", "vm2", "type", "veth", "peer", "name", "vm2p")
+    await netlink.run(lambda ipr: netlink.attach(ipr, "vm2p", nat.bridge))
+    await netlink.run(lambda ipr: netlink.set_up(ipr, "vm2"))
+    mac = "52:54:00:aa:00:01"
+    port = PortPlan(tap_name(TAG, "vm1", mac), mac, "vm1",
+                    PortSettings(bandwidth_max=100_000_000), TABLE, nat.bridge, SwitchType.NAT)
+    fd = await net.open_port(port)
+    try:
+        assert f"port_{port.tap}" in nft("list", "table", "bridge", TABLE)
+        assert await net.acl_counters(port.tap, TABLE) == ()
+        raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        raw.bind(("vm2", 0))
+        deadline = time.monotonic() + 10
+        while True:  # the VM's own MAC passes the spoofing guard ...
+            os.write(fd, vnet_frame(b"\xff" * 6, bytes.fromhex("bad0000000ff"), b"spoofed"))
+            os.write(fd, vnet_frame(b"\xff" * 6, bytes.fromhex(mac.replace(":", "")), b"own"))
+            if select.select([raw], [], [], 0.3)[0] and b"own" in raw.recv(2048):
+                break
+            assert time.monotonic() < deadline, "the VM's frame never crossed the switch"
+        # ... a spoofed one, written first, never does.
+        while select.select([raw], [], [], 0)[0]:
+            assert b"spoofed" not in raw.recv(2048)
+        raw.close()
+        await net.close_port(port.tap, TABLE)
+        assert f"port_{port.tap}" not in nft("list", "table", "bridge", TABLE)
+    finally:
+        os.close(fd)
+    await net.remove_switch(nat)
+    assert not Path(f"/proc/{pid}").exists() or "dnsmasq" not in Path(
+        f"/proc/{pid}/cmdline").read_text()
+    assert nat.bridge not in nft("list", "table", "ip", TABLE)
+    await net.cleanup(TABLE, keep=set())
+    assert TABLE not in nft("list", "tables")
+    assert await our_links() == []
+
+
+def nft(*argv: str) -> str:
+    return subprocess.run(["nft", *argv], capture_output=True, text=True, check=False,
+                          timeout=60).stdout
 
 
 @scenario

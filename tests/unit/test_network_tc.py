@@ -92,6 +92,7 @@ async def test_apply_moves_the_minimum_class_to_the_ports_bridge(
     await tc.apply_port(p)
     assert calls == [["tc", *c] for c in [
         *tc.tap_commands(p), *tc.min_removal_commands(TAP, OTHER),
+        ["class", "show", "dev", OTHER],
         ["qdisc", "show", "dev", BRIDGE, "root"], tc.htb_root_command(BRIDGE),
         *tc.min_commands(p)]]
 
@@ -108,4 +109,30 @@ async def test_clear_removes_shaping_mirror_and_classes_everywhere(
     await tc.clear_port(TAP)
     assert calls == [["tc", *c] for c in [
         ["qdisc", "del", "dev", TAP, "root"], ["qdisc", "del", "dev", TAP, "clsact"],
-        *tc.min_removal_commands(TAP, OTHER), *tc.min_removal_commands(TAP, BRIDGE)]]
+        *tc.min_removal_commands(TAP, OTHER), ["class", "show", "dev", OTHER],
+        *tc.min_removal_commands(TAP, BRIDGE), ["class", "show", "dev", BRIDGE]]]
+
+
+async def test_the_htb_tree_goes_with_the_last_vms_class(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = await _record(monkeypatch, {BRIDGE})
+    shown = (b"class htb 1:ffff root rate 10Gbit ceil 10Gbit burst 0b cburst 0b \n"
+             b"class htb 1:fffe parent 1:ffff prio 0 rate 1Mbit ceil 10Gbit \n")
+
+    async def fake_run(argv: list[str], **kw: object) -> bytes:
+        calls.append(list(argv))
+        return shown if argv[1:3] == ["class", "show"] else b""
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    await tc.clear_port(TAP)
+    assert calls[-1] == ["tc", "qdisc", "del", "dev", BRIDGE, "root"]
+    assert tc.vm_classes(shown.decode()) == set()
+    assert tc.vm_classes(shown.decode() + "class htb 1:70dc parent 1:ffff prio 0 ") == {"1:70dc"}
+
+
+async def test_a_tap_name_without_a_tag_touches_no_bridge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = await _record(monkeypatch, {BRIDGE, OTHER})
+    await tc.clear_port("hvt1234567")
+    assert calls == [["tc", "qdisc", "del", "dev", "hvt1234567", "root"],
+                     ["tc", "qdisc", "del", "dev", "hvt1234567", "clsact"]]

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from hvstack.errors import InvalidInput
-from hvstack.network import netlink, uplink, vlans
+from hvstack.network import dhcp, netlink, nft, tc, uplink, vlans
 from hvstack.network.backend import AclCounter, InterfaceInfo, PortPlan, SwitchPlan
 from hvstack.network.model import SwitchType
 from hvstack.network.names import is_ours
@@ -59,10 +58,6 @@ class Dhcp(Protocol):
     async def stop(self, plan: SwitchPlan) -> None: ...
 
 
-def _module(name: str) -> Any:
-    return importlib.import_module(f"hvstack.network.{name}")
-
-
 def tag_of(table: str) -> str:
     """The service tag in a table name (``names.table_name``)."""
     return table.removeprefix("hvstack_")
@@ -83,30 +78,12 @@ def host_address(plan: SwitchPlan) -> ipaddress.IPv4Interface | None:
 class LinuxNetwork:
     """:class:`~hvstack.network.backend.NetworkBackend` on a Linux host."""
 
-    def __init__(self, rules: Rules | None = None, shaping: Shaping | None = None,
-                 dhcp: Dhcp | None = None, proc_sys: Path = PROC_SYS) -> None:
-        self._rules = rules
-        self._shaping = shaping
-        self._dhcp = dhcp
+    def __init__(self, rules: Rules = nft, shaping: Shaping = tc, dhcp_server: Dhcp = dhcp,
+                 proc_sys: Path = PROC_SYS) -> None:
+        self.rules = rules
+        self.shaping = shaping
+        self.dhcp = dhcp_server
         self._proc_sys = proc_sys
-
-    @property
-    def rules(self) -> Rules:
-        if self._rules is None:
-            self._rules = cast(Rules, _module("nft"))
-        return self._rules
-
-    @property
-    def shaping(self) -> Shaping:
-        if self._shaping is None:
-            self._shaping = cast(Shaping, _module("tc"))
-        return self._shaping
-
-    @property
-    def dhcp(self) -> Dhcp:
-        if self._dhcp is None:
-            self._dhcp = cast(Dhcp, _module("dhcp"))
-        return self._dhcp
 
     # -- host ------------------------------------------------------------------------
 

@@ -28,13 +28,15 @@ What goes where, and why:
 :func:`apply_port` makes a tap match its plan whatever was there (idempotent);
 :func:`clear_port` removes it all, including the VM's class on any bridge of the
 service. A VM's class and filter on a bridge are numbered by a hash of its tap name
-(``clear_port`` knows only that), in 2..0xfff1. Of tc's output, only a bridge's root qdisc is read.
+(``clear_port`` knows only that), in 2..0xfff1; the tree goes when the last class
+has gone. Of tc's output only a bridge's root qdisc and its class ids are read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import socket
 
 from hvstack import runner
@@ -117,9 +119,10 @@ def htb_root_command(bridge: str) -> list[str]:
 
 def _our_bridges(tap: str) -> list[str]:
     """This service's bridges in the current network namespace (the tag is the tap
-    name without its ``hvt`` prefix and 7-digit suffix)."""
-    prefix = f"hvb{check_tap(tap)[3:-7]}"
-    return sorted(name for name in _interfaces() if name.startswith(prefix))
+    name without its ``hvt`` prefix and 7-digit suffix, as :mod:`.names` makes it)."""
+    tag = check_tap(tap)[3:-7]
+    prefix = f"hvb{tag}"
+    return sorted(name for name in _interfaces() if tag and name.startswith(prefix))
 
 
 def _interfaces() -> set[str]:
@@ -152,8 +155,7 @@ async def apply_port(plan: PortPlan) -> None:
     wants_min = plan.bridge is not None and plan.settings.bandwidth_min is not None
     for bridge in _our_bridges(plan.tap):
         if not (wants_min and bridge == plan.bridge):
-            for args in min_removal_commands(plan.tap, bridge):
-                await _tc(args)
+            await _remove_min(plan.tap, bridge)
     if wants_min:
         assert plan.bridge is not None
         await _ensure_htb(plan.bridge)
@@ -167,5 +169,21 @@ async def clear_port(tap: str) -> None:
     for args in (["qdisc", "del", "dev", tap, "root"], ["qdisc", "del", "dev", tap, "clsact"]):
         await _tc(args)
     for bridge in _our_bridges(tap):
-        for args in min_removal_commands(tap, bridge):
-            await _tc(args)
+        await _remove_min(tap, bridge)
+
+
+async def _remove_min(tap: str, bridge: str) -> None:
+    """The VM's class on ``bridge``; the htb tree too once no VM has a class there (a
+    bridge without minimums keeps no ceiling)."""
+    for args in min_removal_commands(tap, bridge):
+        await _tc(args)
+    shown = await runner.run([TC, "class", "show", "dev", bridge], timeout=TIMEOUT,
+                             ok_codes=_MISSING, package="iproute2")
+    if shown and not vm_classes(shown.decode(errors="replace")):
+        await _tc(["qdisc", "del", "dev", bridge, "root"])
+
+
+def vm_classes(shown: str) -> set[str]:
+    """The VMs' htb classes in ``tc class show`` output."""
+    ids = {m[1] for m in re.finditer(r"^class htb (1:[0-9a-f]+) ", shown, re.MULTILINE)}
+    return ids - {f"1:{_ROOT:x}", f"1:{_DEFAULT:x}"}
