@@ -14,22 +14,23 @@ Saving. A store that cannot record a change (a full disk) fails the operation be
 begins (:class:`~hvstack.errors.NoSpace`); once the VM has really changed, the change
 is kept and published, the failure to record it logged (the next change records the
 whole record again, and after a restart the real state is found by reattaching).
+
+A disk error QEMU reports is told in the user's terms by :mod:`hvstack.compute.io_errors`
+(and may pause the VM); where the VM's files live is :mod:`hvstack.compute.files`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from hvstack.compute import nics
+from hvstack.compute import io_errors, nics
+from hvstack.compute.files import VmFiles as VmFiles  # its older home; callers import it here
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.policy import ShutdownStep, shutdown_chain
 from hvstack.compute.policy import StopMode as StopMode  # its older home; callers import it here
@@ -45,7 +46,6 @@ from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
-from hvstack.hypervisor.qemu.argv import block_node_paths
 from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress, scaled
 
@@ -75,51 +75,6 @@ class AgentLink(Protocol):
 LinkFactory = Callable[[GuestAgent, Callable[[], IntegrationServices], Callable[[], bool],
                         Callable[[ServiceStatus, ServiceStatus], None],
                         Callable[[], Awaitable[None]]], AgentLink]
-
-
-@dataclass(frozen=True)
-class VmFiles:
-    """The files of one VM: its folder and its runtime sockets."""
-
-    folder: Path
-    run_dir: Path
-
-    @property
-    def saved_state(self) -> Path:
-        return self.folder / "saved-state.bin"
-
-    @property
-    def saved_layout(self) -> Path:
-        """Where the adapters sat when the state was saved (after hot plug only)."""
-        return self.folder / "saved-state.layout.json"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.folder / "qemu.pid"
-
-    @property
-    def console_log(self) -> Path:
-        return self.folder / "console.log"
-
-    @property
-    def efi_vars(self) -> Path:
-        return self.folder / "efivars.fd"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
-
-    @property
-    def qga_socket(self) -> Path:
-        return self.run_dir / "qga.sock"
-
-    @property
-    def serial_socket(self) -> Path:
-        return self.run_dir / "serial.sock"
-
-    @property
-    def vnc_socket(self) -> Path:
-        return self.run_dir / "vnc.sock"
 
 
 class VmController:
@@ -287,17 +242,13 @@ class VmController:
         BLOCK_IO_ERROR comes before the STOP it causes, so the VM is marked Paused here
         with a reason naming the disk; the STOP that follows finds it Paused already.
         """
-        node = error.node_name or error.device
-        disk = block_node_paths(self._spec_for(self.record, False)).get(node, node)
-        reason = io_error_reason(error, disk)
-        log.warning("VM %s: %s", self.record.name, reason)
-        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, disk=disk,
-                      operation=error.operation, action=error.action,
-                      nospace=error.nospace, error=error.reason)
-        if error.action == "stop" and not self._busy and self.state in (
+        report = io_errors.report(error, self._spec_for(self.record, False))
+        log.warning("VM %s: %s", self.record.name, report.reason)
+        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, **report.event)
+        if report.pauses and not self._busy and self.state in (
             VmState.RUNNING, VmState.PAUSED
         ):
-            self._set(VmState.PAUSED, reason)
+            self._set(VmState.PAUSED, report.reason)
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine
@@ -522,7 +473,7 @@ class VmController:
         except BaseException as exc:
             target.unlink(missing_ok=True)
             await self._recover("save", exc, resume=was is VmState.RUNNING)
-            if isinstance(exc, InsufficientResources) or _no_space(exc):
+            if isinstance(exc, InsufficientResources) or io_errors.no_space(exc):
                 raise NoSpace(
                     f"cannot save VM '{self.record.name}': no space left for its memory "
                     f"state in the file system of its folder; it is "
@@ -587,23 +538,6 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
-
-
-def io_error_reason(error: BlockIoError, disk: str) -> str:
-    """The state reason for a disk error: which disk, what failed, and why (pure).
-
-    >>> io_error_reason(BlockIoError("disk1", "", "write", "stop", True,
-    ...                              "No space left on device"), "/srv/data.qcow2")
-    'paused: disk /srv/data.qcow2 is full (write failed: No space left on device)'
-    """
-    what = f"{error.operation} failed: {error.reason or 'I/O error'}"
-    problem = f"is full ({what})" if error.nospace else f"has an I/O error ({what})"
-    prefix = "paused: " if error.action == "stop" else ""
-    return f"{prefix}disk {disk or '(unknown)'} {problem}"
-
-
-def _no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 async def _nothing() -> None:
