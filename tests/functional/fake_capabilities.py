@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvstack.errors import HypervisorError, OperationTimeout
@@ -52,6 +52,9 @@ class FakeDevices:
     # Root-bus slots held by devices this fake does not keep (host bridge, PIIX, ...);
     # a device added with an ``addr`` holds its slot too.
     fixed_slots: dict[int, str] = field(default_factory=lambda: {0: "", 1: ""})
+    # Told the id of each device QEMU deletes (the machine sends DEVICE_DELETED).
+    on_deleted: Callable[[str], None] | None = None
+    waiting: set[str] = field(default_factory=set)  # removals a caller waits for
 
     @classmethod
     def of_spec(cls, spec: MachineSpec) -> FakeDevices:
@@ -128,18 +131,29 @@ class FakeDevices:
         released = self.released.setdefault(device_id, asyncio.Event())
         if self.auto_release:
             released.set()
+        self.waiting.add(device_id)
         try:
             await asyncio.wait_for(released.wait(), timeout)
         except TimeoutError:
             raise OperationTimeout(
                 f"the guest did not release device {device_id} within {timeout:g} s") from None
-        del self.devices[device_id]
-        del self.released[device_id]
-        self.links.pop(device_id, None)
+        finally:
+            self.waiting.discard(device_id)
+        self._deleted(device_id)
 
     def release(self, device_id: str) -> None:
-        """The guest lets go of a device whose removal is pending."""
+        """The guest lets go of a device whose removal is pending; if nobody waits for
+        it any more (the wait timed out), QEMU deletes it now all the same."""
         self.released.setdefault(device_id, asyncio.Event()).set()
+        if device_id not in self.waiting and device_id in self.devices:
+            self._deleted(device_id)
+
+    def _deleted(self, device_id: str) -> None:
+        del self.devices[device_id]
+        self.released.pop(device_id, None)
+        self.links.pop(device_id, None)
+        if self.on_deleted is not None:
+            self.on_deleted(device_id)
 
     async def add_netdev(self, netdev: NetdevSpec) -> None:
         if netdev.id in self.netdevs:

@@ -21,6 +21,7 @@ from hvstack.errors import (
     OperationTimeout,
 )
 from hvstack.hypervisor.capabilities import DeviceSpec, NetdevSpec
+from hvstack.hypervisor.events import QmpEvent
 from hvstack.hypervisor.spec import HOTPLUG_PORTS, NIC_SLOTS, PortLayout, hotplug_port_id
 from tests.functional.fake_capabilities import FakeDevices
 
@@ -195,6 +196,26 @@ async def test_a_guest_that_keeps_the_adapter_keeps_it_whole(devices: FakeDevice
     assert "net-5254000a0b0c" in devices.netdevs
     # its port stays taken: the next adapter goes elsewhere
     assert await nics.free_port(devices) == "hotplug-port-1"
+
+
+async def test_a_removal_that_timed_out_is_finished_when_the_guest_lets_go(
+        devices: FakeDevices, tap: int) -> None:
+    deleted: list[str] = []
+    devices.on_deleted = deleted.append
+    await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    devices.auto_release = False
+    with pytest.raises(OperationTimeout):
+        await nics.hot_remove(devices, switched(), GEN2, timeout=0.05)
+    assert not await nics.finish_removal(devices, MAC)  # still plugged in: nothing to do
+    devices.release("nic-5254000a0b0c")
+    assert deleted == ["nic-5254000a0b0c"]
+    event = QmpEvent("DEVICE_DELETED", {"device": deleted[0], "path": "/machine/x"})
+    assert nics.deleted_adapter(event) == MAC
+    assert nics.deleted_adapter(QmpEvent("DEVICE_DELETED", {"path": "/m/x"})) is None
+    assert nics.deleted_adapter(QmpEvent("DEVICE_DELETED", {"device": "disk-a-dev"})) is None
+    assert await nics.finish_removal(devices, MAC)
+    assert devices.netdevs == {} and devices.netdev_fds == {}
+    assert not await nics.finish_removal(devices, MAC)  # once
 
 
 async def test_an_adapter_whose_device_left_already_loses_its_netdev(

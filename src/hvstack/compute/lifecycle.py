@@ -91,6 +91,7 @@ class VmController:
         recorded: Callable[[VmRecord], Awaitable[None]] | None = None,
         *,
         make_link: LinkFactory,
+        on_adapter_gone: Callable[[VmController, str], Awaitable[None]] | None = None,
     ) -> None:
         self.record = record
         self.files = files
@@ -100,6 +101,9 @@ class VmController:
         self._on_change = on_change
         self._recorded = recorded or (lambda record: _nothing())
         self._before_start = before_start
+        # Called (in the lock) with the MAC of an adapter the guest let go of after its
+        # hot remove gave up waiting: the host takes it out of the settings.
+        self._on_adapter_gone = on_adapter_gone
         self._machine: Machine | None = None
         # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
         self.agent = GuestAgent(str(files.qga_socket), record.name)
@@ -226,6 +230,10 @@ class VmController:
         if io_error is not None:
             self._on_io_error(io_error)
             return
+        mac = nics.deleted_adapter(event)
+        if mac is not None:
+            self._in_background(self._adapter_left(mac), "adapter-left")
+            return
         if self._busy:
             return
         name = event.name
@@ -249,6 +257,23 @@ class VmController:
             VmState.RUNNING, VmState.PAUSED
         ):
             self._set(VmState.PAUSED, report.reason)
+
+    async def _adapter_left(self, mac: str) -> None:
+        """The guest let go of adapter ``mac``. A hot remove waiting for it does the rest
+        (it holds the lock meanwhile); after one that gave up waiting, the netdev it
+        left goes now and the host takes the adapter out of the settings."""
+        async with self.lock:
+            machine = self._machine
+            if machine is None:
+                return
+            try:
+                if not await nics.finish_removal(machine.devices, mac):
+                    return
+                if self._on_adapter_gone is not None:
+                    await self._on_adapter_gone(self, mac)
+            except HvError as exc:
+                log.error("VM %s: network adapter %s left late, and its removal could not "
+                          "be finished: %s", self.record.name, mac, exc)
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine

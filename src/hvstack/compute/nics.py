@@ -16,7 +16,9 @@ the same adapter the next start puts in the command line.
 - :func:`hot_remove`: ``device_del``, then wait (generously) for the guest to let go
   (``DEVICE_DELETED``), then ``netdev_del``. A guest that does not let go in time keeps
   the adapter: :class:`~hvstack.errors.OperationTimeout` says so and the netdev stays,
-  as the adapter really is still there (the request stays pending in QEMU).
+  as the adapter really is still there (the request stays pending in QEMU). When the
+  guest lets go later, QEMU says so (``DEVICE_DELETED``, :func:`deleted_adapter`) and
+  :func:`finish_removal` drops the netdev left behind.
 - :func:`set_link`: cable in or out (``set_link``), for connect and disconnect.
 - :func:`read_layout`: where a running machine's adapters sit (Generation 2: their
   root ports; Generation 1: their root-bus slots), for the machine that receives its
@@ -50,6 +52,7 @@ from hvstack.errors import (
     OperationTimeout,
 )
 from hvstack.hypervisor.capabilities import Devices, DeviceSpec, NetdevSpec
+from hvstack.hypervisor.events import DeviceDeleted, QmpEvent
 from hvstack.hypervisor.spec import (
     HOTPLUG_PORTS,
     NIC_SLOTS,
@@ -137,6 +140,34 @@ async def hot_remove(devices: Devices, nic: NetworkAdapter, generation: Generati
         await _undo(_plug_device(devices, nic, generation, hotplug_ports), "plug back", nic)
         raise HypervisorError(f"network adapter {nic.mac} could not be removed: {exc}",
                               mac=nic.mac) from exc
+
+
+def deleted_adapter(event: QmpEvent) -> str | None:
+    """The MAC of the adapter whose device QEMU deleted (``DEVICE_DELETED`` of a
+    ``nic-<mac>`` device: the guest let go of it), else None."""
+    deleted = DeviceDeleted.of(event)
+    device = deleted.device if deleted is not None else None
+    if device is None or not device.startswith("nic-"):
+        return None
+    return _mac_of(device.removeprefix("nic-"))
+
+
+async def finish_removal(devices: Devices, mac: str) -> bool:
+    """The guest let go of the adapter ``mac``: drop its netdev if a removal that gave
+    up waiting (:func:`hot_remove`'s OperationTimeout) left it. True if there was one
+    to drop: the adapter is gone only now. False when there was nothing left (a removal
+    that finished, which drops its own netdev) or the adapter's device is there (plugged
+    back after a failure)."""
+    if nic_device_id(mac) in await devices.device_ids():
+        return False
+    try:
+        await devices.remove_netdev(nic_netdev_id(mac))
+    except HypervisorError as exc:
+        if exc.data.get("qmp_class") == "DeviceNotFound":
+            return False
+        raise
+    log.info("network adapter %s: the guest let go of it late; its netdev is gone too", mac)
+    return True
 
 
 async def set_link(devices: Devices, mac: str, up: bool) -> None:
