@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvstack.errors import HypervisorError, OperationTimeout
@@ -31,7 +31,7 @@ from hvstack.hypervisor.capabilities import (
     NetdevSpec,
     Snapshot,
 )
-from hvstack.hypervisor.spec import MachineSpec, NicModel, TapNetdev
+from hvstack.hypervisor.spec import MachineSpec, NicModel, TapNetdev, slot_address
 
 
 def _refuse(message: str, qmp_class: str = "GenericError") -> HypervisorError:
@@ -49,6 +49,12 @@ class FakeDevices:
     links: dict[str, bool] = field(default_factory=dict)  # set_link's last word by name
     netdev_fds: dict[str, int] = field(default_factory=dict)  # a tap netdev's descriptor
     buses: set[str] | None = None  # the machine's ports (None: any bus is there)
+    # Root-bus slots held by devices this fake does not keep (host bridge, PIIX, ...);
+    # a device added with an ``addr`` holds its slot too.
+    fixed_slots: dict[int, str] = field(default_factory=lambda: {0: "", 1: ""})
+    # Told the id of each device QEMU deletes (the machine sends DEVICE_DELETED).
+    on_deleted: Callable[[str], None] | None = None
+    waiting: set[str] = field(default_factory=set)  # removals a caller waits for
 
     @classmethod
     def of_spec(cls, spec: MachineSpec) -> FakeDevices:
@@ -63,6 +69,9 @@ class FakeDevices:
             bus = spec.nic_bus(nic)
             if bus is not None:
                 properties["bus"] = bus
+            slot = spec.nic_slot(nic)
+            if slot is not None:
+                properties["addr"] = slot_address(slot)
             driver = "e1000" if nic.model is NicModel.E1000 else "virtio-net-pci"
             fake.netdevs[nic.netdev_id] = backend
             fake.devices[nic.id] = DeviceSpec(driver, nic.id, properties)
@@ -106,6 +115,13 @@ class FakeDevices:
                 raise _refuse(f"Bus '{bus}' not found")
             if any(d.properties.get("bus") == bus for d in self.devices.values()):
                 raise _refuse(f"PCI: slot 0 function 0 not available for {device.driver}")
+        addr = device.properties.get("addr")
+        if isinstance(addr, str):
+            slot = int(addr, 16)
+            holder = (await self.root_bus_slots()).get(slot)
+            if holder is not None:
+                raise _refuse(f"PCI: slot {slot} function 0 not available for "
+                              f"{device.driver}, in use by {holder or 'a device'}")
         self.devices[device.id] = device
         self.links[device.id] = True
 
@@ -115,18 +131,29 @@ class FakeDevices:
         released = self.released.setdefault(device_id, asyncio.Event())
         if self.auto_release:
             released.set()
+        self.waiting.add(device_id)
         try:
             await asyncio.wait_for(released.wait(), timeout)
         except TimeoutError:
             raise OperationTimeout(
                 f"the guest did not release device {device_id} within {timeout:g} s") from None
-        del self.devices[device_id]
-        del self.released[device_id]
-        self.links.pop(device_id, None)
+        finally:
+            self.waiting.discard(device_id)
+        self._deleted(device_id)
 
     def release(self, device_id: str) -> None:
-        """The guest lets go of a device whose removal is pending."""
+        """The guest lets go of a device whose removal is pending; if nobody waits for
+        it any more (the wait timed out), QEMU deletes it now all the same."""
         self.released.setdefault(device_id, asyncio.Event()).set()
+        if device_id not in self.waiting and device_id in self.devices:
+            self._deleted(device_id)
+
+    def _deleted(self, device_id: str) -> None:
+        del self.devices[device_id]
+        self.released.pop(device_id, None)
+        self.links.pop(device_id, None)
+        if self.on_deleted is not None:
+            self.on_deleted(device_id)
 
     async def add_netdev(self, netdev: NetdevSpec) -> None:
         if netdev.id in self.netdevs:
@@ -159,6 +186,14 @@ class FakeDevices:
             raise _refuse(f"path '/machine/peripheral/{bus}/{bus}' does not exist",
                           "DeviceNotFound")
         return tuple(d.id for d in self.devices.values() if d.properties.get("bus") == bus)
+
+    async def root_bus_slots(self) -> Mapping[int, str]:
+        slots = dict(self.fixed_slots)
+        for device in self.devices.values():
+            addr = device.properties.get("addr")
+            if isinstance(addr, str) and "bus" not in device.properties:
+                slots[int(addr, 16)] = device.id
+        return slots
 
     def close(self) -> None:
         for fd in [*self.fds.values(), *self.netdev_fds.values(),

@@ -58,6 +58,10 @@ class FakeMachine:
     migration: FakeMigration = field(default_factory=FakeMigration)
     block_jobs: FakeBlockJobs = field(default_factory=FakeBlockJobs)
 
+    def __post_init__(self) -> None:
+        self.devices.on_deleted = lambda device: self.emit(
+            "DEVICE_DELETED", device=device, path=f"/machine/peripheral/{device}")
+
     # -- the Machine protocol --------------------------------------------------------
 
     async def status(self) -> str:

@@ -7,7 +7,10 @@ applets first on PATH when busybox is installed, so the guest-side shell scripts
 under the same shell as in the tiny guest), ``guest-file-*`` work on real files, and
 qemu-ga's rules are kept: output only once the process exited and its pipes closed, at
 most 16 MiB per stream, a pid forgotten once its exit was reported, most commands
-refused while frozen. Tests steer it with ``hang`` (read, never answer), ``garbage``
+refused while frozen. A reply goes out as it is encoded, in parts, yielding to the event
+loop between them: the guest is another machine, and its work on a large reply (up to
+2 x 16 MiB of output as base64) must not hold the host service's loop, which this fake
+shares, for seconds. Tests steer it with ``hang`` (read, never answer), ``garbage``
 (junk lines before every reply), ``errors`` (command -> error text) and ``frozen_count``.
 """
 
@@ -21,7 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +44,33 @@ INTERFACES = [
 ]
 FSINFO = [{"name": "sda1", "mountpoint": "/data", "type": "ext4", "total-bytes": 1 << 30,
            "used-bytes": 1 << 20, "disk": [{"dev": "/dev/sda1", "bus-type": "scsi"}]}]
+
+
+_PIECE = 3 * 64 * 1024  # bytes encoded to base64 at a time (a multiple of 3)
+
+
+@dataclass(frozen=True)
+class _Base64:
+    """Bytes a reply carries as a base64 string, encoded while it is written."""
+
+    data: bytes
+
+
+def _parts(value: Any) -> Iterator[bytes]:
+    """``value`` as JSON, in parts."""
+    if isinstance(value, _Base64):
+        yield b'"'
+        for start in range(0, len(value.data), _PIECE):
+            yield base64.b64encode(value.data[start:start + _PIECE])
+        yield b'"'
+    elif isinstance(value, dict):
+        yield b"{"
+        for index, (key, item) in enumerate(value.items()):
+            yield (b", " if index else b"") + json.dumps(key).encode() + b": "
+            yield from _parts(item)
+        yield b"}"
+    else:
+        yield json.dumps(value).encode()
 
 
 def busybox_bin(where: Path) -> Path | None:
@@ -164,8 +194,14 @@ class FakeGuestAgent:
                     await writer.drain()
                     continue
                 reply = await self._reply(command, request.get("arguments") or {})
-                prefix = b"\xff" if command == "guest-sync-delimited" else b""
-                writer.write(prefix + json.dumps(reply).encode() + b"\n")
+                if command == "guest-sync-delimited":
+                    writer.write(b"\xff")
+                for part in _parts(reply):
+                    writer.write(part)
+                    if len(part) >= _PIECE:
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                writer.write(b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -296,7 +332,7 @@ class FakeGuestAgent:
             status["exitcode"] = code
         for which, data in (("out", process.out), ("err", process.err)):
             if data:
-                status[f"{which}-data"] = base64.b64encode(bytes(data)).decode()
+                status[f"{which}-data"] = _Base64(bytes(data))
                 status[f"{which}-truncated"] = getattr(process, f"{which}_truncated")
         return status
 

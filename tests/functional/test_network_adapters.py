@@ -1,15 +1,20 @@
 """VM network adapters through the REST API on the fake network backend: taps opened
 for a start and closed after, ports closed when the VM stops, adapters added, changed
-and removed on stopped and running VMs, and every bad input."""
+and removed on stopped and running VMs (also one the guest lets go of only after its
+hot remove timed out), and every bad input."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import pytest
 
 from hvstack.errors import HypervisorError
+from hvstack.host.adapter_ops import MachineHotPlug
+from hvstack.host.events import Event, Subscription
 from hvstack.hypervisor.capabilities import DeviceSpec
-from hvstack.hypervisor.spec import TapNetdev, nic_device_id
+from hvstack.hypervisor.spec import TapNetdev, nic_device_id, nic_netdev_id
 from hvstack.network.model import MirrorMode
 from tests.functional.fakes import API, assert_problem, create_vm, eventually, run_job, show_vm
 from tests.functional.test_network_switches import Net, make
@@ -268,3 +273,66 @@ async def test_mirror_sources_follow_their_destination(net: Net) -> None:
                                    json={"mirror": "none"})
     assert response.status_code == 200, response.text
     assert net.fake.ports[source_tap].mirror_to is None
+
+
+async def test_an_adapter_the_guest_lets_go_of_late_leaves_then(net: Net) -> None:
+    """A hot remove that timed out keeps the adapter (settings, device, netdev, port);
+    when the guest lets go of it later, its netdev and port go and it leaves the
+    settings, with an event saying so."""
+    vm = await create_vm(net.api, "web")
+    await run_job(net.api, "web", "start")
+    machine = net.driver.machine_of(vm["id"])
+    mac = str((await add(net.api, switch="Default Switch"))["mac"])
+    [port] = [p for p in net.fake.ports.values() if p.mac == mac]
+    net.ops.adapters.hot_plug = MachineHotPlug(remove_timeout=0.05)
+    machine.devices.auto_release = False
+    events = net.service.events.subscribe()
+    try:
+        problem = assert_problem(await net.api.delete(f"{ADAPTERS}/{mac}"), 504, "timeout")
+        assert "did not release network adapter" in problem["detail"]
+        assert mac in await shown_macs(net)
+        assert nic_netdev_id(mac) in machine.devices.netdevs and port.tap in net.fake.ports
+
+        machine.devices.release(nic_device_id(mac))  # the guest, at last
+        removed = await asyncio.wait_for(anext_of(events, "vm.adapter-removed"), 30)
+        assert (removed.data["mac"], removed.data["late"]) == (mac, True)
+        assert nic_netdev_id(mac) not in machine.devices.netdevs
+        assert port.tap not in net.fake.ports
+        assert mac not in await shown_macs(net)
+        assert len(await shown_macs(net)) == 1  # the adapter it started with stays
+    finally:
+        await events.aclose()
+
+
+async def test_a_removal_that_finished_in_time_is_finished_once(net: Net) -> None:
+    vm = await create_vm(net.api, "web")
+    await run_job(net.api, "web", "start")
+    machine = net.driver.machine_of(vm["id"])
+    events = net.service.events.subscribe()
+    try:
+        mac = str((await add(net.api, mode="user"))["mac"])
+        response = await net.api.delete(f"{ADAPTERS}/{mac}")
+        assert response.status_code == 200, response.text
+        # The DEVICE_DELETED it caused waits for the lock, which it gets before the save
+        # does, and finds nothing left to do.
+        await run_job(net.api, "web", "save")
+        assert nic_netdev_id(mac) not in machine.devices.netdevs
+        seen = []
+        async for event in events:
+            seen.append(event.type)
+            if event.type == "vm.state" and event.data["state"] == "Saved":
+                break
+        assert "vm.adapter-removed" not in seen
+    finally:
+        await events.aclose()
+
+
+async def shown_macs(net: Net) -> list[str]:
+    return [str(n["mac"]) for n in (await show_vm(net.api, "web"))["network_adapters"]]
+
+
+async def anext_of(events: Subscription, kind: str) -> Event:
+    async for event in events:
+        if event.type == kind:
+            return event
+    raise AssertionError(f"no {kind} event")

@@ -1,6 +1,7 @@
-"""A Generation 2 VM saved after an adapter was hot added comes back on the hardware it
-had: the layout read off the running machine is kept beside the saved state and the
-restored machine is built from it (the settings alone would build other hardware)."""
+"""A VM saved after adapters were hot added or removed comes back on the hardware it had
+(Generation 2: root ports; Generation 1: root-bus slots): the layout read off the
+running machine is kept beside the saved state and the restored machine is built from
+it (the settings alone would build other hardware)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,42 @@ async def test_a_vm_saved_without_hot_plug_keeps_no_layout(net: Net) -> None:
     await run_job(net.api, "web", "start")
     spec = net.driver.machine_of(vm["id"]).spec
     assert spec is not None and spec.incoming and spec.layout is None
+
+
+async def test_a_generation_1_vm_saved_after_add_add_remove_is_restored_as_it_ran(
+        net: Net) -> None:
+    """Generation 1 adapters sit on root-bus slots; after adding two and removing the
+    first, the settings alone would put the second on another slot than it has."""
+    vm = await create_vm(net.api, "old", generation=1)
+    booted = vm["network_adapters"][0]["mac"]
+    await run_job(net.api, "old", "start")
+    added = []
+    for _ in range(2):
+        response = await net.api.post(API + "/vms/old/adapters", json={"mode": "user"})
+        assert response.status_code == 201, response.text
+        added.append(response.json()["network_adapters"][-1]["mac"])
+    machine = net.driver.machine_of(vm["id"])
+    assert {d.id: d.properties["addr"] for d in machine.devices.devices.values()} == {
+        f"nic-{m.replace(':', '')}": a for m, a in zip([booted, *added],
+                                                        ["0x10", "0x11", "0x12"],
+                                                        strict=True)}
+    response = await net.api.delete(API + f"/vms/old/adapters/{added[0]}")
+    assert response.status_code == 200, response.text
+    await run_job(net.api, "old", "save")
+    files = net.service.registry.files(vm["id"])
+    kept = PortLayout.from_json(json.loads(files.saved_layout.read_text()))
+    assert kept == PortLayout(slots=((booted, 0x10), (added[1], 0x12)))
+
+    await run_job(net.api, "old", "start")
+    spec = net.driver.machine_of(vm["id"]).spec
+    assert spec is not None and spec.incoming and spec.layout == kept
+    assert {n.mac: spec.nic_slot(n) for n in spec.net_devices} == {booted: 0x10,
+                                                                   added[1]: 0x12}
+    assert '"addr":"0x12"' in " ".join(net.driver.machine_of(vm["id"]).argv)
+    assert (await show_vm(net.api, "old"))["state"] == "Running"
+    # a cold start lays the adapters out from the settings again
+    await run_job(net.api, "old", "stop", {"mode": "turn-off"})
+    await run_job(net.api, "old", "start")
+    spec = net.driver.machine_of(vm["id"]).spec
+    assert spec is not None and spec.layout is None
+    assert sorted(spec.nic_slot(n) or 0 for n in spec.net_devices) == [0x10, 0x11]

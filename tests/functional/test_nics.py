@@ -21,7 +21,8 @@ from hvstack.errors import (
     OperationTimeout,
 )
 from hvstack.hypervisor.capabilities import DeviceSpec, NetdevSpec
-from hvstack.hypervisor.spec import HOTPLUG_PORTS, PortLayout, hotplug_port_id
+from hvstack.hypervisor.events import QmpEvent
+from hvstack.hypervisor.spec import HOTPLUG_PORTS, NIC_SLOTS, PortLayout, hotplug_port_id
 from tests.functional.fake_capabilities import FakeDevices
 
 MAC = "52:54:00:0a:0b:0c"
@@ -67,12 +68,33 @@ async def test_a_switch_port_is_plugged_on_the_first_free_spare_port(
     assert other == "hotplug-port-1"
 
 
-async def test_generation_1_plugs_on_the_root_bus(devices: FakeDevices) -> None:
+async def test_generation_1_plugs_on_the_first_free_adapter_slot_of_the_root_bus(
+        devices: FakeDevices) -> None:
+    # a machine started with an adapter on 0x10, and a device QEMU put on 0x11
+    devices.fixed_slots |= {0x10: "nic-525400000001", 0x11: "disk-5f6a7b8c9d-dev"}
     nic = NetworkAdapter(MAC, NicModel.E1000)
-    assert await nics.hot_add(devices, nic, GEN1) is None
+    assert await nics.hot_add(devices, nic, GEN1) == "0x12"
     device = devices.devices["nic-5254000a0b0c"]
     assert device.driver == "e1000" and "bus" not in device.properties
+    assert device.properties["addr"] == "0x12"
     assert devices.netdevs["net-5254000a0b0c"].type == "user"
+    second = NetworkAdapter("52:54:00:0a:0b:0d", NicModel.E1000)
+    assert await nics.hot_add(devices, second, GEN1) == "0x13"
+    await nics.hot_remove(devices, nic, GEN1)
+    # its slot is free again: the next adapter takes it
+    third = NetworkAdapter("52:54:00:0a:0b:0e", NicModel.E1000)
+    assert await nics.hot_add(devices, third, GEN1) == "0x12"
+    assert await nics.read_layout(devices, generation=GEN1) == PortLayout(slots=(
+        ("52:54:00:00:00:01", 0x10), ("52:54:00:0a:0b:0e", 0x12),
+        ("52:54:00:0a:0b:0d", 0x13)))
+
+
+async def test_generation_1_without_a_free_adapter_slot_leaves_nothing_behind(
+        devices: FakeDevices) -> None:
+    devices.fixed_slots |= {slot: f"other{slot}" for slot in NIC_SLOTS}
+    with pytest.raises(InsufficientResources, match="room for 16"):
+        await nics.hot_add(devices, NetworkAdapter(MAC, NicModel.E1000), GEN1)
+    assert (devices.devices, devices.netdevs) == ({}, {})
 
 
 async def test_a_port_not_connected_to_a_switch_comes_up_with_its_link_down(
@@ -174,6 +196,26 @@ async def test_a_guest_that_keeps_the_adapter_keeps_it_whole(devices: FakeDevice
     assert "net-5254000a0b0c" in devices.netdevs
     # its port stays taken: the next adapter goes elsewhere
     assert await nics.free_port(devices) == "hotplug-port-1"
+
+
+async def test_a_removal_that_timed_out_is_finished_when_the_guest_lets_go(
+        devices: FakeDevices, tap: int) -> None:
+    deleted: list[str] = []
+    devices.on_deleted = deleted.append
+    await nics.hot_add(devices, switched(), GEN2, tap_fd=tap)
+    devices.auto_release = False
+    with pytest.raises(OperationTimeout):
+        await nics.hot_remove(devices, switched(), GEN2, timeout=0.05)
+    assert not await nics.finish_removal(devices, MAC)  # still plugged in: nothing to do
+    devices.release("nic-5254000a0b0c")
+    assert deleted == ["nic-5254000a0b0c"]
+    event = QmpEvent("DEVICE_DELETED", {"device": deleted[0], "path": "/machine/x"})
+    assert nics.deleted_adapter(event) == MAC
+    assert nics.deleted_adapter(QmpEvent("DEVICE_DELETED", {"path": "/m/x"})) is None
+    assert nics.deleted_adapter(QmpEvent("DEVICE_DELETED", {"device": "disk-a-dev"})) is None
+    assert await nics.finish_removal(devices, MAC)
+    assert devices.netdevs == {} and devices.netdev_fds == {}
+    assert not await nics.finish_removal(devices, MAC)  # once
 
 
 async def test_an_adapter_whose_device_left_already_loses_its_netdev(

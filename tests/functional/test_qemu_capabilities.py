@@ -110,6 +110,22 @@ async def test_the_devices_on_a_port_are_its_bus_children(qmp: FakeQmp,
     assert await machine.devices.devices_on("hotplug-port-0") == ()
 
 
+async def test_the_root_bus_slots_come_from_query_pci(qmp: FakeQmp,
+                                                     machine: QemuMachine) -> None:
+    # query-pci of an i440fx machine, shortened, as QEMU 7.2 answers it
+    def device(slot: int, function: int, qdev_id: str) -> dict[str, Any]:
+        return {"bus": 0, "slot": slot, "function": function, "qdev_id": qdev_id,
+                "class_info": {"class": 512}, "id": {"device": 4110, "vendor": 32902},
+                "regions": []}
+
+    qmp.reply("query-pci", [{"bus": 0, "devices": [
+        device(0, 0, ""), device(1, 0, ""), device(1, 1, ""), device(1, 3, ""),
+        device(2, 0, "video0"), device(16, 0, "nic-525400123457"),
+        device(17, 0, "nic-525400123458")]}])
+    assert await machine.devices.root_bus_slots() == {
+        0: "", 1: "", 2: "video0", 16: "nic-525400123457", 17: "nic-525400123458"}
+
+
 async def test_device_ids_are_the_peripherals(qmp: FakeQmp, machine: QemuMachine) -> None:
     qmp.reply("qom-list", [{"name": "type", "type": "string"},
                            {"name": "port-525400123457", "type": "child<pcie-root-port>"},

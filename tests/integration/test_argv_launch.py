@@ -107,6 +107,10 @@ async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
                 assert await machine.devices.devices_on("port-525400aabbcc") == (
                     "nic-525400aabbcc",)
                 assert await machine.devices.devices_on("hotplug-port-3") == ()
+            else:  # the adapter on the first of the adapters' slots of the root bus
+                slots = await machine.devices.root_bus_slots()
+                assert slots[0x10] == "nic-525400aabbcc"
+                assert slots[0] == slots[1] == "" and slots[2] == "video0"
             dump = run_dir / "screen.ppm"
             await machine.screendump(dump)
             image = parse_ppm(dump.read_bytes())

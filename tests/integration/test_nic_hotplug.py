@@ -9,8 +9,9 @@ IFF_VNET_HDR inside a network namespace this test makes, handed to QEMU with
 root ports; Generation 1: on the root bus, ACPI hot plug); the guest
 agent's ``guest-network-get-interfaces`` lists both MACs and the guest reads the
 switch port's carrier off, then on after ``set_link``; both are removed again, the
-guest lets go of them, and their MACs leave the guest's list. Then a machine saved
-after its adapters changed is restored from the layout read off it, and, end to end
+guest lets go of them, and their MACs leave the guest's list. Then a machine of each
+generation saved after adapters were added and one removed is restored from the layout
+read off it (Generation 1: root-bus slots), and, end to end
 through ``hv``, a VM saved after a hot add starts again from its saved state (before the
 layout was kept, QEMU could not load the state into the machine the settings built).
 Every wait is on a condition with a generous deadline.
@@ -213,11 +214,17 @@ async def test_adapters_come_and_go_while_the_guest_runs(
     switch_nic = NetworkAdapter(SWITCH_MAC, model(generation), "switch", "")
     assert BOOTED_WITH in await guest_macs(agent)
 
-    # Generation 2 on the spare root ports, Generation 1 on the root bus
+    # Generation 2 on the spare root ports, Generation 1 on the adapters' root-bus slots
+    # (the booted adapter has the first)
     assert await nics.hot_add(devices, user_nic, generation) == (
-        "hotplug-port-0" if gen2 else None)
+        "hotplug-port-0" if gen2 else "0x11")
     port = await nics.hot_add(devices, switch_nic, generation, tap_fd=tap)
-    assert port == ("hotplug-port-1" if gen2 else None)
+    assert port == ("hotplug-port-1" if gen2 else "0x12")
+    if not gen2:
+        slots = await devices.root_bus_slots()
+        assert {s: slots[s] for s in (0x10, 0x11, 0x12)} == {
+            0x10: nic_device_id(BOOTED_WITH), 0x11: nic_device_id(USER_MAC),
+            0x12: nic_device_id(SWITCH_MAC)}
 
     async def both_seen() -> bool:
         return {user_nic.mac, switch_nic.mac} <= await guest_macs(agent)
@@ -246,44 +253,52 @@ async def test_adapters_come_and_go_while_the_guest_runs(
 
 
 async def test_a_saved_machine_comes_back_with_the_adapters_it_had(
-        folder: Path, tiny_image: Path) -> None:
-    """Saved after its boot adapter was removed and another added: restored from the
-    layout the running machine had (the config alone builds other hardware, and QEMU
-    fails to load the state into it)."""
-    gen2 = Generation.GEN2
-    disk = await prepare(folder, tiny_image, gen2)
-    machine, agent = await launch(folder, vm_config(disk, gen2, BOOTED_WITH), tiny_image)
+        folder: Path, tiny_image: Path, generation: Generation) -> None:
+    """Saved after two adapters were added and the first of them removed: restored from
+    the layout the running machine had (the settings alone build other hardware: on
+    Generation 2 other ports, on Generation 1 the second adapter on the first one's
+    slot; QEMU fails to load the state into it)."""
+    disk = await prepare(folder, tiny_image, generation)
+    machine, agent = await launch(folder, vm_config(disk, generation, BOOTED_WITH),
+                                  tiny_image)
     state = folder / "saved-state.bin"
+    first, second = (NetworkAdapter(m, model(generation)) for m in (USER_MAC, SWITCH_MAC))
     try:
         await until(lambda: _answers(agent, "guest-ping"), BOOT_TIMEOUT, "the guest agent")
-        layout = PortLayout.at_launch([BOOTED_WITH])
-        added = NetworkAdapter(USER_MAC, NicModel.VIRTIO)
-        await nics.hot_remove(machine.devices, NetworkAdapter(BOOTED_WITH, NicModel.VIRTIO),
-                              gen2, timeout=SEEN_TIMEOUT)
-        layout = layout.unplugged(BOOTED_WITH)
-        port = await nics.hot_add(machine.devices, added, gen2)
-        assert port is not None
-        layout = layout.plugged(USER_MAC, port)
+        await nics.hot_add(machine.devices, first, generation)
+        where = await nics.hot_add(machine.devices, second, generation)
+        assert where is not None
 
-        async def swapped() -> bool:
-            macs = await guest_macs(agent)
-            return USER_MAC in macs and BOOTED_WITH not in macs
+        async def both_seen() -> bool:
+            return {USER_MAC, SWITCH_MAC} <= await guest_macs(agent)
 
-        await until(swapped, SEEN_TIMEOUT, "the guest sees the swap")
-        assert await nics.read_layout(machine.devices) == layout  # the machine agrees
+        await until(both_seen, SEEN_TIMEOUT, "the guest sees both adapters")
+        await nics.hot_remove(machine.devices, first, generation, timeout=SEEN_TIMEOUT)
+
+        async def first_gone() -> bool:
+            return USER_MAC not in await guest_macs(agent)
+
+        await until(first_gone, SEEN_TIMEOUT, "the guest lets go of the first")
+        layout = await nics.read_layout(machine.devices, generation=generation)
+        if generation is Generation.GEN2:
+            assert layout == PortLayout.at_launch([BOOTED_WITH]).plugged(SWITCH_MAC, where)
+        else:
+            assert layout == PortLayout(slots=((BOOTED_WITH, 0x10), (SWITCH_MAC, 0x12)))
+            assert where == "0x12"
         await machine.pause()
         await machine.save_state(state, no_progress)
     finally:
         await stop(machine, agent)
 
-    restored, agent = await launch(folder, vm_config(disk, gen2, USER_MAC), tiny_image,
-                                   incoming=True, layout=layout)
+    restored, agent = await launch(folder, vm_config(disk, generation, BOOTED_WITH,
+                                                     SWITCH_MAC),
+                                   tiny_image, incoming=True, layout=layout)
     try:
         await restored.restore_state(state, no_progress)
         await restored.resume()
         macs = await guest_macs(agent)
-        assert USER_MAC in macs and BOOTED_WITH not in macs
-        assert await restored.devices.devices_on(port) == (nic_device_id(USER_MAC),)
+        assert {BOOTED_WITH, SWITCH_MAC} <= macs and USER_MAC not in macs
+        assert await nics.read_layout(restored.devices, generation=generation) == layout
     finally:
         await stop(restored, agent)
 

@@ -130,8 +130,21 @@ def gen2_switch_spec() -> MachineSpec:
         NetDevice(MAC, NicModel.VIRTIO)))
 
 
+def gen1_switch_spec() -> MachineSpec:
+    """A generation 1 VM with a tap port (descriptor 3) and a user-mode adapter, listed
+    against the order of their MACs, and a virtio data disk."""
+    data = disk("5f6a7b8c9d", "/srv/disks/data.raw", "raw")
+    boot_disk, dvd_drive = gen1_spec().block_devices
+    return replace(gen1_spec(), pass_fds=(3,), block_devices=(
+        boot_disk, BlockDevice(disk_device_id("5f6a7b8c9d"), BlockBus.VIRTIO, data),
+        dvd_drive),
+        net_devices=(NetDevice("52:54:00:ab:cd:ef", NicModel.E1000, TapNetdev("3"), 3),
+                     NetDevice(MAC, NicModel.E1000)))
+
+
 GOLDEN_SPECS = {
     "argv_gen1": lambda: gen1_spec("tcg"),
+    "argv_gen1_switch": gen1_switch_spec,
     "argv_gen2_switch": gen2_switch_spec,
     "argv_gen2": lambda: gen2_spec("tcg"),
     "argv_gen2_kvm": lambda: gen2_spec("kvm"),
@@ -434,6 +447,58 @@ def test_i440fx_has_no_root_ports_and_hot_plugs_on_its_root_bus() -> None:
     assert gen1_spec().root_ports() == ()
     devices = {d["id"]: d for d in json_options(argv, "-device")}
     assert "bus" not in devices["nic-525400123456"]
+
+
+def nic_slots(argv: list[str]) -> dict[str, object]:
+    return {str(d["id"]): d.get("addr") for d in json_options(argv, "-device")
+            if d["driver"] in ("e1000", "virtio-net-pci")}
+
+
+def test_on_i440fx_adapters_sit_on_slots_set_by_the_set_of_their_macs() -> None:
+    spec = gen1_switch_spec()
+    flipped = replace(spec, net_devices=spec.net_devices[::-1])
+    assert nic_slots(build_argv(spec)) == nic_slots(build_argv(flipped)) == {
+        "nic-525400123456": "0x10", "nic-525400abcdef": "0x11"}
+    # before the disks: QEMU gives a virtio disk the first free slot, never theirs
+    argv = build_argv(spec)
+    position = {json.loads(a).get("id"): i for i, a in enumerate(argv) if a.startswith("{")}
+    assert position["nic-525400abcdef"] < position[disk_device_id("5f6a7b8c9d")]
+
+
+def test_a_restored_i440fx_machine_has_its_adapters_where_they_were() -> None:
+    started = replace(gen1_spec(), net_devices=(NetDevice(A, NicModel.E1000),
+                                                NetDevice(B, NicModel.E1000)))
+    # while it ran: C added on the first free slot, then A removed
+    layout = PortLayout.slotted([B, A]).at_slot(C, 0x12).unplugged(A)
+    assert layout.slots == ((B, 0x11), (C, 0x12))
+    restored = replace(started, layout=layout, net_devices=(
+        NetDevice(C, NicModel.E1000), NetDevice(B, NicModel.E1000)))
+    assert nic_slots(build_argv(restored)) == {"nic-52540000000c": "0x12",
+                                               "nic-52540000000b": "0x11"}
+    # the settings alone would have moved them: B to 0x10, C to 0x11
+    assert nic_slots(build_argv(replace(restored, layout=None))) == {
+        "nic-52540000000c": "0x11", "nic-52540000000b": "0x10"}
+    assert PortLayout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
+    assert PortLayout.from_json({"own": [], "hotplugged": []}).slots == ()  # older files
+
+
+@pytest.mark.parametrize("layout", [
+    PortLayout.slotted([A]),  # B has no slot
+    PortLayout(slots=((A, 0x10), (B, 0x05))),  # not an adapters' slot
+    PortLayout(slots=((A, 0x10), (B, 0x10))),
+])
+def test_an_i440fx_layout_without_a_slot_for_each_adapter_is_refused(
+        layout: PortLayout) -> None:
+    with pytest.raises(InvalidInput, match="has no slot of its own"):
+        replace(gen1_spec(), layout=layout, net_devices=(NetDevice(A, NicModel.E1000),
+                                                         NetDevice(B, NicModel.E1000)))
+
+
+def test_i440fx_has_room_for_sixteen_adapters() -> None:
+    nics = tuple(NetDevice(f"52:54:00:00:01:{i:02x}", NicModel.E1000) for i in range(17))
+    replace(gen1_spec(), net_devices=nics[:16])
+    with pytest.raises(InvalidInput, match="room for 16 network adapters; 17"):
+        replace(gen1_spec(), net_devices=nics)
 
 
 def test_a_balloon_is_there_when_asked_for() -> None:

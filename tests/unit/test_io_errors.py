@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvstack.compute.lifecycle import VmFiles, io_error_reason
+from hvstack.compute.io_errors import io_error_reason
+from hvstack.compute.lifecycle import VmFiles
 from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
 from hvstack.compute.model import DiskAttachment, DiskBus, VmConfig
 from hvstack.hypervisor.events import BlockIoError, QmpEvent

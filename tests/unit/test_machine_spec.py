@@ -81,8 +81,13 @@ GOLDEN_SETTINGS = {
     "argv_gen2_switch": (replace(gen2_config(), network_adapters=(
         NetworkAdapter(SWITCHED, NicModel.VIRTIO, "switch", "sw1"),
         NetworkAdapter(MAC, NicModel.VIRTIO))), "kvm"),
+    "argv_gen1_switch": (replace(gen1_config(), disks=(
+        *gen1_config().disks,
+        DiskAttachment("/srv/disks/data.raw", DiskBus.VIRTIO, "raw", id="5f6a7b8c9d")),
+        network_adapters=(NetworkAdapter(SWITCHED, NicModel.E1000, "switch", "sw1"),
+                          NetworkAdapter(MAC, NicModel.E1000))), "tcg"),
 }
-SWITCH_TAPS = {"argv_gen2_switch": {SWITCHED: 3}}
+SWITCH_TAPS = {"argv_gen2_switch": {SWITCHED: 3}, "argv_gen1_switch": {SWITCHED: 3}}
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SETTINGS))
@@ -106,10 +111,11 @@ def test_a_switch_port_gets_its_tap_and_qemu_inherits_it() -> None:
     assert spec_of(gen2_config()).pass_fds == ()
 
 
-def test_a_layout_is_kept_for_generation_2_only() -> None:
+def test_a_layout_is_kept_for_either_generation() -> None:
     layout = PortLayout.at_launch([MAC])
     assert spec_of(gen2_config(), layout=layout).layout == layout
-    assert spec_of(gen1_config(), layout=layout).layout is None
+    slots = PortLayout(slots=((MAC, 0x13),))
+    assert spec_of(gen1_config(), layout=slots).layout == slots
 
 
 def test_a_switch_port_without_a_tap_is_an_error_naming_it() -> None:

@@ -302,3 +302,11 @@ def test_record_evolve_and_name() -> None:
     assert record.state is VmState.OFF
     moved = record.evolve(state=VmState.RUNNING, pid=42)
     assert (moved.state, moved.pid, record.pid) == (VmState.RUNNING, 42, None)
+
+
+def test_a_generation_1_vm_has_room_for_sixteen_adapters() -> None:
+    nics = tuple(NetworkAdapter(f"52:54:00:00:02:{i:02x}", NicModel.E1000) for i in range(17))
+    config = VmConfig(name="old", generation=Generation.GEN1, network_adapters=nics[:16])
+    validate_config(config, host_cpus=4, host_memory=2**34)
+    with pytest.raises(InvalidInput, match="room for 16 network adapters; 17"):
+        validate_config(replace(config, network_adapters=nics), host_cpus=4, host_memory=2**34)

@@ -14,22 +14,23 @@ Saving. A store that cannot record a change (a full disk) fails the operation be
 begins (:class:`~hvstack.errors.NoSpace`); once the VM has really changed, the change
 is kept and published, the failure to record it logged (the next change records the
 whole record again, and after a restart the real state is found by reattaching).
+
+A disk error QEMU reports is told in the user's terms by :mod:`hvstack.compute.io_errors`
+(and may pause the VM); where the VM's files live is :mod:`hvstack.compute.files`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from hvstack.compute import nics
+from hvstack.compute import io_errors, nics
+from hvstack.compute.files import VmFiles as VmFiles  # its older home; callers import it here
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.policy import ShutdownStep, shutdown_chain
 from hvstack.compute.policy import StopMode as StopMode  # its older home; callers import it here
@@ -45,7 +46,6 @@ from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
-from hvstack.hypervisor.qemu.argv import block_node_paths
 from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import Progress, scaled
 
@@ -77,51 +77,6 @@ LinkFactory = Callable[[GuestAgent, Callable[[], IntegrationServices], Callable[
                         Callable[[], Awaitable[None]]], AgentLink]
 
 
-@dataclass(frozen=True)
-class VmFiles:
-    """The files of one VM: its folder and its runtime sockets."""
-
-    folder: Path
-    run_dir: Path
-
-    @property
-    def saved_state(self) -> Path:
-        return self.folder / "saved-state.bin"
-
-    @property
-    def saved_layout(self) -> Path:
-        """Where the adapters sat when the state was saved (after hot plug only)."""
-        return self.folder / "saved-state.layout.json"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.folder / "qemu.pid"
-
-    @property
-    def console_log(self) -> Path:
-        return self.folder / "console.log"
-
-    @property
-    def efi_vars(self) -> Path:
-        return self.folder / "efivars.fd"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
-
-    @property
-    def qga_socket(self) -> Path:
-        return self.run_dir / "qga.sock"
-
-    @property
-    def serial_socket(self) -> Path:
-        return self.run_dir / "serial.sock"
-
-    @property
-    def vnc_socket(self) -> Path:
-        return self.run_dir / "vnc.sock"
-
-
 class VmController:
     def __init__(
         self,
@@ -136,6 +91,7 @@ class VmController:
         recorded: Callable[[VmRecord], Awaitable[None]] | None = None,
         *,
         make_link: LinkFactory,
+        on_adapter_gone: Callable[[VmController, str], Awaitable[None]] | None = None,
     ) -> None:
         self.record = record
         self.files = files
@@ -145,6 +101,9 @@ class VmController:
         self._on_change = on_change
         self._recorded = recorded or (lambda record: _nothing())
         self._before_start = before_start
+        # Called (in the lock) with the MAC of an adapter the guest let go of after its
+        # hot remove gave up waiting: the host takes it out of the settings.
+        self._on_adapter_gone = on_adapter_gone
         self._machine: Machine | None = None
         # The guest agent channel; calls fail with AgentUnavailable while nothing runs.
         self.agent = GuestAgent(str(files.qga_socket), record.name)
@@ -271,6 +230,10 @@ class VmController:
         if io_error is not None:
             self._on_io_error(io_error)
             return
+        mac = nics.deleted_adapter(event)
+        if mac is not None:
+            self._in_background(self._adapter_left(mac), "adapter-left")
+            return
         if self._busy:
             return
         name = event.name
@@ -287,17 +250,30 @@ class VmController:
         BLOCK_IO_ERROR comes before the STOP it causes, so the VM is marked Paused here
         with a reason naming the disk; the STOP that follows finds it Paused already.
         """
-        node = error.node_name or error.device
-        disk = block_node_paths(self._spec_for(self.record, False)).get(node, node)
-        reason = io_error_reason(error, disk)
-        log.warning("VM %s: %s", self.record.name, reason)
-        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, disk=disk,
-                      operation=error.operation, action=error.action,
-                      nospace=error.nospace, error=error.reason)
-        if error.action == "stop" and not self._busy and self.state in (
+        report = io_errors.report(error, self._spec_for(self.record, False))
+        log.warning("VM %s: %s", self.record.name, report.reason)
+        self._publish("vm.io-error", vm=self.record.name, id=self.record.id, **report.event)
+        if report.pauses and not self._busy and self.state in (
             VmState.RUNNING, VmState.PAUSED
         ):
-            self._set(VmState.PAUSED, reason)
+            self._set(VmState.PAUSED, report.reason)
+
+    async def _adapter_left(self, mac: str) -> None:
+        """The guest let go of adapter ``mac``. A hot remove waiting for it does the rest
+        (it holds the lock meanwhile); after one that gave up waiting, the netdev it
+        left goes now and the host takes the adapter out of the settings."""
+        async with self.lock:
+            machine = self._machine
+            if machine is None:
+                return
+            try:
+                if not await nics.finish_removal(machine.devices, mac):
+                    return
+                if self._on_adapter_gone is not None:
+                    await self._on_adapter_gone(self, mac)
+            except HvError as exc:
+                log.error("VM %s: network adapter %s left late, and its removal could not "
+                          "be finished: %s", self.record.name, mac, exc)
 
     def _adopt(self, machine: Machine) -> None:
         self._machine = machine
@@ -522,7 +498,7 @@ class VmController:
         except BaseException as exc:
             target.unlink(missing_ok=True)
             await self._recover("save", exc, resume=was is VmState.RUNNING)
-            if isinstance(exc, InsufficientResources) or _no_space(exc):
+            if isinstance(exc, InsufficientResources) or io_errors.no_space(exc):
                 raise NoSpace(
                     f"cannot save VM '{self.record.name}': no space left for its memory "
                     f"state in the file system of its folder; it is "
@@ -587,23 +563,6 @@ class VmController:
     async def detach(self) -> None:
         """Let go of the worker process without stopping it (host service shutdown)."""
         await self._drop_machine()
-
-
-def io_error_reason(error: BlockIoError, disk: str) -> str:
-    """The state reason for a disk error: which disk, what failed, and why (pure).
-
-    >>> io_error_reason(BlockIoError("disk1", "", "write", "stop", True,
-    ...                              "No space left on device"), "/srv/data.qcow2")
-    'paused: disk /srv/data.qcow2 is full (write failed: No space left on device)'
-    """
-    what = f"{error.operation} failed: {error.reason or 'I/O error'}"
-    problem = f"is full ({what})" if error.nospace else f"has an I/O error ({what})"
-    prefix = "paused: " if error.action == "stop" else ""
-    return f"{prefix}disk {disk or '(unknown)'} {problem}"
-
-
-def _no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 async def _nothing() -> None:

@@ -152,5 +152,5 @@ def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost
         incoming=incoming,
         binary=host.binary,
         pass_fds=tuple(passed),
-        layout=None if gen1 else layout,
+        layout=layout,
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hvstack.errors import InsufficientResources, InvalidInput
+from hvstack.hypervisor.spec import NIC_SLOTS
 from hvstack.network.model import PortSettings, parse_mac
 
 MAX_NAME_LENGTH = 100
@@ -394,6 +395,9 @@ def _check_buses(config: VmConfig) -> None:
         for nic in config.network_adapters:
             if nic.model is not NicModel.E1000 and not nic.model:
                 raise InvalidInput("unknown network adapter model")
+        if len(config.network_adapters) > len(NIC_SLOTS):
+            raise InvalidInput(f"a Generation 1 VM has room for {len(NIC_SLOTS)} network "
+                               f"adapters; {len(config.network_adapters)} were asked for")
     else:
         for disk in config.disks:
             if disk.bus is DiskBus.IDE:

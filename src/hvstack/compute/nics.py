@@ -8,18 +8,23 @@ the same adapter the next start puts in the command line.
 - :func:`hot_add`: a switch port's tap descriptor goes to QEMU (``getfd``), then the
   netdev (``netdev_add``), then the device (``device_add``): on a Generation 2 (q35)
   machine on the first free spare root port (``hotplug-port-N``, see
-  :meth:`~hvstack.hypervisor.spec.MachineSpec.root_ports`), on Generation 1 on the root
-  bus. An adapter in switch mode that is not connected gets its link down. The caller
+  :meth:`~hvstack.hypervisor.spec.MachineSpec.root_ports`), on Generation 1 on the first
+  free slot of the root bus among the adapters' slots
+  (:data:`~hvstack.hypervisor.spec.NIC_SLOTS`; a slot any device holds is not free).
+  An adapter in switch mode that is not connected gets its link down. The caller
   keeps its own copy of the tap descriptor and closes it afterwards, success or not.
 - :func:`hot_remove`: ``device_del``, then wait (generously) for the guest to let go
   (``DEVICE_DELETED``), then ``netdev_del``. A guest that does not let go in time keeps
   the adapter: :class:`~hvstack.errors.OperationTimeout` says so and the netdev stays,
-  as the adapter really is still there (the request stays pending in QEMU).
+  as the adapter really is still there (the request stays pending in QEMU). When the
+  guest lets go later, QEMU says so (``DEVICE_DELETED``, :func:`deleted_adapter`) and
+  :func:`finish_removal` drops the netdev left behind.
 - :func:`set_link`: cable in or out (``set_link``), for connect and disconnect.
-- :func:`read_layout`: where a running Generation 2 machine's adapters sit, for the
-  machine that receives its saved state or migration (which must be built the same);
-  :func:`save_layout` keeps it beside a saved state, :func:`with_saved_layout` builds
-  the restored machine from it.
+- :func:`read_layout`: where a running machine's adapters sit (Generation 2: their
+  root ports; Generation 1: their root-bus slots), for the machine that receives its
+  saved state or migration (which must be built the same); :func:`save_layout` keeps
+  it beside a saved state, :func:`with_saved_layout` builds the restored machine from
+  it.
 
 A step that fails part-way undoes the steps before it, so the machine is left as it
 was; the error says what failed. Cancellation undoes too, and is re-raised.
@@ -47,13 +52,16 @@ from hvstack.errors import (
     OperationTimeout,
 )
 from hvstack.hypervisor.capabilities import Devices, DeviceSpec, NetdevSpec
+from hvstack.hypervisor.events import DeviceDeleted, QmpEvent
 from hvstack.hypervisor.spec import (
     HOTPLUG_PORTS,
+    NIC_SLOTS,
     MachineSpec,
     PortLayout,
     hotplug_port_id,
     nic_device_id,
     nic_netdev_id,
+    slot_address,
 )
 
 log = logging.getLogger(__name__)
@@ -78,11 +86,11 @@ def fd_name(nic: NetworkAdapter) -> str:
 async def hot_add(devices: Devices, nic: NetworkAdapter, generation: Generation, *,
                   tap_fd: int | None = None,
                   hotplug_ports: int = HOTPLUG_PORTS) -> str | None:
-    """Plug ``nic`` into the running machine; return the root port it sits on
-    (Generation 2) or None (Generation 1: the root bus).
+    """Plug ``nic`` into the running machine; return where it sits: its root port
+    (Generation 2) or its slot on the root bus (Generation 1, as ``0x11``).
 
     ``tap_fd``: the open tap of an adapter in switch mode (required there, refused for
-    a user-mode adapter). InsufficientResources when every spare port is taken;
+    a user-mode adapter). InsufficientResources when every spare port (slot) is taken;
     HypervisorError when QEMU refuses a step (the earlier ones are undone).
     """
     netdev = await _add_netdev(devices, nic, tap_fd)
@@ -134,18 +142,53 @@ async def hot_remove(devices: Devices, nic: NetworkAdapter, generation: Generati
                               mac=nic.mac) from exc
 
 
+def deleted_adapter(event: QmpEvent) -> str | None:
+    """The MAC of the adapter whose device QEMU deleted (``DEVICE_DELETED`` of a
+    ``nic-<mac>`` device: the guest let go of it), else None."""
+    deleted = DeviceDeleted.of(event)
+    device = deleted.device if deleted is not None else None
+    if device is None or not device.startswith("nic-"):
+        return None
+    return _mac_of(device.removeprefix("nic-"))
+
+
+async def finish_removal(devices: Devices, mac: str) -> bool:
+    """The guest let go of the adapter ``mac``: drop its netdev if a removal that gave
+    up waiting (:func:`hot_remove`'s OperationTimeout) left it. True if there was one
+    to drop: the adapter is gone only now. False when there was nothing left (a removal
+    that finished, which drops its own netdev) or the adapter's device is there (plugged
+    back after a failure)."""
+    if nic_device_id(mac) in await devices.device_ids():
+        return False
+    try:
+        await devices.remove_netdev(nic_netdev_id(mac))
+    except HypervisorError as exc:
+        if exc.data.get("qmp_class") == "DeviceNotFound":
+            return False
+        raise
+    log.info("network adapter %s: the guest let go of it late; its netdev is gone too", mac)
+    return True
+
+
 async def set_link(devices: Devices, mac: str, up: bool) -> None:
     """Put the link of the adapter with MAC ``mac`` up (connect) or down (disconnect)."""
     await devices.set_link(nic_device_id(mac), up)
 
 
-async def read_layout(devices: Devices,
-                      hotplug_ports: int = HOTPLUG_PORTS) -> PortLayout:
-    """Where the adapters of a running Generation 2 machine sit, read from the machine
-    itself: the adapters' own ports it was started with, and the adapter on each spare
-    port. The host keeps it with a saved state (or sends it with a migration) and gives
-    it to :func:`~hvstack.compute.machine.machine_spec` for the machine that receives
-    that state, which must have the same hardware."""
+async def read_layout(devices: Devices, hotplug_ports: int = HOTPLUG_PORTS, *,
+                      generation: Generation = Generation.GEN2) -> PortLayout:
+    """Where the adapters of a running machine sit, read from the machine itself
+    (Generation 2: the adapters' own ports it was started with, and the adapter on each
+    spare port; Generation 1: the root-bus slot of each adapter). The host keeps it with
+    a saved state (or sends it with a migration) and gives it to
+    :func:`~hvstack.compute.machine.machine_spec` for the machine that receives that
+    state, which must have the same hardware."""
+    if generation is Generation.GEN1:
+        slots = await devices.root_bus_slots()
+        return PortLayout(slots=tuple(
+            (mac, slot) for slot, device in sorted(slots.items())
+            if device.startswith("nic-") and (mac := _mac_of(device.removeprefix("nic-")))
+        ))
     own = [_mac_of(i.removeprefix("port-")) for i in await devices.device_ids()
            if i.startswith("port-")]
     layout = PortLayout.at_launch(m for m in own if m)
@@ -159,14 +202,15 @@ async def read_layout(devices: Devices,
 
 
 async def save_layout(devices: Devices, config: VmConfig, path: Path) -> None:
-    """Before a Generation 2 machine's state is saved: keep in ``path`` where its
-    adapters sit, if hot plug moved them from where the settings put them (nothing is
-    kept otherwise: the settings build the same machine)."""
+    """Before a machine's state is saved: keep in ``path`` where its adapters sit, if
+    hot plug moved them from where the settings put them (nothing is kept otherwise:
+    the settings build the same machine)."""
     path.unlink(missing_ok=True)
-    if config.generation is not Generation.GEN2:
-        return
-    layout = await read_layout(devices)
-    if layout != PortLayout.at_launch(n.mac for n in config.network_adapters):
+    macs = [n.mac for n in config.network_adapters]
+    layout = await read_layout(devices, generation=config.generation)
+    planned = (PortLayout.slotted(macs) if config.generation is Generation.GEN1
+               else PortLayout.at_launch(macs))
+    if layout != planned:
         path.write_text(json.dumps(layout.to_json()))
 
 
@@ -231,10 +275,10 @@ async def _plug_device(devices: Devices, nic: NetworkAdapter, generation: Genera
                        hotplug_ports: int) -> str | None:
     properties: dict[str, str | int | float | bool] = {
         "netdev": nic_netdev_id(nic.mac), "mac": nic.mac}
-    port = None
     if generation is Generation.GEN2:
-        port = await free_port(devices, hotplug_ports)
-        properties["bus"] = port
+        port = properties["bus"] = await free_port(devices, hotplug_ports)
+    else:
+        port = properties["addr"] = slot_address(await free_slot(devices))
     await devices.add_device(DeviceSpec(_DRIVERS[nic.model], nic_device_id(nic.mac),
                                         properties))
     return port
@@ -251,6 +295,19 @@ async def free_port(devices: Devices, hotplug_ports: int = HOTPLUG_PORTS) -> str
         f"the VM has no free hot-plug port: {hotplug_ports} adapters can be added while "
         "it runs; restart it to give the added adapters ports of their own",
         ports=hotplug_ports)
+
+
+async def free_slot(devices: Devices) -> int:
+    """Generation 1: the first of the adapters' root-bus slots that no device holds (a
+    device whose removal is still pending holds its slot). InsufficientResources when
+    there is none."""
+    taken = await devices.root_bus_slots()
+    for slot in NIC_SLOTS:
+        if slot not in taken:
+            return slot
+    raise InsufficientResources(
+        f"the VM has no free slot for another network adapter: a Generation 1 VM has "
+        f"room for {len(NIC_SLOTS)}", slots=len(NIC_SLOTS))
 
 
 async def _unplug(devices: Devices, nic: NetworkAdapter, timeout: float) -> None:

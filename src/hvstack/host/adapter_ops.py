@@ -9,6 +9,13 @@ re-planned (``update_port``) plus the guest's link set up or down, and a port se
 (VLAN, guards, ACLs, bandwidth, mirroring) is ``update_port`` alone. A step that fails
 is undone before the error is raised: the VM keeps the adapters it really has.
 
+A hot remove the guest does not answer in time fails (OperationTimeout) and the
+adapter stays in the settings, as it stays in the machine. If the guest lets go of it
+later, the VM's controller drops its netdev and calls :meth:`AdapterOperations.gone_late`:
+the adapter leaves the settings then (and its port closes), so the settings again say
+what the VM has, and a ``vm.adapter-removed`` event tells the user who was told it
+timed out.
+
 MACs are unique on the host: a given one is refused when any adapter of any VM has it;
 ``dynamic`` (or none) takes a free one from the host's pool.
 """
@@ -59,7 +66,11 @@ class NicHotPlug(Protocol):
 
 
 class MachineHotPlug:
-    """Through the machine's Devices capability (:mod:`hvstack.compute.nics`)."""
+    """Through the machine's Devices capability (:mod:`hvstack.compute.nics`);
+    ``remove_timeout``: how long a guest gets to let go of an adapter."""
+
+    def __init__(self, remove_timeout: float = nics.REMOVE_TIMEOUT) -> None:
+        self.remove_timeout = remove_timeout
 
     async def add(self, machine: Machine, nic: NetworkAdapter, generation: Generation,
                   tap_fd: int | None) -> None:
@@ -67,7 +78,8 @@ class MachineHotPlug:
 
     async def remove(self, machine: Machine, nic: NetworkAdapter,
                      generation: Generation) -> None:
-        await nics.hot_remove(machine.devices, nic, generation)
+        await nics.hot_remove(machine.devices, nic, generation,
+                              timeout=self.remove_timeout)
 
     async def set_link(self, machine: Machine, nic: NetworkAdapter, up: bool) -> None:
         await nics.set_link(machine.devices, nic.mac, up)
@@ -271,6 +283,27 @@ class AdapterOperations:
             if old.switch and old.port.mirror is MirrorMode.DESTINATION:
                 await self.network.refresh_mirrors([old.switch])
         return vm
+
+    async def gone_late(self, vm: VmController, mac: str) -> None:
+        """The guest of ``vm`` let go of adapter ``mac`` after its hot remove (or the
+        undo of a hot add) gave up waiting; the caller holds ``vm.lock`` and has dropped
+        its netdev. The adapter leaves the settings, its port closes."""
+        config = vm.record.config
+        nic = next((n for n in config.network_adapters if n.mac == mac), None)
+        if nic is not None:
+            await self.network.service.provisioning.store_config(vm, replace(
+                config, network_adapters=tuple(n for n in config.network_adapters
+                                               if n.mac != mac)))
+            log.info("VM %s: network adapter %s was let go of late and is removed",
+                     vm.record.name, mac)
+            self.network.service.events.publish("vm.adapter-removed", vm=vm.record.name,
+                                                id=vm.record.id, mac=mac, late=True)
+        # A hot add undone after a failure never reached the settings: its port may be
+        # open all the same.
+        if (nic is None or nic.mode == SWITCH_MODE) and self.network.unavailable is None:
+            await self.network.close_ports(vm.record.id, [mac])
+        if nic is not None and nic.switch and nic.port.mirror is MirrorMode.DESTINATION:
+            await self.network.refresh_mirrors([nic.switch])
 
     async def disconnect_all(self, switch_id: str) -> list[dict[str, str]]:
         """Disconnect every adapter on ``switch_id`` (a switch deleted with force)."""

@@ -98,6 +98,7 @@ class NetworkOperations:
         self.names = SwitchNames(self)
         service.start_hook = self.hooks
         service.registry.state_hooks.append(self.hooks.on_state)
+        service.registry.adapter_hooks.append(self.adapters.gone_late)
         service.provisioning.choose_adapters = self.choose_adapters
 
     # -- lookups ------------------------------------------------------------------

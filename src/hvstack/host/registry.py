@@ -49,6 +49,9 @@ class VmRegistry:
         # Called on every change of a VM's state (the network closes its ports when a
         # VM stops); a hook must not raise.
         self.state_hooks: list[Callable[[VmRecord], None]] = []
+        # Called, in the VM's lock, with the MAC of an adapter its guest let go of only
+        # after the hot remove gave up waiting (the network takes it out of the settings).
+        self.adapter_hooks: list[Callable[[VmController, str], Awaitable[None]]] = []
 
     def files(self, vm_id: str) -> VmFiles:
         return VmFiles(self._config.vms_dir / vm_id, self._config.run_dir / vm_id)
@@ -58,7 +61,7 @@ class VmRegistry:
             record, self.files(record.id), self._driver, self._spec_for, self._on_change,
             self._before_start, publish=self._events.publish,
             on_guest_contact=self._on_guest_contact, recorded=self._recorded,
-            make_link=GuestLink,
+            make_link=GuestLink, on_adapter_gone=self._on_adapter_gone,
         )
         self._vms[record.id] = vm
         self._names[record.name] = record.id
@@ -102,6 +105,10 @@ class VmRegistry:
                 await hook(vm)
             except HvError as exc:
                 log.warning("VM %s: after contact with its guest agent: %s", vm.record.name, exc)
+
+    async def _on_adapter_gone(self, vm: VmController, mac: str) -> None:
+        for hook in self.adapter_hooks:
+            await hook(vm, mac)
 
     def persist(self, record: VmRecord) -> None:
         """Queue the write of what this host observes of the VM."""

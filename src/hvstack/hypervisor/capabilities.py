@@ -113,6 +113,11 @@ class Devices(Protocol):
         port with id ``bus`` (a device whose removal is pending is still there)."""
         ...
 
+    async def root_bus_slots(self) -> Mapping[int, str]:
+        """The slots of the machine's root PCI bus that hold a device, each with the
+        id of its device ("" for one without an id: the host bridge, the PIIX)."""
+        ...
+
 
 # -- memory -------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ Every block node, device and netdev has an id derived from what it is, never fro
 position: a disk's nodes and device from the disk's id (:func:`disk_node_id`,
 :func:`disk_device_id`), an adapter's device and netdev from its MAC
 (:func:`nic_device_id`) and, on a q35 machine, its PCIe root port too
-(:func:`nic_port_id`), the one DVD drive from :data:`DVD_DEVICE`. Hot plug, block jobs,
+(:func:`nic_port_id`; on an i440fx machine its slot on the root bus:
+:meth:`MachineSpec.nic_slot`), the one DVD drive from :data:`DVD_DEVICE`. Hot plug, block jobs,
 checkpoints and migration address them by these ids, and both ends of a migration build
 the same ones. A spec whose ids collide is refused (:class:`InvalidInput`) before QEMU
 sees it.
@@ -102,6 +103,19 @@ class RootPort:
 NIC_CHASSIS = 1  # the adapters' own ports: slot 1.. in the order of their MACs
 HOTPLUG_CHASSIS = 2  # the spare ports: slot 1..N
 
+NIC_SLOTS = range(0x10, 0x20)
+"""i440fx: the slots of the root bus (pci.0) kept for network adapters, the ones a
+machine starts with first, in the order of their MACs, then the hot-added ones on the
+first free one. Slot 0 is the host bridge, 1 the PIIX (ISA, IDE, ACPI); QEMU places
+every other device itself from slot 2 upward (display, virtio-serial, rng, balloon,
+USB, SCSI controller: at most slot 7), then virtio disks, which come after the adapters
+on the command line so that, however many there are, they skip the adapters' slots."""
+
+
+def slot_address(slot: int) -> str:
+    """A root-bus slot as QEMU's ``addr`` property spells it (``0x10``)."""
+    return f"{slot:#04x}"
+
 
 @dataclass(frozen=True)
 class PortLayout:
@@ -111,35 +125,57 @@ class PortLayout:
 
     ``own``: the MACs whose own ports the machine was started with (the port stays
     after its adapter is removed); ``hotplugged``: (MAC, spare port) of each adapter
-    added since. A cold start needs none: the adapters' MACs are the layout.
+    added since. On an i440fx machine, ``slots``: (MAC, root-bus slot) of each adapter
+    (see :data:`NIC_SLOTS`). A cold start needs none: the adapters' MACs are the layout.
     """
 
     own: tuple[str, ...] = ()
     hotplugged: tuple[tuple[str, str], ...] = ()
+    slots: tuple[tuple[str, int], ...] = ()  # in the order of the slots
 
     @staticmethod
     def at_launch(macs: Iterable[str]) -> PortLayout:
         return PortLayout(tuple(sorted(m.lower() for m in macs)))
+
+    @staticmethod
+    def slotted(macs: Iterable[str]) -> PortLayout:
+        """i440fx: the adapters with MACs ``macs`` as a machine starts with them, on
+        :data:`NIC_SLOTS` in the order of their MACs (those past the last slot get none)."""
+        ordered = sorted(m.lower() for m in macs)
+        return PortLayout(slots=tuple(zip(ordered, NIC_SLOTS, strict=False)))
+
+    def at_slot(self, mac: str, slot: int) -> PortLayout:
+        """i440fx: this layout after the adapter ``mac`` was hot added on ``slot``."""
+        kept = tuple(s for s in self.slots if s[0] != mac.lower())
+        return replace(self, slots=tuple(sorted((*kept, (mac.lower(), slot)),
+                                                key=lambda s: s[1])))
+
+    def slot_of(self, mac: str) -> int | None:
+        return dict(self.slots).get(mac.lower())
 
     def plugged(self, mac: str, port: str) -> PortLayout:
         """This layout after the adapter ``mac`` was hot added on ``port``."""
         return replace(self, hotplugged=(*self.unplugged(mac).hotplugged, (mac.lower(), port)))
 
     def unplugged(self, mac: str) -> PortLayout:
-        """This layout after the adapter ``mac`` was hot removed."""
+        """This layout after the adapter ``mac`` was hot removed (a q35 machine keeps
+        the adapter's own port; an i440fx machine's slot is free again)."""
         return replace(self, hotplugged=tuple(p for p in self.hotplugged
-                                              if p[0] != mac.lower()))
+                                              if p[0] != mac.lower()),
+                       slots=tuple(s for s in self.slots if s[0] != mac.lower()))
 
     def port_of(self, mac: str) -> str:
         return dict(self.hotplugged).get(mac.lower(), nic_port_id(mac))
 
     def to_json(self) -> dict[str, Any]:
-        return {"own": list(self.own), "hotplugged": [list(p) for p in self.hotplugged]}
+        return {"own": list(self.own), "hotplugged": [list(p) for p in self.hotplugged],
+                "slots": [list(s) for s in self.slots]}
 
     @staticmethod
     def from_json(raw: Mapping[str, Any]) -> PortLayout:
         return PortLayout(tuple(str(m) for m in raw.get("own", ())),
-                          tuple((str(m), str(p)) for m, p in raw.get("hotplugged", ())))
+                          tuple((str(m), str(p)) for m, p in raw.get("hotplugged", ())),
+                          tuple((str(m), int(s)) for m, s in raw.get("slots", ())))
 
 
 class Chipset(enum.StrEnum):
@@ -301,7 +337,7 @@ class MachineSpec:
     # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
     pass_fds: tuple[int, ...] = ()
     hotplug_ports: int = HOTPLUG_PORTS  # q35 only: i440fx hot plugs on its root bus
-    layout: PortLayout | None = None  # q35: the running machine's, when restoring it
+    layout: PortLayout | None = None  # the running machine's, when restoring it
 
     def __post_init__(self) -> None:
         devices = ([d.id for d in self.block_devices] + [n.id for n in self.net_devices]
@@ -319,6 +355,7 @@ class MachineSpec:
 
     def _check_nic_ports(self) -> None:
         if self.chipset is not Chipset.Q35:
+            self._check_nic_slots()
             return
         ports = {p.id for p in self.root_ports()}
         buses = [self.nic_bus(n) for n in self.net_devices]
@@ -326,6 +363,29 @@ class MachineSpec:
             if bus not in ports or buses.count(bus) > 1:
                 raise InvalidInput(f"network adapter {nic.mac} has no port of its own in "
                                    f"the machine's layout (port '{bus}')", value=bus)
+
+    def _check_nic_slots(self) -> None:
+        if len(self.net_devices) > len(NIC_SLOTS):
+            raise InvalidInput(f"a Generation 1 machine has room for {len(NIC_SLOTS)} "
+                               f"network adapters; {len(self.net_devices)} were asked for",
+                               value=len(self.net_devices))
+        slots = [self.nic_slot(n) for n in self.net_devices]
+        for nic, slot in zip(self.net_devices, slots, strict=True):
+            if slot not in NIC_SLOTS or slots.count(slot) > 1:
+                raise InvalidInput(f"network adapter {nic.mac} has no slot of its own in "
+                                   f"the machine's layout (slot {slot})", value=str(slot))
+
+    def nic_slot(self, nic: NetDevice) -> int | None:
+        """The root-bus slot ``nic`` sits on (i440fx; see :data:`NIC_SLOTS`), or None
+        (q35: its root port, :meth:`nic_bus`). Numbered like the q35 ports: by the place
+        of its MAC among the adapters' MACs, so a given set of adapters always sits on
+        the same slots; a machine whose adapters changed while it ran is rebuilt from
+        its :class:`PortLayout`."""
+        if self.chipset is not Chipset.I440FX:
+            return None
+        layout = (self.layout if self.layout is not None
+                  else PortLayout.slotted(n.mac for n in self.net_devices))
+        return layout.slot_of(nic.mac)
 
     def root_ports(self) -> tuple[RootPort, ...]:
         """The PCIe root ports of a q35 machine (none on i440fx): one per network

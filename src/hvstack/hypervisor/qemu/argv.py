@@ -15,7 +15,10 @@ netdev ids are the spec's own (from identities, never positions).
 
 Network adapters: on a q35 machine each sits on its own ``pcie-root-port`` (see
 :meth:`~hvstack.hypervisor.spec.MachineSpec.root_ports`), and spare root ports wait for
-hot-plugged devices; an i440fx machine hot plugs on its root bus. A tap netdev names the
+hot-plugged devices; on an i440fx machine each has a fixed slot (``addr``) of the root
+bus (:data:`~hvstack.hypervisor.spec.NIC_SLOTS`), and hot-plugged ones take free slots
+there. Their options come before the disks' there, so that QEMU, which places the disks
+on the first free slots, never puts one on an adapter's slot. A tap netdev names the
 descriptor the host opened (``fd``), nothing else.
 
 Consoles: the serial port is a socket server (one client: the host service's console
@@ -48,6 +51,7 @@ from hvstack.hypervisor.spec import (
     NicModel,
     TapNetdev,
     Uefi,
+    slot_address,
 )
 
 QGA_CHANNEL = "org.qemu.guest_agent.0"
@@ -217,10 +221,19 @@ def _network_args(spec: MachineSpec) -> list[str]:
         bus = spec.nic_bus(nic)
         if bus is not None:  # its own root port, so the guest can let go of it (hot remove)
             device["bus"] = bus
+        slot = spec.nic_slot(nic)
+        if slot is not None:  # the same slot on every start and restore
+            device["addr"] = slot_address(slot)
         if nic.boot_index is not None:
             device["bootindex"] = nic.boot_index
         args += ["-device", _json(device)]
     return args
+
+
+def _disk_and_network_args(spec: MachineSpec) -> list[str]:
+    if spec.chipset is Chipset.I440FX:  # the adapters' slots are taken before the disks'
+        return [*_network_args(spec), *_storage_args(spec)]
+    return [*_storage_args(spec), *_root_port_args(spec), *_network_args(spec)]
 
 
 def _cpu_model(spec: MachineSpec) -> str:
@@ -281,9 +294,7 @@ def build_argv(spec: MachineSpec) -> list[str]:
                           "name": QGA_CHANNEL, "id": "qga0-port"}),
         "-device", _json({"driver": "virtio-rng-pci", "id": "rng0"}),
         *_memory_devices(spec),
-        *_storage_args(spec),
-        *_root_port_args(spec),
-        *_network_args(spec),
+        *_disk_and_network_args(spec),
         # spawn and elevateprivileges stay allowed: -daemonize forks and calls setsid.
         "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
         "-pidfile", paths.pidfile,

@@ -144,6 +144,25 @@ class QemuDevices:
         return tuple(ids)
 
 
+    async def root_bus_slots(self) -> Mapping[int, str]:
+        # The root bus is numbered 0 from the start; only bridges wait for the guest.
+        return parse_root_slots(await self._monitor.execute("query-pci"))
+
+
+def parse_root_slots(reply: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """``query-pci``: the slots of bus 0 that hold a device, with its id (function 0's
+    when a slot has several functions)."""
+    slots: dict[int, str] = {}
+    for bus in reply:
+        if bus.get("bus") != 0:
+            continue
+        for device in bus.get("devices") or ():
+            slot = _int(device, "slot")
+            if slot is not None and (slot not in slots or device.get("function") == 0):
+                slots[slot] = str(device.get("qdev_id") or "")
+    return slots
+
+
 def parse_bus_children(reply: Sequence[Mapping[str, Any]]) -> list[str]:
     """The ``child[N]`` link properties of a bus in a ``qom-list`` reply."""
     return [str(p["name"]) for p in reply
