@@ -227,7 +227,7 @@ class LinuxNetwork:
         stale = await netlink.run(lambda ipr: [
             link for link in netlink.links(ipr) if is_ours(tag, link.name)
             and (vlans.parent_of(link) or link.name) not in keep])
-        taps = [link.name for link in stale if link.kind != "bridge"]
+        taps = [link.name for link in stale if link.kind not in ("bridge", "veth")]
         bridges = [link for link in stale if link.kind == "bridge"]
         steps: list[Callable[[], Awaitable[None]]] = []
         steps += [functools.partial(self.close_port, tap, table) for tap in taps]
