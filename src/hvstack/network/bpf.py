@@ -173,7 +173,7 @@ def load(code: bytes, name: str) -> int:
     if fd < 0:
         code_ = ctypes.get_errno()
         log = log_buf.value.decode(errors="replace").strip()
-        if code_ in (errno.EPERM, errno.EACCES):
+        if code_ == errno.EPERM:  # (the verifier refuses a program with EACCES)
             raise HypervisorError("loading a VLAN trunk's eBPF program: not permitted "
                                   "(needs CAP_BPF or CAP_SYS_ADMIN)")
         raise HypervisorError(f"loading eBPF program {name}: {os.strerror(code_)}"
