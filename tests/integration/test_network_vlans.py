@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 
 from hvstack.errors import HvError
-from hvstack.network import bpf, netlink, tc, trunks
+from hvstack.network import bpf, netlink, nft, tc, trunks
 from hvstack.network.backend import PortPlan, SwitchPlan
 from hvstack.network.linux import LinuxNetwork
 from hvstack.network.model import MirrorMode, PortSettings, SwitchType, Vlan, VlanMode
-from hvstack.network.names import bridge_name, tap_name
+from hvstack.network.names import bridge_name, tap_name, veth_names
 from tests.integration.test_network_backend import (  # noqa: F401 (fixtures)
     REPO,
     TABLE,
@@ -197,9 +197,15 @@ def port(plan: SwitchPlan, n: int, vlan: Vlan, **settings: Any) -> PortPlan:
                     PortSettings(vlan=vlan, **settings), TABLE, plan.bridge, plan.type)
 
 
-def backend(shaping: Any = None) -> LinuxNetwork:
+def backend(shaping: Any = None, rules: Any = None) -> LinuxNetwork:
     rec = Recorder()
-    return LinuxNetwork(rec.module("nft"), shaping or rec.module("tc"), rec.module("dhcp"))
+    return LinuxNetwork(rules or rec.module("nft"), shaping or rec.module("tc"),
+                        rec.module("dhcp"))
+
+
+def nft_table() -> str:
+    return subprocess.run(["nft", "list", "table", "bridge", TABLE], capture_output=True,
+                          text=True, check=False).stdout
 
 
 async def open_vm(net: LinuxNetwork, plan: PortPlan) -> Vm:
@@ -292,10 +298,10 @@ async def trunk_ports() -> None:
 
 @scenario
 async def trunk_mirrored() -> None:
-    """A mirrored trunk: the mirror sees frames as the VM sent and received them
-    (tagged), and the VLAN programs still run (tc's mirror filters come first and
-    continue)."""
-    net = backend(shaping=tc)
+    """A mirrored trunk with the real nftables and tc: the mirror sees frames as the VM
+    sent and received them (tagged), and the VLAN programs still run (tc's mirror
+    filters come first and continue); the port's guards hold for its tagged frames."""
+    net = backend(shaping=tc, rules=nft)
     sw = switch("mirror")
     await net.ensure_switch(sw)
     dest = await open_vm(net, port(sw, 9, Vlan(), mirror=MirrorMode.DESTINATION))
@@ -305,7 +311,11 @@ async def trunk_mirrored() -> None:
     try:
         shown = ingress_filters(trunk.plan.tap)
         assert "mirred" in shown and trunks.PROGRAM in shown, shown
+        # MAC spoofing protection on the VM's tagged frames too (they reach VLAN 10's
+        # bridge through the trunk's veth, which jumps to the port's chain).
+        trunk.send(frame(bytes.fromhex("525400bad001"), b"spoofed", 10))
         deliver(trunk, frame(trunk.mac, b"out", 10), b"out", {a10: None, dest: 10})
+        assert not a10.saw(b"spoofed")
         deliver(a10, frame(a10.mac, b"in", dst=trunk.mac), b"in", {trunk: 10, dest: 10})
         # Applying the port again (tc first deletes its own filters) keeps the program.
         await net.update_port(trunk.plan)
@@ -317,11 +327,18 @@ async def trunk_mirrored() -> None:
         deliver(trunk, frame(trunk.mac, b"plain", 10), b"plain", {a10: None})
         deliver(trunk, frame(trunk.mac, b"plain1"), b"plain1", {dest: None})
         assert not dest.saw(b"plain")
+        v10, v20 = (veth_names(TAG, trunk.plan.tap, vid)[0] for vid in (10, 20))
+        assert v10 in nft_table() and v20 in nft_table()
+        await net.update_port(dataclasses.replace(trunk.plan, settings=PortSettings(
+            vlan=Vlan(VlanMode.TRUNK, allowed=(10,)))))
+        assert v10 in nft_table() and v20 not in nft_table()
     finally:
         for vm in (dest, trunk, a10):
             await net.close_port(vm.plan.tap, TABLE)
             os.close(vm.fd)
+    assert "hvv" not in nft_table() and "hvt" not in nft_table()
     await net.remove_switch(sw)
+    await net.cleanup(TABLE, keep=set())
     assert await our_links_all() == []
 
 

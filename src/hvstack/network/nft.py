@@ -4,7 +4,8 @@ Two tables per service, both named ``names.table_name(tag)``:
 
 * family ``bridge``: base chains on the ``forward``, ``input`` and ``output`` hooks look
   the frame's ``iifname`` up in the verdict map ``from_vm`` and its ``oifname`` in
-  ``to_vm``; each port's tap maps to a jump to its own chain ``port_<tap>``. A port's
+  ``to_vm``; each port's tap maps to a jump to its own chain ``port_<tap>`` (so do a
+  trunk port's veths: its tagged frames enter their VLAN's bridge through them). A port's
   chain holds, for frames from the VM (``iifname``): MAC spoofing protection (Ethernet
   source and ARP sender MAC must be the VM's), the DHCP guard (UDP source port 67 and
   547: DHCP and DHCPv6 server messages), the router guard (ICMPv6 router advertisements
@@ -38,7 +39,16 @@ import re
 from hvstack import runner
 from hvstack.errors import HvError, HypervisorError, InvalidInput
 from hvstack.network.backend import AclCounter, PortPlan, SwitchPlan
-from hvstack.network.model import AclAction, AclDirection, NatProtocol, PortAcl, SwitchType
+from hvstack.network.model import (
+    AclAction,
+    AclDirection,
+    NatProtocol,
+    PortAcl,
+    SwitchType,
+    VlanMode,
+)
+from hvstack.network.names import veth_names
+from hvstack.network.vlans import layout
 
 NFT = "nft"
 TIMEOUT = 30.0
@@ -47,6 +57,7 @@ MAX_BURST = 2**27  # bytes: with POLICER_MAX, still a bucket the kernel takes
 POLICER_MAX = 2**34  # bytes/s (137 Gbit/s): the kernel refuses a limit much above it
 
 _TAP = re.compile(r"^hvt[0-9a-f]{1,12}$")
+_VETH = re.compile(r"^hvv[0-9a-f]{1,12}$")
 _BRIDGE = re.compile(r"^hvb[0-9a-f]{1,12}$")
 _TABLE = re.compile(r"^hvstack_[0-9a-z_]{1,40}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -54,6 +65,12 @@ _ACL_COMMENT = re.compile(r"^acl (\d+) (inbound|outbound)$")
 
 
 # -- checks: everything interpolated into rule text passes one of these ------------
+
+def _check(name: str, shape: re.Pattern[str], what: str) -> str:
+    if not isinstance(name, str) or not shape.match(name):
+        raise InvalidInput(f"'{name}' is not {what} this service makes", value=str(name))
+    return name
+
 
 def check_tap(name: str) -> str:
     if not isinstance(name, str) or not _TAP.match(name):
@@ -134,9 +151,26 @@ def _acl_rules(acls: tuple[PortAcl, ...], inbound: bool) -> list[str]:
             f' comment "acl {index} {direction}"' for index, acl in ordered]
 
 
+def port_interfaces(plan: PortPlan) -> list[str]:
+    """The tap, then the bridge ends of a trunk's veths (:mod:`.trunks`): the VM's
+    tagged frames cross their VLAN's bridge through those, so the port's rules match
+    them there too."""
+    tap = check_tap(plan.tap)
+    if plan.bridge is None or plan.settings.vlan.mode is not VlanMode.TRUNK:
+        return [tap]
+    carried = layout(plan.settings.vlan)[1]
+    return [tap, *(_check(veth_names(tap[3:-7], tap, vid)[0], _VETH, "a trunk's veth")
+                   for vid in carried)]
+
+
+def _ifnames(names: list[str]) -> str:
+    quoted = [f'"{name}"' for name in names]
+    return quoted[0] if len(quoted) == 1 else "{ " + ", ".join(quoted) + " }"
+
+
 def port_rules(plan: PortPlan) -> list[str]:
     """The port chain's rules, in order (without ``add rule ...`` in front)."""
-    tap, mac, s = check_tap(plan.tap), check_mac(plan.mac), plan.settings
+    tap, mac, s = _ifnames(port_interfaces(plan)), check_mac(plan.mac), plan.settings
     out: list[str] = []
     if not s.mac_spoofing:
         out += [f"ether saddr != {mac} drop", f"arp saddr ether != {mac} drop"]
@@ -150,34 +184,59 @@ def port_rules(plan: PortPlan) -> list[str]:
         out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
                    f"{burst_bytes(rate)} bytes drop")
     inbound = _acl_rules(s.acls, inbound=True)
-    return ([f'iifname "{tap}" {rule}' for rule in out]
-            + [f'oifname "{tap}" {rule}' for rule in inbound])
+    return ([f'iifname {tap} {rule}' for rule in out]
+            + [f'oifname {tap} {rule}' for rule in inbound])
 
 
-def port_script(plan: PortPlan) -> str:
-    """The transaction that makes the port's chain exactly what ``plan`` asks."""
+def _drop_elements(t: str, chain: str, names: list[str]) -> list[str]:
+    """Map entries of ``names`` removed (added first: removing an absent one is not an
+    error; nft 1.0.6 has no ``destroy``)."""
+    lines = []
+    for m in ("from_vm", "to_vm"):
+        for name in names:
+            lines += [f'add element {t} {m} {{ "{name}" : jump {chain} }}',
+                      f'delete element {t} {m} {{ "{name}" }}']
+    return lines
+
+
+def port_script(plan: PortPlan, stale: tuple[str, ...] = ()) -> str:
+    """The transaction that makes the port's chain exactly what ``plan`` asks;
+    ``stale``: map entries of the port no longer wanted (a trunk's former veths)."""
     t, tap = f"bridge {check_table(plan.table)}", check_tap(plan.tap)
-    chain = f"port_{tap}"
+    chain, names = f"port_{tap}", port_interfaces(plan)
     lines = [*_bridge_base(plan.table), f"add chain {t} {chain}", f"flush chain {t} {chain}"]
     lines += [f"add rule {t} {chain} {rule}" for rule in port_rules(plan)]
-    lines += [f'add element {t} {m} {{ "{tap}" : jump {chain} }}' for m in ("from_vm", "to_vm")]
+    lines += _drop_elements(t, chain, [_check(n, _VETH, "a trunk's veth") for n in stale
+                                       if n not in names])
+    lines += [f'add element {t} {m} {{ "{name}" : jump {chain} }}'
+              for m in ("from_vm", "to_vm") for name in names]
     return "\n".join(lines) + "\n"
 
 
-def port_removal_script(tap: str, table: str) -> str:
-    """Removes the port's chain and map entries; adds them first so that removing an
-    absent port is not an error (nft 1.0.6 has no ``destroy``)."""
+def port_removal_script(tap: str, table: str, extra: tuple[str, ...] = ()) -> str:
+    """Removes the port's chain and map entries (``extra``: those of a trunk's veths);
+    adds them first so that removing an absent port is not an error."""
     t, tap = f"bridge {check_table(table)}", check_tap(tap)
     chain = f"port_{tap}"
     lines = [f"add table {t}",
              f"add map {t} from_vm {{ type ifname : verdict ; }}",
              f"add map {t} to_vm {{ type ifname : verdict ; }}",
              f"add chain {t} {chain}"]
-    for m in ("from_vm", "to_vm"):
-        lines += [f'add element {t} {m} {{ "{tap}" : jump {chain} }}',
-                  f'delete element {t} {m} {{ "{tap}" }}']
+    lines += _drop_elements(t, chain, [tap, *(_check(n, _VETH, "a trunk's veth")
+                                             for n in extra)])
     lines += [f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
     return "\n".join(lines) + "\n"
+
+
+def veth_entries(text: str, tap: str) -> tuple[str, ...]:
+    """The veths jumping to ``tap``'s chain in ``nft -j list map`` output."""
+    found: list[str] = []
+    for item in (json.loads(text) if text.strip() else {}).get("nftables", []):
+        for key, verdict in item.get("map", {}).get("elem", ()):
+            target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
+            if target == f"port_{tap}" and isinstance(key, str) and _VETH.match(key):
+                found.append(key)
+    return tuple(found)
 
 
 def parse_acl_counters(text: str) -> tuple[AclCounter, ...]:
@@ -297,11 +356,22 @@ async def remove_switch(plan: SwitchPlan) -> None:
 
 async def apply_port(plan: PortPlan) -> None:
     """Replaces the port's chain (one transaction; other ports are untouched)."""
-    await _nft(port_script(plan))
+    await _nft(port_script(plan, await _veth_entries(plan.tap, plan.table)))
 
 
 async def remove_port(tap: str, table: str) -> None:
-    await _nft(port_removal_script(tap, table))
+    await _nft(port_removal_script(tap, table, await _veth_entries(tap, table)))
+
+
+async def _veth_entries(tap: str, table: str) -> tuple[str, ...]:
+    argv = [NFT, "-j", "list", "map", "bridge", check_table(table), "from_vm"]
+    try:
+        out = await runner.run(argv, timeout=TIMEOUT, errors=_errors, package="nftables")
+    except HypervisorError as exc:
+        if "No such file or directory" in str(exc.data.get("stderr")):
+            return ()  # no table or map yet
+        raise
+    return veth_entries(out.decode(), check_tap(tap))
 
 
 async def acl_counters(tap: str, table: str) -> tuple[AclCounter, ...]:
