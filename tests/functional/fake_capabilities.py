@@ -31,6 +31,7 @@ from hvstack.hypervisor.capabilities import (
     NetdevSpec,
     Snapshot,
 )
+from hvstack.hypervisor.spec import MachineSpec, NicModel, TapNetdev
 
 
 def _refuse(message: str, qmp_class: str = "GenericError") -> HypervisorError:
@@ -48,6 +49,25 @@ class FakeDevices:
     links: dict[str, bool] = field(default_factory=dict)  # set_link's last word by name
     netdev_fds: dict[str, int] = field(default_factory=dict)  # a tap netdev's descriptor
     buses: set[str] | None = None  # the machine's ports (None: any bus is there)
+
+    @classmethod
+    def of_spec(cls, spec: MachineSpec) -> FakeDevices:
+        """The devices a machine started from ``spec`` has: its adapters and their
+        netdevs, each on its root port (q35), and the spare ports."""
+        fake = cls(buses={p.id for p in spec.root_ports()} if spec.root_ports() else None)
+        for nic in spec.net_devices:
+            backend = (NetdevSpec(nic.netdev_id, "tap", {"fd": nic.backend.fd})
+                       if isinstance(nic.backend, TapNetdev) else NetdevSpec(nic.netdev_id, "user"))
+            properties: dict[str, str | int | float | bool] = {"netdev": nic.netdev_id,
+                                                               "mac": nic.mac}
+            bus = spec.nic_bus(nic)
+            if bus is not None:
+                properties["bus"] = bus
+            driver = "e1000" if nic.model is NicModel.E1000 else "virtio-net-pci"
+            fake.netdevs[nic.netdev_id] = backend
+            fake.devices[nic.id] = DeviceSpec(driver, nic.id, properties)
+            fake.links[nic.id] = fake.links[nic.netdev_id] = True
+        return fake
 
     async def pass_fd(self, fd: int, name: str) -> None:
         if name in self.fds:
@@ -130,6 +150,9 @@ class FakeDevices:
         if name not in self.devices and name not in self.netdevs:
             raise _refuse(f"Device '{name}' not found", "DeviceNotFound")
         self.links[name] = up
+
+    async def device_ids(self) -> tuple[str, ...]:
+        return (*sorted(self.buses or ()), *self.devices)
 
     async def devices_on(self, bus: str) -> tuple[str, ...]:
         if self.buses is not None and bus not in self.buses:

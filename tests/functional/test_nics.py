@@ -5,16 +5,23 @@ before one that fails."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hvstack.compute import nics
 from hvstack.compute.model import Generation, NetworkAdapter, NicModel
-from hvstack.errors import HypervisorError, InsufficientResources, OperationTimeout
+from hvstack.errors import (
+    HypervisorError,
+    InsufficientResources,
+    InvalidInput,
+    OperationTimeout,
+)
 from hvstack.hypervisor.capabilities import DeviceSpec, NetdevSpec
-from hvstack.hypervisor.spec import HOTPLUG_PORTS, hotplug_port_id
+from hvstack.hypervisor.spec import HOTPLUG_PORTS, PortLayout, hotplug_port_id
 from tests.functional.fake_capabilities import FakeDevices
 
 MAC = "52:54:00:0a:0b:0c"
@@ -188,3 +195,29 @@ async def test_a_netdev_that_will_not_go_gets_its_adapter_back() -> None:
     with pytest.raises(HypervisorError, match=f"adapter {MAC} could not be removed"):
         await nics.hot_remove(devices, nic, GEN2)
     assert devices.devices["nic-5254000a0b0c"].properties["netdev"] == "net-5254000a0b0c"
+
+
+async def test_the_layout_is_read_off_the_running_machine(devices: FakeDevices) -> None:
+    booted = NetworkAdapter("52:54:00:00:00:01", NicModel.VIRTIO)  # its own port-...
+    await nics.hot_add(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2)
+    layout = await nics.read_layout(devices)
+    assert layout == PortLayout.at_launch([booted.mac]).plugged(MAC, "hotplug-port-0")
+    await nics.hot_remove(devices, NetworkAdapter(MAC, NicModel.VIRTIO), GEN2)
+    assert await nics.read_layout(devices) == PortLayout.at_launch([booted.mac])
+
+
+def test_a_saved_layout_is_applied_when_there_is_one(tmp_path: Path) -> None:
+    from tests.unit.test_argv import gen2_spec
+
+    spec = gen2_spec()
+    path = tmp_path / "saved-state.layout.json"
+    assert nics.with_saved_layout(spec, path) is spec  # nothing kept: the settings' own
+    layout = PortLayout.at_launch([spec.net_devices[0].mac, MAC])
+    path.write_text(json.dumps(layout.to_json()))
+    assert nics.with_saved_layout(spec, path).layout == layout
+    path.write_text("{not json")
+    with pytest.raises(HypervisorError, match="layout kept with the saved state"):
+        nics.with_saved_layout(spec, path)
+    path.write_text(json.dumps({"own": [], "hotplugged": []}))  # no port for the adapter
+    with pytest.raises(InvalidInput, match="has no port of its own"):
+        nics.with_saved_layout(spec, path)

@@ -110,6 +110,14 @@ async def test_the_devices_on_a_port_are_its_bus_children(qmp: FakeQmp,
     assert await machine.devices.devices_on("hotplug-port-0") == ()
 
 
+async def test_device_ids_are_the_peripherals(qmp: FakeQmp, machine: QemuMachine) -> None:
+    qmp.reply("qom-list", [{"name": "type", "type": "string"},
+                           {"name": "port-525400123457", "type": "child<pcie-root-port>"},
+                           {"name": "nic-525400123457", "type": "child<virtio-net-pci>"}])
+    assert await machine.devices.device_ids() == ("port-525400123457", "nic-525400123457")
+    assert qmp.sent("qom-list") == [{"path": "/machine/peripheral"}]
+
+
 async def test_descriptors_join_fd_sets(qmp: FakeQmp, machine: QemuMachine,
                                         tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"

@@ -9,20 +9,25 @@ IFF_VNET_HDR inside a network namespace this test makes, handed to QEMU with
 root ports; Generation 1: on the root bus, ACPI hot plug); the guest
 agent's ``guest-network-get-interfaces`` lists both MACs and the guest reads the
 switch port's carrier off, then on after ``set_link``; both are removed again, the
-guest lets go of them, and their MACs leave the guest's list. Every wait is on a
-condition with a generous deadline.
+guest lets go of them, and their MACs leave the guest's list. Then a machine saved
+after its adapters changed is restored from the layout read off it, and, end to end
+through ``hv``, a VM saved after a hot add starts again from its saved state (before the
+layout was kept, QEMU could not load the state into the machine the settings built).
+Every wait is on a condition with a generous deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,9 @@ from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.qemu.driver import QemuMachine
 from hvstack.hypervisor.qemu.monitor import Monitor
+from hvstack.hypervisor.spec import PortLayout, nic_device_id
+from hvstack.progress import no_progress
+from tests.integration.hostproc import HostProcess
 
 pytestmark = pytest.mark.integration
 
@@ -104,38 +112,61 @@ def model(generation: Generation) -> NicModel:
     return NicModel.VIRTIO if generation is Generation.GEN2 else NicModel.E1000
 
 
-@pytest.fixture
-async def guest(folder: Path, tiny_image: Path,
-                generation: Generation) -> AsyncIterator[tuple[QemuMachine, GuestAgent]]:
+def vm_config(disk: Path, generation: Generation, *macs: str) -> VmConfig:
+    gen2 = generation is Generation.GEN2
+    return VmConfig(name="hotplug", generation=generation, memory_bytes=256 * 2**20,
+                    disks=(DiskAttachment(str(disk), DiskBus.SCSI if gen2 else DiskBus.IDE,
+                                          id="d15c0a1b2c"),),
+                    network_adapters=tuple(NetworkAdapter(m, model(generation)) for m in macs))
+
+
+async def launch(folder: Path, config: VmConfig, tiny_image: Path, *,
+                 incoming: bool = False,
+                 layout: PortLayout | None = None) -> tuple[QemuMachine, GuestAgent]:
+    spec = machine_spec(VM_ID, config, VmFiles(folder, folder),
+                        MachineHost("tcg", str(OVMF_CODE)),
+                        chains={"d15c0a1b2c": (BackingFile(str(tiny_image), "qcow2"),)},
+                        incoming=incoming, layout=layout)
+    pid = await process.launch(build_argv(spec), Path(spec.paths.pidfile))
+    monitor = Monitor(VM_ID)
+    try:
+        await monitor.connect(spec.paths.qmp_socket)
+    except BaseException:
+        process.kill(pid, VM_ID)
+        raise
+    return (QemuMachine(VM_ID, pid, monitor, lambda event: None),
+            GuestAgent(spec.paths.qga_socket, "hotplug"))
+
+
+async def stop(machine: QemuMachine, agent: GuestAgent) -> None:
+    await agent.close()
+    with contextlib.suppress(HvError):
+        await machine.quit()
+    await machine.close()
+    process.kill(machine.pid, VM_ID)
+
+
+async def prepare(folder: Path, tiny_image: Path, generation: Generation) -> Path:
     disk = folder / "disk0.qcow2"
     await asyncio.to_thread(subprocess.run, [
         "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tiny_image), "-F", "qcow2",
         str(disk)], check=True, timeout=60)
     if generation is Generation.GEN2:
         shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
-    gen2 = generation is Generation.GEN2
-    config = VmConfig(name="hotplug", generation=generation, memory_bytes=256 * 2**20,
-                      disks=(DiskAttachment(str(disk), DiskBus.SCSI if gen2 else DiskBus.IDE,
-                                            id="d15c0a1b2c"),),
-                      network_adapters=(NetworkAdapter(BOOTED_WITH, model(generation)),))
-    spec = machine_spec(VM_ID, config, VmFiles(folder, folder),
-                        MachineHost("tcg", str(OVMF_CODE)),
-                        chains={"d15c0a1b2c": (BackingFile(str(tiny_image), "qcow2"),)})
-    pid = await process.launch(build_argv(spec), Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
-    agent = GuestAgent(spec.paths.qga_socket, "hotplug")
+    return disk
+
+
+@pytest.fixture
+async def guest(folder: Path, tiny_image: Path,
+                generation: Generation) -> AsyncIterator[tuple[QemuMachine, GuestAgent]]:
+    disk = await prepare(folder, tiny_image, generation)
+    machine, agent = await launch(folder, vm_config(disk, generation, BOOTED_WITH),
+                                  tiny_image)
     try:
-        await monitor.connect(spec.paths.qmp_socket)
-        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
-        try:
-            await until(lambda: _answers(agent, "guest-ping"), BOOT_TIMEOUT, "the guest agent")
-            yield machine, agent
-        finally:
-            await machine.quit()
-            await machine.close()
+        await until(lambda: _answers(agent, "guest-ping"), BOOT_TIMEOUT, "the guest agent")
+        yield machine, agent
     finally:
-        await agent.close()
-        process.kill(pid, VM_ID)
+        await stop(machine, agent)
 
 
 async def _answers(agent: GuestAgent, command: str) -> bool:
@@ -212,3 +243,75 @@ async def test_adapters_come_and_go_while_the_guest_runs(
     if gen2:
         assert await devices.devices_on("hotplug-port-0") == ()
         assert await nics.free_port(devices) == "hotplug-port-0"
+
+
+async def test_a_saved_machine_comes_back_with_the_adapters_it_had(
+        folder: Path, tiny_image: Path) -> None:
+    """Saved after its boot adapter was removed and another added: restored from the
+    layout the running machine had (the config alone builds other hardware, and QEMU
+    fails to load the state into it)."""
+    gen2 = Generation.GEN2
+    disk = await prepare(folder, tiny_image, gen2)
+    machine, agent = await launch(folder, vm_config(disk, gen2, BOOTED_WITH), tiny_image)
+    state = folder / "saved-state.bin"
+    try:
+        await until(lambda: _answers(agent, "guest-ping"), BOOT_TIMEOUT, "the guest agent")
+        layout = PortLayout.at_launch([BOOTED_WITH])
+        added = NetworkAdapter(USER_MAC, NicModel.VIRTIO)
+        await nics.hot_remove(machine.devices, NetworkAdapter(BOOTED_WITH, NicModel.VIRTIO),
+                              gen2, timeout=SEEN_TIMEOUT)
+        layout = layout.unplugged(BOOTED_WITH)
+        port = await nics.hot_add(machine.devices, added, gen2)
+        assert port is not None
+        layout = layout.plugged(USER_MAC, port)
+
+        async def swapped() -> bool:
+            macs = await guest_macs(agent)
+            return USER_MAC in macs and BOOTED_WITH not in macs
+
+        await until(swapped, SEEN_TIMEOUT, "the guest sees the swap")
+        assert await nics.read_layout(machine.devices) == layout  # the machine agrees
+        await machine.pause()
+        await machine.save_state(state, no_progress)
+    finally:
+        await stop(machine, agent)
+
+    restored, agent = await launch(folder, vm_config(disk, gen2, USER_MAC), tiny_image,
+                                   incoming=True, layout=layout)
+    try:
+        await restored.restore_state(state, no_progress)
+        await restored.resume()
+        macs = await guest_macs(agent)
+        assert USER_MAC in macs and BOOTED_WITH not in macs
+        assert await restored.devices.devices_on(port) == (nic_device_id(USER_MAC),)
+    finally:
+        await stop(restored, agent)
+
+
+def test_the_service_saves_and_restores_a_vm_after_a_hot_add(host: HostProcess) -> None:
+    """End to end through ``hv``: an adapter hot added to a running Generation 2 VM,
+    then ``hv vm save`` and ``hv vm start`` bring the guest back with it."""
+    host.ok("vm", "create", "hot", "--generation", "2", "--image", "tiny",
+            "--memory", "256M")
+    host.ok("vm", "start", "hot")
+    guest = host.guest("hot")
+    guest.wait_ready()
+    host.ok("vm", "nic", "add", "hot", "--user-mode", "--mac", USER_MAC)
+
+    def guest_has_it() -> bool:
+        code, out = guest.sh("cat /sys/class/net/*/address")
+        return code == 0 and USER_MAC in out.split()
+
+    deadline = time.monotonic() + SEEN_TIMEOUT
+    while not guest_has_it():
+        assert time.monotonic() < deadline, "the guest never saw the added adapter"
+        time.sleep(0.5)
+    host.ok("vm", "save", "hot")
+    folder = Path(host.vm("hot")["folder"])
+    assert "hotplugged" in (folder / "saved-state.layout.json").read_text()
+    host.ok("vm", "start", "hot")
+    assert host.vm("hot")["state"] == "Running"
+    guest.wait_ready()
+    assert guest_has_it()
+    # the guest resumed rather than booted again
+    assert host.console("hot").count("Linux version") == 1

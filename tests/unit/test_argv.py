@@ -40,6 +40,7 @@ from hvstack.hypervisor.spec import (
     MemorySpec,
     NetDevice,
     NicModel,
+    PortLayout,
     RuntimePaths,
     TapNetdev,
     Uefi,
@@ -396,6 +397,35 @@ def test_root_ports_depend_on_the_set_of_adapters_not_their_order() -> None:
 def test_the_number_of_spare_ports_is_the_specs() -> None:
     spec = replace(gen2_spec(), hotplug_ports=1)
     assert [p.id for p in spec.root_ports()] == ["port-525400123456", "hotplug-port-0"]
+
+
+A, B, C = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
+
+
+def test_a_restored_machine_is_laid_out_as_the_running_one_was() -> None:
+    started = replace(gen2_spec(), net_devices=(NetDevice(A, NicModel.VIRTIO),
+                                                NetDevice(B, NicModel.VIRTIO)))
+    # while it ran: A was removed, C added on the first spare port
+    layout = PortLayout.at_launch([B, A]).unplugged(A).plugged(C, "hotplug-port-0")
+    restored = replace(started, layout=layout, net_devices=(
+        NetDevice(C, NicModel.VIRTIO), NetDevice(B, NicModel.VIRTIO)))
+    assert root_ports(build_argv(restored)) == root_ports(build_argv(started))
+    devices = {d["id"]: d for d in json_options(build_argv(restored), "-device")}
+    assert devices["nic-52540000000c"]["bus"] == "hotplug-port-0"
+    assert devices["nic-52540000000b"]["bus"] == "port-52540000000b"
+    assert PortLayout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
+    assert layout.unplugged(C) == PortLayout.at_launch([A, B])
+
+
+@pytest.mark.parametrize("layout", [
+    PortLayout.at_launch([A]),  # B has no port
+    PortLayout.at_launch([A]).plugged(B, "hotplug-port-9"),  # not a port of the machine
+    PortLayout.at_launch([]).plugged(A, "hotplug-port-0").plugged(B, "hotplug-port-0"),
+])
+def test_a_layout_without_a_port_for_each_adapter_is_refused(layout: PortLayout) -> None:
+    with pytest.raises(InvalidInput, match="has no port of its own"):
+        replace(gen2_spec(), layout=layout, net_devices=(NetDevice(A, NicModel.VIRTIO),
+                                                         NetDevice(B, NicModel.VIRTIO)))
 
 
 def test_i440fx_has_no_root_ports_and_hot_plugs_on_its_root_bus() -> None:

@@ -20,7 +20,7 @@ from hvstack.compute.model import (
 )
 from hvstack.errors import HypervisorError, InvalidInput
 from hvstack.hypervisor.qemu.argv import build_argv
-from hvstack.hypervisor.spec import MachineSpec, TapNetdev, UserNetdev
+from hvstack.hypervisor.spec import MachineSpec, PortLayout, TapNetdev, UserNetdev
 from tests.unit import test_argv
 from tests.unit.test_argv import FOLDER, GIB, IMAGE, ISO, MAC, RUN, VM_ID
 
@@ -104,6 +104,12 @@ def test_a_switch_port_gets_its_tap_and_qemu_inherits_it() -> None:
                                                      UserNetdev()]
     assert spec.pass_fds == (7, 12)
     assert spec_of(gen2_config()).pass_fds == ()
+
+
+def test_a_layout_is_kept_for_generation_2_only() -> None:
+    layout = PortLayout.at_launch([MAC])
+    assert spec_of(gen2_config(), layout=layout).layout == layout
+    assert spec_of(gen1_config(), layout=layout).layout is None
 
 
 def test_a_switch_port_without_a_tap_is_an_error_naming_it() -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from hvstack.compute import nics
 from hvstack.compute.model import IntegrationServices, ServiceStatus, VmRecord, VmState
 from hvstack.compute.policy import ShutdownStep, shutdown_chain
 from hvstack.compute.policy import StopMode as StopMode  # its older home; callers import it here
@@ -86,6 +87,11 @@ class VmFiles:
     @property
     def saved_state(self) -> Path:
         return self.folder / "saved-state.bin"
+
+    @property
+    def saved_layout(self) -> Path:
+        """Where the adapters sat when the state was saved (after hot plug only)."""
+        return self.folder / "saved-state.layout.json"
 
     @property
     def pidfile(self) -> Path:
@@ -368,6 +374,8 @@ class VmController:
             progress(5, "launching the VM worker process")
             self.files.run_dir.mkdir(parents=True, exist_ok=True)
             spec = self._spec_for(self.record, resume_saved)
+            if resume_saved:
+                spec = nics.with_saved_layout(spec, self.files.saved_layout)
             machine = await self._driver.launch(spec, self.files.pidfile, self._on_qmp_event)
             self._adopt(machine)
             if resume_saved:
@@ -507,6 +515,7 @@ class VmController:
             target.unlink(missing_ok=True)
             if was is VmState.RUNNING:
                 await machine.pause()
+            await nics.save_layout(machine.devices, self.record.config, self.files.saved_layout)
             await machine.save_state(target, scaled(progress, 0, 95, "saving memory"))
             await machine.quit()
             await self._drop_machine()
@@ -535,6 +544,7 @@ class VmController:
         """Turn a Saved VM Off without starting it (Hyper-V's Remove-VMSavedState)."""
         self.require(Operation.DISCARD_SAVED_STATE)
         self.files.saved_state.unlink(missing_ok=True)
+        self.files.saved_layout.unlink(missing_ok=True)
         self._step(Operation.DISCARD_SAVED_STATE, "saved state discarded")
 
     # -- after a restart of the host service ----------------------------------

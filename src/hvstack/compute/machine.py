@@ -121,11 +121,14 @@ def runtime_paths(files: VmFiles) -> hw.RuntimePaths:
 def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost, *,
                  chains: Mapping[str, tuple[BackingFile, ...]] | None = None,
                  incoming: bool = False,
-                 tap_fds: Mapping[str, int] | None = None) -> hw.MachineSpec:
+                 tap_fds: Mapping[str, int] | None = None,
+                 layout: hw.PortLayout | None = None) -> hw.MachineSpec:
     """The machine that runs ``config``. ``chains``: each disk's checked parents by disk
     id, nearest first (a disk missing there is opened without a parent). ``tap_fds``:
     the open tap of each adapter in switch mode, by MAC (every one must have one:
-    HypervisorError naming the adapter otherwise); they become ``pass_fds``."""
+    HypervisorError naming the adapter otherwise); they become ``pass_fds``. ``layout``:
+    where the adapters of the running machine whose state this one receives sit (a
+    restore or an incoming migration after adapters were hot added or removed)."""
     taps = {mac.strip().lower().replace("-", ":"): fd for mac, fd in (tap_fds or {}).items()}
     net_devices = tuple(_net_devices(config, taps))
     passed = sorted({int(d.backend.fd) for d in net_devices
@@ -149,4 +152,5 @@ def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost
         incoming=incoming,
         binary=host.binary,
         pass_fds=tuple(passed),
+        layout=None if gen1 else layout,
     )

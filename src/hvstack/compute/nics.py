@@ -16,6 +16,10 @@ the same adapter the next start puts in the command line.
   the adapter: :class:`~hvstack.errors.OperationTimeout` says so and the netdev stays,
   as the adapter really is still there (the request stays pending in QEMU).
 - :func:`set_link`: cable in or out (``set_link``), for connect and disconnect.
+- :func:`read_layout`: where a running Generation 2 machine's adapters sit, for the
+  machine that receives its saved state or migration (which must be built the same);
+  :func:`save_layout` keeps it beside a saved state, :func:`with_saved_layout` builds
+  the restored machine from it.
 
 A step that fails part-way undoes the steps before it, so the machine is left as it
 was; the error says what failed. Cancellation undoes too, and is re-raised.
@@ -23,10 +27,19 @@ was; the error says what failed. Cancellation undoes too, and is re-raised.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Iterable
+from dataclasses import replace
+from pathlib import Path
 
-from hvstack.compute.model import SWITCH_MODE, Generation, NetworkAdapter, NicModel
+from hvstack.compute.model import (
+    SWITCH_MODE,
+    Generation,
+    NetworkAdapter,
+    NicModel,
+    VmConfig,
+)
 from hvstack.errors import (
     HvError,
     HypervisorError,
@@ -36,6 +49,8 @@ from hvstack.errors import (
 from hvstack.hypervisor.capabilities import Devices, DeviceSpec, NetdevSpec
 from hvstack.hypervisor.spec import (
     HOTPLUG_PORTS,
+    MachineSpec,
+    PortLayout,
     hotplug_port_id,
     nic_device_id,
     nic_netdev_id,
@@ -122,6 +137,60 @@ async def hot_remove(devices: Devices, nic: NetworkAdapter, generation: Generati
 async def set_link(devices: Devices, mac: str, up: bool) -> None:
     """Put the link of the adapter with MAC ``mac`` up (connect) or down (disconnect)."""
     await devices.set_link(nic_device_id(mac), up)
+
+
+async def read_layout(devices: Devices,
+                      hotplug_ports: int = HOTPLUG_PORTS) -> PortLayout:
+    """Where the adapters of a running Generation 2 machine sit, read from the machine
+    itself: the adapters' own ports it was started with, and the adapter on each spare
+    port. The host keeps it with a saved state (or sends it with a migration) and gives
+    it to :func:`~hvstack.compute.machine.machine_spec` for the machine that receives
+    that state, which must have the same hardware."""
+    own = [_mac_of(i.removeprefix("port-")) for i in await devices.device_ids()
+           if i.startswith("port-")]
+    layout = PortLayout.at_launch(m for m in own if m)
+    for index in range(hotplug_ports):
+        port = hotplug_port_id(index)
+        for device in await devices.devices_on(port):
+            mac = _mac_of(device.removeprefix("nic-")) if device.startswith("nic-") else None
+            if mac:
+                layout = layout.plugged(mac, port)
+    return layout
+
+
+async def save_layout(devices: Devices, config: VmConfig, path: Path) -> None:
+    """Before a Generation 2 machine's state is saved: keep in ``path`` where its
+    adapters sit, if hot plug moved them from where the settings put them (nothing is
+    kept otherwise: the settings build the same machine)."""
+    path.unlink(missing_ok=True)
+    if config.generation is not Generation.GEN2:
+        return
+    layout = await read_layout(devices)
+    if layout != PortLayout.at_launch(n.mac for n in config.network_adapters):
+        path.write_text(json.dumps(layout.to_json()))
+
+
+def with_saved_layout(spec: MachineSpec, path: Path) -> MachineSpec:
+    """``spec`` laid out as the machine whose state was saved beside ``path`` was
+    (``spec`` itself when nothing was kept). InvalidInput when the layout has no port
+    for an adapter of the settings (adapters changed while the VM was saved)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return spec
+    try:
+        layout = PortLayout.from_json(json.loads(text))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise HypervisorError(f"the adapter layout kept with the saved state ({path.name}) "
+                              f"is unreadable: {exc}") from exc
+    return replace(spec, layout=layout)
+
+
+def _mac_of(digits: str) -> str | None:
+    """``525400aabbcc`` as ``52:54:00:aa:bb:cc`` (None: not twelve hex digits)."""
+    if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
 
 
 async def apply_links(devices: Devices, adapters: Iterable[NetworkAdapter]) -> None:

@@ -104,6 +104,10 @@ class Devices(Protocol):
         guest sees its cable plugged in or pulled out."""
         ...
 
+    async def device_ids(self) -> tuple[str, ...]:
+        """The id of every device of the machine that has one."""
+        ...
+
     async def devices_on(self, bus: str) -> tuple[str, ...]:
         """The ids of the devices plugged into the bus of the bridge or PCIe root
         port with id ``bus`` (a device whose removal is pending is still there)."""

@@ -22,7 +22,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from hvstack.errors import InvalidInput
 
@@ -99,6 +101,45 @@ class RootPort:
 
 NIC_CHASSIS = 1  # the adapters' own ports: slot 1.. in the order of their MACs
 HOTPLUG_CHASSIS = 2  # the spare ports: slot 1..N
+
+
+@dataclass(frozen=True)
+class PortLayout:
+    """Where the adapters of a running q35 machine sit, so that a machine restored from
+    its saved state (or receiving it in a migration) is built the same: QEMU's state
+    must land on the same devices at the same PCI addresses.
+
+    ``own``: the MACs whose own ports the machine was started with (the port stays
+    after its adapter is removed); ``hotplugged``: (MAC, spare port) of each adapter
+    added since. A cold start needs none: the adapters' MACs are the layout.
+    """
+
+    own: tuple[str, ...] = ()
+    hotplugged: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def at_launch(macs: Iterable[str]) -> PortLayout:
+        return PortLayout(tuple(sorted(m.lower() for m in macs)))
+
+    def plugged(self, mac: str, port: str) -> PortLayout:
+        """This layout after the adapter ``mac`` was hot added on ``port``."""
+        return replace(self, hotplugged=(*self.unplugged(mac).hotplugged, (mac.lower(), port)))
+
+    def unplugged(self, mac: str) -> PortLayout:
+        """This layout after the adapter ``mac`` was hot removed."""
+        return replace(self, hotplugged=tuple(p for p in self.hotplugged
+                                              if p[0] != mac.lower()))
+
+    def port_of(self, mac: str) -> str:
+        return dict(self.hotplugged).get(mac.lower(), nic_port_id(mac))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"own": list(self.own), "hotplugged": [list(p) for p in self.hotplugged]}
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any]) -> PortLayout:
+        return PortLayout(tuple(str(m) for m in raw.get("own", ())),
+                          tuple((str(m), str(p)) for m, p in raw.get("hotplugged", ())))
 
 
 class Chipset(enum.StrEnum):
@@ -260,6 +301,7 @@ class MachineSpec:
     # through an fd set (-add-fd fd=N,set=S, then /dev/fdset/S).
     pass_fds: tuple[int, ...] = ()
     hotplug_ports: int = HOTPLUG_PORTS  # q35 only: i440fx hot plugs on its root bus
+    layout: PortLayout | None = None  # q35: the running machine's, when restoring it
 
     def __post_init__(self) -> None:
         devices = ([d.id for d in self.block_devices] + [n.id for n in self.net_devices]
@@ -273,6 +315,17 @@ class MachineSpec:
                 if ids.count(ident) > 1:
                     raise InvalidInput(f"two parts of the machine are the {kind} "
                                        f"'{ident}'; each needs its own identity", value=ident)
+        self._check_nic_ports()
+
+    def _check_nic_ports(self) -> None:
+        if self.chipset is not Chipset.Q35:
+            return
+        ports = {p.id for p in self.root_ports()}
+        buses = [self.nic_bus(n) for n in self.net_devices]
+        for nic, bus in zip(self.net_devices, buses, strict=True):
+            if bus not in ports or buses.count(bus) > 1:
+                raise InvalidInput(f"network adapter {nic.mac} has no port of its own in "
+                                   f"the machine's layout (port '{bus}')", value=bus)
 
     def root_ports(self) -> tuple[RootPort, ...]:
         """The PCIe root ports of a q35 machine (none on i440fx): one per network
@@ -281,16 +334,26 @@ class MachineSpec:
         An adapter's port is numbered by the place of its MAC among the adapters' MACs
         in sorted order, not by its place in the spec: the same set of adapters always
         gets the same ports, whatever order the user listed them in, so both ends of a
-        migration agree and a guest sees the same topology on every start.
+        migration agree and a guest sees the same topology on every start. A machine
+        whose adapters changed while it ran is rebuilt from its :class:`PortLayout`.
         """
         if self.chipset is not Chipset.Q35:
             return ()
-        macs = sorted(n.mac.lower() for n in self.net_devices)
+        macs = (sorted(self.layout.own) if self.layout is not None
+                else sorted(n.mac.lower() for n in self.net_devices))
         nics = [RootPort(nic_port_id(mac), NIC_CHASSIS, slot)
                 for slot, mac in enumerate(macs, start=1)]
         spare = [RootPort(hotplug_port_id(i), HOTPLUG_CHASSIS, i + 1)
                  for i in range(self.hotplug_ports)]
         return (*nics, *spare)
+
+    def nic_bus(self, nic: NetDevice) -> str | None:
+        """The root port ``nic`` sits on (q35), or None: the root bus (i440fx)."""
+        if self.chipset is not Chipset.Q35:
+            return None
+        if self.layout is not None:
+            return self.layout.port_of(nic.mac)
+        return nic_port_id(nic.mac)
 
     def block_nodes(self) -> tuple[BlockNode, ...]:
         """Every block node of every device, each device's chain nearest first."""

@@ -48,7 +48,6 @@ from hvstack.hypervisor.spec import (
     NicModel,
     TapNetdev,
     Uefi,
-    nic_port_id,
 )
 
 QGA_CHANNEL = "org.qemu.guest_agent.0"
@@ -210,14 +209,14 @@ def _root_port_args(spec: MachineSpec) -> list[str]:
 
 def _network_args(spec: MachineSpec) -> list[str]:
     args: list[str] = []
-    q35 = spec.chipset is Chipset.Q35
     for nic in spec.net_devices:
         args += ["-netdev", _json(_netdev(nic))]
         driver = "e1000" if nic.model is NicModel.E1000 else "virtio-net-pci"
         device: dict[str, object] = {"driver": driver, "netdev": nic.netdev_id, "mac": nic.mac,
                                      "id": nic.id}
-        if q35:  # its own root port, so the guest can let go of it (hot remove)
-            device["bus"] = nic_port_id(nic.mac)
+        bus = spec.nic_bus(nic)
+        if bus is not None:  # its own root port, so the guest can let go of it (hot remove)
+            device["bus"] = bus
         if nic.boot_index is not None:
             device["bootindex"] = nic.boot_index
         args += ["-device", _json(device)]

@@ -126,6 +126,11 @@ class QemuDevices:
     async def set_link(self, name: str, up: bool) -> None:
         await self._monitor.execute("set_link", {"name": name, "up": up})
 
+    async def device_ids(self) -> tuple[str, ...]:
+        reply = await self._monitor.execute("qom-list", {"path": PERIPHERALS})
+        return tuple(str(p["name"]) for p in reply
+                     if str(p.get("type", "")).startswith("child<"))
+
     async def devices_on(self, bus: str) -> tuple[str, ...]:
         # A port's bus is its QOM child of the same name, with a child[N] link to each
         # device on it: unlike query-pci, this does not wait for the guest to number
