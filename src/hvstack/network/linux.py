@@ -189,8 +189,8 @@ class LinuxNetwork:
         return forget
 
     async def _apply_port(self, plan: PortPlan) -> None:
-        """Rules and shaping; ``plan.bridge`` is the bridge the tap joined (a VLAN
-        bridge of the switch on a kernel without VLAN filtering)."""
+        """Rules and shaping; ``plan.bridge`` is the bridge the tap joined (its
+        native VLAN's bridge: :mod:`.vlans`)."""
         if plan.bridge is None:
             await self.rules.remove_port(plan.tap, plan.table)
             await self.shaping.clear_port(plan.tap)
