@@ -86,11 +86,12 @@ def scenario(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None
     return fn
 
 
-def frame(src: bytes, marker: bytes, vid: int | None = None, dst: bytes = BROADCAST
-          ) -> bytes:
-    """An Ethernet frame (type 0x88b5) carrying ``marker``, 802.1Q-tagged with ``vid``."""
+def frame(src: bytes, marker: bytes, vid: int | None = None, dst: bytes = BROADCAST,
+          size: int = 46) -> bytes:
+    """An Ethernet frame (type 0x88b5) carrying ``marker`` in ``size`` bytes of
+    payload, 802.1Q-tagged with ``vid``."""
     tag = b"" if vid is None else struct.pack("!HH", 0x8100, vid)
-    return dst + src + tag + b"\x88\xb5" + marker.ljust(46, b"\0")
+    return dst + src + tag + b"\x88\xb5" + marker.ljust(size, b"\0")
 
 
 def parse(data: bytes, vid: int | None = None) -> tuple[int | None, bytes] | None:
@@ -250,6 +251,9 @@ async def trunk_ports() -> None:
         # tagged 10.
         deliver(a10, frame(a10.mac, b"r10", dst=trunk.mac), b"r10", {trunk: 10})
         deliver(a20, frame(a20.mac, b"b20"), b"b20", {trunk: 20})
+        # Full-sized frames (1500 bytes of payload) both ways: the tag fits.
+        deliver(a10, frame(a10.mac, b"big", dst=trunk.mac, size=1500), b"big", {trunk: 10})
+        deliver(trunk, frame(trunk.mac, b"big2", 10, size=1500), b"big2", {a10: None})
         # Untagged from the trunk: its native VLAN (the switch's default) only.
         deliver(trunk, frame(trunk.mac, b"native"), b"native", {untagged: None})
         # A priority tag (id 0) and a tag of the native id are the native VLAN too.
@@ -401,6 +405,8 @@ async def external_vlans(physical_ns: str) -> None:
         deliver(wire, frame(wire.mac, b"down10", 10), b"down10", {a10: None, trunk: 10})
         deliver(wire, frame(wire.mac, b"down20", 20), b"down20", {a20: None})
         deliver(trunk, frame(trunk.mac, b"up30", 30), b"up30", {wire: 30})
+        deliver(a10, frame(a10.mac, b"bigup", size=1500), b"bigup", {wire: 10})
+        deliver(wire, frame(wire.mac, b"bigdown", 10, size=1500), b"bigdown", {a10: None})
         deliver(wire, frame(wire.mac, b"plain"), b"plain", {untagged: None, trunk: None})
         deliver(untagged, frame(untagged.mac, b"plainup"), b"plainup", {wire: None})
         for vm, markers in ((a20, (b"up10", b"down10", b"plain")),

@@ -1,4 +1,4 @@
-"""Kernel names for what a host service makes: bridges, taps, nftables tables.
+"""Kernel names for what a host service makes: bridges, taps, veths, nftables tables.
 
 A kernel interface name has at most 15 bytes (IFNAMSIZ - 1), so user names cannot be
 used, nor truncated (two long names would collide). Each name is a short prefix, the
