@@ -409,6 +409,19 @@ async def external_vlans(physical_ns: str) -> None:
         deliver(wire, frame(wire.mac, b"bigdown", 10, size=1500), b"bigdown", {a10: None})
         deliver(wire, frame(wire.mac, b"plain"), b"plain", {untagged: None, trunk: None})
         deliver(untagged, frame(untagged.mac, b"plainup"), b"plainup", {wire: None})
+        # The adapter failing to carry a new VLAN fails that port's opening and leaves
+        # nothing of it; the VLANs in use are carried again.
+        real = bpf.load
+        bpf.load = lambda code, name: (_ for _ in ()).throw(  # type: ignore[assignment]
+            HvError("injected failure loading a program"))
+        try:
+            await expect(HvError, net.open_port(port(sw, 7, Vlan(VlanMode.ACCESS,
+                                                                 access_id=40))))
+        finally:
+            bpf.load = real  # type: ignore[assignment]
+        assert len(await links_named(f"hvv{TAG}")) == 3 + 2
+        assert not await net.port_exists(port(sw, 7, Vlan()).tap)
+        deliver(a10, frame(a10.mac, b"still10"), b"still10", {wire: 10})
         for vm, markers in ((a20, (b"up10", b"down10", b"plain")),
                             (untagged, (b"down10", b"down20", b"up30")),
                             (a10, (b"down20", b"plain", b"up30"))):

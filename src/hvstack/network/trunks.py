@@ -94,10 +94,11 @@ def _make_pair(ipr: Any, port: str, vid: int, inner: str, outer: str, bridge: st
 def sync(ipr: Any, tag: str, port: str, native: int, carried: Mapping[int, str],
          proc_sys: Path, *, others: int = bpf.TC_ACT_SHOT) -> None:
     """Make ``port`` carry VLAN ``vid`` into bridge ``carried[vid]`` for each, tagged
-    (and nothing else tagged but ``native``'s, popped); an empty ``carried`` with the
-    default ``others`` still polices tags; :func:`clear` undoes it. On failure the
-    port carries no VLANs (its pairs and program are removed)."""
+    (and nothing else tagged but ``native``'s, popped); :func:`clear` undoes it. On
+    failure the pairs made here are removed and the port's program is the one it had
+    (a new port's are removed with it: :func:`stale_veths`)."""
     port_link = netlink.need(ipr, port)
+    made: list[str] = []
     try:
         ends: dict[int, int] = {}
         for link in _veths(ipr, tag):
@@ -112,6 +113,7 @@ def sync(ipr: Any, tag: str, port: str, native: int, carried: Mapping[int, str],
                                f"{port} (a name collision)", interface=inner)
             if found is None or netlink.find(ipr, outer) is None:
                 netlink.delete(ipr, inner)
+                made.append(inner)
                 _make_pair(ipr, port, vid, inner, outer, bridge, proc_sys)
             elif netlink.name_of(ipr, found.master) != bridge:
                 netlink.attach(ipr, inner, bridge)
@@ -120,7 +122,8 @@ def sync(ipr: Any, tag: str, port: str, native: int, carried: Mapping[int, str],
             ends[vid] = end.index
         set_program(ipr, port_link.index, bpf.trunk_ingress(native, ends, others))
     except BaseException:
-        clear(ipr, tag, port)
+        for name in made:
+            netlink.delete(ipr, name)
         raise
 
 

@@ -29,17 +29,22 @@ one lock (a new VLAN bridge is never pruned before its first port has joined).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
+from hvstack.errors import HvError
 from hvstack.network import bpf, netlink, trunks
 from hvstack.network.backend import PortPlan
 from hvstack.network.model import VLAN_MIN, Vlan, VlanMode
 from hvstack.network.names import is_ours, veth_names
 from hvstack.network.netlink import Link
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _ALIAS = re.compile(r"^(hvb[0-9a-f]+)\.(\d+)$")
 
@@ -68,7 +73,7 @@ def layout(vlan: Vlan) -> tuple[int, tuple[int, ...]]:
 
 def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
     """Attach ``plan.tap`` as planned; the bridge it joined (None: disconnected). On
-    failure the tap carries no VLANs and no VLAN bridge is left without ports."""
+    failure no VLAN bridge or veth made for it is left (:func:`trunks.sync`)."""
     tag = plan.tap[3:-7]
     with _lock:
         try:
@@ -87,7 +92,7 @@ def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
                 trunks.clear(ipr, tag, plan.tap)
             return target
         finally:
-            _prune(ipr, tag, None, empty_only=True, proc_sys=proc_sys)
+            _prune(ipr, tag, None, empty_only=True, proc_sys=proc_sys, strict=plan.bridge)
 
 
 def bridge_of(ipr: Any, bridge: str, vid: int, proc_sys: Path) -> str:
@@ -114,12 +119,12 @@ def prune(ipr: Any, tag: str, parent: str | None = None, *, empty_only: bool = T
 
 
 def _prune(ipr: Any, tag: str, parent: str | None, *, empty_only: bool,
-           proc_sys: Path = Path("/proc/sys/net")) -> None:
+           proc_sys: Path = Path("/proc/sys/net"), strict: str | None = None) -> None:
     if not empty_only:
         for link in _vlan_bridges(netlink.links(ipr), tag, parent):
             netlink.delete(ipr, link.name)
     trunks.stale_veths(ipr, tag)
-    _sync_uplinks(ipr, tag, proc_sys)
+    _sync_uplinks(ipr, tag, proc_sys, strict)
     links = netlink.links(ipr)
     used = {link.master for link in links if link.master}
     for link in _vlan_bridges(links, tag, parent):
@@ -143,8 +148,10 @@ def uplink_of(links: list[Link], tag: str, bridge: Link) -> Link | None:
     return None
 
 
-def _sync_uplinks(ipr: Any, tag: str, proc_sys: Path) -> None:
-    """Each external adapter of the service carries exactly the VLANs in use."""
+def _sync_uplinks(ipr: Any, tag: str, proc_sys: Path, strict: str | None) -> None:
+    """Each external adapter of the service carries exactly the VLANs in use. A failure
+    is raised for the switch ``strict`` (the one a port is joining), logged for others
+    (closing a port elsewhere must not fail for it)."""
     links = netlink.links(ipr)
     for bridge in links:
         if bridge.kind != "bridge" or not bridge.name.startswith(f"hvb{tag}") \
@@ -159,11 +166,16 @@ def _sync_uplinks(ipr: Any, tag: str, proc_sys: Path) -> None:
             own = veth_names(tag, adapter.name, vid)[0]
             if any(link.master == vlan_bridge.index and link.name != own for link in links):
                 in_use[vid] = vlan_bridge.name
-        if in_use:
-            trunks.sync(ipr, tag, adapter.name, VLAN_MIN, in_use, proc_sys,
-                        others=bpf.TC_ACT_OK)
-        else:
-            trunks.clear(ipr, tag, adapter.name)
+        try:
+            if in_use:
+                trunks.sync(ipr, tag, adapter.name, VLAN_MIN, in_use, proc_sys,
+                            others=bpf.TC_ACT_OK)
+            else:
+                trunks.clear(ipr, tag, adapter.name)
+        except (HvError, NetlinkError, OSError) as exc:
+            if bridge.name == strict:
+                raise
+            log.error("external adapter %s: carrying the VLANs in use: %s", adapter.name, exc)
 
 
 def release_uplink(ipr: Any, tag: str, adapter: str) -> None:
