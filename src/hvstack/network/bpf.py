@@ -3,7 +3,8 @@
 Why by hand: the kernels this runs on may lack bridge VLAN filtering, 802.1Q and tc's
 ``vlan`` action, but have ``cls_bpf`` (direct action) and the bpf(2) syscall. No
 maintained pure-Python eBPF assembler exists (PyPI's ``bpf-asm`` is classic BPF; the
-others need LLVM or BCC), and ``tc filter ... bpf`` wants an ELF object. The programs
+others need LLVM or BCC), and ``tc filter ... bpf`` wants an ELF object or a pinned
+program; pyroute2 attaches a loaded program's descriptor (:mod:`.trunks`). The programs
 need only a dozen opcodes, so :func:`insn` encodes ``struct bpf_insn`` and the program
 builders below are golden-tested byte for byte.
 
@@ -11,7 +12,8 @@ builders below are golden-tested byte for byte.
   pass (to the port's bridge, its native VLAN); an 802.1Q tag of the native VLAN (or a
   priority tag, id 0) is popped and the frame passes; a tag of an allowed VLAN X is
   popped and the frame redirected to the egress of X's veth (it arrives in X's bridge
-  untagged); any other tag (or 802.1ad) is dropped.
+  untagged); any other tag (or 802.1ad) is dropped, or on an external adapter passed
+  on untouched (it may be the host's own VLAN interface's).
 * :func:`tag_and_redirect` (on the ingress of X's veth end outside the bridge, frames
   X's bridge sends towards the trunk): push tag X and redirect to the trunk's egress;
   a frame already tagged is dropped (no double tags reach a VM).
