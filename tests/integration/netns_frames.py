@@ -73,6 +73,30 @@ def router_advert_frame(src_mac: str, tag: str) -> bytes:
     return ether("33:33:00:00:00:01", src_mac, 0x86DD, ip6 + body)
 
 
+def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 64) -> bytes:
+    return (struct.pack("!IHBB", 0x60000000, len(payload), next_header, hop_limit)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+            + payload)
+
+
+def udp6_frame(dst_mac: str, src_mac: str, src: str, dst: str, sport: int, dport: int,
+               tag: str) -> bytes:
+    """A UDP datagram over IPv6 (checksum left zero, as in the other IPv6 frames)."""
+    body = f"TAG:{tag};".encode()
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(body), 0) + body
+    return ether(dst_mac, src_mac, 0x86DD, ipv6(src, dst, 17, udp))
+
+
+def neighbor_solicit_frame(src_mac: str, src: str, target: str, tag: str) -> bytes:
+    """An ICMPv6 neighbour solicitation for ``target``, to its solicited-node group."""
+    low = socket.inet_pton(socket.AF_INET6, target)[-3:]
+    group = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("ff0200000000000000000001ff")
+                             + low)
+    body = (struct.pack("!BBHI", 135, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, target)
+            + f"TAG:{tag};".encode())
+    return ether("33:33:ff:" + low.hex(":"), src_mac, 0x86DD, ipv6(src, group, 58, body, 255))
+
+
 def arp_frame(src_mac: str, sender_mac: str, sender_ip: str, target_ip: str,
               tag: str) -> bytes:
     arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac_bytes(sender_mac),

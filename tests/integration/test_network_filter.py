@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from hvstack.network import dhcp, names, nft, tc
-from hvstack.network.backend import DhcpPlan, PortPlan, SwitchPlan
+from hvstack.network.backend import AclCounter, DhcpPlan, PortPlan, SwitchPlan
 from hvstack.network.model import (
     AclAction,
     AclDirection,
@@ -173,10 +173,10 @@ async def receive(vm: Vm, marks: list[str], action: Callable[[], Awaitable[None]
 
 
 def udp(src: Vm, dst: Vm, tag: str, sport: int = 4000, dst_ip: str | None = None,
-        src_mac: str | None = None) -> bytes:
+        src_mac: str | None = None, src_ip: str | None = None) -> bytes:
     assert src.ip and dst.ip
-    return frames.udp_frame(dst.mac, src_mac or src.mac, src.ip, dst_ip or dst.ip, sport,
-                            5000, tag)
+    return frames.udp_frame(dst.mac, src_mac or src.mac, src_ip or src.ip, dst_ip or dst.ip,
+                            sport, 5000, tag)
 
 
 # -- guards --------------------------------------------------------------------------
@@ -208,6 +208,33 @@ async def test_guards_stop_spoofing_and_server_messages_of_a_guarded_port_only(l
     assert {"a-ok", "c-ok"} <= seen
     assert not {t for t in seen if t.startswith("a-")} - {"a-ok", "a-mark"}
     assert {"c-dhcp", "c-dhcp6", "c-redirect", "c-ra", "c-spoof", "c-arpspoof"} <= seen
+
+
+def tagged(frame: bytes, vid: int = 10) -> bytes:
+    """``frame`` with an 802.1Q tag, as a trunk port's VM sends it."""
+    return frame[:12] + (0x8100).to_bytes(2, "big") + vid.to_bytes(2, "big") + frame[12:]
+
+
+async def test_guards_and_acls_hold_for_vlan_tagged_frames(lab: Lab) -> None:
+    # The kernel keeps a received tag aside and puts it back for link-layer reads, so
+    # a guard keyed on the Ethernet type would never see a tagged ARP or ICMP frame.
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    acls = (PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "10.78.0.0/16"),
+            PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "2001:db8::/32"))
+    await apply(lab, port(a, PortSettings(dhcp_guard=True, router_guard=True, acls=acls)))
+    bad = [udp(a, b, "dhcp", sport=67),
+           frames.icmp_frame(b.mac, a.mac, "10.77.0.1", "10.77.0.2", 5, "redirect"),
+           frames.router_advert_frame(a.mac, "ra"),
+           frames.arp_frame(a.mac, "52:54:00:99:99:99", "10.77.0.1", "10.77.0.2", "arpspoof"),
+           udp(a, b, "acl4", dst_ip="10.78.0.2"),
+           frames.udp6_frame(b.mac, a.mac, "fd00::1", "2001:db8::2", 4000, 5000, "acl6")]
+
+    async def traffic() -> None:
+        await send(a, *(tagged(f) for f in bad), tagged(udp(a, b, "mark")))
+
+    seen = await receive(b, ["mark"], traffic)
+    assert not set(seen) & {"dhcp", "redirect", "ra", "arpspoof", "acl4", "acl6"}, seen
 
 
 # -- ACLs ----------------------------------------------------------------------------
@@ -246,6 +273,183 @@ async def test_acls_drop_and_count_and_other_ports_counters_survive(lab: Lab) ->
         await nft.remove_table(TABLE)
         await nft.remove_table(TABLE)
     seen = await receive(b, ["a-to-b"], from_a)
+
+
+def _counts(counters: tuple[AclCounter, ...]) -> dict[tuple[int, str], int]:
+    return {(x.index, x.direction): x.packets for x in counters}
+
+
+async def _counters(lab: Lab, vm: Vm) -> dict[tuple[int, str], int]:
+    with inside(lab.host):
+        return _counts(await nft.acl_counters(vm.tap, TABLE))
+
+
+async def ping(vm: Vm, address: str) -> None:
+    """One echo answered, waiting as long as it takes (ARP first) up to 30 s."""
+    await netns(vm.ns, "busybox", "ping", "-c", "1", "-w", "30", address)
+
+
+@pytest.mark.parametrize("direction", list(AclDirection))
+async def test_deny_everything_allow_a_subnet_lets_only_that_subnet_through(
+        lab: Lab, direction: AclDirection) -> None:
+    # Hyper-V's most common port ACLs: the allow is more specific than the deny, so it
+    # wins, whatever the order they were given in.
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    acls = (PortAcl(AclAction.DENY, direction, "0.0.0.0/0"),
+            PortAcl(AclAction.ALLOW, direction, "10.77.0.0/24"))
+    await apply(lab, port(a, PortSettings(acls=acls)))
+    out = direction is not AclDirection.INBOUND
+    into = direction is not AclDirection.OUTBOUND
+
+    async def from_a() -> None:
+        await send(a, udp(a, b, "out-far", dst_ip="10.78.0.2"), udp(a, b, "out-near"),
+                   udp(a, b, "out-mark"))
+
+    seen = await receive(b, ["out-mark"], from_a)
+    assert "out-near" in seen and ("out-far" in seen) is not out
+
+    async def to_a() -> None:
+        await send(b, udp(b, a, "in-far", src_ip="10.78.0.2"), udp(b, a, "in-near"),
+                   udp(b, a, "in-mark"))
+
+    seen = await receive(a, ["in-mark"], to_a)
+    assert "in-near" in seen and ("in-far" in seen) is not into
+    counts = await _counters(lab, a)
+    wanted = {d for d, on in (("outbound", out), ("inbound", into)) if on}
+    assert {d for _, d in counts} == wanted
+    assert all(counts[0, d] >= 1 and counts[1, d] >= 2 for d in wanted), counts
+    # ARP is no IPv4 traffic for the ACLs: the allowed subnet, and the host on the
+    # switch, are reached by real ping (address resolution first) both ways.
+    await ping(a, "10.77.0.2")
+    await ping(b, "10.77.0.1")
+    await ping(a, HOST_IP)
+    after = await _counters(lab, a)
+    assert all(after[1, d] > counts[1, d] and after[0, d] == counts[0, d] for d in wanted)
+
+
+async def test_a_mac_acl_beats_every_ip_prefix(lab: Lab) -> None:
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    c = lab.add_vm("c", "52:54:00:00:00:0c", "10.77.0.3")
+    d = lab.add_vm("d", "52:54:00:00:00:0d", "10.77.0.4")
+    acls = (PortAcl(AclAction.DENY, AclDirection.BOTH, "0.0.0.0/0"),
+            PortAcl(AclAction.ALLOW, AclDirection.BOTH, "10.77.0.0/24"),
+            PortAcl(AclAction.ALLOW, AclDirection.BOTH, b.mac),
+            PortAcl(AclAction.DENY, AclDirection.BOTH, c.mac))
+    await apply(lab, port(a, PortSettings(acls=acls)))
+
+    async def to_c() -> None:
+        await send(a, udp(a, c, "to-c-near"))
+        await send(d, udp(d, c, "mark-c"))
+
+    assert "to-c-near" not in await receive(c, ["mark-c"], to_c)
+
+    async def to_b_and_d() -> None:
+        await send(a, udp(a, b, "to-b-far", dst_ip="10.78.0.2"), udp(a, d, "to-d-near"))
+
+    await receive(b, ["to-b-far"], to_b_and_d)
+
+    async def to_a() -> None:
+        await send(c, udp(c, a, "from-c-near"))
+        await send(b, udp(b, a, "from-b-far", src_ip="10.78.0.2"))
+        await send(d, udp(d, a, "from-d-near"))
+
+    seen = await receive(a, ["from-b-far", "from-d-near"], to_a)
+    assert "from-c-near" not in seen
+    counts = await _counters(lab, a)
+    for direction in ("outbound", "inbound"):
+        assert counts[2, direction] >= 1 and counts[3, direction] >= 1, counts
+    # d's frames are decided by the subnet's allow; nothing reached the deny-all.
+    assert counts[1, "outbound"] >= 1 and counts[1, "inbound"] >= 1
+    assert counts[0, "outbound"] == 0 and counts[0, "inbound"] == 0, counts
+
+
+async def test_between_an_allow_and_a_deny_of_the_same_remote_the_deny_wins(lab: Lab
+                                                                              ) -> None:
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    c = lab.add_vm("c", "52:54:00:00:00:0c", "10.77.0.3")
+    acls = (PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "10.77.0.2/32"),
+            PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "10.77.0.2/32"),
+            PortAcl(AclAction.ALLOW, AclDirection.INBOUND, c.mac),
+            PortAcl(AclAction.DENY, AclDirection.INBOUND, c.mac))
+    await apply(lab, port(a, PortSettings(acls=acls)))
+
+    async def to_b() -> None:
+        await send(a, udp(a, b, "a-to-b"))
+        await send(c, udp(c, b, "c-to-b"))
+
+    assert "a-to-b" not in await receive(b, ["c-to-b"], to_b)
+
+    async def to_a() -> None:
+        await send(c, udp(c, a, "c-to-a"))
+        await send(b, udp(b, a, "b-to-a"))
+
+    assert "c-to-a" not in await receive(a, ["b-to-a"], to_a)
+    counts = await _counters(lab, a)
+    assert counts[0, "outbound"] == 0 and counts[2, "inbound"] == 0, counts
+    assert counts[1, "outbound"] >= 1 and counts[3, "inbound"] >= 1, counts
+
+
+async def test_ipv4_and_ipv6_acls_each_hold_for_their_own_family_only(lab: Lab) -> None:
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    acls = (PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "0.0.0.0/0"),
+            PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "fd00:77::/64"),
+            PortAcl(AclAction.DENY, AclDirection.OUTBOUND, "::/0"),
+            PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "10.77.0.0/24"))
+    await apply(lab, port(a, PortSettings(acls=acls)))
+
+    def v6(tag: str, dst: str) -> bytes:
+        return frames.udp6_frame(b.mac, a.mac, "fd00:77::1", dst, 4000, 5000, tag)
+
+    sent = [udp(a, b, "v4-allowed"), udp(a, b, "v4-denied", dst_ip="10.78.0.2"),
+            v6("v6-allowed", "fd00:77::2"), v6("v6-denied", "2001:db8::2"),
+            # Address resolution passes the IP prefixes: ARP for a remote the IPv4
+            # deny covers, a neighbour solicitation to a group ::/0 covers.
+            frames.arp_frame(a.mac, a.mac, "10.77.0.1", "10.78.0.2", "arp"),
+            frames.neighbor_solicit_frame(a.mac, "fd00:77::1", "2001:db8::2", "nd"),
+            frames.arp_frame(a.mac, a.mac, "10.77.0.1", "10.77.0.2", "mark")]
+
+    async def traffic() -> None:
+        await send(a, *sent)
+
+    seen = await receive(b, ["mark"], traffic)
+    assert {"v4-allowed", "v6-allowed", "arp", "nd"} <= set(seen)
+    assert not {"v4-denied", "v6-denied"} & set(seen)
+    counts = await _counters(lab, a)
+    assert all(counts[i, "outbound"] >= 1 for i in range(4)), counts
+    # 0.0.0.0/0 is every IPv4 remote, and no IPv6 one (and the other way round).
+    await apply(lab, port(a, PortSettings(acls=(acls[0],))))
+    seen = await receive(b, ["mark"], traffic)
+    assert {"v6-allowed", "v6-denied", "arp", "nd"} <= set(seen)
+    assert not {"v4-allowed", "v4-denied"} & set(seen)
+    await apply(lab, port(a, PortSettings(acls=(acls[2],))))
+    seen = await receive(b, ["mark", "v4-denied"], traffic)
+    assert not {"v6-allowed", "v6-denied"} & set(seen)
+
+
+async def test_an_allow_ends_neither_the_port_chain_nor_the_receiving_ports_acls(
+        lab: Lab) -> None:
+    # An allow that accepted would end the bridge's forward chain before the receiving
+    # port's inbound ACLs (looked up after the sending port's) and its own chain's
+    # guards after the ACLs: here b's inbound deny still holds against a's allow.
+    a = lab.add_vm("a", "52:54:00:00:00:0a", "10.77.0.1")
+    b = lab.add_vm("b", "52:54:00:00:00:0b", "10.77.0.2")
+    c = lab.add_vm("c", "52:54:00:00:00:0c", "10.77.0.3")
+    await apply(lab, port(a, PortSettings(acls=(
+        PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "10.77.0.0/24"),))))
+    await apply(lab, port(b, PortSettings(acls=(
+        PortAcl(AclAction.DENY, AclDirection.INBOUND, "10.77.0.1/32"),))))
+
+    async def to_b() -> None:
+        await send(a, udp(a, b, "a-to-b"))
+        await send(c, udp(c, b, "c-to-b"))
+
+    assert "a-to-b" not in await receive(b, ["c-to-b"], to_b)
+    assert (await _counters(lab, a))[0, "outbound"] >= 1
+    assert (await _counters(lab, b))[0, "inbound"] >= 1
 
 
 # -- bandwidth -----------------------------------------------------------------------

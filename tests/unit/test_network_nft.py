@@ -62,17 +62,25 @@ add rule {T} output oifname vmap @to_vm
 """
 
 
-def test_a_default_port_gets_mac_spoofing_protection_only() -> None:
-    assert nft.port_script(plan()) == BASE + f"""add chain {T} port_{TAP}
+ACL_IN, ACL_OUT = f"acl_in_{TAP}", f"acl_out_{TAP}"
+CHAINS = f"""add chain {T} port_{TAP}
+add chain {T} {ACL_IN}
+add chain {T} {ACL_OUT}
 flush chain {T} port_{TAP}
-{CHAIN} iifname "{TAP}" ether saddr != {MAC} drop
-{CHAIN} iifname "{TAP}" arp saddr ether != {MAC} drop
-add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
-add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
+flush chain {T} {ACL_IN}
+flush chain {T} {ACL_OUT}
 """
 
 
-def test_every_feature_in_order_deny_before_allow() -> None:
+def test_a_default_port_gets_mac_spoofing_protection_only() -> None:
+    assert nft.port_script(plan()) == BASE + CHAINS + f"""{CHAIN} iifname "{TAP}" ether saddr != {MAC} drop
+{CHAIN} iifname "{TAP}" meta protocol arp arp saddr ether != {MAC} drop
+add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
+add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
+"""  # noqa: E501
+
+
+def test_every_feature_in_order_the_acls_between_the_guards_and_the_policer() -> None:
     acls = (PortAcl(AclAction.ALLOW, AclDirection.OUTBOUND, "10.0.0.0/8"),
             PortAcl(AclAction.DENY, AclDirection.BOTH, "10.1.0.0/16"),
             PortAcl(AclAction.DENY, AclDirection.INBOUND, "52:54:00:aa:bb:cc"),
@@ -82,15 +90,104 @@ def test_every_feature_in_order_deny_before_allow() -> None:
     assert nft.port_rules(plan(settings)) == [
         f'iifname "{TAP}" udp sport 67 drop',
         f'iifname "{TAP}" udp sport 547 drop',
-        f'iifname "{TAP}" icmpv6 type {{ nd-router-advert, nd-redirect }} drop',
-        f'iifname "{TAP}" icmp type redirect drop',
-        f'iifname "{TAP}" ip daddr 10.1.0.0/16 counter drop comment "acl 1 outbound"',
-        f'iifname "{TAP}" ip daddr 10.0.0.0/8 counter comment "acl 0 outbound"',
+        f'iifname "{TAP}" meta protocol ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} '
+        'drop',
+        f'iifname "{TAP}" meta protocol ip icmp type redirect drop',
+        f'iifname "{TAP}" jump {ACL_OUT}',
         f'iifname "{TAP}" limit rate over 1000000 bytes/second burst 131072 bytes drop',
-        f'oifname "{TAP}" ip saddr 10.1.0.0/16 counter drop comment "acl 1 inbound"',
-        f'oifname "{TAP}" ether saddr 52:54:00:aa:bb:cc counter drop comment "acl 2 inbound"',
-        f'oifname "{TAP}" ip6 saddr fd00::/8 counter comment "acl 3 inbound"',
+        f'oifname "{TAP}" jump {ACL_IN}',
     ]
+    assert nft.acl_rules(acls, inbound=False) == [
+        'ip daddr 10.1.0.0/16 counter drop comment "acl 1 outbound"',
+        'ip daddr 10.0.0.0/8 counter return comment "acl 0 outbound"',
+    ]
+    assert nft.acl_rules(acls, inbound=True) == [
+        'ether saddr 52:54:00:aa:bb:cc counter drop comment "acl 2 inbound"',
+        'ip saddr 10.1.0.0/16 counter drop comment "acl 1 inbound"',
+        ND,
+        'ip6 saddr fd00::/8 counter return comment "acl 3 inbound"',
+    ]
+    script = nft.port_script(plan(settings))
+    assert f'add rule {T} {ACL_OUT} ip daddr 10.1.0.0/16 counter drop comment "acl 1 ' \
+           'outbound"\n' in script
+    # An allow never ends the base chain: the policer, and the inbound ACLs of the port
+    # a frame goes to, still run after it.
+    assert "accept" not in script.replace("policy accept", "")
+
+
+ND = "meta protocol ip6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } return"
+
+
+def _acl(action: str, direction: str, remote: str) -> PortAcl:
+    return PortAcl(AclAction(action), AclDirection(direction), remote)
+
+
+def test_deny_everything_allow_a_subnet_puts_the_allow_first() -> None:
+    acls = (_acl("deny", "both", "0.0.0.0/0"), _acl("allow", "both", "10.0.0.0/8"))
+    assert nft.acl_rules(acls, inbound=False) == [
+        'ip daddr 10.0.0.0/8 counter return comment "acl 1 outbound"',
+        'ip daddr 0.0.0.0/0 counter drop comment "acl 0 outbound"']
+    assert nft.acl_rules(acls, inbound=True) == [
+        'ip saddr 10.0.0.0/8 counter return comment "acl 1 inbound"',
+        'ip saddr 0.0.0.0/0 counter drop comment "acl 0 inbound"']
+
+
+def test_the_longest_prefix_decides_whatever_the_list_order_and_action() -> None:
+    acls = (_acl("allow", "outbound", "10.0.0.0/8"), _acl("deny", "outbound", "10.1.2.3/32"),
+            _acl("deny", "outbound", "10.1.0.0/16"), _acl("allow", "outbound", "10.1.2.0/24"))
+    assert nft.acl_rules(acls, inbound=False) == [
+        'ip daddr 10.1.2.3/32 counter drop comment "acl 1 outbound"',
+        'ip daddr 10.1.2.0/24 counter return comment "acl 3 outbound"',
+        'ip daddr 10.1.0.0/16 counter drop comment "acl 2 outbound"',
+        'ip daddr 10.0.0.0/8 counter return comment "acl 0 outbound"']
+    assert nft.acl_rules(acls, inbound=True) == []
+
+
+def test_a_mac_acl_beats_every_ip_prefix() -> None:
+    acls = (_acl("deny", "inbound", "10.0.0.5/32"), _acl("deny", "inbound", "::/0"),
+            _acl("allow", "inbound", "52:54:00:aa:bb:cc"))
+    assert nft.acl_rules(acls, inbound=True) == [
+        'ether saddr 52:54:00:aa:bb:cc counter return comment "acl 2 inbound"',
+        'ip saddr 10.0.0.5/32 counter drop comment "acl 0 inbound"',
+        ND,
+        'ip6 saddr ::/0 counter drop comment "acl 1 inbound"']
+
+
+def test_between_equally_specific_acls_deny_wins_and_each_keeps_its_counter() -> None:
+    acls = (_acl("allow", "both", "10.0.0.0/24"), _acl("allow", "outbound", "52:54:00:aa:bb:cc"),
+            _acl("deny", "outbound", "10.0.0.0/24"), _acl("deny", "both", "52:54:00:aa:bb:cc"),
+            _acl("allow", "outbound", "10.0.0.0/24"))
+    assert nft.acl_rules(acls, inbound=False) == [
+        'ether daddr 52:54:00:aa:bb:cc counter drop comment "acl 3 outbound"',
+        'ether daddr 52:54:00:aa:bb:cc counter return comment "acl 1 outbound"',
+        'ip daddr 10.0.0.0/24 counter drop comment "acl 2 outbound"',
+        'ip daddr 10.0.0.0/24 counter return comment "acl 0 outbound"',
+        'ip daddr 10.0.0.0/24 counter return comment "acl 4 outbound"']
+    assert nft.acl_rules(acls, inbound=True) == [
+        'ether saddr 52:54:00:aa:bb:cc counter drop comment "acl 3 inbound"',
+        'ip saddr 10.0.0.0/24 counter return comment "acl 0 inbound"']
+
+
+def test_ipv4_and_ipv6_prefixes_each_match_their_own_family_only() -> None:
+    # An IPv4 allow cannot open IPv6 through an IPv6 deny (and the other way round):
+    # ``ip`` and ``ip6`` matches each carry their protocol; neighbour discovery passes
+    # the IPv6 prefixes as ARP passes the IPv4 ones (no IPv4 rule matches ARP).
+    acls = (_acl("allow", "outbound", "0.0.0.0/0"), _acl("deny", "outbound", "::/0"),
+            _acl("allow", "outbound", "2001:db8::/64"), _acl("deny", "outbound", "10.0.0.0/8"))
+    assert nft.acl_rules(acls, inbound=False) == [
+        'ip daddr 10.0.0.0/8 counter drop comment "acl 3 outbound"',
+        'ip daddr 0.0.0.0/0 counter return comment "acl 0 outbound"',
+        ND,
+        'ip6 daddr 2001:db8::/64 counter return comment "acl 2 outbound"',
+        'ip6 daddr ::/0 counter drop comment "acl 1 outbound"']
+    assert ND not in nft.acl_rules(acls[:1], inbound=False)
+
+
+def test_a_port_without_acls_jumps_to_no_acl_chain() -> None:
+    rules = nft.port_rules(plan(PortSettings(bandwidth_max=8_000_000)))
+    assert not [r for r in rules if "jump" in r]
+    only_in = nft.port_rules(plan(PortSettings(acls=(_acl("deny", "inbound", "::/0"),))))
+    assert [r for r in only_in if "jump" in r] == [f'oifname "{TAP}" jump {ACL_IN}']
 
 
 def test_the_policer_bucket_holds_a_gso_frame_and_stays_in_the_kernels_range() -> None:
@@ -107,12 +204,18 @@ def test_removing_a_port_adds_what_it_deletes_so_absence_is_no_error() -> None:
 add map {T} from_vm {{ type ifname : verdict ; }}
 add map {T} to_vm {{ type ifname : verdict ; }}
 add chain {T} port_{TAP}
+add chain {T} {ACL_IN}
+add chain {T} {ACL_OUT}
 add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
 delete element {T} from_vm {{ "{TAP}" }}
 add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
 delete element {T} to_vm {{ "{TAP}" }}
 flush chain {T} port_{TAP}
 delete chain {T} port_{TAP}
+flush chain {T} {ACL_IN}
+delete chain {T} {ACL_IN}
+flush chain {T} {ACL_OUT}
+delete chain {T} {ACL_OUT}
 """
 
 
@@ -182,8 +285,9 @@ def test_bad_nat_plans_are_refused(changes: dict[str, object]) -> None:
         nft.nat_script(nat(**changes))
 
 
-def _rule(comment: str | None, packets: int, size: int) -> dict[str, object]:
-    rule: dict[str, object] = {"family": "bridge", "table": TABLE, "chain": f"port_{TAP}",
+def _rule(comment: str | None, packets: int, size: int, chain: str = ACL_IN
+          ) -> dict[str, object]:
+    rule: dict[str, object] = {"family": "bridge", "table": TABLE, "chain": chain,
                                "expr": [{"match": {}}, {"counter": {"packets": packets,
                                                                     "bytes": size}}]}
     if comment is not None:
@@ -192,11 +296,13 @@ def _rule(comment: str | None, packets: int, size: int) -> dict[str, object]:
 
 
 def test_counters_are_read_back_by_acl_index_and_direction() -> None:
+    other = "acl_in_hvt1234567890ac"
     text = json.dumps({"nftables": [
-        {"metainfo": {"version": "1.0.6"}}, {"chain": {"name": f"port_{TAP}"}},
-        _rule("acl 3 inbound", 1, 60), _rule("acl 1 outbound", 7, 700),
-        _rule(None, 9, 900), _rule("acl 1 inbound", 0, 0), _rule("something else", 2, 2)]})
-    assert nft.parse_acl_counters(text) == (
+        {"metainfo": {"version": "1.0.6"}}, {"chain": {"name": ACL_IN}},
+        _rule("acl 3 inbound", 1, 60), _rule("acl 1 outbound", 7, 700, ACL_OUT),
+        _rule(None, 9, 900), _rule("acl 1 inbound", 0, 0), _rule("something else", 2, 2),
+        _rule("acl 0 inbound", 5, 5, other), _rule("acl 0 inbound", 6, 6, f"port_{TAP}")]})
+    assert nft.parse_acl_counters(text, TAP) == (
         AclCounter(1, "inbound", 0, 0), AclCounter(1, "outbound", 7, 700),
         AclCounter(3, "inbound", 1, 60))
 
@@ -242,10 +348,9 @@ def test_a_trunks_veths_jump_to_its_chain_and_former_ones_are_dropped() -> None:
     assert nft.port_interfaces(trunk) == [TAP, v10]
     assert nft.port_interfaces(plan(trunk.settings, bridge=None)) == [TAP]
     ifs = f'{{ "{TAP}", "{v10}" }}'
-    assert nft.port_script(trunk, (OLD_VETH, v10)) == BASE + f"""add chain {T} port_{TAP}
-flush chain {T} port_{TAP}
+    assert nft.port_script(trunk, (OLD_VETH, v10)) == BASE + CHAINS + f"""\
 {CHAIN} iifname {ifs} ether saddr != {MAC} drop
-{CHAIN} iifname {ifs} arp saddr ether != {MAC} drop
+{CHAIN} iifname {ifs} meta protocol arp arp saddr ether != {MAC} drop
 add element {T} from_vm {{ "{OLD_VETH}" : jump port_{TAP} }}
 delete element {T} from_vm {{ "{OLD_VETH}" }}
 add element {T} to_vm {{ "{OLD_VETH}" : jump port_{TAP} }}
@@ -257,7 +362,7 @@ add element {T} to_vm {{ "{v10}" : jump port_{TAP} }}
 """
     removal = nft.port_removal_script(TAP, TABLE, (v10,))
     assert f'delete element {T} to_vm {{ "{v10}" }}' in removal
-    assert removal.endswith(f"delete chain {T} port_{TAP}\n")
+    assert removal.endswith(f"delete chain {T} acl_out_{TAP}\n")
     assert nft.veth_entries(map_listing((TAP, f"port_{TAP}"), (v10, f"port_{TAP}"),
                                         (OLD_VETH, "port_hvt12345aaaaaaa")), TAP) == (v10,)
     with pytest.raises(InvalidInput):
@@ -285,7 +390,7 @@ async def test_applying_a_trunk_drops_its_former_veths(monkeypatch: pytest.Monke
 async def test_counters_of_a_port_without_a_chain_are_none(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async def fake_run(argv: list[str], **kw: object) -> bytes:
-        assert argv == ["nft", "-j", "list", "chain", "bridge", TABLE, f"port_{TAP}"]
+        assert argv == ["nft", "-j", "list", "table", "bridge", TABLE]
         raise kw["errors"](1, "Error: No such file or directory")  # type: ignore[operator]
 
     monkeypatch.setattr(runner, "run", fake_run)

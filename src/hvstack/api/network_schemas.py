@@ -76,6 +76,12 @@ class VlanBody(Request):
 
 
 class AclBody(Request):
+    """A port ACL (Hyper-V's Add-VMNetworkAdapterAcl). ``remote``: an IP prefix (v4 or
+    v6) or a MAC. Per direction the most specific matching ACL decides (the longest
+    prefix; a MAC beats any prefix; deny wins between equals); unmatched traffic
+    passes. IPv4 prefixes match IPv4 only, IPv6 prefixes IPv6 only; ARP and IPv6
+    neighbour solicitations and advertisements pass IP prefixes."""
+
     action: Literal["allow", "deny"]
     direction: Literal["inbound", "outbound", "both"]
     remote: str

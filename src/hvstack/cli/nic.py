@@ -28,7 +28,10 @@ app = typer.Typer(help="A VM's network adapters: add, connect, set, remove.",
                   no_args_is_help=True)
 
 ACL_HELP = ("ACTION:DIRECTION:REMOTE, e.g. deny:outbound:10.0.0.0/8 or "
-            "allow:both:52:54:00:12:34:56 (repeatable; replaces the port's ACLs)")
+            "allow:both:52:54:00:12:34:56 (repeatable; replaces the port's ACLs). "
+            "The most specific matching ACL decides (longest prefix; a MAC beats any "
+            "prefix; deny wins a tie); unmatched traffic passes: --acl deny:both:0.0.0.0/0 "
+            "--acl allow:both:10.1.0.0/16 allows only 10.1/16 over IPv4")
 
 
 def adapter_line(nic: dict[str, Any]) -> str:

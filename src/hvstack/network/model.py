@@ -117,8 +117,16 @@ class AclAction(enum.StrEnum):
 @dataclass(frozen=True)
 class PortAcl:
     """Allow or deny traffic to or from ``remote``: an IP prefix (v4 or v6; a bare
-    address is a /32 or /128) or a MAC address. Deny wins over allow for the same
-    remote, as in Hyper-V; more specific prefixes do not override."""
+    address is a /32 or /128) or a MAC address.
+
+    As Hyper-V's port ACLs, per direction: of the ACLs that match a frame, the most
+    specific decides (a longer prefix beats a shorter one; a MAC ACL beats every IP
+    prefix); between an allow and a deny equally specific, the deny wins; what no ACL
+    matches passes. So "deny 0.0.0.0/0, allow 10.0.0.0/8" lets only 10/8 through. An
+    IPv4 prefix matches IPv4 packets only (``0.0.0.0/0`` is not IPv6; ``::/0`` is all
+    of IPv6), and address resolution (ARP, IPv6 neighbour solicitations and
+    advertisements) passes IP prefixes, so allowed remotes stay resolvable; a MAC ACL
+    applies to every frame."""
 
     action: AclAction
     direction: AclDirection

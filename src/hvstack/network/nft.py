@@ -9,12 +9,29 @@ Two tables per service, both named ``names.table_name(tag)``:
   chain holds, for frames from the VM (``iifname``): MAC spoofing protection (Ethernet
   source and ARP sender MAC must be the VM's), the DHCP guard (UDP source port 67 and
   547: DHCP and DHCPv6 server messages), the router guard (ICMPv6 router advertisements
-  and redirects, ICMPv4 redirects), outbound ACLs and the maximum bandwidth policer;
-  for frames to the VM (``oifname``): inbound ACLs. ACLs: every deny rule comes before
-  every allow rule, so deny wins; traffic no rule matches passes, so an allow rule
-  only counts (each ACL rule has a counter, read back by :func:`acl_counters`).
-  The policer is nftables' ``limit rate over ... drop``, a token bucket like tc's
-  police action, which many host kernels (this project's CI among them) lack.
+  and redirects, ICMPv4 redirects), a jump to the outbound ACL chain ``acl_out_<tap>``
+  and the maximum bandwidth policer; for frames to the VM (``oifname``): a jump to the
+  inbound ACL chain ``acl_in_<tap>``. The policer is nftables' ``limit rate over ...
+  drop``, a token bucket like tc's police action, which many host kernels (this
+  project's CI among them) lack.
+
+  ACLs follow Hyper-V's port ACLs: per direction, the most specific ACL that matches
+  decides (a longer prefix beats a shorter one, a MAC ACL beats every IP prefix) and
+  between an allow and a deny of the same remote the deny wins; traffic no ACL matches
+  passes. So an ACL chain lists its rules most specific first, denies before allows of
+  equal specificity, and the first match is final: a deny drops, an allow goes back to
+  the port chain (``return``), never ``accept``: that would end the base chain too, so
+  the policer after the outbound ACLs and the inbound ACLs of the port the frame goes to
+  (the base chain's ``to_vm`` lookup, after ``from_vm``) would be skipped. Every ACL
+  rule has a counter, read back by :func:`acl_counters`. IPv4 prefixes match only IPv4
+  packets and IPv6 prefixes only IPv6 packets (``0.0.0.0/0`` is every IPv4 remote, not
+  IPv6); MACs match every frame. Address resolution is not IP traffic for the ACLs: ARP
+  (never matched by an IP prefix) and IPv6 neighbour solicitations and advertisements
+  pass the IP prefixes, so a VM resolves the remotes it may reach under "deny
+  everything, allow a subnet"; a MAC ACL still applies to them. Guards and ACLs
+  check the protocol with ``meta protocol``, not the Ethernet type field, so they hold
+  for VLAN-tagged frames too (a trunk port's; any port's on a bridge without VLAN
+  filtering).
 * family ``ip``: per NAT switch, base chains ``post_/pre_/out_/fwd_<bridge>`` holding
   the masquerade of its subnet, the dnat of its static mappings (from outside, from
   the host itself and from the switch's own VMs, for addresses of this host only, so
@@ -127,28 +144,56 @@ def _bridge_base(table: str) -> list[str]:
     return lines
 
 
-def _acl_match(acl: PortAcl, inbound: bool) -> str:
-    """The remote end: the source of what comes in, the destination of what goes out."""
+# An ACL's remote, by kind: MACs first (more specific than any prefix), then IPv4,
+# then IPv6; kinds never match the same packet as IP prefixes, so only MAC-against-IP
+# order matters, and grouping keeps the neighbour discovery rule in one place.
+_MAC_KIND, _IPV4_KIND, _IPV6_KIND = 0, 1, 2
+# Neighbour solicitations and advertisements: IPv6's ARP, let through the IP prefixes.
+# ``meta protocol`` (what ``ip6 saddr`` depends on in this family too) rather than
+# the Ethernet type nft checks before ``icmpv6``, ``icmp`` and ``arp`` matches: that
+# reads 802.1Q on a VLAN-tagged frame (the kernel keeps the tag aside and puts it back
+# for link-layer reads), so the match would never hold for one.
+_ND = "meta protocol ip6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } return"
+
+
+def _remote(acl: PortAcl, inbound: bool) -> tuple[int, int, str]:
+    """(kind, prefix length, the nft match) of the remote end: the source of what
+    comes in, the destination of what goes out."""
     end = "saddr" if inbound else "daddr"
     if acl.is_mac:
-        return f"ether {end} {check_mac(acl.remote.lower().replace('-', ':'))}"
+        return _MAC_KIND, 48, f"ether {end} {check_mac(acl.remote.lower().replace('-', ':'))}"
     try:
         net = ipaddress.ip_network(acl.remote, strict=True)
     except ValueError:
         raise InvalidInput(f"ACL remote '{acl.remote}' is neither a MAC address nor an IP "
                            "prefix", value=acl.remote) from None
-    return f"{'ip' if net.version == 4 else 'ip6'} {end} {net}"
+    if net.version == 4:
+        return _IPV4_KIND, net.prefixlen, f"ip {end} {net}"
+    return _IPV6_KIND, net.prefixlen, f"ip6 {end} {net}"
 
 
-def _acl_rules(acls: tuple[PortAcl, ...], inbound: bool) -> list[str]:
+def acl_rules(acls: tuple[PortAcl, ...], inbound: bool) -> list[str]:
+    """The rules of the port's inbound or outbound ACL chain, first match final: most
+    specific first, deny before allow at equal specificity, list order last."""
     wanted = AclDirection.INBOUND if inbound else AclDirection.OUTBOUND
-    direction = wanted.value
-    chosen = [(i, a) for i, a in enumerate(acls) if a.direction in (wanted, AclDirection.BOTH)]
-    ordered = ([x for x in chosen if x[1].action is AclAction.DENY]
-               + [x for x in chosen if x[1].action is AclAction.ALLOW])
-    return [f"{_acl_match(acl, inbound)} counter"
-            f"{' drop' if acl.action is AclAction.DENY else ''}"
-            f' comment "acl {index} {direction}"' for index, acl in ordered]
+    entries: list[tuple[int, int, bool, int, str, AclAction]] = []
+    for index, acl in enumerate(acls):
+        if acl.direction in (wanted, AclDirection.BOTH):
+            kind, length, match = _remote(acl, inbound)
+            entries.append((kind, -length, acl.action is AclAction.ALLOW, index, match,
+                            acl.action))
+    rules: list[str] = []
+    for kind, _, _, index, match, action in sorted(entries):
+        if kind == _IPV6_KIND and _ND not in rules:
+            rules.append(_ND)
+        verdict = "drop" if action is AclAction.DENY else "return"
+        rules.append(f'{match} counter {verdict} comment "acl {index} {wanted.value}"')
+    return rules
+
+
+def acl_chains(tap: str) -> tuple[str, str]:
+    """The names of the port's (inbound, outbound) ACL chains."""
+    return f"acl_in_{check_tap(tap)}", f"acl_out_{tap}"
 
 
 def port_interfaces(plan: PortPlan) -> list[str]:
@@ -171,19 +216,23 @@ def _ifnames(names: list[str]) -> str:
 def port_rules(plan: PortPlan) -> list[str]:
     """The port chain's rules, in order (without ``add rule ...`` in front)."""
     tap, mac, s = _ifnames(port_interfaces(plan)), check_mac(plan.mac), plan.settings
+    acl_in, acl_out = acl_chains(plan.tap)
     out: list[str] = []
+    # ``meta protocol``: see :data:`_ND` (a guard must hold for tagged frames too).
     if not s.mac_spoofing:
-        out += [f"ether saddr != {mac} drop", f"arp saddr ether != {mac} drop"]
+        out += [f"ether saddr != {mac} drop", f"meta protocol arp arp saddr ether != {mac} drop"]
     if s.dhcp_guard:
         out += ["udp sport 67 drop", "udp sport 547 drop"]
     if s.router_guard:
-        out += ["icmpv6 type { nd-router-advert, nd-redirect } drop", "icmp type redirect drop"]
-    out += _acl_rules(s.acls, inbound=False)
+        out += ["meta protocol ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
+                "meta protocol ip icmp type redirect drop"]
+    if acl_rules(s.acls, inbound=False):
+        out.append(f"jump {acl_out}")
     if s.bandwidth_max is not None:
         rate = check_int(s.bandwidth_max, 1000, 400 * 10**9, "maximum bandwidth")
         out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
                    f"{burst_bytes(rate)} bytes drop")
-    inbound = _acl_rules(s.acls, inbound=True)
+    inbound = [f"jump {acl_in}"] if acl_rules(s.acls, inbound=True) else []
     return ([f'iifname {tap} {rule}' for rule in out]
             + [f'oifname {tap} {rule}' for rule in inbound])
 
@@ -200,11 +249,18 @@ def _drop_elements(t: str, chain: str, names: list[str]) -> list[str]:
 
 
 def port_script(plan: PortPlan, stale: tuple[str, ...] = ()) -> str:
-    """The transaction that makes the port's chain exactly what ``plan`` asks;
+    """The transaction that makes the port's chains exactly what ``plan`` asks (the ACL
+    chains exist, empty, even without ACLs: removal and counters need no branches);
     ``stale``: map entries of the port no longer wanted (a trunk's former veths)."""
     t, tap = f"bridge {check_table(plan.table)}", check_tap(plan.tap)
-    chain, names = f"port_{tap}", port_interfaces(plan)
-    lines = [*_bridge_base(plan.table), f"add chain {t} {chain}", f"flush chain {t} {chain}"]
+    chain, (acl_in, acl_out) = f"port_{tap}", acl_chains(tap)
+    names = port_interfaces(plan)
+    lines = list(_bridge_base(plan.table))
+    lines += [f"add chain {t} {c}" for c in (chain, acl_in, acl_out)]
+    lines += [f"flush chain {t} {c}" for c in (chain, acl_in, acl_out)]
+    lines += [f"add rule {t} {acl_in} {rule}" for rule in acl_rules(plan.settings.acls, True)]
+    lines += [f"add rule {t} {acl_out} {rule}"
+              for rule in acl_rules(plan.settings.acls, False)]
     lines += [f"add rule {t} {chain} {rule}" for rule in port_rules(plan)]
     lines += _drop_elements(t, chain, [_check(n, _VETH, "a trunk's veth") for n in stale
                                        if n not in names])
@@ -214,17 +270,19 @@ def port_script(plan: PortPlan, stale: tuple[str, ...] = ()) -> str:
 
 
 def port_removal_script(tap: str, table: str, extra: tuple[str, ...] = ()) -> str:
-    """Removes the port's chain and map entries (``extra``: those of a trunk's veths);
-    adds them first so that removing an absent port is not an error."""
+    """Removes the port's chains and map entries (``extra``: those of a trunk's veths);
+    adds them first so that removing an absent port is not an error (nft 1.0.6 has no
+    ``destroy``). The port chain goes before the ACL chains it jumps to."""
     t, tap = f"bridge {check_table(table)}", check_tap(tap)
-    chain = f"port_{tap}"
+    chains = (f"port_{tap}", *acl_chains(tap))
     lines = [f"add table {t}",
              f"add map {t} from_vm {{ type ifname : verdict ; }}",
-             f"add map {t} to_vm {{ type ifname : verdict ; }}",
-             f"add chain {t} {chain}"]
-    lines += _drop_elements(t, chain, [tap, *(_check(n, _VETH, "a trunk's veth")
-                                             for n in extra)])
-    lines += [f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
+             f"add map {t} to_vm {{ type ifname : verdict ; }}"]
+    lines += [f"add chain {t} {c}" for c in chains]
+    lines += _drop_elements(t, chains[0], [tap, *(_check(n, _VETH, "a trunk's veth")
+                                                  for n in extra)])
+    for c in chains:
+        lines += [f"flush chain {t} {c}", f"delete chain {t} {c}"]
     return "\n".join(lines) + "\n"
 
 
@@ -239,12 +297,14 @@ def veth_entries(text: str, tap: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def parse_acl_counters(text: str) -> tuple[AclCounter, ...]:
-    """The counters of the ACL rules in ``nft -j list chain`` output, by ACL index."""
+def parse_acl_counters(text: str, tap: str) -> tuple[AclCounter, ...]:
+    """The counters of the port's ACL rules in ``nft -j list table`` output, by ACL
+    index (other ports' rules are in the same listing)."""
+    chains = set(acl_chains(tap))
     found: list[AclCounter] = []
     for item in json.loads(text).get("nftables", []):
         rule = item.get("rule") if isinstance(item, dict) else None
-        if not isinstance(rule, dict):
+        if not isinstance(rule, dict) or rule.get("chain") not in chains:
             continue
         match = _ACL_COMMENT.match(str(rule.get("comment", "")))
         counter = next((e["counter"] for e in rule.get("expr", ())
@@ -375,15 +435,16 @@ async def _veth_entries(tap: str, table: str) -> tuple[str, ...]:
 
 
 async def acl_counters(tap: str, table: str) -> tuple[AclCounter, ...]:
-    """The port's ACL counters; none when the port has no chain."""
-    argv = [NFT, "-j", "list", "chain", "bridge", check_table(table), f"port_{check_tap(tap)}"]
+    """The port's ACL counters; none when the port (or the table) has no rules."""
+    argv = [NFT, "-j", "list", "table", "bridge", check_table(table)]
+    check_tap(tap)
     try:
         out = await runner.run(argv, timeout=TIMEOUT, errors=_errors, package="nftables")
     except HypervisorError as exc:
         if "No such file or directory" in str(exc.data.get("stderr")):
             return ()
         raise
-    return parse_acl_counters(out.decode())
+    return parse_acl_counters(out.decode(), tap)
 
 
 async def remove_table(table: str) -> None:
