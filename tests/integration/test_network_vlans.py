@@ -259,6 +259,11 @@ async def trunk_ports() -> None:
         # A priority tag (id 0) and a tag of the native id are the native VLAN too.
         deliver(trunk, frame(trunk.mac, b"prio", 0), b"prio", {untagged: None})
         deliver(trunk, frame(trunk.mac, b"one", 1), b"one", {untagged: None})
+        # No VLAN hopping: a tag from an untagged or access port is dropped (the port
+        # carries no VLAN tagged); a tag of the access port's own VLAN is its VLAN.
+        untagged.send(frame(untagged.mac, b"hop10", 10))
+        a20.send(frame(a20.mac, b"hop10b", 10))
+        deliver(a10, frame(a10.mac, b"own10", 10), b"own10", {trunk: 10})
         # A disallowed tag is dropped; a QinQ outer tag too.
         trunk.send(frame(trunk.mac, b"bad30", 30))
         trunk.send(frame(trunk.mac, b"qinq", 10)[:12] + b"\x88\xa8\x00\x0a"
@@ -271,7 +276,7 @@ async def trunk_ports() -> None:
         deliver(trunk, frame(trunk.mac, b"s20", 20), b"s20", {a20: None})
         deliver(trunk, frame(trunk.mac, b"s1"), b"s1", {untagged: None})
         for vm in vms:
-            for marker in (b"bad30", b"qinq"):
+            for marker in (b"bad30", b"qinq", b"hop10", b"hop10b"):
                 assert not vm.saw(marker), (vm.plan.vm_name, marker)
         for vm, markers in ((a20, (b"t10", b"native", b"r10", b"n30")),
                             (untagged, (b"t10", b"b20", b"n30", b"a30")),
@@ -284,6 +289,8 @@ async def trunk_ports() -> None:
         # an access port still, stays.
         await net.update_port(dataclasses.replace(trunk.plan, settings=PortSettings()))
         assert len(await links_named(f"hvv{TAG}")) == 1
+        assert trunks.PROGRAM in ingress_filters(trunk.plan.tap)  # it polices tags
+        await net.update_port(dataclasses.replace(trunk.plan, bridge=None))
         assert trunks.PROGRAM not in ingress_filters(trunk.plan.tap)
         await net.update_port(trunk.plan)  # and a trunk again
         assert len(await links_named(f"hvv{TAG}")) == 3
@@ -406,6 +413,11 @@ async def external_vlans(physical_ns: str) -> None:
         deliver(wire, frame(wire.mac, b"down20", 20), b"down20", {a20: None})
         deliver(trunk, frame(trunk.mac, b"up30", 30), b"up30", {wire: 30})
         deliver(a10, frame(a10.mac, b"bigup", size=1500), b"bigup", {wire: 10})
+        # An untagged port's VM tagging its frames reaches no VLAN of the physical network.
+        untagged.send(frame(untagged.mac, b"hop", 10))
+        deliver(untagged, frame(untagged.mac, b"after"), b"after", {wire: None})
+        deliver(a10, frame(a10.mac, b"after10"), b"after10", {wire: 10})
+        assert not wire.saw(b"hop") and not a10.saw(b"hop")
         deliver(wire, frame(wire.mac, b"bigdown", 10, size=1500), b"bigdown", {a10: None})
         deliver(wire, frame(wire.mac, b"plain"), b"plain", {untagged: None, trunk: None})
         deliver(untagged, frame(untagged.mac, b"plainup"), b"plainup", {wire: None})

@@ -8,6 +8,9 @@ what the tests exercise is what runs.
   as does the host's address on an internal or NAT switch.
 * An access port of VLAN X > 1 joins the VLAN bridge of (switch, X); ports of one VLAN
   reach each other and no other VLAN's.
+* Every port's ingress runs :func:`.bpf.trunk_ingress`: a frame the VM tags with a VLAN
+  the port does not carry is dropped, a tag of its own (native) VLAN is popped, so no VM
+  reaches another VLAN by tagging (as bridge VLAN filtering would enforce).
 * A trunk port joins the bridge of its native VLAN (Hyper-V's NativeVlanId: the VLAN of
   the frames the VM sends and receives untagged; unset means VLAN 1, the switch's
   default network) and carries each other allowed VLAN tagged (:mod:`.trunks`). A frame
@@ -84,12 +87,11 @@ def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
             native, carried = layout(plan.settings.vlan)
             target = bridge_of(ipr, plan.bridge, native, proc_sys)
             netlink.attach(ipr, plan.tap, target)
-            if plan.settings.vlan.mode is VlanMode.TRUNK:
-                trunks.sync(ipr, tag, plan.tap, native,
-                            {vid: bridge_of(ipr, plan.bridge, vid, proc_sys)
-                             for vid in carried}, proc_sys)
-            else:
-                trunks.clear(ipr, tag, plan.tap)
+            # Every port polices the tags its VM sends (an access or untagged port is a
+            # trunk carrying nothing but its native VLAN): no VLAN hopping.
+            trunks.sync(ipr, tag, plan.tap, native,
+                        {vid: bridge_of(ipr, plan.bridge, vid, proc_sys) for vid in carried},
+                        proc_sys)
             return target
         finally:
             _prune(ipr, tag, None, empty_only=True, proc_sys=proc_sys, strict=plan.bridge)
