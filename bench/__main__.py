@@ -1,4 +1,5 @@
-"""``python -m bench [NAME ...]``: run the benchmarks, rewrite docs/benchmarks.md.
+"""``python -m bench [NAME ...]``: run the benchmarks, rewrite docs/benchmarks.md (the
+sections of benchmarks not run this time are kept from the file as it was).
 
 Each benchmark runs in a fresh temporary directory, removed afterwards. A benchmark
 that fails is reported in the file's summary and makes the exit status 1; the others
@@ -18,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import api_list, cli_startup, guest_exec, vm_start
-from bench.report import Section, render
+from bench import api_list, cli_startup, guest_exec, switch_throughput, vm_start
+from bench.report import Kept, Section, kept_sections, render
 from bench.support import Machine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "api_list": api_list.run,
     "guest_exec": guest_exec.run,
     "cli_startup": cli_startup.run,
+    "switch_throughput": switch_throughput.run,
 }
 
 
@@ -60,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(replace(section, seconds=seconds,
                                 load=(load_before, os.getloadavg()[0])))
         print(f"bench: {name} took {seconds:.0f} s", file=sys.stderr, flush=True)
-    text = render(sections, machine, failures)
+    kept: list[Kept] = []
+    if args.output != "-" and Path(args.output).is_file():
+        others = [n for n in BENCHMARKS if n not in names]
+        kept = kept_sections(Path(args.output).read_text(), others)
+    text = render(sections, machine, failures, kept, order=list(BENCHMARKS))
     if args.output == "-":
         sys.stdout.write(text)
     else:

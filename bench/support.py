@@ -160,9 +160,11 @@ def hv_command() -> list[str]:
 class ServiceProcess:
     """``hv serve`` on its own data directory, as a context manager."""
 
-    def __init__(self, data_dir: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, data_dir: Path, extra_args: Sequence[str] = (),
+                 prefix: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.extra_args = tuple(extra_args)
+        self.prefix = tuple(prefix)  # e.g. ip netns exec NS: run the service in there
         self.socket = data_dir / "hv.sock"
         self.log = data_dir.parent / f"{data_dir.name}-serve.log"
         self.config: HostConfig = load_config(str(data_dir), accelerator=ACCELERATOR)
@@ -194,7 +196,8 @@ class ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hvstack.cli", "serve", "--data-dir", str(self.data_dir),
+                [*self.prefix, sys.executable, "-m", "hvstack.cli", "serve",
+                 "--data-dir", str(self.data_dir),
                  "--accelerator", ACCELERATOR, *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,

@@ -5,7 +5,7 @@ packages=(
   python3 python3-venv python3-pip
   qemu-system-x86 qemu-utils ovmf
   # the tiny guest image builder
-  busybox-static qemu-guest-agent mtools syslinux syslinux-common
+  busybox-static qemu-guest-agent radvd mtools syslinux syslinux-common
   systemd-boot-efi e2fsprogs fdisk
   # tests and tools
   iproute2 socat procps

@@ -415,9 +415,10 @@ class Client:
         result: dict[str, Any] = self.post(url_path("vms", vm, "adapters"), _present(fields))
         return result
 
-    def update_adapter(self, vm: str, mac: str, **fields: Any) -> dict[str, Any]:
+    def update_adapter(self, vm: str, mac: str, /, **fields: Any) -> dict[str, Any]:
         """Connect (``switch=NAME``), disconnect (``switch=""``) or change the port
-        settings of the adapter with MAC ``mac``. Returns the VM."""
+        settings of the adapter with MAC ``mac`` (``mac=`` in ``fields`` gives it a new
+        one: the parameters before ``/`` are positional). Returns the VM."""
         result: dict[str, Any] = self.request("PATCH", url_path("vms", vm, "adapters", mac),
                                               json=_present(fields))
         return result

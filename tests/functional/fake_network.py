@@ -52,6 +52,12 @@ class FakeNetwork:
         self._call("ensure_switch", plan.bridge)
         self.switches[plan.bridge] = plan
 
+    async def update_hosts(self, plan: SwitchPlan) -> None:
+        self._call("update_hosts", plan.bridge)
+        if plan.bridge not in self.switches:
+            raise HvError(f"bridge {plan.bridge} does not exist")
+        self.switches[plan.bridge] = plan
+
     async def remove_switch(self, plan: SwitchPlan) -> None:
         self._call("remove_switch", plan.bridge)
         self.switches.pop(plan.bridge, None)

@@ -108,7 +108,12 @@ async def test_nic_commands_and_vm_show(served: str, net: Net) -> None:
     assert result.exit_code == 0 and "not connected" in result.stdout
     nics = json.loads((await hv(served, "vm", "nic", "list", "web", "-o", "json")).stdout)
     assert nics[0]["port"]["acls"] == [] and nics[0]["port"]["dhcp_guard"] is True
-    result = await hv(served, "vm", "nic", "remove", "web", "52:54:00:00:00:05")
+    # a new MAC while the VM is off (the client's mac parameter is positional-only)
+    result = await hv(served, "vm", "nic", "set", "web", "52:54:00:00:00:05", "--mac",
+                      "52:54:00:00:00:06")
+    assert result.exit_code == 0, result.output
+    assert "52:54:00:00:00:06 (virtio" in result.stdout
+    result = await hv(served, "vm", "nic", "remove", "web", "52:54:00:00:00:06")
     assert result.exit_code == 0, result.output
 
 

@@ -1,5 +1,11 @@
 """Helpers for integration tests: a real ``hv serve`` process, the ``hv`` CLI, and
-commands in a guest through the service's exec API."""
+commands in a guest through the service's exec API.
+
+A service runs in the test's own network namespace with ``--default-switch none``
+(new VMs get QEMU's user-mode NAT, as before switches existed), or, when given a
+namespace (``netns.Lab.namespace``), inside that namespace through ``ip netns exec``
+with its own data directory: its bridges, taps, nftables tables and dnsmasq stay
+there, and the CLI still reaches it over its unix socket."""
 
 from __future__ import annotations
 
@@ -25,9 +31,13 @@ BOOT_TIMEOUT = 240.0  # generous: TCG on a loaded 2-core machine
 class HostProcess:
     """One host service with its own data directory, run as ``hv serve``."""
 
-    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: Path, extra_args: tuple[str, ...] = (),
+                 netns: str | None = None) -> None:
         self.data_dir = data_dir
         self.socket = data_dir / "hv.sock"
+        self.netns = netns
+        if netns is None and not any(a.startswith("--default-switch") for a in extra_args):
+            extra_args = ("--default-switch", "none", *extra_args)
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "HV_HOST": f"unix:{self.socket}"}
@@ -36,9 +46,11 @@ class HostProcess:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.log, "ab") as log:
+            # ip netns exec execs the command: the pid is the service's own
             self.proc = subprocess.Popen(
-                [*HV, "serve", "--data-dir", str(self.data_dir), *self.extra_args],
+                [*prefix, *HV, "serve", "--data-dir", str(self.data_dir), *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
             )
         deadline = time.monotonic() + 30
@@ -100,16 +112,18 @@ class HostProcess:
 
 
 @contextlib.contextmanager
-def running_host(data: Path, tiny_image: Path) -> Iterator[HostProcess]:
-    """A host service on ``data`` with the tiny image in its catalog; on the way out it
-    is stopped and whatever a failed test left running is turned off."""
+def running_host(data: Path, tiny_image: Path, *, netns: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> Iterator[HostProcess]:
+    """A host service on ``data`` with the tiny image in its catalog (in network
+    namespace ``netns`` when given); on the way out it is stopped and whatever a
+    failed test left running is turned off."""
     (data / "images").mkdir(parents=True)
     target = data / "images" / f"tiny{tiny_image.suffix}"
     try:
         os.link(tiny_image, target)
     except OSError:
         shutil.copyfile(tiny_image, target)
-    service = HostProcess(data)
+    service = HostProcess(data, extra_args, netns=netns)
     service.start()
     try:
         yield service
@@ -144,3 +158,9 @@ class Guest:
         if result["encoding"] == "base64":
             out = base64.b64decode(out).decode(errors="replace")
         return int(result["exit_code"] if result["exit_code"] is not None else -1), out
+
+    def ok(self, script: str, timeout: float = 60) -> str:
+        """Run ``script`` and return its output; fail the test unless it exits 0."""
+        code, out = self.sh(script, timeout)
+        assert code == 0, f"in {self.name}, `{script}` exited {code}:\n{out}"
+        return out

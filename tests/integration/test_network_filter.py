@@ -675,6 +675,103 @@ async def test_dnsmasq_leases_an_address_and_answers_the_vms_name(lab: Lab) -> N
             os.kill(int(pid_file.read_text()), 9)
 
 
+async def _lookup(ns: str, name: str) -> list[str]:
+    """The addresses dnsmasq (at the host's address) answers for ``name`` from
+    namespace ``ns``; none when it knows no such name."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, "busybox", "nslookup", "-type=a", name, HOST_IP,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    answers = out.decode().partition(f"Name:\t{name}")[2]
+    return [line.split()[-1] for line in answers.splitlines()
+            if line.startswith("Address:") and HOST_IP not in line]
+
+
+async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await check():
+        assert loop.time() < deadline, f"still not: {what}"
+        await asyncio.sleep(0.2)
+
+
+async def test_dnsmasq_names_each_vm_after_its_vm_and_reloads_the_names(lab: Lab) -> None:
+    # Both guests send the same host name ("tiny", as the tiny image does): the plan's
+    # names win, in their leases and in DNS, from another VM and from the host.
+    d = lab.add_vm("d", "52:54:00:00:00:0d", None)
+    e = lab.add_vm("e", "52:54:00:00:00:0e", None)
+    state = lab.tmp / "dhcp"  # private, as a service's data directory is
+
+    def named(*hosts: tuple[str, str]) -> SwitchPlan:
+        return nat_plan(dhcp_plan=DhcpPlan("10.77.0.100", "10.77.0.150", "hv.test", state,
+                                           hosts))
+
+    plan = named((d.mac, "v1"), (e.mac, "v-two"))
+    addresses: dict[str, str] = {}
+    try:
+        with inside(lab.host):
+            await dhcp.start(plan)
+        pid = int((state / "dnsmasq.pid").read_text())
+        hosts = dhcp._hosts_file(plan)  # where dnsmasq's own user may read it
+        assert hosts.read_text() == f"{d.mac},v1\n{e.mac},v-two\n"
+        for vm in (d, e):
+            script, got = lab.tmp / f"udhcpc-{vm.name}.sh", lab.tmp / f"address-{vm.name}"
+            script.write_text(UDHCPC_SCRIPT.format(out=got))
+            script.chmod(0o755)
+            await netns(vm.ns, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-s",
+                        str(script), "-x", "hostname:tiny")
+            addresses[vm.name] = got.read_text().strip()
+        assert sorted((x.mac, x.ip, x.hostname) for x in dhcp.leases(plan)) == [
+            (d.mac, addresses["d"], "v1"), (e.mac, addresses["e"], "v-two")]
+        for ns in (e.ns, lab.host):
+            assert await _lookup(ns, "v1") == [addresses["d"]]
+            assert await _lookup(ns, "v1.hv.test") == [addresses["d"]]
+        assert await _lookup(d.ns, "v-two.hv.test") == [addresses["e"]]
+        assert await _lookup(d.ns, "tiny") == []
+
+        # d's VM is renamed: the same dnsmasq re-reads its names (SIGHUP) and renames
+        # the lease at once, without the guest asking again.
+        renamed = named((d.mac, "v3"), (e.mac, "v-two"))
+        with inside(lab.host):
+            await dhcp.reload(renamed)
+        await _until("v3 answers", lambda: _has(e.ns, "v3", addresses["d"]))
+        assert await _lookup(e.ns, "v1") == []
+        assert await _lookup(e.ns, "v1.hv.test") == []
+        assert await _lookup(d.ns, "v-two") == [addresses["e"]]
+        assert int((state / "dnsmasq.pid").read_text()) == pid
+        reads = _reads(state, hosts)
+        with inside(lab.host):
+            await dhcp.reload(renamed)  # nothing changed: not told again
+        assert hosts.read_text() == f"{d.mac},v3\n{e.mac},v-two\n"
+
+        # The service restarts: the running dnsmasq (its command line names the hosts
+        # file) is adopted, and a change made meanwhile is read.
+        again = named((d.mac, "v4"), (e.mac, "v-two"))
+        with inside(lab.host):
+            await dhcp.start(again)
+        assert int((state / "dnsmasq.pid").read_text()) == pid
+        await _until("v4 answers", lambda: _has(lab.host, "v4", addresses["d"]))
+        assert await _lookup(lab.host, "v3") == []
+        assert _reads(state, hosts) == reads + 1
+        with inside(lab.host):
+            await dhcp.stop(again)
+        assert not hosts.exists()
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((state / "dnsmasq.pid").read_text()), 9)
+
+
+async def _has(ns: str, name: str, address: str) -> bool:
+    return await _lookup(ns, name) == [address]
+
+
+def _reads(state: Path, hosts: Path) -> int:
+    """How many times dnsmasq logged reading its hosts file."""
+    log = (state / "dnsmasq.log").read_text(errors="replace")
+    assert "cannot read" not in log, log
+    return log.count(f"read {hosts}")
+
+
 # -- every rule shape ----------------------------------------------------------------
 
 async def test_nft_and_tc_accept_every_rule_shape(lab: Lab) -> None:

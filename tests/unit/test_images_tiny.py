@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -246,3 +249,58 @@ def test_catalog() -> None:
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list"]) == 0
     assert capsys.readouterr().out.startswith("tiny\tqcow2\t")
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
+def test_netwatch_starts_dhcp_on_each_new_adapter_and_stops_removed_ones(
+    tmp_path: Path,
+) -> None:
+    """One pass of the guest's network watcher on a fake /sys/class/net: adapters (a
+    device behind them) get DHCP once, again when their name comes back with another
+    ifindex (hot remove + add), and a removed adapter's udhcpc is stopped."""
+    net, state, calls = tmp_path / "net", tmp_path / "state", tmp_path / "calls"
+    state.mkdir()
+    common = tmp_path / "common.sh"
+    common.write_text(guest.NET_COMMON.replace(guest.NET_STATE, str(state)))
+    dhcp = tmp_path / "dhcp"
+    dhcp.write_text(f'#!/bin/sh\necho "$1" >>{calls}\n'
+                    f'echo "$(cat {net}/$1/ifindex) dhcp" >{state}/$1\n')
+    dhcp.chmod(0o755)
+    script = (guest.NETWATCH.replace("/sys/class/net", str(net))
+              .replace("/etc/hvstack-net.sh", str(common))
+              .replace("/sbin/hvstack-dhcp", str(dhcp))
+              .replace("    sleep 1\n", "    break\n"))
+
+    def adapter(name: str, index: int, device: bool = True) -> None:
+        (net / name).mkdir(parents=True, exist_ok=True)
+        (net / name / "ifindex").write_text(f"{index}\n")
+        if device:
+            (net / name / "device").mkdir(exist_ok=True)
+
+    def one_pass() -> list[str]:
+        calls.unlink(missing_ok=True)
+        subprocess.run(["busybox", "sh", "-c", script], check=True, timeout=30)
+        return calls.read_text().split() if calls.exists() else []
+
+    adapter("lo", 1, device=False)
+    adapter("eth0", 2)
+    adapter("eth0.10", 5, device=False)  # a VLAN made in the guest: not an adapter
+    assert one_pass() == ["eth0"]
+    assert one_pass() == []
+    adapter("eth1", 3)  # hot-added
+    assert one_pass() == ["eth1"]
+    (net / "eth1" / "ifindex").write_text("4\n")  # removed and added again between polls
+    assert one_pass() == ["eth1"]
+    # a stand-in udhcpc that init adopts (as in the guest), so it is reaped when killed
+    started = subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True, timeout=10)
+    pid = int(started.stdout)
+    try:
+        (state / "eth1.pid").write_text(f"{pid}\n")
+        shutil.rmtree(net / "eth1")  # hot-removed
+        assert one_pass() == []
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+        assert not (state / "eth1").exists() and (state / "eth0").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,9 @@ ensured, the ports of running VMs re-applied.
 Every VM start and stop goes through :mod:`hvstack.host.port_hooks` (taps opened just
 before a start, the host's copies closed after it, ports closed when the VM stops); VM
 adapters themselves are :mod:`hvstack.host.adapter_ops`. Both plan ports here
-(:meth:`NetworkOperations.port_plan`).
+(:meth:`NetworkOperations.port_plan`). The VMs' names in a NAT switch's DHCP and DNS
+are :mod:`hvstack.host.switch_names`: in every switch plan, and pushed again after each
+change of a VM.
 
 Without privilege (no CAP_NET_ADMIN, or no backend) every switch operation and every
 start of a VM with a switch-mode adapter is :class:`~hvstack.errors.NetworkUnavailable`;
@@ -55,6 +57,7 @@ from hvstack.host.port_hooks import PortHooks
 from hvstack.host.provisioning import NewVm
 from hvstack.host.records import StoredSwitch, SwitchRecords
 from hvstack.host.service import HostService
+from hvstack.host.switch_names import SwitchNames
 from hvstack.integration.rules import intrinsic_data, reachable_addresses
 from hvstack.network import names, policy
 from hvstack.network.backend import AclCounter, DhcpPlan, NetworkBackend, PortPlan, SwitchPlan
@@ -92,11 +95,17 @@ class NetworkOperations:
         self.ready = asyncio.Event()  # set once startup rebuilt the switches
         self.adapters = AdapterOperations(self, hot_plug)
         self.hooks = PortHooks(self)
+        self.names = SwitchNames(self)
         service.start_hook = self.hooks
         service.registry.state_hooks.append(self.hooks.on_state)
         service.provisioning.choose_adapters = self.choose_adapters
 
     # -- lookups ------------------------------------------------------------------
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by every switch change (and by the names pushed to the switches)."""
+        return self._lock
 
     @property
     def _backend(self) -> NetworkBackend:
@@ -156,7 +165,8 @@ class NetworkOperations:
         if switch.type is SwitchType.NAT and interface is not None:
             first, last = policy.dhcp_range(interface)
             dhcp = DhcpPlan(first, last, DNS_DOMAIN,
-                            self.service.config.data_dir / "network" / switch.id)
+                            self.service.config.data_dir / "network" / switch.id,
+                            self.names.hosts(switch.id))
         return SwitchPlan(
             switch.id, switch.name, switch.type, names.bridge_name(self.tag, switch.id),
             self.table, adapter=switch.adapter, host_address=interface,
@@ -387,6 +397,7 @@ class NetworkOperations:
                 return
             await self._make_default_switch()
             await self._rebuild()
+            self.names.follow()
         finally:
             self.ready.set()
 
@@ -485,6 +496,7 @@ class NetworkOperations:
 
     async def close(self) -> None:
         """Wait for the port work still under way (the service stops)."""
+        await self.names.close()
         await self.hooks.close()
 
     async def acl_counters(self, vm: VmController, nic: NetworkAdapter

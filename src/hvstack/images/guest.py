@@ -7,13 +7,22 @@ guest then behaves as follows (see ``RC_S``):
 * busybox ``init`` is PID 1 (``/init``); its sysinit script mounts proc, sysfs,
   devtmpfs, devpts and a tmpfs on ``/run``, makes ``/var/lib/hvstack/kvp`` (the KVP
   exchange folder, see docs/integration-services.md), loads the modules listed in
-  ``/lib/modules/hvstack.load`` in order, brings ``lo`` up, starts ``udhcpc`` on
-  ``eth0`` in the background when there is an ``eth0``, sets the hostname ``tiny``,
-  mounts the ext4 partition labelled ``hvdata`` on ``/data`` (waiting up to 10 s for
-  the disk), links ``/dev/virtio-ports/<name>`` and starts ``qemu-ga`` on
-  ``org.qemu.guest_agent.0`` if that port exists (state in ``/run/qemu-ga``), starts
-  ``acpid`` so the ACPI power button powers off cleanly, and finally prints
+  ``/lib/modules/hvstack.load`` in order, sets the hostname ``tiny``, brings ``lo``
+  up, starts the network watcher in the background (below), mounts the ext4
+  partition labelled ``hvdata`` on ``/data`` (waiting up to 10 s for the disk),
+  links ``/dev/virtio-ports/<name>`` and starts ``qemu-ga`` on
+  ``org.qemu.guest_agent.0`` if that port exists (state in ``/run/qemu-ga``),
+  starts ``acpid`` so the ACPI power button powers off cleanly, and finally prints
   :data:`READY_LINE` on the console.
+* Network: ``/sbin/hvstack-netwatch`` polls once a second and starts ``udhcpc``
+  (sending the hostname) on every adapter, also adapters hot-added later; a removed
+  adapter's udhcpc is stopped. ``hvstack-static IFACE ADDR/PREFIX [GATEWAY]`` turns
+  DHCP off on an adapter and sets a static address, ``hvstack-dhcp IFACE`` (re)starts
+  DHCP (with the current hostname), ``hvstack-ifname MAC`` names the adapter with a
+  MAC. State lives in :data:`NET_STATE`. The kernel has e1000, virtio-net and 8021q
+  (``ip link add link eth0 name eth0.10 type vlan id 10``). For tests that play a
+  rogue server, busybox ``udhcpd`` (config at a path the test writes, leases in
+  ``/var/lib/misc``) and ``/usr/sbin/radvd`` (``radvd -C FILE``) are there.
 * Then init respawns a root shell (prompt ``tiny# ``) on the serial console.
 * ``/sbin/hvstack-poweroff MODE`` (MODE: poweroff, reboot, halt, or ``none`` to only
   sync and unmount) syncs, unmounts ``/data`` (or remounts it read-only when busy)
@@ -31,6 +40,9 @@ DATA_LABEL = "hvdata"
 AGENT_PORT = "org.qemu.guest_agent.0"
 MODULE_LIST = "/lib/modules/hvstack.load"
 PROMPT = "tiny# "
+NET_STATE = "/run/hvstack-net"
+"""Per-adapter DHCP state: ``NAME`` holds ``IFINDEX dhcp|static``, ``NAME.pid`` the
+udhcpc serving it, ``NAME.log`` its output."""
 
 INITTAB = """\
 # busybox init: bring-up once, then a respawning root shell on the serial console
@@ -62,13 +74,11 @@ while read -r module; do
     insmod "$module" 2>/dev/null || say "could not load $module"
 done < {MODULE_LIST}
 
-# Network: loopback now, DHCP on eth0 in the background (never blocks boot).
+# Network: loopback now; every adapter (also those hot-added later) gets DHCP from
+# the watcher, in the background (never blocks boot).
 ip link set lo up
-if [ -e /sys/class/net/eth0 ]; then
-    ip link set eth0 up
-    udhcpc -i eth0 -s /etc/udhcpc.script -x hostname:{HOSTNAME} -R -T 2 -A 5 \\
-        </dev/null >/run/udhcpc.log 2>&1 &
-fi
+mkdir -p {NET_STATE} /var/lib/misc
+setsid /sbin/hvstack-netwatch </dev/null >/dev/null 2>&1 &
 
 # Data partition: ext4 labelled {DATA_LABEL}, mounted read-write on /data.
 dev=""
@@ -195,12 +205,119 @@ case "$1" in
             done
         fi
         : >/etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >>/etc/resolv.conf
         for server in $dns; do
             echo "nameserver $server" >>/etc/resolv.conf
         done
         ;;
 esac
 exit 0
+"""
+
+NET_COMMON = f"""\
+# shared by the hvstack-net* scripts: the state folder and stopping an adapter's udhcpc
+state={NET_STATE}
+mkdir -p "$state"
+stop_dhcp() {{
+    pid=$(cat "$state/$1.pid" 2>/dev/null)
+    rm -f "$state/$1.pid"
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || return 0
+    # wait for its release (and deconfig) so nothing it does comes after the caller's
+    tries=0
+    while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+    kill -9 "$pid" 2>/dev/null
+    return 0
+}}
+"""
+
+NETWATCH = """\
+#!/bin/sh
+# hvstack-netwatch: every network adapter gets DHCP (busybox udhcpc), also adapters
+# hot-added later: polls once a second. An adapter is an interface with a device
+# behind it (not lo, a VLAN or a bridge made in the guest). A removed adapter's udhcpc
+# is stopped; a new adapter that reuses a name (another ifindex) starts afresh.
+. /etc/hvstack-net.sh
+while true; do
+    for dev in /sys/class/net/*; do
+        [ -e "$dev/device" ] || continue
+        name=${dev##*/}
+        index=$(cat "$dev/ifindex" 2>/dev/null) || continue
+        [ "$(cut -d' ' -f1 "$state/$name" 2>/dev/null)" = "$index" ] && continue
+        /sbin/hvstack-dhcp "$name"
+    done
+    for mark in "$state"/*; do
+        case "$mark" in *.pid|*.log|"$state/*") continue ;; esac
+        name=${mark##*/}
+        known=$(cut -d' ' -f1 "$mark" 2>/dev/null)
+        [ "$(cat "/sys/class/net/$name/ifindex" 2>/dev/null)" = "$known" ] && continue
+        stop_dhcp "$name"
+        rm -f "$mark"
+    done
+    sleep 1
+done
+"""
+
+DHCP = """\
+#!/bin/sh
+# hvstack-dhcp IFACE: (re)start DHCP on IFACE now, sending the current hostname (so
+# "hostname web1; hvstack-dhcp eth0" registers web1 with the switch's DNS).
+. /etc/hvstack-net.sh
+name=$1
+index=$(cat "/sys/class/net/$name/ifindex" 2>/dev/null) || {
+    echo "hvstack-dhcp: no interface $name" >&2
+    exit 1
+}
+stop_dhcp "$name"
+echo "$index dhcp" >"$state/$name"
+ip link set "$name" up
+udhcpc -f -i "$name" -s /etc/udhcpc.script -x "hostname:$(hostname)" -R -T 2 -A 5 \\
+    </dev/null >>"$state/$name.log" 2>&1 &
+echo $! >"$state/$name.pid"
+"""
+
+STATIC = """\
+#!/bin/sh
+# hvstack-static IFACE ADDRESS/PREFIX [GATEWAY]: stop DHCP on IFACE (the watcher
+# leaves it alone from now on) and give it this address instead.
+. /etc/hvstack-net.sh
+name=$1
+address=$2
+gateway=$3
+index=$(cat "/sys/class/net/$name/ifindex" 2>/dev/null) || {
+    echo "hvstack-static: no interface $name" >&2
+    exit 1
+}
+[ -n "$address" ] || {
+    echo "usage: hvstack-static IFACE ADDRESS/PREFIX [GATEWAY]" >&2
+    exit 2
+}
+echo "$index static" >"$state/$name"
+stop_dhcp "$name"
+ip -4 addr flush dev "$name"
+ip link set "$name" up
+ip -4 addr add "$address" dev "$name" || exit 1
+if [ -n "$gateway" ]; then
+    ip -4 route replace default via "$gateway" dev "$name" || exit 1
+fi
+"""
+
+IFNAME = """\
+#!/bin/sh
+# hvstack-ifname MAC: print the name of the network adapter with this MAC.
+want=$(echo "$1" | tr 'A-F-' 'a-f:')
+for dev in /sys/class/net/*; do
+    [ -e "$dev/device" ] || continue
+    if [ "$(cat "$dev/address" 2>/dev/null)" = "$want" ]; then
+        echo "${dev##*/}"
+        exit 0
+    fi
+done
+echo "hvstack-ifname: no adapter has MAC $1" >&2
+exit 1
 """
 
 OS_RELEASE = """\
@@ -232,6 +349,11 @@ def guest_files() -> dict[str, tuple[int, str]]:
         "/etc/group": (0o644, "root:x:0:\ntty:x:5:\n"),
         "/etc/resolv.conf": (0o644, ""),
         "/etc/udhcpc.script": (0o755, UDHCPC_SCRIPT),
+        "/etc/hvstack-net.sh": (0o644, NET_COMMON),
+        "/sbin/hvstack-netwatch": (0o755, NETWATCH),
+        "/sbin/hvstack-dhcp": (0o755, DHCP),
+        "/sbin/hvstack-static": (0o755, STATIC),
+        "/sbin/hvstack-ifname": (0o755, IFNAME),
         "/etc/acpi/PWRF/00000080": (0o755, POWER_BUTTON),
         "/sbin/hvstack-poweroff": (0o755, POWEROFF),
         "/sbin/hvstack-console": (0o755, CONSOLE),

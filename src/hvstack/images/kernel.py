@@ -62,6 +62,8 @@ WANTED_MODULES: tuple[str, ...] = (
     "virtio_console",
     "virtio_net",
     "e1000",
+    # VLAN trunks in the guest (ip link add ... type vlan)
+    "8021q",
     "virtio_balloon",
     "virtio_rng",
     # ACPI power button events for acpid

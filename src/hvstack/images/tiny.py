@@ -11,7 +11,7 @@ Contract:
   lives in the initramfs (the root stays in RAM); see :mod:`hvstack.images.guest` for
   the guest's behaviour and :mod:`hvstack.images.layout` for the disk layout.
 * ``key`` is a hash of every input: the kernel package and version, the versions of
-  the host packages used, the busybox and qemu-ga binaries and libraries, the guest
+  the host packages used, the busybox, qemu-ga and radvd binaries and libraries, the guest
   scripts, the module list, the layout and this builder's version. A second call with
   the same inputs returns the cached file at once; the kernel ``.deb`` is cached in
   ``cache_dir/debs``.
@@ -53,7 +53,7 @@ from hvstack.progress import Progress
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 IMAGE_FORMAT = "qcow2"
 LOCK_TIMEOUT = 1800.0
 CONVERT_TIMEOUT = 300.0
@@ -64,6 +64,7 @@ DATA_MIB = 64
 TINY_APT_PACKAGES: tuple[str, ...] = (
     "busybox-static",
     "qemu-guest-agent",
+    "radvd",
     "mtools",
     "syslinux",
     "syslinux-common",
@@ -85,6 +86,7 @@ REQUIRED_TOOLS: tuple[str, ...] = (
     "ldd",
     "busybox",
     "qemu-ga",
+    "radvd",
     "mformat",
     "mmd",
     "mcopy",
@@ -130,19 +132,23 @@ def recipe_digest() -> str:
 class _Binaries:
     """The host binaries copied into the guest and the libraries they need."""
 
-    def __init__(self, busybox: Path, qemu_ga: Path) -> None:
+    def __init__(self, busybox: Path, qemu_ga: Path, radvd: Path) -> None:
         self.busybox = busybox
         self.qemu_ga = qemu_ga
+        self.radvd = radvd  # plays a rogue router in the router-guard test
         self.busybox_libs: list[str] = []
         self.qemu_ga_libs: list[str] = []
+        self.radvd_libs: list[str] = []
 
     async def resolve(self, tools: Mapping[str, str]) -> None:
-        self.busybox_libs = await userland.binary_closure(self.busybox, tools)
-        self.qemu_ga_libs = await userland.binary_closure(self.qemu_ga, tools)
+        self.busybox_libs, self.qemu_ga_libs, self.radvd_libs = await asyncio.gather(
+            *(userland.binary_closure(b, tools) for b in (self.busybox, self.qemu_ga, self.radvd))
+        )
 
     def digest(self) -> str:
-        paths = [self.busybox, self.qemu_ga]
-        paths += [Path(p) for p in (*self.busybox_libs, *self.qemu_ga_libs)]
+        paths = [self.busybox, self.qemu_ga, self.radvd]
+        libs = (*self.busybox_libs, *self.qemu_ga_libs, *self.radvd_libs)
+        paths += [Path(p) for p in libs]
         return userland.files_digest(paths)
 
 
@@ -191,7 +197,7 @@ async def build_tiny(cache_dir: Path, progress: Progress | None = None) -> Path:
     report("checking tools", 0.0)
     tools = require_tools(REQUIRED_TOOLS)
     disk.boot_files_check()
-    binaries = _Binaries(Path(tools["busybox"]), Path(tools["qemu-ga"]))
+    binaries = _Binaries(Path(tools["busybox"]), Path(tools["qemu-ga"]), Path(tools["radvd"]))
     package, packages, _ = await asyncio.gather(
         kernel.resolve_kernel_package_cached(tools, cache_dir / "debs" / "kernel.json"),
         _host_packages(tools),
@@ -300,6 +306,7 @@ def _initramfs(binaries: _Binaries, applets: list[str], modules: kernel.ModulePa
     root.char_device("/dev/null", 1, 3, 0o666)
     userland.add_busybox(root, binaries.busybox, applets, binaries.busybox_libs)
     userland.add_binary(root, binaries.qemu_ga, "/usr/sbin/qemu-ga", binaries.qemu_ga_libs)
+    userland.add_binary(root, binaries.radvd, "/usr/sbin/radvd", binaries.radvd_libs)
     for path, data in modules.files.items():
         root.add_file(path, data)
     root.add_file(f"/lib/modules/{modules.release}/modules.dep", modules.modules_dep.encode())

@@ -37,6 +37,7 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "ldd": "libc-bin",
     "busybox": "busybox-static",
     "qemu-ga": "qemu-guest-agent",
+    "radvd": "radvd",
     "mformat": "mtools",
     "mmd": "mtools",
     "mcopy": "mtools",

@@ -27,12 +27,15 @@ from hvstack.network.model import NatMapping, PortSettings, SwitchType
 
 @dataclass(frozen=True)
 class DhcpPlan:
-    """DHCP and DNS (dnsmasq) on a NAT switch's bridge."""
+    """DHCP and DNS (dnsmasq) on a NAT switch's bridge. ``hosts`` pairs a MAC with
+    the DNS label (:func:`hvstack.network.hostnames.dns_label`) its lease and DNS name
+    take, whatever name the guest sends."""
 
     first: str  # first address handed out
     last: str
     domain: str  # VMs' names resolve as NAME and NAME.domain
     state_dir: Path  # pid file, lease file, log (the backend's own files)
+    hosts: tuple[tuple[str, str], ...] = ()  # (MAC, label)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class NetworkBackend(Protocol):
 
     async def ensure_switch(self, plan: SwitchPlan) -> None:
         """Make the switch exist as planned (create, or repair after a reboot)."""
+        ...
+
+    async def update_hosts(self, plan: SwitchPlan) -> None:
+        """Give a running NAT switch's DHCP and DNS the names of ``plan.dhcp.hosts``
+        (dnsmasq re-reads them only when they changed); nothing for a plan without
+        DHCP. ``ensure_switch`` applies them too."""
         ...
 
     async def remove_switch(self, plan: SwitchPlan) -> None:

@@ -55,6 +55,7 @@ class Dhcp(Protocol):
     """:mod:`hvstack.network.dhcp`."""
 
     async def start(self, plan: SwitchPlan) -> None: ...
+    async def reload(self, plan: SwitchPlan) -> None: ...
     async def stop(self, plan: SwitchPlan) -> None: ...
 
 
@@ -135,6 +136,10 @@ class LinuxNetwork:
         address = host_address(plan)
         if address is not None:
             netlink.set_single_address(ipr, plan.bridge, address)
+
+    async def update_hosts(self, plan: SwitchPlan) -> None:
+        if plan.type is SwitchType.NAT and plan.dhcp is not None:
+            await self.dhcp.reload(plan)
 
     async def remove_switch(self, plan: SwitchPlan) -> None:
         errors = await self._teardown(plan)
