@@ -21,11 +21,14 @@ STATUS = "Name:\tpython\nCapInh:\t0000000000000000\nCapEff:\t{}\nCapBnd:\t000001
 
 @pytest.mark.parametrize(("caps", "missing"), [
     ("000001ffffffffff", False),  # root
-    ("0000000000001000", False),  # CAP_NET_ADMIN only
+    ("0000008000001000", False),  # CAP_NET_ADMIN and CAP_BPF (39)
+    ("0000000000201000", False),  # CAP_NET_ADMIN and CAP_SYS_ADMIN (21)
+    ("0000000000001000", True),  # CAP_NET_ADMIN only: no eBPF programs (VLAN policing)
+    ("0000008000000000", True),  # CAP_BPF only
     ("0000000000000000", True),
     ("0000000000000400", True),  # CAP_NET_BIND_SERVICE (10), not 12
 ])
-def test_privilege_is_the_cap_net_admin_bit(tmp_path: Path, caps: str, missing: bool) -> None:
+def test_privilege_is_cap_net_admin_and_cap_bpf(tmp_path: Path, caps: str, missing: bool) -> None:
     status = tmp_path / "status"
     status.write_text(STATUS.format(caps))
     message = netlink.missing_privilege(status)

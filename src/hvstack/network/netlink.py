@@ -36,10 +36,11 @@ from hvstack.errors import Conflict, HypervisorError
 
 T = TypeVar("T")
 
-CAP_NET_ADMIN = 12
-PRIVILEGE_MESSAGE = ("managing virtual switches needs CAP_NET_ADMIN (run the host service "
-                     "as root or grant it CAP_NET_ADMIN); user-mode NAT adapters keep working "
-                     "without it")
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+PRIVILEGE_MESSAGE = ("managing virtual switches needs CAP_NET_ADMIN and CAP_BPF (run the "
+                     "host service as root or grant it CAP_NET_ADMIN and CAP_BPF: every "
+                     "port's VLAN tags are policed by an eBPF program); user-mode NAT "
+                     "adapters keep working without them")
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 IFF_UP, IFF_LOOPBACK = 0x1, 0x8
@@ -61,12 +62,14 @@ def effective_caps(status: str) -> int:
 
 
 def missing_privilege(status_path: Path = Path("/proc/self/status")) -> str | None:
-    """None when this process has CAP_NET_ADMIN, else the message for the user."""
+    """None when this process has CAP_NET_ADMIN and may load eBPF programs (CAP_BPF,
+    or CAP_SYS_ADMIN), else the message for the user."""
     try:
         caps = effective_caps(status_path.read_text())
     except OSError:
         caps = 0
-    return None if caps & (1 << CAP_NET_ADMIN) else PRIVILEGE_MESSAGE
+    bpf = caps & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN)
+    return None if caps & (1 << CAP_NET_ADMIN) and bpf else PRIVILEGE_MESSAGE
 
 
 # -- pure helpers -------------------------------------------------------------------
