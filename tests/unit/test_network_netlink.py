@@ -1,4 +1,4 @@
-"""The pure parts of the netlink backend: privilege, VLAN entries, what an external
+"""The pure parts of the netlink backend: privilege, VLAN layouts, what an external
 switch moves, host networks, plan defaults."""
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ STATUS = "Name:\tpython\nCapInh:\t0000000000000000\nCapEff:\t{}\nCapBnd:\t000001
 
 @pytest.mark.parametrize(("caps", "missing"), [
     ("000001ffffffffff", False),  # root
-    ("0000000000001000", False),  # CAP_NET_ADMIN only
+    ("0000008000001000", False),  # CAP_NET_ADMIN and CAP_BPF (39)
+    ("0000000000201000", False),  # CAP_NET_ADMIN and CAP_SYS_ADMIN (21)
+    ("0000000000001000", True),  # CAP_NET_ADMIN only: no eBPF programs (VLAN policing)
+    ("0000008000000000", True),  # CAP_BPF only
     ("0000000000000000", True),
     ("0000000000000400", True),  # CAP_NET_BIND_SERVICE (10), not 12
 ])
-def test_privilege_is_the_cap_net_admin_bit(tmp_path: Path, caps: str, missing: bool) -> None:
+def test_privilege_is_cap_net_admin_and_cap_bpf(tmp_path: Path, caps: str, missing: bool) -> None:
     status = tmp_path / "status"
     status.write_text(STATUS.format(caps))
     message = netlink.missing_privilege(status)
@@ -39,22 +42,15 @@ def test_unreadable_status_means_no_privilege(tmp_path: Path) -> None:
     assert netlink.effective_caps("Name: x\n") == 0
 
 
-def test_vlan_entries_per_mode() -> None:
-    assert vlans.vlan_entries(Vlan()) == {1: True}
-    assert vlans.vlan_entries(Vlan(VlanMode.ACCESS, access_id=10)) == {10: True}
-    assert vlans.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20))) == {10: False,
-                                                                            20: False}
-    # native is untagged and the pvid, even when it is also listed as allowed
-    assert vlans.vlan_entries(Vlan(VlanMode.TRUNK, allowed=(10, 20), native=20)) == {
-        10: False, 20: True}
-
-
-def test_vid_ranges_and_their_complement() -> None:
-    assert vlans.vid_ranges([5, 1, 2, 3, 9, 10]) == [(1, 3), (5, 5), (9, 10)]
-    assert vlans.vid_ranges([]) == []
-    assert vlans.unwanted_ranges([1]) == [(2, 4094)]
-    assert vlans.unwanted_ranges([10, 20]) == [(1, 9), (11, 19), (21, 4094)]
-    assert vlans.unwanted_ranges([1, 4094]) == [(2, 4093)]
+def test_vlan_layout_per_mode() -> None:
+    """(native VLAN: the bridge the port joins, VLANs carried tagged)."""
+    assert vlans.layout(Vlan()) == (1, ())
+    assert vlans.layout(Vlan(VlanMode.ACCESS, access_id=10)) == (10, ())
+    # No native VLAN: untagged frames are the switch's default network (VLAN 1).
+    assert vlans.layout(Vlan(VlanMode.TRUNK, allowed=(20, 10))) == (1, (10, 20))
+    # The native VLAN is untagged, even when it is also listed as allowed.
+    assert vlans.layout(Vlan(VlanMode.TRUNK, allowed=(10, 20), native=20)) == (20, (10,))
+    assert vlans.layout(Vlan(VlanMode.TRUNK, allowed=(1, 10), native=30)) == (30, (1, 10))
 
 
 def test_stable_mac_is_unicast_local_and_fixed() -> None:
@@ -143,6 +139,28 @@ def test_vlan_bridge_names_are_ours_valid_and_never_a_switch_bridge() -> None:
     assert parent_of(link) == bridge
     assert parent_of(Link(8, bridge, "bridge", None, "", 0, "my notes")) is None
     assert parent_of(Link(9, "hvt", "tun", None, "", 0, f"{bridge}.10")) is None
+
+
+def test_trunk_veth_names_are_ours_valid_and_distinct() -> None:
+    from hvstack.network.names import IFNAMSIZ, is_ours, tap_name, veth_names
+    from hvstack.network.netlink import Link
+    from hvstack.network.trunks import owner_of
+
+    tap = tap_name("ab12c", "vm", "52:54:00:00:00:01")
+    pairs = {veth_names("ab12c", port, vid) for port in (tap, "eth0") for vid in range(1, 201)}
+    assert len(pairs) == 2 * 200  # (a collision is refused: trunks.sync checks the alias)
+    ends = {end for pair in pairs for end in pair}
+    assert len(ends) == 2 * len(pairs)
+    for inner, outer in pairs:
+        assert inner.startswith("hvvab12c") and outer.startswith("hvwab12c")
+        assert len(inner) == len(outer) == IFNAMSIZ
+        assert is_ours("ab12c", inner) and is_ours("ab12c", outer)
+        assert not is_ours("ab12d", inner)
+    assert veth_names("ab12c", tap, 10) != veth_names("ab12d", tap, 10)
+    veth = Link(3, "hvvab12c0000000", "veth", None, "", 0, f"trunk:{tap}:10")
+    assert owner_of(veth) == (tap, 10)
+    assert owner_of(Link(3, "x", "veth", None, "", 0, "trunk:a:b:10")) is None
+    assert owner_of(Link(3, "x", "bridge", None, "", 0, f"trunk:{tap}:10")) is None
 
 
 def test_write_sysctl_of_a_missing_knob(tmp_path: Path) -> None:

@@ -321,10 +321,70 @@ async def test_apply_and_remove_feed_one_transaction_to_nft(
     await nft.apply_switch(nat())
     await nft.remove_switch(nat())
     await nft.remove_table(TABLE)
-    assert [c[0] for c in calls] == [["nft", "-f", "-"]] * 5
-    assert [c[1] for c in calls] == [s.encode() for s in (
+    listing = ["nft", "-j", "list", "map", "bridge", TABLE, "from_vm"]
+    assert [c[0] for c in calls] == [listing, ["nft", "-f", "-"]] * 2 + [["nft", "-f", "-"]] * 3
+    assert [c[1] for c in calls if c[1] is not None] == [s.encode() for s in (
         nft.port_script(plan()), nft.port_removal_script(TAP, TABLE), nft.nat_script(nat()),
         nft.nat_removal_script(nat()), nft.table_removal_script(TABLE))]
+
+
+OLD_VETH = "hvv12345abcdef0"
+
+
+def map_listing(*elements: tuple[str, str]) -> str:
+    return json.dumps({"nftables": [{"metainfo": {}}, {"map": {
+        "family": "bridge", "name": "from_vm", "table": TABLE, "type": "ifname",
+        "map": "verdict", "elem": [[k, {"jump": {"target": t}}] for k, t in elements]}}]})
+
+
+def test_a_trunks_veths_jump_to_its_chain_and_former_ones_are_dropped() -> None:
+    """A trunk's tagged frames cross their VLAN's bridge through its veths: the port's
+    guards and ACLs match there too."""
+    from hvstack.network.model import Vlan, VlanMode
+    from hvstack.network.names import veth_names
+
+    trunk = plan(PortSettings(vlan=Vlan(VlanMode.TRUNK, allowed=(10, 20), native=20)))
+    v10 = veth_names("12345", TAP, 10)[0]
+    assert nft.port_interfaces(trunk) == [TAP, v10]
+    assert nft.port_interfaces(plan(trunk.settings, bridge=None)) == [TAP]
+    ifs = f'{{ "{TAP}", "{v10}" }}'
+    assert nft.port_script(trunk, (OLD_VETH, v10)) == BASE + CHAINS + f"""\
+{CHAIN} iifname {ifs} ether saddr != {MAC} drop
+{CHAIN} iifname {ifs} meta protocol arp arp saddr ether != {MAC} drop
+add element {T} from_vm {{ "{OLD_VETH}" : jump port_{TAP} }}
+delete element {T} from_vm {{ "{OLD_VETH}" }}
+add element {T} to_vm {{ "{OLD_VETH}" : jump port_{TAP} }}
+delete element {T} to_vm {{ "{OLD_VETH}" }}
+add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
+add element {T} from_vm {{ "{v10}" : jump port_{TAP} }}
+add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
+add element {T} to_vm {{ "{v10}" : jump port_{TAP} }}
+"""
+    removal = nft.port_removal_script(TAP, TABLE, (v10,))
+    assert f'delete element {T} to_vm {{ "{v10}" }}' in removal
+    assert removal.endswith(f"delete chain {T} acl_out_{TAP}\n")
+    assert nft.veth_entries(map_listing((TAP, f"port_{TAP}"), (v10, f"port_{TAP}"),
+                                        (OLD_VETH, "port_hvt12345aaaaaaa")), TAP) == (v10,)
+    with pytest.raises(InvalidInput):
+        nft.port_script(trunk, ("eth0; flush ruleset",))
+
+
+async def test_applying_a_trunk_drops_its_former_veths(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    scripts: list[bytes] = []
+
+    async def fake_run(argv: list[str], **kw: object) -> bytes:
+        if "-j" in argv:
+            return map_listing((OLD_VETH, f"port_{TAP}")).encode()
+        scripts.append(kw["input"])  # type: ignore[arg-type]
+        return b""
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    await nft.apply_port(plan())
+    await nft.remove_port(TAP, TABLE)
+    assert scripts == [nft.port_script(plan(), (OLD_VETH,)).encode(),
+                       nft.port_removal_script(TAP, TABLE, (OLD_VETH,)).encode()]
+    assert f'delete element {T} from_vm {{ "{OLD_VETH}" }}'.encode() in scripts[0]
 
 
 async def test_counters_of_a_port_without_a_chain_are_none(

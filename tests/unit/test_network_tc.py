@@ -13,7 +13,9 @@ from hvstack.network.model import MirrorMode, PortSettings
 TAP, DEST, MAC = "hvt1234567890ab", "hvt12345fedcba9", "52:54:00:12:34:56"
 BRIDGE, OTHER = "hvb12345abcdef", "hvb12345000000"
 MIRROR = ["protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred", "egress",
-          "mirror", "dev", DEST]
+          "mirror", "dev", DEST, "continue"]
+KEEP_CLSACT = [["filter", "del", "dev", TAP, "ingress", "pref", "1"],
+               ["filter", "del", "dev", TAP, "egress", "pref", "1"]]
 
 
 def plan(settings: PortSettings = PortSettings(), mirror_to: str | None = None,
@@ -22,24 +24,24 @@ def plan(settings: PortSettings = PortSettings(), mirror_to: str | None = None,
 
 
 def test_a_plain_port_has_no_shaping_and_no_mirror() -> None:
-    assert tc.tap_commands(plan()) == [["qdisc", "del", "dev", TAP, "clsact"],
-                                       ["qdisc", "del", "dev", TAP, "root"]]
+    # Only the mirror filters go: a trunk's VLAN program stays on the clsact qdisc.
+    assert tc.tap_commands(plan()) == [*KEEP_CLSACT, ["qdisc", "del", "dev", TAP, "root"]]
 
 
 def test_maximum_to_the_vm_is_a_tbf_and_mirroring_copies_both_ways() -> None:
     settings = PortSettings(bandwidth_max=8_000_000, mirror=MirrorMode.SOURCE)
     assert tc.tap_commands(plan(settings, DEST)) == [
-        ["qdisc", "del", "dev", TAP, "clsact"],
+        *KEEP_CLSACT,
         ["qdisc", "replace", "dev", TAP, "root", "tbf", "rate", "8000000bit", "burst",
          "131072", "latency", "50ms"],
-        ["qdisc", "add", "dev", TAP, "clsact"],
+        ["qdisc", "replace", "dev", TAP, "clsact"],
         ["filter", "add", "dev", TAP, "ingress", "pref", "1", *MIRROR],
         ["filter", "add", "dev", TAP, "egress", "pref", "1", *MIRROR],
     ]
     # Without a destination (its VM is off), or not a source: no mirror.
-    assert len(tc.tap_commands(plan(settings, DEST), mirror=False)) == 2
-    assert len(tc.tap_commands(plan(settings))) == 2
-    assert len(tc.tap_commands(plan(PortSettings(mirror=MirrorMode.DESTINATION), DEST))) == 2
+    assert len(tc.tap_commands(plan(settings, DEST), mirror=False)) == 3
+    assert len(tc.tap_commands(plan(settings))) == 3
+    assert len(tc.tap_commands(plan(PortSettings(mirror=MirrorMode.DESTINATION), DEST))) == 3
 
 
 def test_minimum_is_a_class_on_the_bridge_chosen_by_the_vms_mac() -> None:

@@ -194,8 +194,8 @@ class LinuxNetwork:
         return forget
 
     async def _apply_port(self, plan: PortPlan) -> None:
-        """Rules and shaping; ``plan.bridge`` is the bridge the tap joined (a VLAN
-        bridge of the switch on a kernel without VLAN filtering)."""
+        """Rules and shaping; ``plan.bridge`` is the bridge the tap joined (its
+        native VLAN's bridge: :mod:`.vlans`)."""
         if plan.bridge is None:
             await self.rules.remove_port(plan.tap, plan.table)
             await self.shaping.clear_port(plan.tap)
@@ -232,7 +232,7 @@ class LinuxNetwork:
         stale = await netlink.run(lambda ipr: [
             link for link in netlink.links(ipr) if is_ours(tag, link.name)
             and (vlans.parent_of(link) or link.name) not in keep])
-        taps = [link.name for link in stale if link.kind != "bridge"]
+        taps = [link.name for link in stale if link.kind not in ("bridge", "veth")]
         bridges = [link for link in stale if link.kind == "bridge"]
         steps: list[Callable[[], Awaitable[None]]] = []
         steps += [functools.partial(self.close_port, tap, table) for tap in taps]

@@ -1,4 +1,4 @@
-"""Kernel names for what a host service makes: bridges, taps, nftables tables.
+"""Kernel names for what a host service makes: bridges, taps, veths, nftables tables.
 
 A kernel interface name has at most 15 bytes (IFNAMSIZ - 1), so user names cannot be
 used, nor truncated (two long names would collide). Each name is a short prefix, the
@@ -30,11 +30,18 @@ def tap_name(tag: str, vm_id: str, mac: str) -> str:
     return f"hvt{tag}{_digest('tap', vm_id, mac.lower(), length=7)}"
 
 
+def veth_names(tag: str, port: str, vid: int) -> tuple[str, str]:
+    """The veth pair joining VLAN ``vid``'s bridge to trunk ``port`` (a tap or an
+    external switch's adapter): the end in the bridge, then the end outside it."""
+    digest = _digest("veth", port, str(vid), length=7)
+    return f"hvv{tag}{digest}", f"hvw{tag}{digest}"
+
+
 def table_name(tag: str) -> str:
     """The nftables table (one per family) holding this service's rules."""
     return f"hvstack_{tag}"
 
 
 def is_ours(tag: str, ifname: str) -> bool:
-    """Whether ``ifname`` is a bridge or tap this service made."""
-    return ifname.startswith((f"hvb{tag}", f"hvt{tag}"))
+    """Whether ``ifname`` is a bridge, tap or veth this service made."""
+    return ifname.startswith((f"hvb{tag}", f"hvt{tag}", f"hvv{tag}", f"hvw{tag}"))

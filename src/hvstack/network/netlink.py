@@ -1,4 +1,4 @@
-"""Links, bridges, taps, bridge VLANs, addresses and routes, over netlink (pyroute2).
+"""Links, bridges, taps, addresses and routes, over netlink (pyroute2).
 
 Contract: every coroutine here opens its own netlink socket (pyroute2's sync
 ``IPRoute``, in a worker thread: it runs its own event loop) in the namespace of the
@@ -6,15 +6,13 @@ calling process, does one small job and closes it. Deletes are idempotent (a mis
 link is not an error). Kernel failures become :class:`~hvstack.errors.HypervisorError`
 saying what failed; a missing privilege says CAP_NET_ADMIN is needed.
 
-Bridges are made with STP off and forward delay 0 (ports forward at once) and VLAN
-filtering on when the kernel has it (``CONFIG_BRIDGE_VLAN_FILTERING``; without it
-:mod:`.vlans` falls back to a bridge per VLAN). Taps come from ``/dev/net/tun`` (tap,
-no packet info, vnet header, not persistent): the tap lives while some process holds
-the descriptor.
+Bridges are made with STP off and forward delay 0 (ports forward at once) and without
+VLAN filtering (:mod:`.vlans` keeps one bridge per VLAN, on every kernel). Taps come
+from ``/dev/net/tun`` (tap, no packet info, vnet header, not persistent): the tap
+lives while some process holds the descriptor.
 
 Pure helpers (capabilities, which routes and addresses move with an external
-adapter, host networks) are unit-tested without a kernel. Bridge VLANs are in
-:mod:`.vlans`.
+adapter, host networks) are unit-tested without a kernel. VLANs are in :mod:`.vlans`.
 """
 
 from __future__ import annotations
@@ -38,10 +36,11 @@ from hvstack.errors import Conflict, HypervisorError
 
 T = TypeVar("T")
 
-CAP_NET_ADMIN = 12
-PRIVILEGE_MESSAGE = ("managing virtual switches needs CAP_NET_ADMIN (run the host service "
-                     "as root or grant it CAP_NET_ADMIN); user-mode NAT adapters keep working "
-                     "without it")
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+PRIVILEGE_MESSAGE = ("managing virtual switches needs CAP_NET_ADMIN and CAP_BPF (run the "
+                     "host service as root or grant it CAP_NET_ADMIN and CAP_BPF: every "
+                     "port's VLAN tags are policed by an eBPF program); user-mode NAT "
+                     "adapters keep working without them")
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 IFF_UP, IFF_LOOPBACK = 0x1, 0x8
@@ -63,12 +62,14 @@ def effective_caps(status: str) -> int:
 
 
 def missing_privilege(status_path: Path = Path("/proc/self/status")) -> str | None:
-    """None when this process has CAP_NET_ADMIN, else the message for the user."""
+    """None when this process has CAP_NET_ADMIN and may load eBPF programs (CAP_BPF,
+    or CAP_SYS_ADMIN), else the message for the user."""
     try:
         caps = effective_caps(status_path.read_text())
     except OSError:
         caps = 0
-    return None if caps & (1 << CAP_NET_ADMIN) else PRIVILEGE_MESSAGE
+    bpf = caps & (1 << CAP_BPF | 1 << CAP_SYS_ADMIN)
+    return None if caps & (1 << CAP_NET_ADMIN) and bpf else PRIVILEGE_MESSAGE
 
 
 # -- pure helpers -------------------------------------------------------------------
@@ -225,12 +226,6 @@ def delete(ipr: Any, name: str) -> None:
             raise failure(f"deleting {name}", exc) from exc
 
 
-def bridge_vlan_filtering(ipr: Any, name: str) -> bool:
-    msg = ipr.link("get", index=need(ipr, name).index)[0]
-    value = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_BR_VLAN_FILTERING")
-    return bool(value)
-
-
 def ensure_bridge(ipr: Any, name: str, mac: str | None = None) -> bool:
     """Make bridge ``name`` (if missing) and set it up; True when it was made."""
     existing = find(ipr, name)
@@ -243,12 +238,7 @@ def ensure_bridge(ipr: Any, name: str, mac: str | None = None) -> bool:
     spec = {"ifname": name, "kind": "bridge", "br_stp_state": 0, "br_forward_delay": 0,
             "address": mac or stable_mac(name)}
     try:
-        try:
-            ipr.link("add", br_vlan_filtering=1, **spec)
-        except NetlinkError as exc:
-            if exc.code != errno.EOPNOTSUPP:
-                raise
-            ipr.link("add", **spec)  # a kernel without bridge VLAN filtering
+        ipr.link("add", **spec)
         set_up(ipr, name)
     except NetlinkError as exc:
         delete(ipr, name)

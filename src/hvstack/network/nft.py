@@ -4,7 +4,8 @@ Two tables per service, both named ``names.table_name(tag)``:
 
 * family ``bridge``: base chains on the ``forward``, ``input`` and ``output`` hooks look
   the frame's ``iifname`` up in the verdict map ``from_vm`` and its ``oifname`` in
-  ``to_vm``; each port's tap maps to a jump to its own chain ``port_<tap>``. A port's
+  ``to_vm``; each port's tap maps to a jump to its own chain ``port_<tap>`` (so do a
+  trunk port's veths: its tagged frames enter their VLAN's bridge through them). A port's
   chain holds, for frames from the VM (``iifname``): MAC spoofing protection (Ethernet
   source and ARP sender MAC must be the VM's), the DHCP guard (UDP source port 67 and
   547: DHCP and DHCPv6 server messages), the router guard (ICMPv6 router advertisements
@@ -55,7 +56,16 @@ import re
 from hvstack import runner
 from hvstack.errors import HvError, HypervisorError, InvalidInput
 from hvstack.network.backend import AclCounter, PortPlan, SwitchPlan
-from hvstack.network.model import AclAction, AclDirection, NatProtocol, PortAcl, SwitchType
+from hvstack.network.model import (
+    AclAction,
+    AclDirection,
+    NatProtocol,
+    PortAcl,
+    SwitchType,
+    VlanMode,
+)
+from hvstack.network.names import veth_names
+from hvstack.network.vlans import layout
 
 NFT = "nft"
 TIMEOUT = 30.0
@@ -64,6 +74,7 @@ MAX_BURST = 2**27  # bytes: with POLICER_MAX, still a bucket the kernel takes
 POLICER_MAX = 2**34  # bytes/s (137 Gbit/s): the kernel refuses a limit much above it
 
 _TAP = re.compile(r"^hvt[0-9a-f]{1,12}$")
+_VETH = re.compile(r"^hvv[0-9a-f]{1,12}$")
 _BRIDGE = re.compile(r"^hvb[0-9a-f]{1,12}$")
 _TABLE = re.compile(r"^hvstack_[0-9a-z_]{1,40}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -71,6 +82,12 @@ _ACL_COMMENT = re.compile(r"^acl (\d+) (inbound|outbound)$")
 
 
 # -- checks: everything interpolated into rule text passes one of these ------------
+
+def _check(name: str, shape: re.Pattern[str], what: str) -> str:
+    if not isinstance(name, str) or not shape.match(name):
+        raise InvalidInput(f"'{name}' is not {what} this service makes", value=str(name))
+    return name
+
 
 def check_tap(name: str) -> str:
     if not isinstance(name, str) or not _TAP.match(name):
@@ -179,10 +196,27 @@ def acl_chains(tap: str) -> tuple[str, str]:
     return f"acl_in_{check_tap(tap)}", f"acl_out_{tap}"
 
 
+def port_interfaces(plan: PortPlan) -> list[str]:
+    """The tap, then the bridge ends of a trunk's veths (:mod:`.trunks`): the VM's
+    tagged frames cross their VLAN's bridge through those, so the port's rules match
+    them there too."""
+    tap = check_tap(plan.tap)
+    if plan.bridge is None or plan.settings.vlan.mode is not VlanMode.TRUNK:
+        return [tap]
+    carried = layout(plan.settings.vlan)[1]
+    return [tap, *(_check(veth_names(tap[3:-7], tap, vid)[0], _VETH, "a trunk's veth")
+                   for vid in carried)]
+
+
+def _ifnames(names: list[str]) -> str:
+    quoted = [f'"{name}"' for name in names]
+    return quoted[0] if len(quoted) == 1 else "{ " + ", ".join(quoted) + " }"
+
+
 def port_rules(plan: PortPlan) -> list[str]:
     """The port chain's rules, in order (without ``add rule ...`` in front)."""
-    tap, mac, s = check_tap(plan.tap), check_mac(plan.mac), plan.settings
-    acl_in, acl_out = acl_chains(tap)
+    tap, mac, s = _ifnames(port_interfaces(plan)), check_mac(plan.mac), plan.settings
+    acl_in, acl_out = acl_chains(plan.tap)
     out: list[str] = []
     # ``meta protocol``: see :data:`_ND` (a guard must hold for tagged frames too).
     if not s.mac_spoofing:
@@ -199,15 +233,28 @@ def port_rules(plan: PortPlan) -> list[str]:
         out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
                    f"{burst_bytes(rate)} bytes drop")
     inbound = [f"jump {acl_in}"] if acl_rules(s.acls, inbound=True) else []
-    return ([f'iifname "{tap}" {rule}' for rule in out]
-            + [f'oifname "{tap}" {rule}' for rule in inbound])
+    return ([f'iifname {tap} {rule}' for rule in out]
+            + [f'oifname {tap} {rule}' for rule in inbound])
 
 
-def port_script(plan: PortPlan) -> str:
+def _drop_elements(t: str, chain: str, names: list[str]) -> list[str]:
+    """Map entries of ``names`` removed (added first: removing an absent one is not an
+    error; nft 1.0.6 has no ``destroy``)."""
+    lines = []
+    for m in ("from_vm", "to_vm"):
+        for name in names:
+            lines += [f'add element {t} {m} {{ "{name}" : jump {chain} }}',
+                      f'delete element {t} {m} {{ "{name}" }}']
+    return lines
+
+
+def port_script(plan: PortPlan, stale: tuple[str, ...] = ()) -> str:
     """The transaction that makes the port's chains exactly what ``plan`` asks (the ACL
-    chains exist, empty, even without ACLs: removal and counters need no branches)."""
+    chains exist, empty, even without ACLs: removal and counters need no branches);
+    ``stale``: map entries of the port no longer wanted (a trunk's former veths)."""
     t, tap = f"bridge {check_table(plan.table)}", check_tap(plan.tap)
     chain, (acl_in, acl_out) = f"port_{tap}", acl_chains(tap)
+    names = port_interfaces(plan)
     lines = list(_bridge_base(plan.table))
     lines += [f"add chain {t} {c}" for c in (chain, acl_in, acl_out)]
     lines += [f"flush chain {t} {c}" for c in (chain, acl_in, acl_out)]
@@ -215,26 +262,39 @@ def port_script(plan: PortPlan) -> str:
     lines += [f"add rule {t} {acl_out} {rule}"
               for rule in acl_rules(plan.settings.acls, False)]
     lines += [f"add rule {t} {chain} {rule}" for rule in port_rules(plan)]
-    lines += [f'add element {t} {m} {{ "{tap}" : jump {chain} }}' for m in ("from_vm", "to_vm")]
+    lines += _drop_elements(t, chain, [_check(n, _VETH, "a trunk's veth") for n in stale
+                                       if n not in names])
+    lines += [f'add element {t} {m} {{ "{name}" : jump {chain} }}'
+              for m in ("from_vm", "to_vm") for name in names]
     return "\n".join(lines) + "\n"
 
 
-def port_removal_script(tap: str, table: str) -> str:
-    """Removes the port's chains and map entries; adds them first so that removing an
-    absent port is not an error (nft 1.0.6 has no ``destroy``). The port chain goes
-    before the ACL chains it jumps to."""
+def port_removal_script(tap: str, table: str, extra: tuple[str, ...] = ()) -> str:
+    """Removes the port's chains and map entries (``extra``: those of a trunk's veths);
+    adds them first so that removing an absent port is not an error (nft 1.0.6 has no
+    ``destroy``). The port chain goes before the ACL chains it jumps to."""
     t, tap = f"bridge {check_table(table)}", check_tap(tap)
     chains = (f"port_{tap}", *acl_chains(tap))
     lines = [f"add table {t}",
              f"add map {t} from_vm {{ type ifname : verdict ; }}",
              f"add map {t} to_vm {{ type ifname : verdict ; }}"]
     lines += [f"add chain {t} {c}" for c in chains]
-    for m in ("from_vm", "to_vm"):
-        lines += [f'add element {t} {m} {{ "{tap}" : jump {chains[0]} }}',
-                  f'delete element {t} {m} {{ "{tap}" }}']
+    lines += _drop_elements(t, chains[0], [tap, *(_check(n, _VETH, "a trunk's veth")
+                                                  for n in extra)])
     for c in chains:
         lines += [f"flush chain {t} {c}", f"delete chain {t} {c}"]
     return "\n".join(lines) + "\n"
+
+
+def veth_entries(text: str, tap: str) -> tuple[str, ...]:
+    """The veths jumping to ``tap``'s chain in ``nft -j list map`` output."""
+    found: list[str] = []
+    for item in (json.loads(text) if text.strip() else {}).get("nftables", []):
+        for key, verdict in item.get("map", {}).get("elem", ()):
+            target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
+            if target == f"port_{tap}" and isinstance(key, str) and _VETH.match(key):
+                found.append(key)
+    return tuple(found)
 
 
 def parse_acl_counters(text: str, tap: str) -> tuple[AclCounter, ...]:
@@ -356,11 +416,22 @@ async def remove_switch(plan: SwitchPlan) -> None:
 
 async def apply_port(plan: PortPlan) -> None:
     """Replaces the port's chain (one transaction; other ports are untouched)."""
-    await _nft(port_script(plan))
+    await _nft(port_script(plan, await _veth_entries(plan.tap, plan.table)))
 
 
 async def remove_port(tap: str, table: str) -> None:
-    await _nft(port_removal_script(tap, table))
+    await _nft(port_removal_script(tap, table, await _veth_entries(tap, table)))
+
+
+async def _veth_entries(tap: str, table: str) -> tuple[str, ...]:
+    argv = [NFT, "-j", "list", "map", "bridge", check_table(table), "from_vm"]
+    try:
+        out = await runner.run(argv, timeout=TIMEOUT, errors=_errors, package="nftables")
+    except HypervisorError as exc:
+        if "No such file or directory" in str(exc.data.get("stderr")):
+            return ()  # no table or map yet
+        raise
+    return veth_entries(out.decode(), check_tap(tap))
 
 
 async def acl_counters(tap: str, table: str) -> tuple[AclCounter, ...]:

@@ -23,7 +23,9 @@ What goes where, and why:
   and egress (received by it). ``u32 match u32 0 0`` rather than ``matchall``: the
   latter is another module many kernels do not build. While the destination tap is
   not there (its VM is off) the source port is applied without mirroring; applying
-  it again once the destination exists adds it.
+  it again once the destination exists adds it. The mirror action ends in ``continue``
+  and its filters have preference 1: a trunk's VLAN program (:mod:`.trunks`, later on
+  the same qdisc) still runs, and the mirror sees frames as the VM sent them.
 
 :func:`apply_port` makes a tap match its plan whatever was there (idempotent);
 :func:`clear_port` removes it all, including the VM's class on any bridge of the
@@ -68,7 +70,8 @@ def tap_commands(plan: PortPlan, mirror: bool = True) -> list[list[str]]:
     """What makes the tap itself match ``plan`` (the mirror filters are removed with
     their qdisc and added again: a brief gap in the copies, never in the shaping)."""
     tap, s = check_tap(plan.tap), plan.settings
-    cmds = [["qdisc", "del", "dev", tap, "clsact"]]
+    # Only the mirror filters: a trunk's VLAN program shares the clsact qdisc.
+    cmds = [["filter", "del", "dev", tap, way, "pref", "1"] for way in ("ingress", "egress")]
     if s.bandwidth_max is not None:
         rate = _rate(s.bandwidth_max, "maximum bandwidth")
         cmds.append(["qdisc", "replace", "dev", tap, "root", "tbf", "rate", f"{rate}bit",
@@ -79,10 +82,10 @@ def tap_commands(plan: PortPlan, mirror: bool = True) -> list[list[str]]:
         dest = check_tap(plan.mirror_to)
         if dest == tap:
             raise InvalidInput(f"port {tap} cannot mirror to itself", value=tap)
-        cmds.append(["qdisc", "add", "dev", tap, "clsact"])
+        cmds.append(["qdisc", "replace", "dev", tap, "clsact"])
         cmds += [["filter", "add", "dev", tap, way, "pref", "1", "protocol", "all", "u32",
                   "match", "u32", "0", "0", "action", "mirred", "egress", "mirror",
-                  "dev", dest] for way in ("ingress", "egress")]
+                  "dev", dest, "continue"] for way in ("ingress", "egress")]
     return cmds
 
 

@@ -23,7 +23,7 @@ from hvstack.network.netlink import Address, Link, Route
 
 log = logging.getLogger(__name__)
 
-OUR_PREFIXES = ("hvb", "hvt")  # names.py: every hvstack service's bridges and taps
+OUR_PREFIXES = ("hvb", "hvt", "hvv", "hvw")  # names.py: every service's bridges, taps, veths
 
 
 def check_adapter(ipr: Any, adapter: str, bridge: str) -> Link:
@@ -77,7 +77,6 @@ def attach_uplink(ipr: Any, bridge: str, adapter: str) -> None:
         for address in addrs:
             netlink.add_address(ipr, bridge, address)
         netlink.attach(ipr, adapter, bridge)
-        vlans.set_port_vlans(ipr, adapter, bridge, {1: True}, others_tagged=True)
         _move(ipr, adapter, bridge, addrs, routes)
     except BaseException:
         _restore(ipr, bridge, adapter, addrs, routes, was_up, delete_bridge=made)
@@ -117,6 +116,7 @@ def release_uplink(ipr: Any, bridge: str, adapter: str) -> None:
         return
     link = netlink.find(ipr, adapter)
     if link is not None and netlink.name_of(ipr, link.master) == bridge:
+        vlans.release_uplink(ipr, bridge[3:-6], adapter)
         addrs = netlink.addresses(ipr, bridge, movable_only=True)
         routes = _movable_routes(ipr, bridge)
         netlink.attach(ipr, adapter, None)

@@ -1,13 +1,26 @@
-"""Attaching a port to its switch: bridge VLANs, and access VLANs on kernels without
-bridge VLAN filtering (one bridge per VLAN).
+"""Attaching a port to its switch, with VLANs: one bridge per (switch, VLAN), and
+trunks through tc eBPF programs (:mod:`.trunks`). One code path on every kernel:
+bridges never use VLAN filtering (``CONFIG_BRIDGE_VLAN_FILTERING``, 802.1Q and tc's
+``vlan`` action are missing from many host kernels, this project's CI among them), so
+what the tests exercise is what runs.
 
-With VLAN filtering (``CONFIG_BRIDGE_VLAN_FILTERING``) a port joins its switch's
-bridge and gets its VLAN entries there. Some host kernels lack it (and 802.1Q): there
-an access port of VLAN X (X > 1) joins a bridge of its own for (switch, X), so ports
-of one VLAN reach each other and ports of other VLANs (and the default VLAN, where
-the host's address is) do not, as with filtering. Trunk ports, and access ports of an
-external switch (its uplink would need tags), need filtering and are refused with a
-message saying so.
+* VLAN 1 is the switch's own bridge: untagged ports and access ports of VLAN 1 join it,
+  as does the host's address on an internal or NAT switch.
+* An access port of VLAN X > 1 joins the VLAN bridge of (switch, X); ports of one VLAN
+  reach each other and no other VLAN's.
+* Every port's ingress runs :func:`.bpf.trunk_ingress`: a frame the VM tags with a VLAN
+  the port does not carry is dropped, a tag of its own (native) VLAN is popped, so no VM
+  reaches another VLAN by tagging (as bridge VLAN filtering would enforce).
+* A trunk port joins the bridge of its native VLAN (Hyper-V's NativeVlanId: the VLAN of
+  the frames the VM sends and receives untagged; unset means VLAN 1, the switch's
+  default network) and carries each other allowed VLAN tagged (:mod:`.trunks`). A frame
+  tagged with the native id (or a priority tag) is taken as native; a tag not allowed
+  is dropped.
+* An external switch's adapter is a trunk of every VLAN in use on the switch (a VLAN
+  bridge with a port other than the adapter's own veth) with VLAN 1 native, so access
+  and trunk ports of an external switch reach the physical network tagged. Tagged
+  frames of other VLANs from the physical network pass untouched (they may be the
+  host's own, for a VLAN interface on the adapter).
 
 A VLAN bridge is named like its switch's (``hvb<tag>`` and 7 hex digits of a hash of
 the switch's bridge and the id: never a switch bridge's name, which has 6), carries
@@ -19,25 +32,24 @@ one lock (a new VLAN bridge is never pruned before its first port has joined).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hvstack.errors import HypervisorError
-from hvstack.network import netlink
+from hvstack.errors import HvError
+from hvstack.network import bpf, netlink, trunks
 from hvstack.network.backend import PortPlan
-from hvstack.network.model import VLAN_MAX, VLAN_MIN, SwitchType, Vlan, VlanMode
+from hvstack.network.model import VLAN_MIN, Vlan, VlanMode
+from hvstack.network.names import is_ours, veth_names
 from hvstack.network.netlink import Link
 
-BRIDGE_VLAN_PVID, BRIDGE_VLAN_UNTAGGED = 0x2, 0x4
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _ALIAS = re.compile(r"^(hvb[0-9a-f]+)\.(\d+)$")
-_NEEDS_FILTERING = ("needs bridge VLAN filtering, which this host's kernel lacks "
-                    "(CONFIG_BRIDGE_VLAN_FILTERING)")
 
 
 def vlan_bridge_name(bridge: str, vid: int) -> str:
@@ -51,120 +63,127 @@ def parent_of(link: Link) -> str | None:
     return match.group(1) if match else None
 
 
-def vlan_entries(vlan: Vlan) -> dict[int, bool]:
-    """A port's bridge VLANs as ``{vid: pvid_and_untagged}`` for ``vlan``."""
+def layout(vlan: Vlan) -> tuple[int, tuple[int, ...]]:
+    """A port's native VLAN (its bridge's) and the VLANs it carries tagged."""
     if vlan.mode is VlanMode.ACCESS:
         assert vlan.access_id is not None
-        return {vlan.access_id: True}
+        return vlan.access_id, ()
     if vlan.mode is VlanMode.TRUNK:
-        entries = dict.fromkeys(vlan.allowed, False)
-        if vlan.native is not None:
-            entries[vlan.native] = True
-        return entries
-    return {VLAN_MIN: True}
-
-
-def vid_ranges(vids: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted ids as inclusive ``(first, last)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for vid in sorted(set(vids)):
-        if runs and runs[-1][1] == vid - 1:
-            runs[-1] = (runs[-1][0], vid)
-        else:
-            runs.append((vid, vid))
-    return runs
-
-
-def unwanted_ranges(keep: Iterable[int]) -> list[tuple[int, int]]:
-    """Runs of every VLAN id not in ``keep`` (deleting a vid a port lacks is a no-op)."""
-    return vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(keep))
-
-
-def set_port_vlans(ipr: Any, port: str, bridge: str, entries: dict[int, bool],
-                   *, others_tagged: bool = False) -> None:
-    """Make ``port``'s bridge VLANs exactly ``entries`` (plus, with ``others_tagged``,
-    every other id tagged: an external uplink carries every VLAN)."""
-    if not netlink.bridge_vlan_filtering(ipr, bridge):
-        if entries == {VLAN_MIN: True}:
-            return  # the default: nothing to do, VLAN filtering or not
-        raise HypervisorError(
-            f"bridge {bridge} has no VLAN filtering (the kernel lacks "
-            "CONFIG_BRIDGE_VLAN_FILTERING): access and trunk VLAN ports are not available "
-            "on this host", interface=port)
-    index = netlink.need(ipr, port).index
-    try:
-        if not others_tagged:
-            for first, last in unwanted_ranges(entries):
-                ipr.vlan_filter("del", index=index, vlan_info={"vid": _vid(first, last)})
-        else:
-            for first, last in vid_ranges(set(range(VLAN_MIN, VLAN_MAX + 1)) - set(entries)):
-                ipr.vlan_filter("add", index=index, vlan_info={"vid": _vid(first, last)})
-        for vid, native in sorted(entries.items()):
-            flags = BRIDGE_VLAN_PVID | BRIDGE_VLAN_UNTAGGED if native else 0
-            ipr.vlan_filter("add", index=index, vlan_info={"vid": vid, "flags": flags})
-    except NetlinkError as exc:
-        raise netlink.failure(f"setting the VLANs of {port}", exc) from exc
-
-
-def _vid(first: int, last: int) -> int | str:
-    return first if first == last else f"{first}-{last}"
+        native = vlan.native or VLAN_MIN
+        return native, tuple(v for v in sorted(vlan.allowed) if v != native)
+    return VLAN_MIN, ()
 
 
 def attach_port(ipr: Any, plan: PortPlan, proc_sys: Path) -> str | None:
-    """Attach ``plan.tap`` as planned; the bridge it joined (None: disconnected)."""
+    """Attach ``plan.tap`` as planned; the bridge it joined (None: disconnected). On
+    failure no VLAN bridge or veth made for it is left (:func:`trunks.sync`)."""
+    tag = plan.tap[3:-7]
     with _lock:
-        target = None if plan.bridge is None else _target(ipr, plan, proc_sys)
-        netlink.attach(ipr, plan.tap, target)
-        if plan.bridge is not None and target == plan.bridge:
-            set_port_vlans(ipr, plan.tap, plan.bridge, vlan_entries(plan.settings.vlan))
-        _prune(ipr, plan.tap[3:-7], None, empty_only=True)
-    return target
+        try:
+            if plan.bridge is None:
+                trunks.clear(ipr, tag, plan.tap)
+                netlink.attach(ipr, plan.tap, None)
+                return None
+            native, carried = layout(plan.settings.vlan)
+            target = bridge_of(ipr, plan.bridge, native, proc_sys)
+            netlink.attach(ipr, plan.tap, target)
+            # Every port polices the tags its VM sends (an access or untagged port is a
+            # trunk carrying nothing but its native VLAN): no VLAN hopping.
+            trunks.sync(ipr, tag, plan.tap, native,
+                        {vid: bridge_of(ipr, plan.bridge, vid, proc_sys) for vid in carried},
+                        proc_sys)
+            return target
+        finally:
+            _prune(ipr, tag, None, empty_only=True, proc_sys=proc_sys, strict=plan.bridge)
 
 
-def _target(ipr: Any, plan: PortPlan, proc_sys: Path) -> str:
-    assert plan.bridge is not None
-    vlan = plan.settings.vlan
-    if vlan.mode is VlanMode.UNTAGGED or netlink.bridge_vlan_filtering(ipr, plan.bridge):
-        return plan.bridge
-    if vlan.mode is VlanMode.TRUNK:
-        raise HypervisorError(f"trunk mode (port of '{plan.vm_name}') {_NEEDS_FILTERING}",
-                              interface=plan.tap)
-    assert vlan.access_id is not None
-    if vlan.access_id == VLAN_MIN:
-        return plan.bridge  # the default VLAN
-    if plan.switch_type is SwitchType.EXTERNAL:
-        raise HypervisorError(f"an access VLAN on an external switch (port of "
-                              f"'{plan.vm_name}') {_NEEDS_FILTERING}", interface=plan.tap)
-    name = vlan_bridge_name(plan.bridge, vlan.access_id)
+def bridge_of(ipr: Any, bridge: str, vid: int, proc_sys: Path) -> str:
+    """The bridge of VLAN ``vid`` of the switch ``bridge`` (made when missing)."""
+    if vid == VLAN_MIN:
+        return bridge  # the default VLAN
+    name = vlan_bridge_name(bridge, vid)
     if netlink.ensure_bridge(ipr, name):
-        ipr.link("set", index=netlink.need(ipr, name).index,
-                 ifalias=f"{plan.bridge}.{vlan.access_id}")
+        ipr.link("set", index=netlink.need(ipr, name).index, ifalias=f"{bridge}.{vid}")
         netlink.write_sysctl(proc_sys / "ipv6/conf" / name / "disable_ipv6", "1",
                              missing_ok=True)
         netlink.write_sysctl(proc_sys / "ipv4/conf" / name / "arp_ignore", "8")
     return name
 
 
-def prune(ipr: Any, tag: str, parent: str | None = None, *, empty_only: bool = True
-          ) -> None:
+def prune(ipr: Any, tag: str, parent: str | None = None, *, empty_only: bool = True,
+          proc_sys: Path = Path("/proc/sys/net")) -> None:
     """Delete the service ``tag``'s VLAN bridges without ports (of ``parent``, or of any
-    switch); with ``empty_only`` False, every VLAN bridge of ``parent`` (its switch is
-    going)."""
+    switch) and the trunk pairs left without their trunk or bridge; external adapters
+    then carry the VLANs still in use. With ``empty_only`` False, every VLAN bridge of
+    ``parent`` goes (its switch is going)."""
     with _lock:
-        _prune(ipr, tag, parent, empty_only=empty_only)
+        _prune(ipr, tag, parent, empty_only=empty_only, proc_sys=proc_sys)
 
 
-def _prune(ipr: Any, tag: str, parent: str | None, *, empty_only: bool) -> None:
+def _prune(ipr: Any, tag: str, parent: str | None, *, empty_only: bool,
+           proc_sys: Path = Path("/proc/sys/net"), strict: str | None = None) -> None:
+    if not empty_only:
+        for link in _vlan_bridges(netlink.links(ipr), tag, parent):
+            netlink.delete(ipr, link.name)
+    trunks.stale_veths(ipr, tag)
+    _sync_uplinks(ipr, tag, proc_sys, strict)
     links = netlink.links(ipr)
     used = {link.master for link in links if link.master}
-    for link in links:
-        owner = parent_of(link)
-        if owner is None or not link.name.startswith(f"hvb{tag}"):
-            continue  # not a VLAN bridge, or another service's
-        if parent is not None and owner != parent:
-            continue
-        if not empty_only or link.index not in used:
+    for link in _vlan_bridges(links, tag, parent):
+        if link.index not in used:
             netlink.delete(ipr, link.name)
+    trunks.stale_veths(ipr, tag)
+
+
+def _vlan_bridges(links: list[Link], tag: str, parent: str | None) -> list[Link]:
+    """This service's VLAN bridges (of ``parent`` only, if given)."""
+    return [link for link in links if link.name.startswith(f"hvb{tag}")
+            and parent_of(link) is not None and parent in (None, parent_of(link))]
+
+
+def uplink_of(links: list[Link], tag: str, bridge: Link) -> Link | None:
+    """An external switch's adapter: the port not ours whose MAC the bridge wears."""
+    for link in links:
+        if link.master == bridge.index and link.mac == bridge.mac \
+                and not is_ours(tag, link.name):
+            return link
+    return None
+
+
+def _sync_uplinks(ipr: Any, tag: str, proc_sys: Path, strict: str | None) -> None:
+    """Each external adapter of the service carries exactly the VLANs in use. A failure
+    is raised for the switch ``strict`` (the one a port is joining), logged for others
+    (closing a port elsewhere must not fail for it)."""
+    links = netlink.links(ipr)
+    for bridge in links:
+        if bridge.kind != "bridge" or not bridge.name.startswith(f"hvb{tag}") \
+                or parent_of(bridge) is not None:
+            continue
+        adapter = uplink_of(links, tag, bridge)
+        if adapter is None:
+            continue
+        in_use = {}
+        for vlan_bridge in _vlan_bridges(links, tag, bridge.name):
+            vid = int((vlan_bridge.alias or "").rsplit(".", 1)[1])
+            own = veth_names(tag, adapter.name, vid)[0]
+            if any(link.master == vlan_bridge.index and link.name != own for link in links):
+                in_use[vid] = vlan_bridge.name
+        try:
+            if in_use:
+                trunks.sync(ipr, tag, adapter.name, VLAN_MIN, in_use, proc_sys,
+                            others=bpf.TC_ACT_OK)
+            else:
+                trunks.clear(ipr, tag, adapter.name)
+        except (HvError, NetlinkError, OSError) as exc:
+            if bridge.name == strict:
+                raise
+            log.error("external adapter %s: carrying the VLANs in use: %s", adapter.name, exc)
+
+
+def release_uplink(ipr: Any, tag: str, adapter: str) -> None:
+    """An adapter leaving its external switch carries no VLANs any more."""
+    with _lock:
+        trunks.clear(ipr, tag, adapter)
 
 
 def switch_of(ipr: Any, master: int | None) -> str | None:
