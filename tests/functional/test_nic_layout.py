@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from hvstack.compute.nics import LAYOUT_FORMAT
 from hvstack.hypervisor.spec import PortLayout
 from tests.functional.fakes import API, create_vm, run_job, show_vm
 from tests.functional.test_network_switches import Net
@@ -33,15 +36,20 @@ async def test_a_vm_saved_after_a_hot_add_is_restored_as_it_ran(net: Net) -> Non
     assert (await show_vm(net.api, "web"))["state"] == "Running"
 
 
-async def test_a_vm_saved_without_hot_plug_keeps_no_layout(net: Net) -> None:
+async def test_a_vm_saved_without_hot_plug_keeps_only_the_format(net: Net) -> None:
+    """Every save writes the layout file (it tells this release's saved state from the
+    previous release's); without hot plug it holds nothing but its format."""
     vm = await create_vm(net.api, "web")
     await run_job(net.api, "web", "start")
     await run_job(net.api, "web", "save")
     files = net.service.registry.files(vm["id"])
-    assert files.saved_state.exists() and not files.saved_layout.exists()
+    assert files.saved_state.exists()
+    assert json.loads(files.saved_layout.read_text()) == {"format": LAYOUT_FORMAT}
     await run_job(net.api, "web", "start")
     spec = net.driver.machine_of(vm["id"]).spec
     assert spec is not None and spec.incoming and spec.layout is None
+    assert not spec.legacy_nic_layout and spec.root_ports()
+    assert not files.saved_layout.exists()  # gone with the state it described
 
 
 async def test_a_generation_1_vm_saved_after_add_add_remove_is_restored_as_it_ran(
@@ -81,3 +89,50 @@ async def test_a_generation_1_vm_saved_after_add_add_remove_is_restored_as_it_ra
     spec = net.driver.machine_of(vm["id"]).spec
     assert spec is not None and spec.layout is None
     assert sorted(spec.nic_slot(n) or 0 for n in spec.net_devices) == [0x10, 0x11]
+
+
+# -- a state saved by the previous release (88d3ce2: no layout file) -----------------------
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+async def test_a_state_the_previous_release_saved_is_restored_on_its_hardware(
+        net: Net, generation: int) -> None:
+    """Release 88d3ce2 kept no layout file and placed the adapters itself: its state
+    is restored on that hardware; hot plug is refused (with what to do) until the VM
+    starts from Off again, a save in between keeps saying so, and a start from Off
+    brings this release's layout."""
+    vm = await create_vm(net.api, "old", generation=generation)
+    mac = vm["network_adapters"][0]["mac"]
+    await run_job(net.api, "old", "start")
+    await run_job(net.api, "old", "save")
+    files = net.service.registry.files(vm["id"])
+    files.saved_layout.unlink()  # as the previous release left it
+
+    await run_job(net.api, "old", "start")
+    machine = net.driver.machine_of(vm["id"])
+    assert machine.spec is not None and machine.spec.incoming
+    assert machine.spec.legacy_nic_layout and machine.spec.layout is None
+    assert machine.spec.root_ports() == ()
+    assert not [a for a in machine.argv if "pcie-root-port" in a or '"addr"' in a]
+    assert (await show_vm(net.api, "old"))["state"] == "Running"
+
+    for response in (await net.api.post(API + "/vms/old/adapters", json={"mode": "user"}),
+                     await net.api.delete(API + f"/vms/old/adapters/{mac}")):
+        assert response.status_code == 409, response.text
+        assert "restart the VM once" in response.json()["detail"]
+    assert [n["mac"] for n in (await show_vm(net.api, "old"))["network_adapters"]] == [mac]
+    assert list(machine.devices.devices) == [f"nic-{mac.replace(':', '')}"]
+
+    await run_job(net.api, "old", "save")  # saved again before any restart
+    assert json.loads(files.saved_layout.read_text()) == {"format": LAYOUT_FORMAT,
+                                                          "legacy_nic_layout": True}
+    await run_job(net.api, "old", "start")
+    spec = net.driver.machine_of(vm["id"]).spec
+    assert spec is not None and spec.incoming and spec.legacy_nic_layout
+
+    await run_job(net.api, "old", "stop", {"mode": "turn-off"})
+    await run_job(net.api, "old", "start")
+    spec = net.driver.machine_of(vm["id"]).spec
+    assert spec is not None and not spec.incoming and not spec.legacy_nic_layout
+    response = await net.api.post(API + "/vms/old/adapters", json={"mode": "user"})
+    assert response.status_code == 201, response.text

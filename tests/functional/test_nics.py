@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from hvstack.compute import nics
 from hvstack.compute.model import Generation, NetworkAdapter, NicModel
 from hvstack.errors import (
+    Conflict,
     HypervisorError,
     InsufficientResources,
     InvalidInput,
@@ -253,9 +255,16 @@ def test_a_saved_layout_is_applied_when_there_is_one(tmp_path: Path) -> None:
 
     spec = gen2_spec()
     path = tmp_path / "saved-state.layout.json"
-    assert nics.with_saved_layout(spec, path) is spec  # nothing kept: the settings' own
+    # no file: a state the previous release saved, on that release's hardware
+    assert nics.with_saved_layout(spec, path) == replace(spec, legacy_nic_layout=True)
+    path.write_text(json.dumps({"format": nics.LAYOUT_FORMAT}))
+    assert nics.with_saved_layout(spec, path) is spec  # the settings' own
+    path.write_text(json.dumps({"format": nics.LAYOUT_FORMAT, "legacy_nic_layout": True}))
+    assert nics.with_saved_layout(spec, path).legacy_nic_layout
     layout = PortLayout.at_launch([spec.net_devices[0].mac, MAC])
-    path.write_text(json.dumps(layout.to_json()))
+    path.write_text(json.dumps({"format": nics.LAYOUT_FORMAT, **layout.to_json()}))
+    assert nics.with_saved_layout(spec, path).layout == layout
+    path.write_text(json.dumps(layout.to_json()))  # written before files had a format
     assert nics.with_saved_layout(spec, path).layout == layout
     path.write_text("{not json")
     with pytest.raises(HypervisorError, match="layout kept with the saved state"):
@@ -263,3 +272,38 @@ def test_a_saved_layout_is_applied_when_there_is_one(tmp_path: Path) -> None:
     path.write_text(json.dumps({"own": [], "hotplugged": []}))  # no port for the adapter
     with pytest.raises(InvalidInput, match="has no port of its own"):
         nics.with_saved_layout(spec, path)
+
+
+@pytest.mark.parametrize(("generation", "legacy", "expected"), [
+    (GEN2, False, False), (GEN2, True, True), (GEN1, False, False), (GEN1, True, True)])
+async def test_a_machine_on_the_previous_releases_layout_is_told_by_its_devices(
+        generation: Generation, legacy: bool, expected: bool) -> None:
+    from tests.unit.test_argv import gen1_spec, gen2_spec
+
+    spec = replace(gen2_spec() if generation is GEN2 else gen1_spec(),
+                   legacy_nic_layout=legacy)
+    devices = FakeDevices.of_spec(spec)
+    if legacy and generation is GEN1:  # QEMU placed the adapter itself, after the disks
+        devices.fixed_slots[0x05] = spec.net_devices[0].id
+    try:
+        assert await nics.runs_legacy_layout(devices, generation) is expected
+    finally:
+        devices.close()
+
+
+@pytest.mark.parametrize("generation", [GEN1, GEN2])
+async def test_no_hot_plug_on_the_previous_releases_layout(generation: Generation) -> None:
+    from tests.unit.test_argv import gen1_spec, gen2_spec
+
+    spec = replace(gen2_spec() if generation is GEN2 else gen1_spec(), legacy_nic_layout=True)
+    devices = FakeDevices.of_spec(spec)
+    before = (dict(devices.devices), dict(devices.netdevs))
+    booted = NetworkAdapter(spec.net_devices[0].mac, NicModel.VIRTIO)
+    try:
+        with pytest.raises(Conflict, match="restart the VM once"):
+            await nics.hot_add(devices, NetworkAdapter(MAC, NicModel.VIRTIO), generation)
+        with pytest.raises(Conflict, match="restart the VM once"):
+            await nics.hot_remove(devices, booted, generation)
+        assert (devices.devices, devices.netdevs) == before
+    finally:
+        devices.close()

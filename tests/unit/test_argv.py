@@ -693,3 +693,47 @@ def test_every_block_node_maps_to_its_file() -> None:
 
 def test_nic_ids_from_the_mac() -> None:
     assert nic_device_id("52:54:00:AA:bb:cc") == "nic-525400aabbcc"
+
+
+# -- the previous release's layout (restoring a state it saved) ---------------------------
+
+LEGACY_GOLDEN_DIR = GOLDEN_DIR / "legacy"
+LEGACY_GOLDENS = sorted(p.stem for p in LEGACY_GOLDEN_DIR.glob("*.json"))
+
+
+def test_every_golden_of_the_previous_release_is_kept() -> None:
+    """``tests/golden/legacy`` holds release 88d3ce2's goldens unchanged: one for each
+    of its configurations (they all still exist here)."""
+    assert LEGACY_GOLDENS == ["argv_gen1", "argv_gen1_windows_kvm", "argv_gen1_windows_tcg",
+                              "argv_gen2", "argv_gen2_kvm", "argv_gen2_windows",
+                              "argv_gen2_windows_tcg"]
+    assert set(LEGACY_GOLDENS) <= set(GOLDEN_SPECS)
+
+
+@pytest.mark.parametrize("name", LEGACY_GOLDENS)
+def test_the_legacy_layout_is_the_previous_releases_argv_exactly(name: str) -> None:
+    spec = replace(GOLDEN_SPECS[name](), legacy_nic_layout=True)
+    expected = json.loads((LEGACY_GOLDEN_DIR / f"{name}.json").read_text())
+    assert build_argv(spec) == expected
+    assert build_argv(GOLDEN_SPECS[name]()) != expected  # this release's layout differs
+
+
+@pytest.mark.parametrize("make", [gen1_spec, gen2_spec, gen1_switch_spec, gen2_switch_spec])
+def test_the_legacy_layout_has_no_ports_and_no_slots(make: object) -> None:
+    assert callable(make)
+    spec = replace(make(), legacy_nic_layout=True)
+    assert spec.root_ports() == ()
+    assert all(spec.nic_bus(n) is None and spec.nic_slot(n) is None
+               for n in spec.net_devices)
+    argv = build_argv(spec)
+    devices = json_options(argv, "-device")
+    assert not [d for d in devices if d["driver"] == "pcie-root-port"]
+    nic_devices = [d for d in devices if str(d["id"]).startswith("nic-")]
+    assert nic_devices and all("bus" not in d and "addr" not in d for d in nic_devices)
+    last_disk = max(i for i, a in enumerate(argv) if '"drive":' in a)
+    assert all(argv.index(option) > last_disk for option in option_values(argv, "-netdev"))
+
+
+def test_a_legacy_layout_takes_no_port_layout() -> None:
+    with pytest.raises(InvalidInput):
+        replace(gen2_spec(), legacy_nic_layout=True, layout=PortLayout.at_launch([MAC]))

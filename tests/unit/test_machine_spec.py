@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hvstack.compute.model import (
     NicModel,
     VmConfig,
 )
+from hvstack.compute.nics import with_saved_layout
 from hvstack.errors import HypervisorError, InvalidInput
 from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.spec import MachineSpec, PortLayout, TapNetdev, UserNetdev
@@ -179,3 +181,16 @@ def test_two_adapters_with_one_mac_are_refused() -> None:
     config = replace(gen2_config(), network_adapters=(NetworkAdapter(MAC, NicModel.VIRTIO),) * 2)
     with pytest.raises(InvalidInput, match="nic-525400123456"):
         spec_of(config)
+
+
+@pytest.mark.parametrize("name", test_argv.LEGACY_GOLDENS)
+def test_a_state_without_a_layout_file_gets_the_previous_releases_argv(
+        name: str, tmp_path: Path) -> None:
+    """The settings of each configuration the previous release had, restored from a
+    state it saved (no layout file): exactly that release's argv (its goldens)."""
+    config, accelerator = GOLDEN_SETTINGS[name]
+    spec = with_saved_layout(spec_of(config, accelerator),
+                             tmp_path / "saved-state.layout.json")
+    assert spec.legacy_nic_layout
+    expected = (test_argv.LEGACY_GOLDEN_DIR / f"{name}.json").read_text()
+    assert json.loads(expected) == build_argv(spec)

@@ -3,10 +3,9 @@ saved state, firmware variables, QEMU's pidfile and console log) and its run dir
 (the sockets of a running worker, gone when it stops).
 
 Contract: :class:`VmFiles` only names paths (no I/O). The saved state of a Saved VM is
-:attr:`VmFiles.saved_state`; beside it :attr:`VmFiles.saved_layout` keeps where the
-adapters sat when hot plug had moved them from where the settings put them (see
-:func:`hvstack.compute.nics.save_layout`); both go when the state is restored or
-discarded.
+:attr:`VmFiles.saved_state`; beside it :attr:`VmFiles.saved_layout` keeps how the
+adapters sat (see :func:`hvstack.compute.nics.save_layout`; a state saved by release
+88d3ce2 has none); both go when the state is restored or discarded.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ class VmFiles:
 
     @property
     def saved_layout(self) -> Path:
-        """Where the adapters sat when the state was saved (after hot plug only)."""
+        """How the adapters sat when the state was saved (written with every save)."""
         return self.folder / "saved-state.layout.json"
 
     @property

@@ -361,6 +361,7 @@ class VmController:
                 )
                 await machine.resume()
                 self.files.saved_state.unlink(missing_ok=True)
+                self.files.saved_layout.unlink(missing_ok=True)
                 # The guest's clock stood still while it was saved.
                 self._in_background(self.link.sync_time(), "time-sync")
         except BaseException as exc:

@@ -23,8 +23,11 @@ the same adapter the next start puts in the command line.
 - :func:`read_layout`: where a running machine's adapters sit (Generation 2: their
   root ports; Generation 1: their root-bus slots), for the machine that receives its
   saved state or migration (which must be built the same); :func:`save_layout` keeps
-  it beside a saved state, :func:`with_saved_layout` builds the restored machine from
-  it.
+  it beside a saved state (always a file, with a format: a saved state without one is
+  release 88d3ce2's), :func:`with_saved_layout` builds the restored machine from it
+  (from that release's layout, ``legacy_nic_layout``, when there is none). A machine
+  restored so has no room for hot plug until it next starts from Off
+  (:func:`runs_legacy_layout`): hot add and remove are refused (Conflict).
 
 A step that fails part-way undoes the steps before it, so the machine is left as it
 was; the error says what failed. Cancellation undoes too, and is re-raised.
@@ -46,6 +49,7 @@ from hvstack.compute.model import (
     VmConfig,
 )
 from hvstack.errors import (
+    Conflict,
     HvError,
     HypervisorError,
     InsufficientResources,
@@ -91,8 +95,10 @@ async def hot_add(devices: Devices, nic: NetworkAdapter, generation: Generation,
 
     ``tap_fd``: the open tap of an adapter in switch mode (required there, refused for
     a user-mode adapter). InsufficientResources when every spare port (slot) is taken;
-    HypervisorError when QEMU refuses a step (the earlier ones are undone).
+    HypervisorError when QEMU refuses a step (the earlier ones are undone); Conflict on
+    a machine that runs the previous release's layout (:func:`runs_legacy_layout`).
     """
+    await _refuse_on_legacy_layout(devices, nic, generation, "add")
     netdev = await _add_netdev(devices, nic, tap_fd)
     try:
         port = await _plug_device(devices, nic, generation, hotplug_ports)
@@ -117,8 +123,9 @@ async def hot_remove(devices: Devices, nic: NetworkAdapter, generation: Generati
     OperationTimeout if the guest keeps it past ``timeout`` (it is then still plugged
     in, its host side too); HypervisorError if the guest refuses or QEMU does. An
     adapter whose device is already gone (a removal that finished late) only loses its
-    netdev.
+    netdev. Conflict on a machine that runs the previous release's layout.
     """
+    await _refuse_on_legacy_layout(devices, nic, generation, "remove")
     device_id = nic_device_id(nic.mac)
     try:
         await devices.remove_device(device_id, timeout)
@@ -201,33 +208,79 @@ async def read_layout(devices: Devices, hotplug_ports: int = HOTPLUG_PORTS, *,
     return layout
 
 
+LAYOUT_FORMAT = 2
+"""The ``format`` of the layout file every save of this release writes. Release 88d3ce2
+(before adapters had root ports and fixed slots) wrote none: a saved state without one
+is that release's, restored on its hardware (``legacy_nic_layout``)."""
+
+
+async def runs_legacy_layout(devices: Devices, generation: Generation) -> bool:
+    """Whether the running machine has its adapters where release 88d3ce2 put them (it
+    was restored from a state that release saved): Generation 2 without any root port
+    of an adapter or for hot plug, Generation 1 with an adapter on a slot outside
+    :data:`~hvstack.hypervisor.spec.NIC_SLOTS`. Such a machine has no place for hot
+    plug; it gets this release's layout when it next starts from Off."""
+    ids = await devices.device_ids()
+    if generation is Generation.GEN2:
+        return not any(i.startswith(("port-", "hotplug-port-")) for i in ids)
+    on_slots = {device for slot, device in (await devices.root_bus_slots()).items()
+                if slot in NIC_SLOTS}
+    return any(i.startswith("nic-") and i not in on_slots for i in ids)
+
+
 async def save_layout(devices: Devices, config: VmConfig, path: Path) -> None:
-    """Before a machine's state is saved: keep in ``path`` where its adapters sit, if
-    hot plug moved them from where the settings put them (nothing is kept otherwise:
-    the settings build the same machine)."""
+    """Before a machine's state is saved: keep in ``path`` how its adapters sit, always
+    (its ``format`` tells a state this release saved from one of release 88d3ce2): the
+    layout when hot plug moved them from where the settings put them, that the machine
+    runs the previous release's layout (restored from its state, not restarted since),
+    or nothing more (the settings build the same machine)."""
     path.unlink(missing_ok=True)
-    macs = [n.mac for n in config.network_adapters]
-    layout = await read_layout(devices, generation=config.generation)
-    planned = (PortLayout.slotted(macs) if config.generation is Generation.GEN1
-               else PortLayout.at_launch(macs))
-    if layout != planned:
-        path.write_text(json.dumps(layout.to_json()))
+    kept: dict[str, object] = {"format": LAYOUT_FORMAT}
+    if await runs_legacy_layout(devices, config.generation):
+        kept["legacy_nic_layout"] = True
+    else:
+        macs = [n.mac for n in config.network_adapters]
+        layout = await read_layout(devices, generation=config.generation)
+        planned = (PortLayout.slotted(macs) if config.generation is Generation.GEN1
+                   else PortLayout.at_launch(macs))
+        if layout != planned:
+            kept |= layout.to_json()
+    path.write_text(json.dumps(kept))
 
 
 def with_saved_layout(spec: MachineSpec, path: Path) -> MachineSpec:
-    """``spec`` laid out as the machine whose state was saved beside ``path`` was
-    (``spec`` itself when nothing was kept). InvalidInput when the layout has no port
-    for an adapter of the settings (adapters changed while the VM was saved)."""
+    """``spec`` laid out as the machine whose state was saved beside ``path`` was: with
+    the layout kept there, or ``spec`` itself when the file says the settings build it;
+    with ``legacy_nic_layout`` when there is no file (a state release 88d3ce2 saved) or
+    the file says so. InvalidInput when the layout has no port for an adapter of the
+    settings (adapters changed while the VM was saved)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return spec
+        log.info("VM %s: its saved state has no layout file (saved by the previous "
+                 "release); restoring it on that release's hardware", spec.vm_id)
+        return replace(spec, legacy_nic_layout=True)
     try:
-        layout = PortLayout.from_json(json.loads(text))
+        raw = json.loads(text)
+        if raw.get("legacy_nic_layout") is True:
+            return replace(spec, legacy_nic_layout=True)
+        if not raw.keys() & {"own", "hotplugged", "slots"}:
+            return spec
+        layout = PortLayout.from_json(raw)
     except (ValueError, TypeError, AttributeError) as exc:
         raise HypervisorError(f"the adapter layout kept with the saved state ({path.name}) "
                               f"is unreadable: {exc}") from exc
     return replace(spec, layout=layout)
+
+
+async def _refuse_on_legacy_layout(devices: Devices, nic: NetworkAdapter,
+                                   generation: Generation, doing: str) -> None:
+    if await runs_legacy_layout(devices, generation):
+        raise Conflict(
+            f"cannot {doing} network adapter {nic.mac} while the VM runs: it was restored "
+            "from a state saved by the previous release and keeps that release's hardware, "
+            "which has no room for hot plug; restart the VM once (shut it down and start "
+            "it) to enable hot plug", mac=nic.mac)
 
 
 def _mac_of(digits: str) -> str | None:

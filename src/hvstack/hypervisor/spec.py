@@ -338,8 +338,15 @@ class MachineSpec:
     pass_fds: tuple[int, ...] = ()
     hotplug_ports: int = HOTPLUG_PORTS  # q35 only: i440fx hot plugs on its root bus
     layout: PortLayout | None = None  # the running machine's, when restoring it
+    # The adapters as release 88d3ce2 placed them (no root ports, no fixed slots; on
+    # i440fx after the disks): for restoring a state that release saved, whose stream
+    # QEMU can load only into that hardware. No hot plug while it runs.
+    legacy_nic_layout: bool = False
 
     def __post_init__(self) -> None:
+        if self.legacy_nic_layout and self.layout is not None:
+            raise InvalidInput("a machine laid out as the previous release did has no "
+                               "adapter layout of its own", value="layout")
         devices = ([d.id for d in self.block_devices] + [n.id for n in self.net_devices]
                    + [p.id for p in self.root_ports()])
         nodes = [n.id for d in self.block_devices for n in d.node.chain()]
@@ -354,6 +361,8 @@ class MachineSpec:
         self._check_nic_ports()
 
     def _check_nic_ports(self) -> None:
+        if self.legacy_nic_layout:
+            return  # QEMU places every adapter itself
         if self.chipset is not Chipset.Q35:
             self._check_nic_slots()
             return
@@ -381,7 +390,7 @@ class MachineSpec:
         of its MAC among the adapters' MACs, so a given set of adapters always sits on
         the same slots; a machine whose adapters changed while it ran is rebuilt from
         its :class:`PortLayout`."""
-        if self.chipset is not Chipset.I440FX:
+        if self.chipset is not Chipset.I440FX or self.legacy_nic_layout:
             return None
         layout = (self.layout if self.layout is not None
                   else PortLayout.slotted(n.mac for n in self.net_devices))
@@ -397,7 +406,7 @@ class MachineSpec:
         migration agree and a guest sees the same topology on every start. A machine
         whose adapters changed while it ran is rebuilt from its :class:`PortLayout`.
         """
-        if self.chipset is not Chipset.Q35:
+        if self.chipset is not Chipset.Q35 or self.legacy_nic_layout:
             return ()
         macs = (sorted(self.layout.own) if self.layout is not None
                 else sorted(n.mac.lower() for n in self.net_devices))
@@ -408,8 +417,9 @@ class MachineSpec:
         return (*nics, *spare)
 
     def nic_bus(self, nic: NetDevice) -> str | None:
-        """The root port ``nic`` sits on (q35), or None: the root bus (i440fx)."""
-        if self.chipset is not Chipset.Q35:
+        """The root port ``nic`` sits on (q35), or None: the root bus (i440fx, and q35
+        laid out as the previous release did)."""
+        if self.chipset is not Chipset.Q35 or self.legacy_nic_layout:
             return None
         if self.layout is not None:
             return self.layout.port_of(nic.mac)

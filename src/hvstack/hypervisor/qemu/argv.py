@@ -19,7 +19,10 @@ hot-plugged devices; on an i440fx machine each has a fixed slot (``addr``) of th
 bus (:data:`~hvstack.hypervisor.spec.NIC_SLOTS`), and hot-plugged ones take free slots
 there. Their options come before the disks' there, so that QEMU, which places the disks
 on the first free slots, never puts one on an adapter's slot. A tap netdev names the
-descriptor the host opened (``fd``), nothing else.
+descriptor the host opened (``fd``), nothing else. A spec with ``legacy_nic_layout``
+gets exactly the previous release's options (adapters after the disks, placed by QEMU,
+no root ports), so a state that release saved can be restored
+(``tests/golden/legacy`` pins them).
 
 Consoles: the serial port is a socket server (one client: the host service's console
 hub) with a log file; the display is QEMU's VNC server on a unix socket in the run
@@ -231,6 +234,8 @@ def _network_args(spec: MachineSpec) -> list[str]:
 
 
 def _disk_and_network_args(spec: MachineSpec) -> list[str]:
+    if spec.legacy_nic_layout:  # root_ports() is empty, nic_bus and nic_slot None
+        return [*_storage_args(spec), *_network_args(spec)]
     if spec.chipset is Chipset.I440FX:  # the adapters' slots are taken before the disks'
         return [*_network_args(spec), *_storage_args(spec)]
     return [*_storage_args(spec), *_root_port_args(spec), *_network_args(spec)]
