@@ -75,6 +75,7 @@ flush chain {T} {ACL_OUT}
 def test_a_default_port_gets_mac_spoofing_protection_only() -> None:
     assert nft.port_script(plan()) == BASE + CHAINS + f"""{CHAIN} iifname "{TAP}" ether saddr != {MAC} drop
 {CHAIN} iifname "{TAP}" meta protocol arp arp saddr ether != {MAC} drop
+{CHAIN} oifname "{TAP}" ether type {{ 8021q, 8021ad }} counter drop
 add element {T} from_vm {{ "{TAP}" : jump port_{TAP} }}
 add element {T} to_vm {{ "{TAP}" : jump port_{TAP} }}
 """  # noqa: E501
@@ -95,6 +96,7 @@ def test_every_feature_in_order_the_acls_between_the_guards_and_the_policer() ->
         f'iifname "{TAP}" meta protocol ip icmp type redirect drop',
         f'iifname "{TAP}" jump {ACL_OUT}',
         f'iifname "{TAP}" limit rate over 1000000 bytes/second burst 131072 bytes drop',
+        f'oifname "{TAP}" ether type {{ 8021q, 8021ad }} counter drop',
         f'oifname "{TAP}" jump {ACL_IN}',
     ]
     assert nft.acl_rules(acls, inbound=False) == [
@@ -190,13 +192,28 @@ def test_a_port_without_acls_jumps_to_no_acl_chain() -> None:
     assert [r for r in only_in if "jump" in r] == [f'oifname "{TAP}" jump {ACL_IN}']
 
 
+TAGGED = f'oifname "{TAP}" ether type {{ 8021q, 8021ad }} counter drop'
+
+
+def test_every_port_drops_every_vlan_tagged_frame_the_bridge_sends_it() -> None:
+    """Whatever its settings (a trunk's tagged frames bypass the bridge), first of the
+    rules for frames to the VM, before the inbound ACLs; by the outer tag, 802.1Q or
+    802.1ad, read with ``ether type`` (``meta protocol`` misses an offloaded tag)."""
+    bare = PortSettings(mac_spoofing=True)
+    assert nft.port_rules(plan(bare)) == [TAGGED]
+    rules = nft.port_rules(plan(PortSettings(acls=(_acl("deny", "inbound", "::/0"),))))
+    assert [r for r in rules if r.startswith("oifname")] == [
+        TAGGED, f'oifname "{TAP}" jump {ACL_IN}']
+    assert f'add rule {T} port_{TAP} {TAGGED}\n' in nft.port_script(plan(bare))
+
+
 def test_the_policer_bucket_holds_a_gso_frame_and_stays_in_the_kernels_range() -> None:
     assert nft.burst_bytes(1000) == nft.MIN_BURST
     assert nft.burst_bytes(1_000_000_000) == 1_000_000_000 // 8 // 20
     assert nft.burst_bytes(400 * 10**9) == nft.MAX_BURST
     rule = nft.port_rules(plan(PortSettings(mac_spoofing=True, bandwidth_max=400 * 10**9)))
     assert rule == [f'iifname "{TAP}" limit rate over {2**34} bytes/second burst '
-                    f'{2**27} bytes drop']
+                    f'{2**27} bytes drop', TAGGED]
 
 
 def test_removing_a_port_adds_what_it_deletes_so_absence_is_no_error() -> None:
@@ -351,6 +368,7 @@ def test_a_trunks_veths_jump_to_its_chain_and_former_ones_are_dropped() -> None:
     assert nft.port_script(trunk, (OLD_VETH, v10)) == BASE + CHAINS + f"""\
 {CHAIN} iifname {ifs} ether saddr != {MAC} drop
 {CHAIN} iifname {ifs} meta protocol arp arp saddr ether != {MAC} drop
+{CHAIN} oifname {ifs} ether type {{ 8021q, 8021ad }} counter drop
 add element {T} from_vm {{ "{OLD_VETH}" : jump port_{TAP} }}
 delete element {T} from_vm {{ "{OLD_VETH}" }}
 add element {T} to_vm {{ "{OLD_VETH}" : jump port_{TAP} }}

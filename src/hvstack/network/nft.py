@@ -10,8 +10,9 @@ Two tables per service, both named ``names.table_name(tag)``:
   source and ARP sender MAC must be the VM's), the DHCP guard (UDP source port 67 and
   547: DHCP and DHCPv6 server messages), the router guard (ICMPv6 router advertisements
   and redirects, ICMPv4 redirects), a jump to the outbound ACL chain ``acl_out_<tap>``
-  and the maximum bandwidth policer; for frames to the VM (``oifname``): a jump to the
-  inbound ACL chain ``acl_in_<tap>``. The policer is nftables' ``limit rate over ...
+  and the maximum bandwidth policer; for frames to the VM (``oifname``): the drop of
+  every VLAN-tagged frame (:data:`TAGGED`), then a jump to the inbound ACL chain
+  ``acl_in_<tap>``. The policer is nftables' ``limit rate over ...
   drop``, a token bucket like tc's police action, which many host kernels (this
   project's CI among them) lack.
 
@@ -79,6 +80,15 @@ _BRIDGE = re.compile(r"^hvb[0-9a-f]{1,12}$")
 _TABLE = re.compile(r"^hvstack_[0-9a-z_]{1,40}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _ACL_COMMENT = re.compile(r"^acl (\d+) (inbound|outbound)$")
+# No legitimately tagged frame crosses our bridges to a port: access and untagged ports
+# get untagged frames, a trunk's tagged ones bypass the bridge (the eBPF program tags
+# them and redirects them to the tap). What does is foreign: a tag from the physical
+# network an external adapter passes on (it may be the host's own), or the host's. So
+# the port's chain drops it, for every hook that jumps there (tagged by the host too).
+# ``ether type``, not ``meta protocol`` or ``vlan id``: the kernel keeps an outer tag
+# aside (``meta protocol`` is then the inner type, and ``vlan id`` reads 802.1Q only),
+# nft puts it back for link-layer reads, so this matches the outer tag wherever it is.
+TAGGED = "ether type { 8021q, 8021ad } counter drop"
 
 
 # -- checks: everything interpolated into rule text passes one of these ------------
@@ -232,7 +242,7 @@ def port_rules(plan: PortPlan) -> list[str]:
         rate = check_int(s.bandwidth_max, 1000, 400 * 10**9, "maximum bandwidth")
         out.append(f"limit rate over {min(rate // 8, POLICER_MAX)} bytes/second burst "
                    f"{burst_bytes(rate)} bytes drop")
-    inbound = [f"jump {acl_in}"] if acl_rules(s.acls, inbound=True) else []
+    inbound = [TAGGED, *([f"jump {acl_in}"] if acl_rules(s.acls, inbound=True) else [])]
     return ([f'iifname {tap} {rule}' for rule in out]
             + [f'oifname {tap} {rule}' for rule in inbound])
 
