@@ -76,6 +76,10 @@ def test_external_switch_carries_access_vlans_tagged(physical: tuple[str, str]) 
     run_scenario(physical[0], "external_vlans", physical[1])
 
 
+def test_external_switch_keeps_foreign_tags_from_its_ports(physical: tuple[str, str]) -> None:  # noqa: F811
+    run_scenario(physical[0], "foreign_tags", physical[1])
+
+
 # -- scenarios (child side, inside the namespace) ------------------------------------
 
 SCENARIOS: dict[str, Callable[..., Awaitable[None]]] = {}
@@ -95,12 +99,13 @@ def frame(src: bytes, marker: bytes, vid: int | None = None, dst: bytes = BROADC
 
 
 def parse(data: bytes, vid: int | None = None) -> tuple[int | None, bytes] | None:
-    """(VLAN id or None, marker) of one of our frames (None for any other frame)."""
-    kind = data[12:14]
-    if kind == b"\x81\x00" and vid is None:
-        vid, kind, data = struct.unpack("!H", data[14:16])[0] & 0xFFF, data[16:18], \
-            data[:12] + data[16:]
-    return (vid, data[14:].rstrip(b"\0")) if kind == b"\x88\xb5" else None
+    """(VLAN id or None, marker) of one of our frames (None for any other frame); the
+    id is the outer tag's (802.1Q or 802.1ad) when ``vid`` (from metadata) is None."""
+    outer = vid
+    while data[12:14] in (b"\x81\x00", b"\x88\xa8"):
+        found = struct.unpack("!H", data[14:16])[0] & 0xFFF
+        outer, data = found if outer is None else outer, data[:12] + data[16:]
+    return (outer, data[14:].rstrip(b"\0")) if data[12:14] == b"\x88\xb5" else None
 
 
 class Vm:
@@ -455,6 +460,57 @@ async def external_vlans(physical_ns: str) -> None:
     os.close(vm.fd)
     await net.remove_switch(sw)
     assert trunks.PROGRAM not in ingress_filters("hx0")
+    assert await our_links_all() == []
+
+
+def _tagged_drops(tap: str) -> int:
+    """Packets the port's chain dropped as VLAN-tagged (its counter)."""
+    for line in nft_table().splitlines():
+        if f'"{tap}"' in line and "8021ad" in line and "counter packets" in line:
+            return int(line.split("counter packets ")[1].split()[0])
+    raise AssertionError(f"no tagged-frame rule for {tap}:\n{nft_table()}")
+
+
+@scenario
+async def foreign_tags(physical_ns: str) -> None:
+    """The adapter passes on tags of VLANs not in use (they may be the host's own): no
+    VM gets them through the switch bridge, offloaded (from the wire) or in the data
+    (sent by the host on the bridge), 802.1Q or 802.1ad; VLANs in use and untagged
+    frames still pass, with the real nftables rules."""
+    net = backend(rules=nft)
+    sw = dataclasses.replace(switch("foreign", SwitchType.EXTERNAL), adapter="hx0")
+    await net.ensure_switch(sw)
+    wire = Wire(physical_ns, "px0")
+    vms = [await open_vm(net, p) for p in (
+        port(sw, 2, ACCESS10), port(sw, 4, Vlan()),
+        port(sw, 1, Vlan(VlanMode.TRUNK, allowed=(10, 30))))]
+    a10, untagged, trunk = vms
+    host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    host.bind((sw.bridge, 0))
+    try:
+        inner = frame(wire.mac, b"qinq99", 10)
+        wire.send(frame(wire.mac, b"foreign99", 99))
+        wire.send(inner[:12] + b"\x88\xa8\x00\x63" + inner[12:])
+        host.send(frame(bytes.fromhex("020000770002"), b"host99", 99))
+        # Sentinels after them along the same paths: VLANs in use, then untagged.
+        deliver(wire, frame(wire.mac, b"down10", 10), b"down10", {a10: None, trunk: 10})
+        deliver(wire, frame(wire.mac, b"down30", 30), b"down30", {trunk: 30})
+        deliver(wire, frame(wire.mac, b"plain"), b"plain", {untagged: None, trunk: None})
+        host.send(frame(bytes.fromhex("020000770002"), b"hostplain"))
+        deliver(wire, frame(wire.mac, b"plain2"), b"plain2", {untagged: None, trunk: None})
+        assert untagged.saw(b"hostplain") == {None}
+        leaks = [(vm.plan.vm_name, marker, vm.saw(marker)) for vm in vms
+                 for marker in (b"foreign99", b"qinq99", b"host99") if vm.saw(marker)]
+        assert not leaks, leaks
+        assert _tagged_drops(untagged.plan.tap) >= 3 and _tagged_drops(trunk.plan.tap) >= 3
+        assert _tagged_drops(a10.plan.tap) == 0
+    finally:
+        host.close()
+        for vm in vms:
+            await net.close_port(vm.plan.tap, TABLE)
+            os.close(vm.fd)
+    await net.remove_switch(sw)
+    await net.cleanup(TABLE, keep=set())
     assert await our_links_all() == []
 
 

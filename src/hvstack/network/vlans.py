@@ -20,7 +20,8 @@ what the tests exercise is what runs.
   bridge with a port other than the adapter's own veth) with VLAN 1 native, so access
   and trunk ports of an external switch reach the physical network tagged. Tagged
   frames of other VLANs from the physical network pass untouched (they may be the
-  host's own, for a VLAN interface on the adapter).
+  host's own, for a VLAN interface on the adapter); every port's nftables chain drops
+  a tagged frame the bridge would send it (:data:`.nft.TAGGED`), so none reaches a VM.
 
 A VLAN bridge is named like its switch's (``hvb<tag>`` and 7 hex digits of a hash of
 the switch's bridge and the id: never a switch bridge's name, which has 6), carries
