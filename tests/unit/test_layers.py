@@ -1,5 +1,5 @@
-"""The layers hold: hypervisor/ imports nothing from the layers above it, compute/ and
-storage/ nothing from host/, api/ or cli/.
+"""The layers hold: hypervisor/ imports nothing from the layers above it, compute/,
+storage/ and network/ nothing from host/, api/ or cli/.
 
 Read from the modules' syntax trees (every ``import``, also inside functions and
 ``TYPE_CHECKING`` blocks), so a lazy import cannot hide an upward call.
@@ -13,7 +13,7 @@ from pathlib import Path
 import hvstack
 
 PACKAGE = Path(hvstack.__file__).resolve().parent
-ABOVE_HYPERVISOR = ("compute", "storage", "host", "api", "cli", "images", "client",
+ABOVE_HYPERVISOR = ("compute", "storage", "network", "host", "api", "cli", "images", "client",
                     "server", "web")
 
 
@@ -50,6 +50,10 @@ def test_hypervisor_imports_nothing_from_the_layers_above() -> None:
 def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
     assert upward_imports("compute", ("host", "api", "cli", "client", "server")) == []
     assert upward_imports("storage", ("host", "api", "cli", "client", "server")) == []
+    # The network package is a domain package too, below compute (whose adapters carry
+    # its port settings): it imports neither the host nor compute.
+    assert upward_imports("network", ("host", "api", "cli", "client", "server",
+                                      "compute", "storage", "integration")) == []
 
 
 def test_the_check_sees_every_kind_of_import() -> None:
