@@ -158,11 +158,16 @@ def hv_command() -> list[str]:
 
 
 class ServiceProcess:
-    """``hv serve`` on its own data directory, as a context manager."""
+    """``hv serve`` on its own data directory, as a context manager. It makes no Default
+    Switch unless ``extra_args`` say otherwise: a benchmark must not leave a bridge and
+    its dnsmasq in the machine's network, and its VMs keep the user-mode NAT adapter
+    earlier results were measured with."""
 
     def __init__(self, data_dir: Path, extra_args: Sequence[str] = (),
                  prefix: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
+        if not any(arg.startswith("--default-switch") for arg in extra_args):
+            extra_args = ("--default-switch", "none", *extra_args)
         self.extra_args = tuple(extra_args)
         self.prefix = tuple(prefix)  # e.g. ip netns exec NS: run the service in there
         self.socket = data_dir / "hv.sock"
