@@ -27,11 +27,8 @@ from hvstack.compute.lifecycle import VmFiles
 from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
 from hvstack.compute.model import Generation, VmConfig
 from hvstack.errors import HvError
-from hvstack.hypervisor.qemu import process
 from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import build_argv
-from hvstack.hypervisor.qemu.driver import QemuMachine
-from hvstack.hypervisor.qemu.monitor import Monitor
 from hvstack.hypervisor.spec import MachineSpec
 from hvstack.progress import no_progress
 from tests.integration.test_nic_hotplug import (
@@ -41,6 +38,7 @@ from tests.integration.test_nic_hotplug import (
     VM_ID,
     _answers,
     guest_macs,
+    launch_spec,
     prepare,
     stop,
     until,
@@ -65,18 +63,6 @@ def spec_of(folder: Path, config: VmConfig, tiny_image: Path, *,
                         incoming=incoming)
 
 
-async def launch(spec: MachineSpec) -> tuple[QemuMachine, GuestAgent]:
-    pid = await process.launch(build_argv(spec), Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
-    try:
-        await monitor.connect(spec.paths.qmp_socket)
-    except BaseException:
-        process.kill(pid, VM_ID)
-        raise
-    return (QemuMachine(VM_ID, pid, monitor, lambda event: None),
-            GuestAgent(spec.paths.qga_socket, "legacy"))
-
-
 async def guest_cat(agent: GuestAgent, path: str) -> str:
     started = await agent.call("guest-exec", {"path": "/bin/cat", "arg": [path],
                                               "capture-output": True}, timeout=30)
@@ -98,7 +84,7 @@ async def test_a_state_the_previous_release_saved_is_restored_on_its_hardware(
     state = files.saved_state
     # as the previous release ran it
     old = replace(spec_of(folder, config, tiny_image), legacy_nic_layout=True)
-    machine, agent = await launch(old)
+    machine, agent = await launch_spec(old, "legacy")
     try:
         await until(lambda: _answers(agent, "guest-ping"), BOOT_TIMEOUT, "the guest agent")
         await agent.call("guest-exec", {"path": "/bin/sh", "arg": [
@@ -112,7 +98,7 @@ async def test_a_state_the_previous_release_saved_is_restored_on_its_hardware(
     # this release's machine from the settings: QEMU cannot load the state into it
     current = spec_of(folder, config, tiny_image, incoming=True)
     assert build_argv(current) != build_argv(replace(old, incoming=True))
-    machine, agent = await launch(current)
+    machine, agent = await launch_spec(current, "legacy")
     try:
         # QEMU: Unknown ramblock "0000:00:05.0/virtio-net-pci.rom" (Generation 1:
         # the e1000's), cannot accept migration; load of migration failed (it exits)
@@ -124,7 +110,7 @@ async def test_a_state_the_previous_release_saved_is_restored_on_its_hardware(
     restored_spec = nics.with_saved_layout(current, files.saved_layout)
     assert restored_spec.legacy_nic_layout and build_argv(restored_spec) == build_argv(
         replace(old, incoming=True))
-    restored, agent = await launch(restored_spec)
+    restored, agent = await launch_spec(restored_spec, "legacy")
     try:
         await restored.restore_state(state, no_progress)
         await restored.resume()

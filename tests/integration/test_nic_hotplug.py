@@ -52,7 +52,7 @@ from hvstack.hypervisor.qemu.agent import GuestAgent
 from hvstack.hypervisor.qemu.argv import build_argv
 from hvstack.hypervisor.qemu.driver import QemuMachine
 from hvstack.hypervisor.qemu.monitor import Monitor
-from hvstack.hypervisor.spec import PortLayout, nic_device_id
+from hvstack.hypervisor.spec import MachineSpec, PortLayout, nic_device_id
 from hvstack.progress import no_progress
 from tests.integration.hostproc import HostProcess
 
@@ -128,15 +128,20 @@ async def launch(folder: Path, config: VmConfig, tiny_image: Path, *,
                         MachineHost("tcg", str(OVMF_CODE)),
                         chains={"d15c0a1b2c": (BackingFile(str(tiny_image), "qcow2"),)},
                         incoming=incoming, layout=layout)
+    return await launch_spec(spec, "hotplug")
+
+
+async def launch_spec(spec: MachineSpec, name: str) -> tuple[QemuMachine, GuestAgent]:
+    """Run ``spec``'s QEMU command line and connect its monitor (no host service)."""
     pid = await process.launch(build_argv(spec), Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
+    monitor = Monitor(spec.vm_id)
     try:
         await monitor.connect(spec.paths.qmp_socket)
     except BaseException:
-        process.kill(pid, VM_ID)
+        process.kill(pid, spec.vm_id)
         raise
-    return (QemuMachine(VM_ID, pid, monitor, lambda event: None),
-            GuestAgent(spec.paths.qga_socket, "hotplug"))
+    return (QemuMachine(spec.vm_id, pid, monitor, lambda event: None),
+            GuestAgent(spec.paths.qga_socket, name))
 
 
 async def stop(machine: QemuMachine, agent: GuestAgent) -> None:
