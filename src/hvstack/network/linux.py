@@ -27,6 +27,7 @@ from hvstack.network.backend import AclCounter, InterfaceInfo, PortPlan, SwitchP
 from hvstack.network.model import SwitchType
 from hvstack.network.names import is_ours
 from hvstack.network.netlink import write_sysctl
+from hvstack.network.policy import host_interface
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,7 @@ def host_address(plan: SwitchPlan) -> ipaddress.IPv4Interface | None:
         return None
     if plan.host_address is not None:
         return plan.host_address
-    if plan.subnet is not None:
-        return ipaddress.IPv4Interface(f"{next(plan.subnet.hosts())}/{plan.subnet.prefixlen}")
-    return None
+    return host_interface(plan.subnet) if plan.subnet is not None else None
 
 
 class LinuxNetwork:
