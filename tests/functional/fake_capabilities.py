@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
+    Backup,
     BalloonStats,
     BlockJobInfo,
     BlockJobs,
@@ -302,8 +303,16 @@ class FakeBlockJobs:
             raise _refuse(f"Job ID '{job_id}' already in use")
         self.running[job_id] = BlockJobInfo(job_id, kind, "running", 0, 100)
 
-    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full") -> None:
+    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
+                     write_blocking: bool = False) -> None:
         self._start(job_id, "mirror")
+
+    async def backup(self, backups: Sequence[Backup]) -> None:
+        for backup in backups:  # all or nothing, as a transaction
+            if backup.job_id in self.running:
+                raise _refuse(f"Job ID '{backup.job_id}' already in use")
+        for backup in backups:
+            self._start(backup.job_id, "backup")
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
                      base: str | None = None) -> None:
@@ -314,6 +323,9 @@ class FakeBlockJobs:
 
     async def jobs(self) -> list[BlockJobInfo]:
         return list(self.running.values())
+
+    async def node_files(self) -> dict[str, str]:
+        return {name: node.filename for name, node in self.nodes.items()}
 
     def _job(self, job_id: str) -> BlockJobInfo:
         if job_id not in self.running:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
+from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.network_ops import NetworkOperations
@@ -34,4 +35,9 @@ def console_ops_of(connection: HTTPConnection) -> ConsoleOperations:
 
 def network_ops_of(connection: HTTPConnection) -> NetworkOperations:
     ops: NetworkOperations = connection.app.state.root.network
+    return ops
+
+
+def checkpoint_ops_of(connection: HTTPConnection) -> CheckpointOperations:
+    ops: CheckpointOperations = connection.app.state.root.checkpoints
     return ops

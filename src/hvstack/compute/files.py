@@ -22,6 +22,11 @@ class VmFiles:
     run_dir: Path
 
     @property
+    def checkpoint_dir(self) -> Path:
+        """The memory states, adapter layouts and UEFI variables of its checkpoints."""
+        return self.folder / "checkpoints"
+
+    @property
     def saved_state(self) -> Path:
         return self.folder / "saved-state.bin"
 

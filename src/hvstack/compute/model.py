@@ -70,6 +70,25 @@ class NicModel(enum.StrEnum):
     VIRTIO = "virtio"
 
 
+class CheckpointType(enum.StrEnum):
+    """What ``hv checkpoint create`` makes of a VM, Hyper-V's checkpoint types.
+
+    PRODUCTION: the guest's file systems frozen through the guest agent, disks only (it
+    boots fresh when applied); a standard checkpoint when the guest cannot freeze.
+    PRODUCTION_ONLY: the same, but failing when the guest cannot freeze. STANDARD: disks
+    plus memory and device state (applying it resumes the running guest). DISABLED: none.
+    """
+
+    PRODUCTION = "production"
+    PRODUCTION_ONLY = "production-only"
+    STANDARD = "standard"
+    DISABLED = "disabled"
+
+
+DEFAULT_CHECKPOINT_LIMIT = 50  # Hyper-V's fixed limit; here a VM setting
+MAX_CHECKPOINT_LIMIT = 1000
+
+
 class BootDevice(enum.StrEnum):
     DISK = "disk"
     DVD = "dvd"
@@ -204,6 +223,9 @@ class VmConfig:
     integration_services: IntegrationServices = IntegrationServices()
     kvp_pool: dict[str, str] = field(default_factory=dict)  # host-to-guest KVP pool
     extra: dict[str, str] = field(default_factory=dict)
+    checkpoint_type: CheckpointType = CheckpointType.PRODUCTION
+    automatic_checkpoints: bool = False  # one when the VM starts from Off (Hyper-V's)
+    checkpoint_limit: int = DEFAULT_CHECKPOINT_LIMIT
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -224,6 +246,7 @@ class VmConfig:
         raw["auto_start"] = AutoStartAction(raw["auto_start"])
         raw["auto_stop"] = AutoStopAction(raw["auto_stop"])
         raw["integration_services"] = IntegrationServices(**raw.get("integration_services", {}))
+        raw["checkpoint_type"] = CheckpointType(raw.get("checkpoint_type", "production"))
         known = {f.name for f in dataclasses.fields(VmConfig)}
         return VmConfig(**{k: v for k, v in raw.items() if k in known})
 
@@ -365,6 +388,10 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
         raise InvalidInput(f"accelerator '{config.accelerator}' is not one of kvm, tcg")
     if len(set(config.boot_order)) != len(config.boot_order):
         raise InvalidInput("boot order names a device twice")
+    if not 1 <= config.checkpoint_limit <= MAX_CHECKPOINT_LIMIT:
+        raise InvalidInput(f"checkpoint limit {config.checkpoint_limit} is out of range; "
+                           f"1 to {MAX_CHECKPOINT_LIMIT} checkpoints are allowed",
+                           value=config.checkpoint_limit)
     validate_adapters(config.network_adapters)
     _check_buses(config)
     return config

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from hvstack.host.events import EventBus
 from hvstack.host.facts import HostFacts
 from hvstack.host.records import VmRecords
 from hvstack.host.registry import VmRegistry
+from hvstack.host.store import Op
 from hvstack.storage import disks, formats
 from hvstack.storage.paths import confine
 
@@ -193,15 +194,17 @@ class Provisioning:
             await self.store_config(vm, replace(vm.record.config, **changes))
         return vm
 
-    async def store_config(self, vm: VmController, new: VmConfig) -> None:
+    async def store_config(self, vm: VmController, new: VmConfig,
+                           also: Sequence[Op] = ()) -> None:
         """Validate and store ``new`` settings of ``vm`` (compare-and-swap on the
-        revision), keep the registry in step. The caller holds ``vm.lock`` and has
-        checked the change against the VM's state."""
+        revision), with ``also`` in the same transaction, and keep the registry in
+        step. The caller holds ``vm.lock`` and has checked the change against the VM's
+        state."""
         self.validate(new)
         old_name = vm.record.name
         if new.name != old_name:
             self._registry.check_free(new.name)
-        stored = await self._records.change(vm.record, new)
+        stored = await self._records.change(vm.record, new, also)
         record = vm.record = vm.record.evolve(config=new, revision=stored.revision)
         if new.name != old_name:
             self._registry.renamed(vm, old_name)

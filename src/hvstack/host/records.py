@@ -10,10 +10,13 @@ The keys (a cluster's hosts share the first two kinds, each host writes its own 
     switches/names/<name>       <id>: a name is taken by one switch at a time
     network/default-switch      "made": the Default Switch was made once (a deleted
                                 one is not made again)
+    checkpoints/<vm id>         the VM's checkpoint tree (checkpoints.model.CheckpointTree)
 
 :class:`VmRecords` creates, changes (compare-and-swap on the settings' revision) and
 deletes VMs and records their observed state; :class:`JobRecords` keeps the jobs;
-:class:`SwitchRecords` the switches (compare-and-swap as VM settings).
+:class:`SwitchRecords` the switches (compare-and-swap as VM settings);
+:class:`CheckpointRecords` each VM's checkpoint tree, changed together with the VM's
+settings in one transaction when a checkpoint changes the VM's disk paths.
 :class:`Writer` lets synchronous code (a state change, a job's bookkeeping) record
 through the asynchronous store in order: the newest value of each key is written, and
 ``flush`` waits for what was queued and raises the error of a key's last write.
@@ -25,10 +28,11 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hvstack.checkpoints.model import CheckpointTree
 from hvstack.compute.model import VmConfig, VmObserved, VmRecord, VmSettings, VmState
 from hvstack.errors import AlreadyExists, HvError, StaleRevision
 from hvstack.host.store import Delete, Op, Put, Store
@@ -44,6 +48,7 @@ JOBS = "jobs/"
 SWITCHES = "switches/"
 SWITCH_NAMES = "switches/names/"
 DEFAULT_SWITCH_MADE = "network/default-switch"
+CHECKPOINTS = "checkpoints/"
 
 
 @dataclass(frozen=True)
@@ -131,11 +136,13 @@ class VmRecords:
         ], record.name)
         return record.evolve(revision=revision)
 
-    async def change(self, old: VmRecord, config: VmConfig) -> VmRecord:
-        """Store new settings of ``old``; StaleRevision if they changed since ``old`` was
-        read, AlreadyExists if a new name is taken."""
+    async def change(self, old: VmRecord, config: VmConfig,
+                     also: Sequence[Op] = ()) -> VmRecord:
+        """Store new settings of ``old``, and ``also`` in the same transaction;
+        StaleRevision if they changed since ``old`` was read, AlreadyExists if a new
+        name is taken."""
         ops: list[Op] = [Put(SETTINGS + old.id, _settings_value(config, old.created_at),
-                             expected=old.revision)]
+                             expected=old.revision), *also]
         if config.name != old.name:
             ops += [Delete(NAMES + old.name), Put(NAMES + config.name, old.id, expected=0)]
         try:
@@ -150,7 +157,29 @@ class VmRecords:
 
     async def delete(self, record: VmRecord) -> None:
         await self.store.commit([Delete(SETTINGS + record.id), Delete(NAMES + record.name),
-                                 Delete(self._observed + record.id)])
+                                 Delete(self._observed + record.id),
+                                 Delete(CHECKPOINTS + record.id)])
+
+
+class CheckpointRecords:
+    """Each VM's checkpoint tree under ``checkpoints/<vm id>`` (absent: no checkpoints)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def load(self, vm_id: str) -> CheckpointTree:
+        entry = await self.store.get(CHECKPOINTS + vm_id)
+        return CheckpointTree() if entry is None else CheckpointTree.from_json(entry.value)
+
+    @staticmethod
+    def op(vm_id: str, tree: CheckpointTree) -> Op:
+        """The write of ``tree``, for a transaction (see :meth:`VmRecords.change`)."""
+        if not tree.checkpoints and tree.pending is None and not tree.made:
+            return Delete(CHECKPOINTS + vm_id)
+        return Put(CHECKPOINTS + vm_id, tree.to_json())
+
+    async def save(self, vm_id: str, tree: CheckpointTree) -> None:
+        await self.store.commit([self.op(vm_id, tree)])
 
 
 class JobRecords:

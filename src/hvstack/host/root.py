@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 
+from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.config import HostConfig
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
@@ -48,6 +49,7 @@ class HostRoot:
         self.guest = GuestOperations(service, guest_policy)
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
+        self.checkpoints = CheckpointOperations(service)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,

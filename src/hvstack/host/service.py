@@ -32,6 +32,7 @@ from hvstack.compute.policy import StopAction, StopMode
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, NotFound
 from hvstack.host import cleanup
+from hvstack.host.block_work import BlockWork
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
@@ -82,6 +83,7 @@ class HostService:
         self.registry = VmRegistry(config, self.records, driver, self.events,
                                    self._spec_for, self._before_start)
         self.disk_use = DiskUse(config, self.list_vms)
+        self.block_work = BlockWork()  # one disk-changing job per VM at a time
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
         self._tasks: set[asyncio.Task[None]] = set()

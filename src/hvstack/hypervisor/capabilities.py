@@ -268,6 +268,18 @@ class BlockJobInfo:
 
 
 @dataclass(frozen=True)
+class Backup:
+    """Copy what ``node`` holds at the instant the job starts into the node ``target``
+    (point in time: the guest's later writes first copy the old data). ``sync`` "top"
+    copies only ``node``'s own layer, "full" the whole chain flattened."""
+
+    job_id: str
+    node: str
+    target: str
+    sync: str = "top"
+
+
+@dataclass(frozen=True)
 class NbdExport:
     """Serve ``node`` over NBD under ``name`` (the export id is the name)."""
 
@@ -280,7 +292,10 @@ class BlockJobs(Protocol):
     """Snapshots, mirror, commit and stream jobs, dirty bitmaps and NBD exports.
 
     Jobs run in QEMU; their progress arrives as ``JOB_STATUS_CHANGE`` events and
-    :meth:`jobs`. A job id names one job for its whole life.
+    :meth:`jobs`. A job id names one job for its whole life. Jobs are not dismissed by
+    QEMU when they end: a concluded job stays in :meth:`jobs` with its error until
+    :meth:`dismiss` (so a service that was down while it ended still learns how), and
+    :func:`hvstack.storage.block_jobs.run_job` waits for one and dismisses it.
     """
 
     async def add_node(self, node: BlockNodeSpec) -> None: ...
@@ -291,7 +306,17 @@ class BlockJobs(Protocol):
         """Take every snapshot and add every bitmap at one instant (a transaction)."""
         ...
 
-    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full") -> None: ...
+    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
+                     write_blocking: bool = False) -> None:
+        """Copy ``node`` into the node ``target`` until both hold the same and stay so;
+        the job is then ready, and :meth:`complete` switches the device to ``target``.
+        ``write_blocking``: guest writes go to both at once, so the job converges under
+        any write load (at the cost of write latency)."""
+        ...
+
+    async def backup(self, backups: Sequence[Backup]) -> None:
+        """Start every backup job at one instant (a transaction)."""
+        ...
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
                      base: str | None = None) -> None:
@@ -303,6 +328,11 @@ class BlockJobs(Protocol):
         ...
 
     async def jobs(self) -> list[BlockJobInfo]: ...
+
+    async def node_files(self) -> dict[str, str]:
+        """The file of every named format node: node name -> filename."""
+        ...
+
     async def complete(self, job_id: str) -> None: ...
     async def cancel(self, job_id: str, force: bool = False) -> None: ...
     async def dismiss(self, job_id: str) -> None: ...

@@ -52,8 +52,9 @@ def disk_node_id(disk_id: str) -> str:
 
 
 def backing_node_id(disk_id: str, parent_path: str) -> str:
-    """A parent in a disk's chain: the disk's node and the parent's path, so two disks
-    sharing a parent get a node each."""
+    """A file in a disk's chain other than the one the machine was launched with (a
+    parent at launch, or an overlay or mirror target added at run time): named from the
+    disk and the file's path, so two disks sharing a parent get a node each."""
     digest = hashlib.sha256(parent_path.encode()).hexdigest()[:8]
     return f"{disk_node_id(disk_id)}-{digest}"
 

@@ -10,11 +10,14 @@ before the command is sent, so the event cannot be missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
+    Backup,
     BalloonStats,
     BlockJobInfo,
     BlockNodeSpec,
@@ -299,6 +302,18 @@ def parse_block_jobs(reply: Sequence[Mapping[str, Any]]) -> list[BlockJobInfo]:
     ]
 
 
+def plain_filename(name: str) -> str:
+    """The file of a format node: QEMU names a node whose backing was given explicitly
+    ``json:{..., "file": {"driver": "file", "filename": PATH}}``; PATH is its file."""
+    if name.startswith("json:"):
+        with contextlib.suppress(ValueError):
+            spec = json.loads(name[5:])
+            inner = spec.get("file") if isinstance(spec, dict) else None
+            if isinstance(inner, dict) and isinstance(inner.get("filename"), str):
+                return str(inner["filename"])
+    return name
+
+
 class QemuBlockJobs:
     def __init__(self, monitor: Monitor) -> None:
         self._monitor = monitor
@@ -323,13 +338,23 @@ class QemuBlockJobs:
         actions += [{"type": "block-dirty-bitmap-add", "data": _bitmap(b)} for b in bitmaps]
         await self._monitor.execute("transaction", {"actions": actions})
 
-    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full") -> None:
+    async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
+                     write_blocking: bool = False) -> None:
         await self._monitor.execute("blockdev-mirror", {
-            "job-id": job_id, "device": node, "target": target, "sync": sync})
+            "job-id": job_id, "device": node, "target": target, "sync": sync,
+            "auto-dismiss": False,
+            "copy-mode": "write-blocking" if write_blocking else "background"})
+
+    async def backup(self, backups: Sequence[Backup]) -> None:
+        await self._monitor.execute("transaction", {"actions": [
+            {"type": "blockdev-backup",
+             "data": {"job-id": b.job_id, "device": b.node, "target": b.target,
+                      "sync": b.sync, "auto-dismiss": False}}
+            for b in backups]})
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
                      base: str | None = None) -> None:
-        arguments: dict[str, Any] = {"job-id": job_id, "device": node}
+        arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
         if top is not None:
             arguments["top-node"] = top
         if base is not None:
@@ -337,13 +362,18 @@ class QemuBlockJobs:
         await self._monitor.execute("block-commit", arguments)
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
-        arguments: dict[str, Any] = {"job-id": job_id, "device": node}
+        arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
         if base is not None:
             arguments["base-node"] = base
         await self._monitor.execute("block-stream", arguments)
 
     async def jobs(self) -> list[BlockJobInfo]:
         return parse_block_jobs(await self._monitor.execute("query-block-jobs"))
+
+    async def node_files(self) -> dict[str, str]:
+        nodes = await self._monitor.execute("query-named-block-nodes", {"flat": True})
+        return {str(n["node-name"]): plain_filename(str(n["file"])) for n in nodes
+                if n.get("node-name") and n.get("drv") not in ("file", "host_device")}
 
     async def complete(self, job_id: str) -> None:
         await self._monitor.execute("job-complete", {"id": job_id})
