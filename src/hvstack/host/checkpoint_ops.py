@@ -54,7 +54,13 @@ from hvstack.checkpoints.model import (
     new_checkpoint_id,
 )
 from hvstack.compute.lifecycle import VmController
-from hvstack.compute.model import CheckpointType, Generation, VmConfig, VmState
+from hvstack.compute.model import (
+    CheckpointType,
+    Generation,
+    ServiceStatus,
+    VmConfig,
+    VmState,
+)
 from hvstack.compute.states import Operation
 from hvstack.errors import Conflict, HvError, NotFound
 from hvstack.host import checkpoint_disks as disks
@@ -294,6 +300,12 @@ class CheckpointOperations:
             return f"the VM is {vm.state.value}, so its guest cannot freeze"
         if self.freezing is None:
             return "this host service cannot freeze guests"
+        if not vm.record.config.integration_services.backup:
+            return "its backup integration service is off"
+        if vm.link.status is not ServiceStatus.OK:
+            # Asking would wait for the agent's timeout, and a failed freeze is thawed
+            # again and again for a while: no freeze is tried without an answering agent.
+            return "its guest agent does not answer"
         try:
             await stack.enter_async_context(self.freezing.frozen(vm))
         except HvError as exc:
