@@ -89,6 +89,10 @@ class CheckpointOperations:
         self.records = CheckpointRecords(service.store)
         self._trees: dict[str, CheckpointTree] = {}
         self.freezing = freezing
+        # One hook per service, also when a test builds a second root on it.
+        service.start_jobs[:] = [
+            hook for hook in service.start_jobs
+            if not isinstance(getattr(hook, "__self__", None), CheckpointOperations)]
         service.start_jobs.append(self._automatic)
         service.provisioning.checkpoint_files = self.deletable_files
 
