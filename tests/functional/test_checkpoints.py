@@ -379,3 +379,48 @@ async def test_a_snapshot_that_cannot_be_undone_is_kept_as_disks_only(
     overlay = (await show_vm(api, "web"))["disks"][0]["path"]
     assert any(n.filename == overlay for n in jobs.nodes.values())
     assert Path(overlay).exists()
+
+
+async def test_cancel_while_saving_memory_leaves_the_vm_as_it_was(
+        api: httpx.AsyncClient, driver: FakeDriver, service: HostService,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await create_vm(api, "web", new_disk="16M")
+    await api.patch(API + "/vms/web", json={"checkpoint_type": "standard"})
+    await run_job(api, "web", "start")
+    before = await show_vm(api, "web")
+    machine = driver.live_machines()[0]
+    jobs = machine.block_jobs
+    launched = dict(jobs.nodes)
+    saving = asyncio.Event()
+
+    async def slow_save(path: Path, progress: object) -> None:
+        path.write_bytes(b"partial")
+        saving.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    async def complete(job_id: str) -> None:
+        jobs.running[job_id] = replace(jobs.running[job_id], status="concluded")
+
+    monkeypatch.setattr(machine, "save_state", slow_save)
+    monkeypatch.setattr(jobs, "complete", complete)
+    player = asyncio.create_task(_ready_undo_jobs(jobs))
+    try:
+        response = await api.post(cp_path("web"), json={"name": "x"})
+        assert response.status_code == 202
+        await asyncio.wait_for(saving.wait(), 10)
+        cancelled = await api.post(f"{API}/jobs/{response.json()['id']}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        job = await finish_job(api, cancelled.json())
+    finally:
+        player.cancel()
+        monkeypatch.undo()  # the service's stop at teardown saves the VM
+    assert job["state"] == "cancelled"
+    after = await show_vm(api, "web")
+    assert after["state"] == "Running" and after["disks"] == before["disks"]
+    assert machine.status_value == "running"
+    assert jobs.nodes == launched
+    assert (await listing(api, "web"))["checkpoints"] == []
+    folder = Path(before["folder"])
+    assert list(folder.glob("*_*.qcow2")) == []
+    assert list((folder / "checkpoints").glob("*")) == []
+    assert service.block_work.busy(before["id"]) is None  # the disk claim was let go
