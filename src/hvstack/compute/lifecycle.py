@@ -43,6 +43,7 @@ from hvstack.errors import (
     InvalidTransition,
     NoSpace,
 )
+from hvstack.hypervisor.capabilities import MigrationParameters
 from hvstack.hypervisor.driver import Driver, Machine
 from hvstack.hypervisor.events import BlockIoError, QmpEvent
 from hvstack.hypervisor.qemu import process
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT = 10.0  # asking QEMU its run state after a failure
 EXIT_GRACE = 2.0  # for a worker that stopped answering to show it has exited
+UNCAPPED_SAVE = 1 << 40  # bytes per second: a checkpoint's memory save, guest held still
 
 
 class AgentLink(Protocol):
@@ -564,6 +566,10 @@ class VmController:
         machine = self.running_machine()
         try:
             await nics.save_layout(machine.devices, self.record.config, layout)
+            # QEMU caps a migration at 128 MiB/s by default; the guest stands still
+            # meanwhile, so the cap would only make its pause longer.
+            await machine.migration.set_parameters(MigrationParameters(
+                max_bandwidth=UNCAPPED_SAVE))
             self._memory_saved = True  # also after a failed migration: "cont" is safe
             await machine.save_state(path, progress)
         except BaseException as exc:
