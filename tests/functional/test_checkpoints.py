@@ -424,3 +424,17 @@ async def test_cancel_while_saving_memory_leaves_the_vm_as_it_was(
     assert list(folder.glob("*_*.qcow2")) == []
     assert list((folder / "checkpoints").glob("*")) == []
     assert service.block_work.busy(before["id"]) is None  # the disk claim was let go
+
+
+async def test_apply_with_a_missing_file_changes_nothing(api: httpx.AsyncClient) -> None:
+    vm = await create_vm(api, "web", new_disk="16M")
+    await checkpoint(api, "web", "one")
+    await run_job(api, "web", "start")
+    before = await show_vm(api, "web")
+    Path(vm["disks"][0]["path"]).unlink()
+    response = await api.post(cp_path("web", "one", "apply"), json={})
+    job = await finish_job(api, response.json())
+    assert job["state"] == "failed" and job["error"]["status"] == 404
+    assert "is missing" in job["error"]["detail"]
+    after = await show_vm(api, "web")
+    assert after["state"] == "Running" and after["disks"] == before["disks"]

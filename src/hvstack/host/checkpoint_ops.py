@@ -415,6 +415,11 @@ class CheckpointOperations:
         target = tree.get(checkpoint_id)  # NotFound if it went meanwhile
         result: dict[str, Any] = {"id": target.id, "name": target.name,
                                   "kind": target.kind.value}
+        missing = [p for p in (*target.disks.values(), target.memory_state)
+                   if p is not None and not Path(p).exists()]
+        if missing:  # found before the VM is turned off for nothing
+            raise NotFound(f"checkpoint '{target.name}' cannot be applied: its file "
+                           f"{missing[0]} is missing", checkpoint=target.name, path=missing[0])
         if save_current:
             saved = await self._checkpoint(vm, None, scaled(progress, 0, 40, "saving current"))
             result["saved_current"] = saved["name"]
