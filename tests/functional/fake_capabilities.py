@@ -315,8 +315,11 @@ class FakeBlockJobs:
             self._start(backup.job_id, "backup")
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
+                     base: str | None = None, backing_file: str | None = None) -> None:
         self._start(job_id, "commit")
+
+    async def writable(self, node: str) -> None:
+        pass
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
         self._start(job_id, "stream")

@@ -17,6 +17,8 @@ import logging
 from hvstack.checkpoints.model import CheckpointTree
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmConfig
+from hvstack.host import checkpoint_merge
+from hvstack.host.jobs import Job
 from hvstack.host.records import CheckpointRecords
 from hvstack.host.service import HostService
 
@@ -51,3 +53,14 @@ class CheckpointOperations:
     def forget(self, vm_id: str) -> None:
         """Drop the cached tree of a deleted VM (its record went with the VM's)."""
         self._trees.pop(vm_id, None)
+
+    # -- deletion and merging (hvstack.host.checkpoint_merge) ---------------------------
+
+    async def delete(self, ref: str, checkpoint: str, subtree: bool = False) -> Job:
+        """Delete a checkpoint (``subtree``: with every checkpoint below it); the job
+        merges its files so that nothing else changes."""
+        return await checkpoint_merge.delete(self, ref, checkpoint, subtree)
+
+    async def startup(self) -> list[Job]:
+        """Finish the merges a stopped or killed service left pending (one job each)."""
+        return await checkpoint_merge.startup(self)

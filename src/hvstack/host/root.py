@@ -67,6 +67,8 @@ class HostRoot:
             await network_ops.startup()
             # A freeze left by a crashed service must not stay.
             await thaw_leftovers(service.list_vms())
+            # A checkpoint merge a killed service left is finished (a job per VM).
+            await root.checkpoints.startup()
         except BaseException:
             await root.close()
             raise

@@ -319,8 +319,17 @@ class BlockJobs(Protocol):
         ...
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
-        """Merge ``top`` (default: the active layer of ``node``) down into ``base``."""
+                     base: str | None = None, backing_file: str | None = None) -> None:
+        """Merge ``top`` (default: the active layer of ``node``) down into ``base``.
+        ``backing_file``: the name the node above ``top`` records for its new backing
+        file (an intermediate commit; by default QEMU would write its own name of the
+        base node, a ``json:`` pseudo-filename for a node given its backing)."""
+        ...
+
+    async def writable(self, node: str) -> None:
+        """Let a job write node ``node`` although the machine opened it read-only (a
+        parent at launch: its protocol node is reopened to become writable when a
+        writer needs it); nothing for a node that was never read-only."""
         ...
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:

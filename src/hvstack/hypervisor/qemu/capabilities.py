@@ -353,13 +353,28 @@ class QemuBlockJobs:
             for b in backups]})
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
+                     base: str | None = None, backing_file: str | None = None) -> None:
         arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
         if top is not None:
             arguments["top-node"] = top
+        if backing_file is not None:
+            arguments["backing-file"] = backing_file
         if base is not None:
             arguments["base-node"] = base
         await self._monitor.execute("block-commit", arguments)
+
+    async def writable(self, node: str) -> None:
+        # A launch node's protocol node is its own "-blockdev" ("<node>-file", see
+        # argv), opened read-only: a reopen of the format node alone cannot make it
+        # writable. auto-read-only lets it take a writer when one comes.
+        protocol = f"{node}-file"
+        nodes = await self._monitor.execute("query-named-block-nodes", {"flat": True})
+        found = next((n for n in nodes if n.get("node-name") == protocol), None)
+        if found is None or not found.get("ro"):
+            return
+        await self._monitor.execute("blockdev-reopen", {"options": [{
+            "driver": "file", "node-name": protocol, "filename": str(found["file"]),
+            "read-only": False, "auto-read-only": True, "discard": "unmap"}]})
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
         arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
