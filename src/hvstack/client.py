@@ -461,6 +461,15 @@ class Client:
             "PATCH", url_path("vms", vm, "checkpoints", checkpoint), json={"name": name})
         return result
 
+    def delete_checkpoint(self, vm: str, checkpoint: str, *, subtree: bool = False,
+                          wait: bool = True) -> dict[str, Any]:
+        """Remove-VMCheckpoint (``subtree``: with every checkpoint below it); its data
+        is merged so nothing else changes. Returns the (finished) merge job."""
+        job: dict[str, Any] = self.request(
+            "DELETE", url_path("vms", vm, "checkpoints", checkpoint),
+            params={"subtree": str(subtree).lower()})
+        return self.wait_job(job) if wait else job
+
 
 def _present(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}

@@ -86,7 +86,7 @@ def test_the_whole_tree_deleted_flattens_into_the_users_disk_of_its_format() -> 
     for step in steps:
         tree, disk = after_step(tree, disk, step)
     assert disk.current == {"d": D} and disk.formats == {"d": "raw"}
-    assert tree.made == frozenset() and tree.checkpoints == ()
+    assert tree.made == frozenset() and tree.checkpoints == () and tree.bases == frozenset()
 
 
 # cp1 (D) -> cp2 (O1) ; Now (O3) on cp1 after applying it (O2, the old Now, deleted)

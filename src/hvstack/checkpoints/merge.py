@@ -161,8 +161,12 @@ def after_step(tree: CheckpointTree, files: Files, step: Step) -> tuple[Checkpoi
     checkpoints = tuple(
         replace(c, disks={d: step.into if p == step.file else p for d, p in c.disks.items()})
         for c in tree.checkpoints)
+    # F takes X's place: named again (a later deletion makes it a base again), or a
+    # shared base as X was.
+    named = step.file in tree.referenced_files() or step.file in files.current.values()
+    bases = tree.bases - {step.file} - ({step.into} if named else set())
     return (replace(tree, checkpoints=checkpoints, made=tree.made - {step.file},
-                    bases=tree.bases - {step.file}),
+                    bases=bases),
             Files(current, formats, moved, files.existing - {step.file}))
 
 

@@ -132,8 +132,12 @@ class Merger:
         self.ops = ops
         self.vm = vm
         self.job_id = job_id
+        self._locked = False
 
     async def _store(self, tree: CheckpointTree, config: VmConfig | None = None) -> None:
+        if self._locked:  # an offline step holds the VM's lock already
+            await self.ops.store(self.vm, tree, config)
+            return
         async with self.vm.lock:
             await self.ops.store(self.vm, tree, config)
 
@@ -220,9 +224,11 @@ class Merger:
             yield
             return
         await self.vm.lock.acquire()
+        self._locked = True
         try:
             yield
         finally:
+            self._locked = False
             self.vm.lock.release()
 
     async def _rebase(self, step: Commit, children: tuple[str, ...]) -> None:
