@@ -17,7 +17,8 @@ time, planning again from the qcow2 headers on disk after each step:
 
 A VM that stops during a live step makes it fail; the step is planned again, offline.
 Failure or cancellation leaves every view intact (X keeps its data in front of F until
-the tree names F instead) and clears the pending merge; a later deletion plans again.
+the tree names F instead) and the merge pending: the service's next start, or the next
+deletion on the VM, plans again and finishes it.
 :func:`resume` (at the service's start) finishes a pending merge: a QEMU job of it still
 there is completed or dismissed as its state says, a commit whose children already name
 F is only recorded, and the plan is made again from the headers and carried out.
@@ -157,35 +158,30 @@ class Merger:
         await self._store(tree, _config_after(self.vm.record.config, after))
 
     async def run(self, progress: Progress) -> dict[str, Any]:
-        """Plan and do steps until none is left; the pending merge cleared at the end
-        (also when it fails or is cancelled: every view is intact at any point)."""
+        """Plan and do steps until none is left, then clear the pending merge. One that
+        fails or is cancelled stays pending (every view is intact at any point): the
+        service's next start or the VM's next checkpoint deletion finishes it."""
         done: list[dict[str, Any]] = []
-        try:
-            while True:
-                tree = await self.ops.tree_of(self.vm)
-                files = await read_files(self.ops, self.vm, tree)
-                kept = merge.forgotten(tree, files)
-                if kept != tree:
-                    await self._store(kept)
-                    tree = kept
-                steps = merge.plan(tree, files)
-                if not steps:
-                    break
-                progress(100.0 * len(done) / (len(done) + len(steps)),
-                         f"merging: {len(steps)} step(s) left")
-                raw = merge.step_to_json(steps[0])
-                await self._pending(tree, [raw, *map(merge.step_to_json, steps[1:])])
-                await self._do(steps[0], files, progress)
-                done.append(raw)
-        finally:
-            await asyncio.shield(self._clear())
-        return {"steps": done}
-
-    async def _clear(self) -> None:
-        with contextlib.suppress(HvError):
+        while True:
             tree = await self.ops.tree_of(self.vm)
-            if tree.pending is not None:
-                await self._store(tree.with_pending(None))
+            files = await read_files(self.ops, self.vm, tree)
+            kept = merge.forgotten(tree, files)
+            if kept != tree:
+                await self._store(kept)
+                tree = kept
+            steps = merge.plan(tree, files)
+            if not steps:
+                break
+            progress(100.0 * len(done) / (len(done) + len(steps)),
+                     f"merging: {len(steps)} step(s) left")
+            raw = merge.step_to_json(steps[0])
+            await self._pending(tree, [raw, *map(merge.step_to_json, steps[1:])])
+            await self._do(steps[0], files, progress)
+            done.append(raw)
+        tree = await self.ops.tree_of(self.vm)
+        if tree.pending is not None:
+            await self._store(tree.with_pending(None))
+        return {"steps": done}
 
     async def _do(self, step: Step, files: Files, progress: Progress) -> None:
         if isinstance(step, Remove):
