@@ -42,7 +42,7 @@ from hvstack.checkpoints.merge import Commit, Files, Link, Remove, Step
 from hvstack.checkpoints.model import CheckpointTree, PendingMerge
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmConfig, VmState
-from hvstack.errors import HvError, HypervisorError, InvalidInput
+from hvstack.errors import HypervisorError, InvalidInput
 from hvstack.host.jobs import Job, JobBody, Progress
 from hvstack.hypervisor.capabilities import BlockJobInfo, BlockJobs
 from hvstack.storage import usage
