@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -285,3 +286,120 @@ def test_deleting_what_does_not_exist(host: HostProcess) -> None:
     assert "nope" in result.stderr and "Traceback" not in result.stderr
     result = host.hv("checkpoint", "delete", "x", "nope")  # no terminal: must say --yes
     assert result.returncode == 2 and "--yes" in result.stderr
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path) -> Iterator[Path]:
+    """The data directory (database, VM folders and their disks) on a 256 MiB tmpfs."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M,mode=0700", "tmpfs", str(data)],
+                   check=True)
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def fill_but(folder: Path, spare: int) -> Path:
+    """Fill the file system of ``folder`` up to its last block, then give back ``spare``
+    bytes (the database's small writes still fit; a merge of megabytes does not)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 20, 4096):
+            try:
+                while True:
+                    f.write(b"\xa5" * size)
+            except OSError:
+                pass
+    os.truncate(filler, filler.stat().st_size - spare)
+    return filler
+
+
+def test_disk_full_during_a_merge_keeps_the_chain_whole(small_data_dir: Path,
+                                                        tiny_image: Path) -> None:
+    with running_host(small_data_dir, tiny_image) as host:
+        make_vm(host, "full")
+        disk = disk_paths(host, "full")[0]
+        checkpoint_offline(host, "full", "cp1")
+        boot(host, "full")
+        written = {"small": write_file(host, "full", "small", 1)}
+        shut_down(host, "full")
+        checkpoint_offline(host, "full", "cp2")
+        active = disk_paths(host, "full")[0]
+        boot(host, "full")
+        written["big"] = write_file(host, "full", "big", 24)
+        # Room for the first step (cp1's megabyte merged into the disk), not the second.
+        filler = fill_but(small_data_dir, 10 << 20)
+
+        result = host.hv("checkpoint", "delete", "full", "cp1", "--subtree", "--yes")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "needs up to" in result.stderr and "MiB" in result.stderr, result.stderr
+        assert "internal error" not in result.stderr
+        # Both checkpoints are gone; cp2's file is merged, the current file's data is
+        # still in front of the disk, which nothing else needs.
+        assert checkpoints(host, "full") == {}
+        assert disk_paths(host, "full") == [active]
+        assert chain_files(active)[1] == disk
+        assert host.vm("full")["state"] == "Running"
+        check_clean(active)
+        assert digests(host, "full", list(written)) == written
+
+        # With room again, the next start of the service finishes the merge.
+        filler.unlink()
+        shut_down(host, "full")
+        host.stop()
+        host.start()
+        job = wait_job(host, "checkpoint-merge")
+        assert job["state"] == "completed", job
+        assert disk_paths(host, "full") == [disk]
+        assert not Path(active).exists()
+        check_clean(disk)
+        boot(host, "full")
+        assert digests(host, "full", list(written)) == written
+        host.ok("vm", "stop", "full", "--turn-off")
+
+
+def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
+                                                      tmp_path: Path) -> None:
+    make_vm(host, "k")
+    second = host.data_dir / "second.qcow2"
+    host.ok("disk", "create", str(second), "--size", "1G")
+    host.ok("vm", "set", "k", "--attach-disk", str(second), "--bus", "virtio")
+    checkpoint_offline(host, "k", "cp1")
+    first, overlay = disk_paths(host, "k")
+    # 384 MiB of data in front of the second disk: a merge that takes a while
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 384M", overlay],
+                   check=True, stdout=subprocess.DEVNULL)
+    expected = flat_digest(overlay, tmp_path)
+    boot(host, "k")
+    written = {"f": write_file(host, "k", "f", 8)}
+
+    subprocess.run([*_hv(), "checkpoint", "delete", "k", "cp1", "--yes", "--no-wait"],
+                   env=host.env, check=True, capture_output=True)
+    deadline = time.monotonic() + DEADLINE
+    while not any(j["kind"] == "checkpoint-delete" and "merging" in (j["message"] or "")
+                  for j in host.json("job", "list")):
+        assert time.monotonic() < deadline, "the merge never started"
+    host.kill9()
+
+    host.start()
+    job = wait_job(host, "checkpoint-merge")
+    assert job["state"] == "completed", job
+    [cut] = [j for j in host.json("job", "list") if j["kind"] == "checkpoint-delete"]
+    assert cut["state"] == "failed"
+    assert host.vm("k")["state"] == "Running"  # QEMU outlived the service
+    paths = disk_paths(host, "k")
+    assert paths[1] == str(second)
+    assert not Path(overlay).exists() and not Path(first).exists()
+    for path in paths:
+        check_clean(path)
+    assert flat_digest(str(second), tmp_path) == expected
+    assert digests(host, "k", ["f"]) == written
+    shut_down(host, "k")
+    boot(host, "k")
+    assert digests(host, "k", ["f"]) == written
+    host.ok("vm", "stop", "k", "--turn-off")

@@ -42,7 +42,7 @@ from hvstack.checkpoints.merge import Commit, Files, Link, Remove, Step
 from hvstack.checkpoints.model import CheckpointTree, PendingMerge
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmConfig, VmState
-from hvstack.errors import HypervisorError, InvalidInput
+from hvstack.errors import HvError, HypervisorError, InvalidInput, NoSpace
 from hvstack.host.jobs import Job, JobBody, Progress
 from hvstack.hypervisor.capabilities import BlockJobInfo, BlockJobs
 from hvstack.storage import usage
@@ -188,6 +188,7 @@ class Merger:
             await asyncio.to_thread(_unlink, step.file)
             await self._done(files, step)
             return
+        await asyncio.to_thread(_check_room, step)
         disk = _live_disk(self.vm, files, step)
         if disk is None:
             await self._offline(step, files)
@@ -206,6 +207,8 @@ class Merger:
                 return  # started meanwhile: planned again, live
             # Into the parent X's header names (F, as planned); -d: X stays whole
             # until it is deleted, so a cut-short commit leaves every view intact.
+            if step.into_format == "qcow2":
+                await _repair_leaks(step.into)
             await run_qemu_img(["commit", "-f", "qcow2", "-d", "--", step.file],
                                timeout=LONG_TIMEOUT)
             await self._rebase(step, step.children)
@@ -250,13 +253,15 @@ class Merger:
         await self._pending(tree, [marked, *[dict(s) for s in pending[1:]]])
         if above is None:
             await jobs.commit(job_id, root, top=top, base=base)
-            await run_job(jobs, job_id, until_ready=True, progress=progress)
+            async with _room(step):
+                await run_job(jobs, job_id, until_ready=True, progress=progress)
             await self._pending(await self.ops.tree_of(self.vm),
                                 [{**marked, "pivot": True}, *[dict(s) for s in pending[1:]]])
             await asyncio.shield(self._pivot(jobs, job_id, files, step, top))
         else:
             await jobs.commit(job_id, root, top=top, base=base, backing_file=step.into)
-            await run_job(jobs, job_id, progress=progress)
+            async with _room(step):
+                await run_job(jobs, job_id, progress=progress)
             others = tuple(c for c in step.children if c != above)
             await self._rebase(step, others)
             await self._done(files, step)
@@ -323,6 +328,46 @@ class Merger:
             return True
         await run_job(jobs, info.job_id)
         return False
+
+
+ROOM_MARGIN = 4 << 20  # bytes beyond X's size: F's new metadata, the guest's writes
+
+
+def _check_room(step: Commit) -> None:
+    """NoSpace, before F is written, if its file system cannot take all of X."""
+    need = os.stat(step.file).st_blocks * 512 + ROOM_MARGIN
+    fs = os.statvfs(step.into)
+    free = fs.f_bavail * fs.f_frsize
+    if free < need:
+        raise NoSpace(f"merging '{step.file}' into '{step.into}' needs up to {need >> 20} MiB "
+                      f"on its file system, which has {free >> 20} MiB free; every "
+                      "checkpoint and the current state are intact, and the merge finishes "
+                      "at the service's next start or the VM's next checkpoint deletion",
+                      path=step.into, needed=need, free=free)
+
+
+async def _repair_leaks(path: str) -> None:
+    """Give back clusters a commit cut short (a full disk) left allocated in F, which
+    nothing but the merge uses; a failure here only leaves them."""
+    try:
+        await run_qemu_img(["check", "-r", "leaks", "-f", "qcow2", "--", path],
+                           timeout=LONG_TIMEOUT)
+    except HvError as exc:
+        log.warning("qemu-img check -r leaks of %s: %s", path, exc)
+
+
+@contextlib.asynccontextmanager
+async def _room(step: Commit) -> AsyncIterator[None]:
+    """QEMU's "No space left on device" as NoSpace, naming the file that needed it."""
+    try:
+        yield
+    except HypervisorError as exc:
+        if "no space left" not in exc.message.lower():
+            raise
+        raise NoSpace(f"merging '{step.file}' into '{step.into}' needs more room on its "
+                      f"file system: {exc.message}; every checkpoint and the current state "
+                      "are intact, and the merge finishes at the service's next start or "
+                      "the VM's next checkpoint deletion", path=step.into) from exc
 
 
 async def _concluded(jobs: BlockJobs, job_id: str) -> BlockJobInfo:
