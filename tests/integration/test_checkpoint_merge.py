@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -363,6 +364,19 @@ def test_disk_full_during_a_merge_keeps_the_chain_whole(small_data_dir: Path,
         host.ok("vm", "stop", "full", "--turn-off")
 
 
+def qemu_job_started(host: HostProcess, vm: str) -> bool:
+    """The VM's pending merge names a QEMU job (read from the service's database)."""
+    vm_id = host.vm(vm)["id"]
+    db = sqlite3.connect(f"file:{host.data_dir / 'hvstack.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM kv WHERE key=?", (f"checkpoints/{vm_id}",)
+                         ).fetchone()
+    finally:
+        db.close()
+    pending = json.loads(row[0]).get("pending") if row else None
+    return bool(pending and pending["steps"] and pending["steps"][0].get("qemu_job"))
+
+
 def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
                                                       tmp_path: Path) -> None:
     make_vm(host, "k")
@@ -381,9 +395,9 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
     subprocess.run([*_hv(), "checkpoint", "delete", "k", "cp1", "--yes", "--no-wait"],
                    env=host.env, check=True, capture_output=True)
     deadline = time.monotonic() + DEADLINE
-    while not any(j["kind"] == "checkpoint-delete" and "merging" in (j["message"] or "")
-                  for j in host.json("job", "list")):
+    while not qemu_job_started(host, "k"):  # killed once QEMU's commit job runs
         assert time.monotonic() < deadline, "the merge never started"
+        time.sleep(0.05)
     host.kill9()
 
     host.start()
@@ -398,6 +412,7 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
     for path in paths:
         check_clean(path)
     assert flat_digest(str(second), tmp_path) == expected
+    assert "the merge's QEMU job" in host.log.read_text()
     assert digests(host, "k", ["f"]) == written
     shut_down(host, "k")
     boot(host, "k")

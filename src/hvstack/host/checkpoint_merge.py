@@ -184,6 +184,7 @@ class Merger:
         return {"steps": done}
 
     async def _do(self, step: Step, files: Files, progress: Progress) -> None:
+        log.info("VM %s: merge step %s", self.vm.record.name, merge.step_to_json(step))
         if isinstance(step, Remove):
             await asyncio.to_thread(_unlink, step.file)
             await self._done(files, step)
@@ -300,12 +301,16 @@ class Merger:
         if job_id and _running(self.vm) and isinstance(step, Commit):
             jobs = self.vm.running_machine().block_jobs
             info = next((j for j in await jobs.jobs() if j.job_id == job_id), None)
+            log.info("VM %s: the merge's QEMU job %s is %s", self.vm.record.name, job_id,
+                     "gone" if info is None else info.status)
             if info is not None and await self._resume_job(jobs, info, files, step):
                 return
         if (isinstance(step, Commit) and step.children and step.file in files.existing
                 and all(files.links.get(c) == Link(step.into, step.into_format)
                         for c in step.children)):
             # The data is in F and every child names it: only the record was missing.
+            log.info("VM %s: %s was merged into %s; recording it", self.vm.record.name,
+                     step.file, step.into)
             await self._done(files, step)
             await asyncio.to_thread(_unlink, step.file)
 
