@@ -49,7 +49,7 @@ class HostRoot:
         self.guest = GuestOperations(service, guest_policy)
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
-        self.checkpoints = CheckpointOperations(service)
+        self.checkpoints = CheckpointOperations(service, self.guest)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
