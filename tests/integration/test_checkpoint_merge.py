@@ -418,3 +418,35 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
     boot(host, "k")
     assert digests(host, "k", ["f"]) == written
     host.ok("vm", "stop", "k", "--turn-off")
+
+
+def test_checkpoints_made_while_running_deleted_while_the_guest_writes(
+        host: HostProcess, tmp_path: Path) -> None:
+    """Checkpoints taken live (overlay nodes added at run time), then deleted one by one
+    under a write load until the VM is back on the disk it was created with."""
+    make_vm(host, "live")
+    disk = disk_paths(host, "live")[0]
+    boot(host, "live")
+    written: dict[str, str] = {}
+    for name in ("a", "b", "c"):
+        written[name] = write_file(host, "live", name)
+        host.ok("checkpoint", "create", "live", "--name", name)
+    assert len(chain_files(disk_paths(host, "live")[0])) == 5  # 3 overlays, disk, tiny
+    before = views(host, "live", tmp_path)
+    writer = Writer(host, "live")
+    for name in ("b", "c", "a"):  # the middle one, the newest, then the first
+        host.ok("checkpoint", "delete", "live", name, "--yes")
+        gone = {"b": {"b"}, "c": {"b", "c"}, "a": {"a", "b", "c"}}[name]
+        assert views(host, "live", tmp_path) == {k: v for k, v in before.items()
+                                                 if k not in gone}
+        assert host.vm("live")["state"] == "Running"
+    assert disk_paths(host, "live") == [disk]
+    assert [p.name for p in Path(disk).parent.glob("*_*.qcow2")] == []
+    expected = {**written, "w": writer.stop()}
+    assert digests(host, "live", list(expected)) == expected
+    check_clean(disk)
+    shut_down(host, "live")
+    boot(host, "live")
+    assert digests(host, "live", list(expected)) == expected
+    host.ok("vm", "stop", "live", "--turn-off")
+    assert "Traceback" not in host.log.read_text()
