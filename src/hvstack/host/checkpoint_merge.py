@@ -319,20 +319,30 @@ class Merger:
         """True if the job's step is finished by this."""
         nodes = await jobs.node_files()
         disk = step.disk or _live_disk(self.vm, files, step)
-        top = file_node(disk, step.file, nodes) if disk is not None else ""
-        active = step.disk is not None
-        if info.status == "concluded":
-            if info.error or not active:
-                await jobs.dismiss(info.job_id)  # an intermediate: its headers tell
-                return False
-            await self._finish_pivot(jobs, info.job_id, files, step, top)
+        top = ""
+        with contextlib.suppress(HypervisorError):
+            top = file_node(disk, step.file, nodes) if disk is not None else ""
+        if info.status == "concluded" and info.error:
+            await jobs.dismiss(info.job_id)
+            return False
+        if step.disk is not None:  # an active commit: completed, the device pivots
+            if info.status == "concluded":
+                await self._finish_pivot(jobs, info.job_id, files, step, top)
+            else:
+                await run_job(jobs, info.job_id, until_ready=True)
+                await asyncio.shield(self._pivot(jobs, info.job_id, files, step, top))
             return True
-        if active:
-            await run_job(jobs, info.job_id, until_ready=True)
-            await asyncio.shield(self._pivot(jobs, info.job_id, files, step, top))
-            return True
-        await run_job(jobs, info.job_id)
-        return False
+        await run_job(jobs, info.job_id)  # waits for it (if it still runs) and dismisses
+        files = await read_files(self.ops, self.vm, await self.ops.tree_of(self.vm))
+        # F holds X's data and QEMU named F above X; X's other children are rebased as
+        # the step would have.
+        moved = Link(step.into, step.into_format)
+        await self._rebase(step, tuple(c for c in step.children
+                                       if files.links.get(c) != moved))
+        await self._done(files, step)
+        await _remove_nodes(jobs, top)
+        await asyncio.to_thread(_unlink, step.file)
+        return True
 
 
 ROOM_MARGIN = 4 << 20  # bytes beyond X's size: F's new metadata, the guest's writes
@@ -467,7 +477,11 @@ async def startup(ops: CheckpointOperations) -> list[Job]:
     """Finish every pending merge a stopped or killed service left (one job per VM)."""
     started = []
     for vm in ops.service.list_vms():
-        tree = await ops.tree_of(vm)
+        try:
+            tree = await ops.tree_of(vm)
+        except HvError as exc:  # the service starts anyway; the VM's tree stays as it is
+            log.error("VM %s: cannot read its checkpoint tree: %s", vm.record.name, exc)
+            continue
         pending = tree.pending
         if pending is None:
             continue
