@@ -127,6 +127,19 @@ def check_clean(path: str) -> None:
             assert result.returncode == 0, f"{member}: {result.stdout}{result.stderr}"
 
 
+def qemu_holds(host: HostProcess, vm: str, path: str) -> bool:
+    """QEMU of ``vm`` still has ``path`` open (a node of a merged file not removed)."""
+    pid = (Path(host.vm(vm)["folder"]) / "qemu.pid").read_text().strip()
+    fds = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            continue
+    return any(t in (path, f"{path} (deleted)") for t in targets)
+
+
 def disk_paths(host: HostProcess, vm: str) -> list[str]:
     return [d["path"] for d in host.vm(vm)["disks"]]
 
@@ -227,11 +240,14 @@ def test_delete_a_middle_checkpoint_while_the_guest_writes(host: HostProcess,
     # cp2 names the file between cp1's and cp3's: committed into it in QEMU (an
     # intermediate node, opened read-only at launch), while the guest writes.
     cp2_file = checkpoints(host, "m")["cp2"]["disks"]
+    before_cp3 = checkpoints(host, "m")["cp3"]["disks"]
     out = host.ok("checkpoint", "delete", "m", "cp2", "--yes")
     assert "Deleted checkpoint 'cp2'" in out
     left = checkpoints(host, "m")
     assert set(left) == {"cp1", "cp3"}
+    cp3_file = before_cp3
     assert left["cp3"]["disks"] == cp2_file  # cp3 names the file that now holds its data
+    assert not any(Path(p).exists() or qemu_holds(host, "m", p) for p in cp3_file.values())
     assert views(host, "m", tmp_path) == {k: v for k, v in before.items() if k != "cp2"}
     assert host.vm("m")["state"] == "Running"
 
@@ -240,6 +256,8 @@ def test_delete_a_middle_checkpoint_while_the_guest_writes(host: HostProcess,
     host.ok("checkpoint", "delete", "m", "cp3", "--yes")
     assert disk_paths(host, "m") == list(cp2_file.values())
     assert not Path(active).exists()
+    assert not qemu_holds(host, "m", active)
+    assert not any(qemu_holds(host, "m", p) for p in cp3_file.values())
     assert views(host, "m", tmp_path) == {"cp1": before["cp1"]}
     now = writer.stop()
     check_clean(disk_paths(host, "m")[0])
@@ -377,8 +395,11 @@ def qemu_job_started(host: HostProcess, vm: str) -> bool:
     return bool(pending and pending["steps"] and pending["steps"][0].get("qemu_job"))
 
 
-def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("commit", ["active", "intermediate"])
+def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess, tmp_path: Path,
+                                                      commit: str) -> None:
+    """The service is killed once QEMU's commit job runs: an active commit (the current
+    file into cp1's) or an intermediate one (cp2's file, below the current one)."""
     make_vm(host, "k")
     second = host.data_dir / "second.qcow2"
     host.ok("disk", "create", str(second), "--size", "1G")
@@ -388,7 +409,10 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
     # 384 MiB of data in front of the second disk: a merge that takes a while
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 384M", overlay],
                    check=True, stdout=subprocess.DEVNULL)
-    expected = flat_digest(overlay, tmp_path)
+    if commit == "intermediate":
+        checkpoint_offline(host, "k", "cp2")
+    current = disk_paths(host, "k")[1]
+    expected = flat_digest(current, tmp_path)
     boot(host, "k")
     written = {"f": write_file(host, "k", "f", 8)}
 
@@ -407,11 +431,17 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess,
     assert cut["state"] == "failed"
     assert host.vm("k")["state"] == "Running"  # QEMU outlived the service
     paths = disk_paths(host, "k")
-    assert paths[1] == str(second)
     assert not Path(overlay).exists() and not Path(first).exists()
+    assert not qemu_holds(host, "k", overlay) and not qemu_holds(host, "k", first)
+    if commit == "active":
+        assert paths[1] == str(second)
+        assert checkpoints(host, "k") == {}
+    else:
+        assert paths[1] == current and chain_files(current)[1] == str(second)
+        assert str(second) in checkpoints(host, "k")["cp2"]["disks"].values()
     for path in paths:
         check_clean(path)
-    assert flat_digest(str(second), tmp_path) == expected
+    assert flat_digest(paths[1], tmp_path) == expected
     assert "the merge's QEMU job" in host.log.read_text()
     assert digests(host, "k", ["f"]) == written
     shut_down(host, "k")

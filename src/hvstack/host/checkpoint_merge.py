@@ -317,11 +317,11 @@ class Merger:
     async def _resume_job(self, jobs: BlockJobs, info: BlockJobInfo, files: Files,
                           step: Commit) -> bool:
         """True if the job's step is finished by this."""
-        nodes = await jobs.node_files()
-        disk = step.disk or _live_disk(self.vm, files, step)
-        top = ""
-        with contextlib.suppress(HypervisorError):
-            top = file_node(disk, step.file, nodes) if disk is not None else ""
+        # X's node, found by its file: after an intermediate commit the headers no
+        # longer place X in a disk's chain. (A job's filter node over X has a name
+        # QEMU made up, "#block..."; hvstack names its own nodes.)
+        top = next((n for n, f in (await jobs.node_files()).items()
+                    if f == step.file and not n.startswith("#")), "")
         if info.status == "concluded" and info.error:
             await jobs.dismiss(info.job_id)
             return False
