@@ -395,11 +395,12 @@ def qemu_job_started(host: HostProcess, vm: str) -> bool:
     return bool(pending and pending["steps"] and pending["steps"][0].get("qemu_job"))
 
 
-@pytest.mark.parametrize("commit", ["active", "intermediate"])
-def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess, tmp_path: Path,
-                                                      commit: str) -> None:
-    """The service is killed once QEMU's commit job runs: an active commit (the current
-    file into cp1's) or an intermediate one (cp2's file, below the current one)."""
+def big_merge(host: HostProcess, tmp: Path, commit: str
+              ) -> tuple[Path, str, str, str, str, dict[str, str]]:
+    """VM "k" running with a second disk whose 384 MiB of data are being merged (cp1
+    deleted): once QEMU's commit job runs, returns the second disk, the first disk's
+    overlay, the second's overlay, its current file, the digest of what that file's
+    chain holds and the guest's file written before."""
     make_vm(host, "k")
     second = host.data_dir / "second.qcow2"
     host.ok("disk", "create", str(second), "--size", "1G")
@@ -412,16 +413,24 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess, tmp_pat
     if commit == "intermediate":
         checkpoint_offline(host, "k", "cp2")
     current = disk_paths(host, "k")[1]
-    expected = flat_digest(current, tmp_path)
+    expected = flat_digest(current, tmp)
     boot(host, "k")
     written = {"f": write_file(host, "k", "f", 8)}
-
     subprocess.run([*_hv(), "checkpoint", "delete", "k", "cp1", "--yes", "--no-wait"],
                    env=host.env, check=True, capture_output=True)
     deadline = time.monotonic() + DEADLINE
-    while not qemu_job_started(host, "k"):  # killed once QEMU's commit job runs
+    while not qemu_job_started(host, "k"):
         assert time.monotonic() < deadline, "the merge never started"
         time.sleep(0.05)
+    return second, first, overlay, current, expected, written
+
+
+@pytest.mark.parametrize("commit", ["active", "intermediate"])
+def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess, tmp_path: Path,
+                                                      commit: str) -> None:
+    """The service is killed once QEMU's commit job runs: an active commit (the current
+    file into cp1's) or an intermediate one (cp2's file, below the current one)."""
+    second, first, overlay, current, expected, written = big_merge(host, tmp_path, commit)
     host.kill9()
 
     host.start()
@@ -446,6 +455,39 @@ def test_kill_9_during_a_merge_is_finished_on_restart(host: HostProcess, tmp_pat
     assert digests(host, "k", ["f"]) == written
     shut_down(host, "k")
     boot(host, "k")
+    assert digests(host, "k", ["f"]) == written
+    host.ok("vm", "stop", "k", "--turn-off")
+
+
+def test_cancel_during_a_merge_then_finished_on_a_saved_vm(host: HostProcess,
+                                                           tmp_path: Path) -> None:
+    """hv job cancel while QEMU merges: everything stays readable as before; the
+    merge stays pending and the next start of the service finishes it, here with the VM
+    saved (qemu-img on its files); the VM resumes from that state."""
+    second, _, overlay, _, expected, written = big_merge(host, tmp_path, "active")
+    [job] = [j for j in host.json("job", "list") if j["kind"] == "checkpoint-delete"]
+    host.hv("job", "cancel", job["id"])
+    job = wait_job(host, "checkpoint-delete")
+    assert job["state"] in ("cancelled", "completed"), job  # it may have just ended
+    assert host.vm("k")["state"] == "Running"
+    paths = disk_paths(host, "k")
+    for path in paths:
+        check_clean(path)
+    assert flat_digest(paths[1], tmp_path) == expected
+    assert digests(host, "k", ["f"]) == written
+    assert checkpoints(host, "k") == {}
+
+    host.ok("vm", "save", "k")
+    host.stop()
+    host.start()
+    if job["state"] == "cancelled":
+        finished = wait_job(host, "checkpoint-merge")
+        assert finished["state"] == "completed", finished
+    assert host.vm("k")["state"] == "Saved"
+    assert disk_paths(host, "k")[1] == str(second) and not Path(overlay).exists()
+    check_clean(str(second))
+    assert flat_digest(str(second), tmp_path) == expected
+    host.ok("vm", "start", "k")
     assert digests(host, "k", ["f"]) == written
     host.ok("vm", "stop", "k", "--turn-off")
 
