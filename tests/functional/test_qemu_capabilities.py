@@ -290,3 +290,29 @@ async def test_a_snapshot_and_its_bitmap_are_one_transaction(
         {"type": "block-dirty-bitmap-add",
          "data": {"node": "disk0-snap1", "name": "replica", "persistent": True}},
     ]}]
+
+
+async def test_an_intermediate_commit_names_the_base_by_its_path(
+    qmp: FakeQmp, machine: QemuMachine
+) -> None:
+    await machine.block_jobs.commit("m1", "disk-a", top="disk-a-11", base="disk-a-22",
+                                    backing_file="/s/base.qcow2")
+    assert qmp.sent("block-commit") == [{
+        "job-id": "m1", "device": "disk-a", "auto-dismiss": False, "top-node": "disk-a-11",
+        "backing-file": "/s/base.qcow2", "base-node": "disk-a-22"}]
+
+
+async def test_a_read_only_launch_node_is_made_writable_through_its_protocol_node(
+    qmp: FakeQmp, machine: QemuMachine
+) -> None:
+    qmp.reply("query-named-block-nodes", [
+        {"node-name": "disk-a-11", "file": "/s/a.qcow2", "ro": True, "drv": "qcow2"},
+        {"node-name": "disk-a-11-file", "file": "/s/a.qcow2", "ro": True, "drv": "file"},
+        {"node-name": "disk-a-22-file", "file": "/s/b.qcow2", "ro": False, "drv": "file"}])
+    qmp.reply("blockdev-reopen", {})
+    await machine.block_jobs.writable("disk-a-11")
+    await machine.block_jobs.writable("disk-a-22")  # writable already: nothing sent
+    await machine.block_jobs.writable("disk-a-33")  # no protocol node of its own
+    assert qmp.sent("blockdev-reopen") == [{"options": [{
+        "driver": "file", "node-name": "disk-a-11-file", "filename": "/s/a.qcow2",
+        "read-only": False, "auto-read-only": True, "discard": "unmap"}]}]

@@ -15,6 +15,9 @@ time, planning again from the qcow2 headers on disk after each step:
   VM's lock (a start waits), then ``qemu-img rebase -u`` of X's children onto F, the
   tree and the disk paths stored, X deleted.
 
+Before a commit writes F, its file system must have room for all of X (NoSpace
+otherwise; QEMU's or qemu-img's "no space" is NoSpace too); clusters a cut-short commit
+leaked in F are given back (``qemu-img check -r leaks``) before an offline commit.
 A VM that stops during a live step makes it fail; the step is planned again, offline.
 Failure or cancellation leaves every view intact (X keeps its data in front of F until
 the tree names F instead) and the merge pending: the service's next start, or the next
