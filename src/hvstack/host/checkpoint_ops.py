@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from hvstack.checkpoints.model import CheckpointTree
+from hvstack.checkpoints.model import Checkpoint, CheckpointTree
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmConfig
+from hvstack.errors import Conflict
+from hvstack.host.jobs import Job
 from hvstack.host.records import CheckpointRecords
 from hvstack.host.service import HostService
 
@@ -47,6 +49,30 @@ class CheckpointOperations:
             await self.service.provisioning.store_config(vm, config, also=[op])
         self._trees[vm.record.id] = tree
         self.service.events.publish("vm.checkpoints", vm=vm.record.name, id=vm.record.id)
+
+    # -- the operations (H1: create, list, apply, rename) ----------------------------
+
+    async def list(self, ref: str) -> tuple[VmController, CheckpointTree]:
+        """The VM ``ref`` names and its checkpoint tree."""
+        vm = self.service.get_vm(ref)
+        return vm, await self.tree_of(vm)
+
+    async def create(self, ref: str, name: str | None = None) -> Job:
+        """Start a job that checkpoints VM ``ref`` (its checkpoint type decides how)."""
+        raise Conflict("creating checkpoints is not there yet")
+
+    async def apply(self, ref: str, checkpoint: str, save_current: bool = False) -> Job:
+        """Start a job that returns VM ``ref`` to ``checkpoint``."""
+        raise Conflict("applying checkpoints is not there yet")
+
+    async def rename(self, ref: str, checkpoint: str, name: str) -> Checkpoint:
+        vm = self.service.get_vm(ref)
+        async with vm.lock:
+            tree = await self.tree_of(vm)
+            renamed = tree.renamed(checkpoint, name)
+            if renamed is not tree:
+                await self.store(vm, renamed)
+            return renamed.get(tree.get(checkpoint).id)
 
     def forget(self, vm_id: str) -> None:
         """Drop the cached tree of a deleted VM (its record went with the VM's)."""
