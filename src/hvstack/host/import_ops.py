@@ -45,6 +45,7 @@ from hvstack.compute.model import (
 )
 from hvstack.errors import HvError, InvalidInput
 from hvstack.host import export_files
+from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.export_format import (
     DISKS,
     MANIFEST,
@@ -105,8 +106,10 @@ class ImportReport:
 
 
 class ImportOperations:
-    def __init__(self, service: HostService, switch_name: Any = None) -> None:
+    def __init__(self, service: HostService, checkpoints: CheckpointOperations,
+                 switch_name: Any = None) -> None:
         self.service = service
+        self.checkpoints = checkpoints
         # The name of the switch with an id, None if this host has none such.
         self._switch_name = switch_name or (lambda switch_id: None)
 
@@ -380,12 +383,19 @@ class ImportOperations:
                                    f"{free} free")
 
     async def _check_register(self, report: ImportReport) -> None:
+        """The files become this VM's where they are: no other VM may have any of them,
+        and the current disks must be free to write (no child outside the export)."""
         use = self.service.disk_use
+        users = {a.path: a.vm for a in use.attachments()}
+        current = {d.path for d in report.manifest.config.disks}
         for record in report.manifest.files:
             path = (report.folder / record.path).resolve()
             try:
                 use.confine(str(path), must_exist=True)
-                await use.check(path, "attach")
+                if path in users:
+                    report.problems.append(f"'{path}' is a disk of VM '{users[path]}'")
+                elif record.path in current:
+                    await use.check(path, "attach")
             except HvError as exc:
                 report.problems.append(exc.message)
 
@@ -441,6 +451,7 @@ class ImportOperations:
             for path in reversed(made):
                 await asyncio.to_thread(shutil.rmtree, path, True)
             raise
+        self.checkpoints.forget(vm_id)  # a tree cached under this id is not this VM's
         self.service.registry.register(record)
         (files.folder / "vm.json").write_text(config.to_json())
         self.service.events.publish("vm.created", vm=config.name, id=vm_id)

@@ -53,7 +53,7 @@ class HostRoot:
         self.network = network if network is not None else NetworkOperations(service, None)
         self.checkpoints = CheckpointOperations(service)
         self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
-        self.imports = ImportOperations(service, self.network.name_of)
+        self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,

@@ -1,0 +1,211 @@
+"""Export and import through the API (fake driver, real files and qemu-img): an Off VM
+with a checkpoint tree round-trips under a new id; the import's check lists every
+problem at once and changes nothing; an export never leaves half a folder."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hvstack.api.app import create_app
+from hvstack.checkpoints.model import Checkpoint, CheckpointKind
+from hvstack.host.root import HostRoot
+from hvstack.host.service import HostService
+from hvstack.storage.qcow2_header import read_links
+from hvstack.storage.qemu_img import run_qemu_img
+from tests.functional.fakes import API, assert_problem, create_vm, finish_job
+
+
+@pytest.fixture
+async def root(service: HostService) -> HostRoot:
+    return HostRoot(service)
+
+
+@pytest.fixture
+async def client(root: HostRoot) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(root))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hv") as api:
+        yield api
+
+
+async def checkpoint(root: HostRoot, name: str, cp_name: str) -> Path:
+    """A production checkpoint of the Off VM ``name`` made as H1's create makes one:
+    the active file frozen, a new overlay on top. Returns the frozen file."""
+    vm = root.service.get_vm(name)
+    config = vm.record.config
+    [disk] = config.disks
+    frozen = Path(disk.path)
+    stem = frozen.stem.split("_")[0]
+    overlay = frozen.with_name(f"{stem}_{secrets.token_hex(4)}.qcow2")
+    await run_qemu_img(["create", "-f", "qcow2", "-F", disk.format, "-b", str(frozen), "-u",
+                        str(overlay), "8M"])
+    async with vm.lock:
+        tree = await root.checkpoints.tree_of(vm)
+        cp = Checkpoint(f"{len(tree) + 1:016x}", cp_name, None, time.time(),
+                        CheckpointKind.PRODUCTION, {disk.id: str(frozen)}, config.to_json())
+        new = replace(config, disks=(replace(disk, path=str(overlay), format="qcow2"),))
+        await root.checkpoints.store(vm, tree.added(cp, [str(overlay)]), new)
+    return frozen
+
+
+async def export(api: httpx.AsyncClient, name: str, folder: Path) -> dict[str, Any]:
+    response = await api.post(f"{API}/vms/{name}/export", json={"path": str(folder)})
+    assert response.status_code == 202, response.text
+    job = await finish_job(api, response.json())
+    assert job["state"] == "completed", job
+    result: dict[str, Any] = job["result"]
+    return result
+
+
+async def test_off_vm_with_checkpoints_round_trips_under_a_new_id(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    vm = await create_vm(client, "web", new_disk="8M", generation=1)
+    await checkpoint(root, "web", "one")
+    await checkpoint(root, "web", "two")
+    out = tmp_path / "disks" / "exports"
+    result = await export(client, "web", out)
+    folder = out / "web"
+    assert result["path"] == str(folder) and result["checkpoints"] == 2
+    assert result["files"] == 3 and result["consistency"] == "offline"
+    manifest = json.loads((folder / "vm.json").read_text())
+    assert manifest["id"] == vm["id"] and manifest["state"] == "Off"
+    for entry in manifest["files"]:  # relative names, and headers that agree
+        assert not entry["path"].startswith("/")
+        links = read_links(folder / entry["path"])
+        assert links is not None
+        assert links.backing_file == (Path(entry["parent"]).name if entry["parent"] else None)
+
+    # The same id is taken: the check says so, and nothing is made.
+    check = await client.post(f"{API}/imports/check", json={"path": str(folder),
+                                                             "name": "copy"})
+    assert check.status_code == 200 and not check.json()["ok"]
+    assert any("already has the id" in p for p in check.json()["problems"])
+    refused = assert_problem(await client.post(f"{API}/imports", json={
+        "path": str(folder), "name": "copy"}), 400, "invalid-input")
+    assert any("--new-id" in p for p in refused["problems"])
+
+    response = await client.post(f"{API}/imports", json={
+        "path": str(out), "name": "copy", "new_id": True})  # the parent folder works too
+    assert response.status_code == 202, response.text
+    job = await finish_job(client, response.json())
+    assert job["state"] == "completed", job
+    imported = root.service.get_vm("copy")
+    assert any("dynamic MAC" in note for note in job["result"]["notes"])  # web has it
+    assert imported.record.id != vm["id"]
+    tree = await root.checkpoints.tree_of(imported)
+    assert [c.name for c in tree.checkpoints] == ["one", "two"]
+    assert tree.current == tree.checkpoints[1].id
+    [disk] = imported.record.config.disks
+    assert Path(disk.path).is_relative_to(imported.files.folder) and disk.owned
+    assert set(tree.made) <= {str(p) for p in imported.files.folder.rglob("*.qcow2")}
+    # Each checkpoint's file is a copy in the new folder, chained as before.
+    for cp in tree.checkpoints:
+        [path] = cp.disks.values()
+        assert Path(path).is_file() and Path(path).is_relative_to(imported.files.folder)
+        assert json.loads(cp.config)["disks"][0]["path"] == path
+    info = json.loads(await run_qemu_img(["info", "--output=json", "--backing-chain", "-f",
+                                          "qcow2", disk.path]))
+    assert len(info) == 3 and all(Path(i["filename"]).is_relative_to(
+        imported.files.folder) for i in info)
+
+
+async def test_the_check_lists_every_problem_and_changes_nothing(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    await checkpoint(root, "web", "one")
+    out = tmp_path / "disks" / "exports"
+    await export(client, "web", out)
+    folder = out / "web"
+    manifest = json.loads((folder / "vm.json").read_text())
+    base = next(f for f in manifest["files"] if f["parent"] is None)
+    top = next(f for f in manifest["files"] if f["parent"] is not None)
+    (folder / base["path"]).unlink()  # a missing disk
+    for nic in manifest["config"]["network_adapters"]:
+        nic["dynamic_mac"] = False  # a static MAC: the import may not change it
+    (folder / "vm.json").write_text(json.dumps(manifest))
+    outside = tmp_path / "disks" / "elsewhere.qcow2"  # a chain member outside
+    await run_qemu_img(["create", "-f", "qcow2", str(outside), "8M"])
+    await run_qemu_img(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(outside),
+                        str(folder / top["path"])])
+    before = sorted(p.name for p in root.service.config.vms_dir.iterdir())
+    check = (await client.post(f"{API}/imports/check", json={"path": str(folder)})).json()
+    problems = check["problems"]
+    assert any("missing from the export" in p for p in problems)
+    assert any("outside the export" in p for p in problems)
+    assert any("already has the id" in p for p in problems)
+    assert any("already exists" in p and "web" in p for p in problems)  # the name
+    assert any("static MAC" in p for p in problems)
+    assert_problem(await client.post(f"{API}/imports", json={"path": str(folder)}), 400,
+                   "invalid-input")
+    assert sorted(p.name for p in root.service.config.vms_dir.iterdir()) == before
+    assert [vm.record.name for vm in root.service.list_vms()] == ["web"]
+
+
+async def test_a_format_the_name_contradicts_and_a_path_that_leaves(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    out = tmp_path / "disks" / "exports"
+    await export(client, "web", out)
+    folder = out / "web"
+    manifest = json.loads((folder / "vm.json").read_text())
+    manifest["files"][0]["format"] = "raw"  # a .qcow2 named file recorded as raw
+    manifest["config"]["disks"][0]["format"] = "raw"
+    (folder / "vm.json").write_text(json.dumps(manifest))
+    check = (await client.post(f"{API}/imports/check", json={
+        "path": str(folder), "new_id": True, "name": "b"})).json()
+    assert any("its name says otherwise" in p for p in check["problems"]), check
+    manifest["files"][0]["path"] = "../../elsewhere.qcow2"
+    (folder / "vm.json").write_text(json.dumps(manifest))
+    check = (await client.post(f"{API}/imports/check", json={
+        "path": str(folder), "new_id": True, "name": "b"})).json()
+    assert any("leads outside" in p for p in check["problems"]), check
+
+
+async def test_register_in_place_uses_the_export_files(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=2)
+    await checkpoint(root, "web", "one")
+    out = tmp_path / "disks" / "exports"
+    await export(client, "web", out)
+    folder = out / "web"
+    response = await client.delete(f"{API}/vms/web", params={"delete_disks": "true"})
+    assert response.status_code == 200, response.text
+    response = await client.post(f"{API}/imports", json={"path": str(folder),
+                                                          "mode": "register"})
+    assert response.status_code == 202, response.text
+    job = await finish_job(client, response.json())
+    assert job["state"] == "completed", job
+    vm = root.service.get_vm("web")
+    [disk] = vm.record.config.disks
+    assert Path(disk.path).parent == (folder / "Virtual Hard Disks").resolve()
+    [cp] = (await root.checkpoints.tree_of(vm)).checkpoints
+    assert all(Path(p).parent == Path(disk.path).parent for p in cp.disks.values()), (cp, disk)
+    assert vm.files.efi_vars.is_file()
+    # Registered twice: the id, the name and the files are taken.
+    check = (await client.post(f"{API}/imports/check", json={
+        "path": str(folder), "mode": "register"})).json()
+    assert any("already has the id" in p for p in check["problems"])
+    assert any("VM 'web'" in p for p in check["problems"]), check
+
+
+async def test_export_into_a_taken_folder_or_outside_the_roots(
+        client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    out = tmp_path / "disks" / "exports"
+    (out / "web").mkdir(parents=True)
+    assert_problem(await client.post(f"{API}/vms/web/export", json={"path": str(out)}),
+                   409, "already-exists")
+    assert_problem(await client.post(f"{API}/vms/web/export",
+                                     json={"path": str(tmp_path / "nowhere")}),
+                   400, "path-not-allowed")
+    assert list((out / "web").iterdir()) == []
+    shutil.rmtree(out)
