@@ -111,6 +111,11 @@ class ExportOperations:
                                 "remove it", path=str(target))
         return target
 
+    def _check_free(self, vm: VmController) -> None:
+        """ResourceBusy now, not in the job, if another disk job runs on the VM."""
+        with self.service.block_work.claim(vm.record.id, vm.record.name, "an export"):
+            pass
+
     @staticmethod
     def _make(target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +128,7 @@ class ExportOperations:
         """Start exporting VM ``ref`` into ``directory/<its name>``."""
         vm = self.service.get_vm(ref)
         target = self._target(directory, vm.record.name)
+        self._check_free(vm)
         if vm.state not in (*LIVE_STATES, *IDLE_STATES):
             raise InvalidState(vm.record.name, vm.state.value, "export",
                                [s.value for s in (*LIVE_STATES, *IDLE_STATES)])
@@ -298,6 +304,7 @@ class ExportOperations:
         vm = self.service.get_vm(ref)
         checkpoint = (await self.checkpoints.tree_of(vm)).get(checkpoint_ref)
         target = self._target(directory, vm.record.name)
+        self._check_free(vm)
 
         async def body(progress: Progress) -> dict[str, Any]:
             with self.service.block_work.claim(vm.record.id, vm.record.name,
