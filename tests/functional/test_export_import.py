@@ -20,9 +20,21 @@ from hvstack.api.app import create_app
 from hvstack.checkpoints.model import Checkpoint, CheckpointKind
 from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
+from hvstack.hypervisor.capabilities import BlockNodeSpec
+from hvstack.hypervisor.spec import disk_node_id
 from hvstack.storage.qcow2_header import read_links
 from hvstack.storage.qemu_img import run_qemu_img
-from tests.functional.fakes import API, assert_problem, create_vm, finish_job
+from tests.functional.fake_capabilities import FakeBlockJobs
+from tests.functional.fakes import (
+    API,
+    FakeDriver,
+    assert_problem,
+    create_vm,
+    eventually,
+    finish_job,
+    run_job,
+    show_vm,
+)
 
 
 @pytest.fixture
@@ -209,3 +221,52 @@ async def test_export_into_a_taken_folder_or_outside_the_roots(
                    400, "path-not-allowed")
     assert list((out / "web").iterdir()) == []
     shutil.rmtree(out)
+
+
+async def running_export(root: HostRoot, client: httpx.AsyncClient, driver: FakeDriver,
+                         folder: Path) -> tuple[dict[str, Any], FakeBlockJobs, str]:
+    """Start exporting the running VM 'web'; return the job once QEMU's (fake) backup
+    job runs, the fake's block jobs, and that job's id."""
+    vm = await create_vm(client, "web", new_disk="8M", generation=1)
+    await run_job(client, "web", "start")
+    jobs = driver.machine_of(vm["id"]).block_jobs
+    [disk] = root.service.get_vm("web").record.config.disks
+    jobs.nodes[disk_node_id(disk.id)] = BlockNodeSpec(disk_node_id(disk.id), "qcow2", disk.path)
+    response = await client.post(f"{API}/vms/web/export", json={"path": str(folder)})
+    assert response.status_code == 202, response.text
+    await eventually(lambda: bool(jobs.running), "the backup job runs")
+    [job_id] = jobs.running
+    return response.json(), jobs, job_id
+
+
+async def test_a_running_vm_is_exported_through_one_backup_transaction(
+        root: HostRoot, client: httpx.AsyncClient, driver: FakeDriver, tmp_path: Path) -> None:
+    out = tmp_path / "disks" / "exports"
+    job, jobs, job_id = await running_export(root, client, driver, out)
+    assert [n for n in jobs.nodes if n.startswith("export-")]
+    # Another disk job on the VM meanwhile is refused at once.
+    assert_problem(await client.post(f"{API}/vms/web/export",
+                                     json={"path": str(tmp_path / "disks")}),
+                   409, "resource-busy")
+    info = jobs.running[job_id]
+    jobs.running[job_id] = replace(info, status="concluded", offset=100)
+    job = await finish_job(client, job)
+    assert job["state"] == "completed", job
+    assert job["result"]["state"] == "Off"
+    assert not [n for n in jobs.nodes if n.startswith("export-")]  # removed again
+    record = json.loads((out / "web" / "vm.json").read_text())
+    assert record["state"] == "Off" and len(record["files"]) == 1
+    assert (await show_vm(client, "web"))["state"] == "Running"
+
+
+async def test_cancelling_a_running_export_leaves_nothing(
+        root: HostRoot, client: httpx.AsyncClient, driver: FakeDriver, tmp_path: Path) -> None:
+    out = tmp_path / "disks" / "exports"
+    job, jobs, _ = await running_export(root, client, driver, out)
+    response = await client.post(f"{API}/jobs/{job['id']}/cancel")
+    assert response.status_code == 200, response.text
+    job = await finish_job(client, job)
+    assert job["state"] == "cancelled"
+    assert not jobs.running and not [n for n in jobs.nodes if n.startswith("export-")]
+    assert not (out / "web").exists()
+    assert (await show_vm(client, "web"))["state"] == "Running"
