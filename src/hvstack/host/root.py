@@ -51,7 +51,7 @@ class HostRoot:
         self.guest = GuestOperations(service, guest_policy)
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
-        self.checkpoints = CheckpointOperations(service)
+        self.checkpoints = CheckpointOperations(service, self.guest)
         self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
         self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
 

@@ -41,7 +41,7 @@ def list_view(vm: VmController, tree: CheckpointTree) -> CheckpointList:
 
 @router.get("/{ref}/checkpoints", response_model=CheckpointList)
 async def list_checkpoints(request: Request, ref: str) -> CheckpointList:
-    vm, tree = await checkpoint_ops_of(request).list(ref)
+    vm, tree = await checkpoint_ops_of(request).listing(ref)
     return list_view(vm, tree)
 
 
@@ -54,7 +54,7 @@ async def create_checkpoint(request: Request, ref: str,
 
 @router.get("/{ref}/checkpoints/{checkpoint}", response_model=CheckpointView)
 async def show_checkpoint(request: Request, ref: str, checkpoint: str) -> CheckpointView:
-    _, tree = await checkpoint_ops_of(request).list(ref)
+    _, tree = await checkpoint_ops_of(request).listing(ref)
     return checkpoint_view(tree.get(checkpoint), tree)
 
 
@@ -63,7 +63,7 @@ async def rename_checkpoint(request: Request, ref: str, checkpoint: str,
                             body: CheckpointRename) -> CheckpointView:
     ops = checkpoint_ops_of(request)
     renamed = await ops.rename(ref, checkpoint, body.name)
-    _, tree = await ops.list(ref)
+    _, tree = await ops.listing(ref)
     return checkpoint_view(renamed, tree)
 
 
