@@ -210,7 +210,7 @@ async def test_register_in_place_uses_the_export_files(
 
 
 async def test_export_into_a_taken_folder_or_outside_the_roots(
-        client: httpx.AsyncClient, tmp_path: Path) -> None:
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
     await create_vm(client, "web", new_disk="8M", generation=1)
     out = tmp_path / "disks" / "exports"
     (out / "web").mkdir(parents=True)
@@ -218,6 +218,9 @@ async def test_export_into_a_taken_folder_or_outside_the_roots(
                    409, "already-exists")
     assert_problem(await client.post(f"{API}/vms/web/export",
                                      json={"path": str(tmp_path / "nowhere")}),
+                   400, "path-not-allowed")
+    vms_dir = root.service.config.vms_dir
+    assert_problem(await client.post(f"{API}/vms/web/export", json={"path": str(vms_dir)}),
                    400, "path-not-allowed")
     assert list((out / "web").iterdir()) == []
     shutil.rmtree(out)
@@ -270,3 +273,16 @@ async def test_cancelling_a_running_export_leaves_nothing(
     assert not jobs.running and not [n for n in jobs.nodes if n.startswith("export-")]
     assert not (out / "web").exists()
     assert (await show_vm(client, "web"))["state"] == "Running"
+
+
+async def test_an_export_reached_through_a_link_out_of_the_roots_is_refused(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    outside = tmp_path / "outside"
+    await export(client, "web", tmp_path / "disks" / "exports")
+    shutil.copytree(tmp_path / "disks" / "exports" / "web", outside / "web")
+    holder = tmp_path / "disks" / "holder"
+    holder.mkdir()
+    (holder / "web").symlink_to(outside / "web")
+    assert_problem(await client.post(f"{API}/imports/check", json={"path": str(holder)}),
+                   400, "path-not-allowed")

@@ -41,7 +41,13 @@ from typing import Any
 from hvstack.checkpoints.model import Checkpoint, CheckpointKind, CheckpointTree
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import ServiceStatus, VmConfig, VmState
-from hvstack.errors import AlreadyExists, HvError, HypervisorError, InvalidState
+from hvstack.errors import (
+    AlreadyExists,
+    HvError,
+    HypervisorError,
+    InvalidState,
+    PathNotAllowed,
+)
 from hvstack.host import export_files
 from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.export_files import Source
@@ -103,8 +109,13 @@ class ExportOperations:
 
     def _target(self, directory: str, vm_name: str) -> Path:
         """``directory/vm_name``, confined to the roots; AlreadyExists if it is there."""
-        base = confine(directory, self.service.config.storage_roots, what="export folder")
+        config = self.service.config
+        base = confine(directory, config.storage_roots, what="export folder")
         self.service.disk_use.guard(base / f"{vm_name}.qcow2")  # not the service's files
+        for own in (config.vms_dir, config.images_dir):
+            if base.is_relative_to(own.resolve()):
+                raise PathNotAllowed(f"export folder '{base}' is inside the host service's "
+                                     f"own folder {own}; export elsewhere", path=str(base))
         target = base / vm_name
         if target.exists():
             raise AlreadyExists(f"'{target}' already exists; export into another folder or "

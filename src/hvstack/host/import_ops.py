@@ -121,8 +121,9 @@ class ImportOperations:
         if not (folder / MANIFEST).exists():
             found = [p for p in sorted(folder.iterdir()) if (p / MANIFEST).is_file()] \
                 if folder.is_dir() else []
-            if len(found) == 1:
-                return found[0].resolve()
+            if len(found) == 1:  # a link among them must not lead out of the roots
+                return confine(str(found[0]), self.service.config.storage_roots,
+                               must_exist=True, what="export folder")
         return folder
 
     async def check(self, request: ImportRequest) -> ImportReport:
