@@ -286,3 +286,19 @@ async def test_an_export_reached_through_a_link_out_of_the_roots_is_refused(
     (holder / "web").symlink_to(outside / "web")
     assert_problem(await client.post(f"{API}/imports/check", json={"path": str(holder)}),
                    400, "path-not-allowed")
+
+
+async def test_generation_2_needs_firmware_and_a_host_that_fits(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=2)
+    out = tmp_path / "disks" / "exports"
+    await export(client, "web", out)
+    folder = out / "web"
+    record = json.loads((folder / "vm.json").read_text())
+    record["config"]["cpus"] = 100  # more than this host has
+    (folder / "vm.json").write_text(json.dumps(record))
+    root.service.config.ovmf_code.unlink()
+    check = (await client.post(f"{API}/imports/check", json={
+        "path": str(folder), "new_id": True, "name": "b"})).json()
+    assert any("UEFI firmware" in p for p in check["problems"]), check
+    assert any("cannot run the VM" in p and "processor" in p for p in check["problems"])

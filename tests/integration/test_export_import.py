@@ -126,3 +126,44 @@ def test_register_in_place_boots_from_the_export(lab: tuple[HostProcess, Path]) 
     # The export's files are this VM's now: a second registration is refused.
     again = host.hv("vm", "import", str(folder), "--register", "--new-id", "--name", "x")
     assert again.returncode == 2 and "is a disk of VM 'inplace'" in again.stdout
+
+
+def test_a_checkpoint_export_is_the_vm_at_that_moment(lab: tuple[HostProcess, Path]) -> None:
+    host, exports = lab
+    guest = host.guest(NAME)
+    guest.ok("echo at-second > /data/c && sync")
+    host.ok("checkpoint", "create", NAME, "--name", "second")
+    guest.ok("echo later > /data/c && sync")
+    out = json.loads(host.ok("checkpoint", "export", NAME, "second", str(exports / "four"),
+                             "-o", "json"))
+    assert out["checkpoint"] == "second" and out["state"] == "Off"
+    folder = exports / "four" / NAME
+    record = manifest(folder)
+    assert record["checkpoints"]["checkpoints"] == []  # type: ignore[index]
+    assert [f["parent"] for f in record["files"]] == [None]  # type: ignore[attr-defined]
+    host.ok("vm", "import", str(folder), "--new-id", "--name", "then")
+    boot(host, "then")
+    assert host.guest("then").ok("cat /data/c").strip() == "at-second"
+    host.ok("vm", "stop", "then", "--turn-off")
+    host.ok("vm", "delete", "then", "--delete-disks")
+
+
+def test_a_saved_vm_exports_its_memory_and_the_import_resumes(
+        lab: tuple[HostProcess, Path]) -> None:
+    host, exports = lab
+    guest = host.guest(NAME)
+    guest.ok("echo only-in-memory > /tmp/marker")  # the initramfs root: memory only
+    host.ok("vm", "stop", NAME, "--save")
+    out = json.loads(host.ok("vm", "export", NAME, str(exports / "five"), "-o", "json"))
+    assert out["state"] == "Saved"
+    folder = exports / "five" / NAME
+    host.ok("vm", "import", str(folder), "--new-id", "--name", "resumed",
+            "--dest", str(exports))
+    assert host.vm("resumed")["state"] == "Saved"
+    assert all(Path(d["path"]).is_relative_to(exports / "resumed")
+               for d in host.vm("resumed")["disks"])
+    boot(host, "resumed")
+    assert host.guest("resumed").ok("cat /tmp/marker").strip() == "only-in-memory"
+    host.ok("vm", "stop", "resumed", "--turn-off")
+    boot(host, NAME)  # the original resumes too: its saved state was only read
+    assert guest.ok("cat /tmp/marker").strip() == "only-in-memory"
