@@ -29,10 +29,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hvstack.compute.files import VmFiles
 from hvstack.compute.model import (
     SWITCH_MODE,
     Generation,
@@ -107,11 +109,11 @@ class ImportReport:
 
 class ImportOperations:
     def __init__(self, service: HostService, checkpoints: CheckpointOperations,
-                 switch_name: Any = None) -> None:
+                 switch_name: Callable[[str], str | None] | None = None) -> None:
         self.service = service
         self.checkpoints = checkpoints
         # The name of the switch with an id, None if this host has none such.
-        self._switch_name = switch_name or (lambda switch_id: None)
+        self._switch_name: Callable[[str], str | None] = switch_name or (lambda _: None)
 
     # -- the check ----------------------------------------------------------------------
 
@@ -495,7 +497,7 @@ class ImportOperations:
                     states[name] = str(folder / source.name)
         return states
 
-    async def _machine_files(self, report: ImportReport, files: Any) -> None:
+    async def _machine_files(self, report: ImportReport, files: VmFiles) -> None:
         manifest, host = report.manifest, self.service.config
         if manifest.efi_vars is not None:
             await asyncio.to_thread(shutil.copyfile,
