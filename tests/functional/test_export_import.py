@@ -4,6 +4,7 @@ problem at once and changes nothing; an export never leaves half a folder."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import shutil
@@ -18,6 +19,8 @@ import pytest
 
 from hvstack.api.app import create_app
 from hvstack.checkpoints.model import Checkpoint, CheckpointKind
+from hvstack.errors import NoSpace
+from hvstack.host import export_files
 from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
 from hvstack.hypervisor.capabilities import BlockNodeSpec
@@ -302,3 +305,42 @@ async def test_generation_2_needs_firmware_and_a_host_that_fits(
         "path": str(folder), "new_id": True, "name": "b"})).json()
     assert any("UEFI firmware" in p for p in check["problems"]), check
     assert any("cannot run the VM" in p and "processor" in p for p in check["problems"])
+
+
+async def test_a_failing_export_and_a_cancelled_import_leave_nothing(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    await checkpoint(root, "web", "one")
+    out = tmp_path / "disks" / "exports"
+    await export(client, "web", out)
+    real_copy = export_files.copy_file
+    copying = asyncio.Event()
+
+    async def full(src: Path, dst: Path, on_bytes: Any) -> None:
+        await real_copy(src, dst, on_bytes)
+        raise NoSpace("no space left on the device")
+
+    monkeypatch.setattr(export_files, "copy_file", full)
+    response = await client.post(f"{API}/vms/web/export", json={"path": str(tmp_path / "disks")})
+    job = await finish_job(client, response.json())
+    assert job["state"] == "failed" and job["error"]["type"] == "/problems/no-space"
+    assert not (tmp_path / "disks" / "web").exists()
+
+    async def stuck(src: Path, dst: Path, on_bytes: Any) -> None:
+        await real_copy(src, dst, on_bytes)
+        copying.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(export_files, "copy_file", stuck)
+    folders = sorted(root.service.config.vms_dir.iterdir())
+    response = await client.post(f"{API}/imports", json={
+        "path": str(out / "web"), "new_id": True, "name": "copy"})
+    assert response.status_code == 202, response.text
+    await asyncio.wait_for(copying.wait(), 30)
+    assert len(list(root.service.config.vms_dir.iterdir())) == len(folders) + 1
+    await client.post(f"{API}/jobs/{response.json()['id']}/cancel")
+    job = await finish_job(client, response.json())
+    assert job["state"] == "cancelled"
+    assert sorted(root.service.config.vms_dir.iterdir()) == folders
+    assert [vm.record.name for vm in root.service.list_vms()] == ["web"]
