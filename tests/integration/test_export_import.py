@@ -99,6 +99,8 @@ def test_the_check_refuses_a_missing_disk_an_id_clash_and_a_mac_clash(
     vms_before = [(v["name"], v["id"]) for v in host.json("vm", "list")]
     result = host.hv("vm", "import", str(folder))
     assert result.returncode == 2
+    problems = [line for line in result.stdout.splitlines() if "problem: " in line]
+    assert len(problems) == 4, result.stdout  # one line each
     assert "missing from the export" in result.stdout
     assert "already has the id" in result.stdout and "--new-id" in result.stdout
     assert "static MAC" in result.stdout

@@ -68,10 +68,11 @@ def export_checkpoint(vm: str, name: str, directory: str = typer.Argument(..., m
 def _report(report: dict[str, Any]) -> None:
     console.print(f"Import of VM '{report['name']}' (id {report['id']}) from {report['path']}: "
                   + ("ready" if report["ok"] else f"{len(report['problems'])} problem(s)"))
+    # One line each, never wrapped: scripts grep them.
     for problem in report["problems"]:
-        console.print(f"  problem: {problem}")
+        console.print(f"  problem: {problem}", soft_wrap=True)
     for note in report["notes"]:
-        console.print(f"  note: {note}")
+        console.print(f"  note: {note}", soft_wrap=True)
 
 
 @app.command("import")
