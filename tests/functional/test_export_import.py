@@ -129,8 +129,12 @@ async def test_off_vm_with_checkpoints_round_trips_under_a_new_id(
         assert json.loads(cp.config)["disks"][0]["path"] == path
     info = json.loads(await run_qemu_img(["info", "--output=json", "--backing-chain", "-f",
                                           "qcow2", disk.path]))
-    assert len(info) == 3 and all(Path(i["filename"]).is_relative_to(
-        imported.files.folder) for i in info)
+    assert len(info) == 3 and all(Path(i["filename"]).parent == imported.files.folder
+                                  for i in info)
+    # Deleted without --delete-disks, the VM leaves its disks (all at its folder's top).
+    response = await client.delete(f"{API}/vms/copy")
+    assert response.status_code == 200, response.text
+    assert all(Path(i["filename"]).is_file() for i in info)
 
 
 async def test_the_check_lists_every_problem_and_changes_nothing(
@@ -344,3 +348,23 @@ async def test_a_failing_export_and_a_cancelled_import_leave_nothing(
     assert job["state"] == "cancelled"
     assert sorted(root.service.config.vms_dir.iterdir()) == folders
     assert [vm.record.name for vm in root.service.list_vms()] == ["web"]
+
+
+async def test_an_imported_copy_keeps_the_parents_of_its_disks(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    disks = tmp_path / "disks"
+    await client.post(f"{API}/disks", json={"path": str(disks / "base.raw"), "size": "8M"})
+    await client.post(f"{API}/disks", json={"path": str(disks / "child.qcow2"),
+                                            "parent": str(disks / "base.raw")})
+    await create_vm(client, "web", disk=str(disks / "child.qcow2"), generation=1)
+    await export(client, "web", disks / "exports")
+    response = await client.post(f"{API}/imports", json={
+        "path": str(disks / "exports" / "web"), "new_id": True, "name": "copy"})
+    job = await finish_job(client, response.json())
+    assert job["state"] == "completed", job
+    folder = root.service.get_vm("copy").files.folder
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".raw", ".qcow2")) == [
+        "base.raw", "child.qcow2"]
+    response = await client.delete(f"{API}/vms/copy")
+    assert response.status_code == 200, response.text
+    assert (folder / "base.raw").is_file() and (folder / "child.qcow2").is_file()

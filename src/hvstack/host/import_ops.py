@@ -176,6 +176,10 @@ class ImportOperations:
             path = self._inside(report, record.path, "disk file")
             if path is None:
                 continue
+            if str(relative_name(record.path).parent) != DISKS:
+                report.problems.append(f"disk file '{record.path}' is not in the export's "
+                                       f"'{DISKS}' folder")
+                continue
             try:
                 check_disk_file(path.resolve(), config.data_dir, config.run_dir)
             except HvError as exc:
@@ -427,23 +431,26 @@ class ImportOperations:
                 if report.target != files.folder:
                     report.target.mkdir(parents=True)
                     made.append(report.target)
-                (report.target / DISKS).mkdir(exist_ok=True)
-                base = report.target
-                await self._copy_disks(report, base, progress)
-            else:
-                base = report.folder
+                await self._copy_disks(report, report.target, progress)
             files.checkpoint_dir.mkdir()
             states = await self._place_states(report, files.checkpoint_dir, mode)
             await self._machine_files(report, files)
 
             def disk(name: str) -> str:
-                return str((base / relative_name(name)).resolve())
+                if mode == "copy":
+                    assert report.target is not None
+                    return str(report.target.resolve() / relative_name(name).name)
+                return str((report.folder / relative_name(name)).resolve())
 
             config = with_disk_paths(report.config, disk)
             if mode == "copy":
                 config = replace(config, disks=tuple(replace(d, owned=True)
                                                      for d in config.disks))
             tree = relocated(manifest.tree, disk, states.__getitem__)
+            if mode == "copy":
+                # Every copy is the VM's own: recorded as made, so deleting the VM keeps
+                # or deletes the parents of its disks with them (a base image's copy too).
+                tree = replace(tree, made=frozenset(disk(f.path) for f in manifest.files))
             saved = manifest.state == "Saved"
             record = VmRecord(vm_id, config, VmState.SAVED if saved else VmState.OFF,
                               "imported", created_at=time.time())
@@ -462,7 +469,11 @@ class ImportOperations:
                 "checkpoints": len(tree), "disks": [d.path for d in config.disks],
                 "notes": report.notes}
 
-    async def _copy_disks(self, report: ImportReport, base: Path, progress: Progress) -> None:
+    async def _copy_disks(self, report: ImportReport, target: Path, progress: Progress) -> None:
+        """Copy every disk file into ``target`` itself (not a subfolder: a VM's folder
+        keeps its disks at its top, where deleting the VM looks for them), and name each
+        copied parent in its child's header by its plain name: a header that named its
+        parent another way in the export still leads to the copy."""
         paths = [report.folder / f.path for f in report.manifest.files]
         total = export_files.disk_bytes(paths)
         done = 0
@@ -474,9 +485,11 @@ class ImportOperations:
 
         for record in report.manifest.files:
             name = relative_name(record.path)
-            dst = base / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst = target / name.name
             await export_files.copy_file(report.folder / name, dst, count)
+            if record.parent is not None and record.parent_format is not None:
+                await export_files.repoint(dst, relative_name(record.parent).name,
+                                           record.parent_format)
 
     async def _place_states(self, report: ImportReport, folder: Path,
                             mode: str) -> dict[str, str]:
