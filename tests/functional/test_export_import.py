@@ -23,7 +23,7 @@ from hvstack.errors import NoSpace
 from hvstack.host import export_files
 from hvstack.host.root import HostRoot
 from hvstack.host.service import HostService
-from hvstack.hypervisor.capabilities import BlockNodeSpec
+from hvstack.hypervisor.capabilities import Backup, BlockNodeSpec
 from hvstack.hypervisor.spec import disk_node_id
 from hvstack.storage.qcow2_header import read_links
 from hvstack.storage.qemu_img import run_qemu_img
@@ -368,3 +368,24 @@ async def test_an_imported_copy_keeps_the_parents_of_its_disks(
     response = await client.delete(f"{API}/vms/copy")
     assert response.status_code == 200, response.text
     assert (folder / "base.raw").is_file() and (folder / "child.qcow2").is_file()
+
+
+async def test_leftovers_of_a_cut_short_export_are_cleared(
+        root: HostRoot, client: httpx.AsyncClient, driver: FakeDriver, tmp_path: Path) -> None:
+    """QEMU outlives a killed service: its export job and node are still there."""
+    vm = await create_vm(client, "web", new_disk="8M", generation=1)
+    await run_job(client, "web", "start")
+    jobs = driver.machine_of(vm["id"]).block_jobs
+    [disk] = root.service.get_vm("web").record.config.disks
+    jobs.nodes[disk_node_id(disk.id)] = BlockNodeSpec(disk_node_id(disk.id), "qcow2", disk.path)
+    jobs.nodes[f"export-{disk.id}"] = BlockNodeSpec(f"export-{disk.id}", "qcow2", "/gone")
+    await jobs.backup([Backup(f"export-{disk.id}", disk_node_id(disk.id), f"export-{disk.id}")])
+    response = await client.post(f"{API}/vms/web/export",
+                                 json={"path": str(tmp_path / "disks")})
+    assert response.status_code == 202, response.text
+    await eventually(lambda: jobs.nodes.get(f"export-{disk.id}") is not None
+                     and jobs.nodes[f"export-{disk.id}"].filename != "/gone", "a new node")
+    info = jobs.running[f"export-{disk.id}"]
+    jobs.running[info.job_id] = replace(info, status="concluded")
+    job = await finish_job(client, response.json())
+    assert job["state"] == "completed", job

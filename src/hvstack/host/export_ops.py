@@ -226,6 +226,7 @@ class ExportOperations:
         (frozen if the guest can be). Returns the consistency reached."""
         jobs: BlockJobs = vm.running_machine().block_jobs
         nodes = await jobs.node_files()
+        await self._clear_leftovers(jobs, nodes, sources)
         backups = []
         for source in (s for s in sources if s.active):
             dst = target / names[str(source.path)]
@@ -252,6 +253,19 @@ class ExportOperations:
             await jobs.backup(backups)
             written.jobs.extend(b.job_id for b in backups)
         return consistency
+
+    @staticmethod
+    async def _clear_leftovers(jobs: BlockJobs, nodes: dict[str, str],
+                               sources: list[Source]) -> None:
+        """End the jobs and nodes an export cut short by a killed service left in QEMU
+        (which outlives the service), so this one can use their names."""
+        for source in (s for s in sources if s.active):
+            await cancel_job(jobs, f"export-{source.disk_id}")
+            node = _export_node(source.disk_id)
+            if node in nodes:
+                log.warning("removing the node %s a cut-short export left", node)
+                with contextlib.suppress(HvError):
+                    await jobs.remove_node(node)
 
     @staticmethod
     def _can_freeze(vm: VmController) -> bool:
