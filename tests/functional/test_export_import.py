@@ -326,10 +326,11 @@ async def test_a_failing_export_and_a_cancelled_import_leave_nothing(
         raise NoSpace("no space left on the device")
 
     monkeypatch.setattr(export_files, "copy_file", full)
-    response = await client.post(f"{API}/vms/web/export", json={"path": str(tmp_path / "disks")})
+    response = await client.post(f"{API}/vms/web/export",
+                                 json={"path": str(tmp_path / "disks" / "new" / "deeper")})
     job = await finish_job(client, response.json())
     assert job["state"] == "failed" and job["error"]["type"] == "/problems/no-space"
-    assert not (tmp_path / "disks" / "web").exists()
+    assert not (tmp_path / "disks" / "new").exists()  # nor the folders it made
 
     async def stuck(src: Path, dst: Path, on_bytes: Any) -> None:
         await real_copy(src, dst, on_bytes)
@@ -389,3 +390,18 @@ async def test_leftovers_of_a_cut_short_export_are_cleared(
     jobs.running[info.job_id] = replace(info, status="concluded")
     job = await finish_job(client, response.json())
     assert job["state"] == "completed", job
+
+
+async def test_a_folder_made_meanwhile_by_someone_else_is_left_alone(
+        root: HostRoot, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    await create_vm(client, "web", new_disk="8M", generation=1)
+    vm = root.service.get_vm("web")
+    out = tmp_path / "disks" / "exports"
+    async with vm.lock:  # the export's job waits for the VM
+        response = await client.post(f"{API}/vms/web/export", json={"path": str(out)})
+        assert response.status_code == 202, response.text
+        (out / "web").mkdir(parents=True)
+        (out / "web" / "theirs.txt").write_text("not the export's")
+    job = await finish_job(client, response.json())
+    assert job["state"] == "failed" and job["error"]["type"] == "/problems/already-exists"
+    assert (out / "web" / "theirs.txt").read_text() == "not the export's"

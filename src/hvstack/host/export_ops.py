@@ -81,7 +81,7 @@ class _Written:
     """What an export has written so far: the folder, and the nodes and jobs it added
     to a running machine (undone on failure)."""
 
-    folder: Path
+    folder: Path | None  # None until this export made it
     nodes: list[str]
     jobs: list[str]
 
@@ -133,6 +133,15 @@ class ExportOperations:
         target.mkdir()
         (target / DISKS).mkdir()
 
+    @staticmethod
+    def _missing(target: Path) -> Path:
+        """The outermost folder of ``target`` that does not exist yet (what a failed
+        export deletes, so it leaves no empty folders it made)."""
+        top = target
+        while not top.parent.exists():
+            top = top.parent
+        return top
+
     # -- hv vm export ------------------------------------------------------------------
 
     def export_vm(self, ref: str, directory: str) -> Job:
@@ -146,7 +155,7 @@ class ExportOperations:
 
         async def body(progress: Progress) -> dict[str, Any]:
             with self.service.block_work.claim(vm.record.id, vm.record.name, "an export"):
-                written = _Written(target, [], [])
+                written = _Written(None, [], [])
                 try:
                     return await self._export(vm, target, written, progress)
                 except BaseException:
@@ -163,7 +172,8 @@ class ExportOperations:
             for node in written.nodes:
                 with contextlib.suppress(HvError):
                     await machine.block_jobs.remove_node(node)
-        await asyncio.to_thread(shutil.rmtree, written.folder, True)
+        if written.folder is not None:
+            await asyncio.to_thread(shutil.rmtree, written.folder, True)
 
     async def _sources(self, vm: VmController, tree: CheckpointTree) -> list[Source]:
         use = self.service.disk_use
@@ -176,6 +186,7 @@ class ExportOperations:
         async with vm.lock:
             if target.exists():
                 raise AlreadyExists(f"'{target}' already exists", path=str(target))
+            written.folder = self._missing(target)
             self._make(target)
             state = vm.state
             if state not in (*LIVE_STATES, *IDLE_STATES):
@@ -334,22 +345,26 @@ class ExportOperations:
         async def body(progress: Progress) -> dict[str, Any]:
             with self.service.block_work.claim(vm.record.id, vm.record.name,
                                                "a checkpoint export"):
+                written = _Written(None, [], [])
                 try:
-                    return await self._export_checkpoint(vm, checkpoint.id, target, progress)
+                    return await self._export_checkpoint(vm, checkpoint.id, target, written,
+                                                         progress)
                 except BaseException:
-                    await asyncio.to_thread(shutil.rmtree, target, True)
+                    if written.folder is not None:
+                        await asyncio.to_thread(shutil.rmtree, written.folder, True)
                     raise
 
         return self.service.jobs.start("checkpoint-export", vm.record.name, body)
 
     async def _export_checkpoint(self, vm: VmController, checkpoint_id: str, target: Path,
-                                 progress: Progress) -> dict[str, Any]:
+                                 written: _Written, progress: Progress) -> dict[str, Any]:
         tree = await self.checkpoints.tree_of(vm)
         checkpoint = tree.get(checkpoint_id)  # deleted meanwhile: NotFound
         config = (VmConfig.from_json(checkpoint.config) if checkpoint.config
                   else vm.record.config)
         if target.exists():
             raise AlreadyExists(f"'{target}' already exists", path=str(target))
+        written.folder = self._missing(target)
         self._make(target)
         names = disk_names(str(Path(d.path).with_suffix(".qcow2")) for d in config.disks)
         files: list[ExportedFile] = []
