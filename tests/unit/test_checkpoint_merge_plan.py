@@ -147,3 +147,12 @@ def test_a_subtree_with_the_current_state_below_it() -> None:
 def test_steps_survive_json() -> None:
     for step in (Remove(O1), Commit(O2, O1, "raw", (O3, O4), "d"), Commit(O2, O1, "qcow2")):
         assert step_from_json(step_to_json(step)) == step
+
+
+def test_bases_follow_the_files_when_a_tree_is_relocated() -> None:
+    from hvstack.host.export_format import relocated
+
+    tree = deleted(BRANCHED, "cp1")  # D: a shared base no checkpoint names
+    moved = {D: "/t/D.qcow2", O1: "/t/D_1.qcow2", O3: "/t/D_3.qcow2"}
+    assert relocated(tree, moved.__getitem__, str).bases == {"/t/D.qcow2"}
+    assert tree.with_files(moved).bases == {"/t/D.qcow2"}

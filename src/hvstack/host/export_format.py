@@ -189,7 +189,7 @@ def with_disk_paths(config: VmConfig, rename: Callable[[str], str]) -> VmConfig:
 def relocated(tree: CheckpointTree, rename: Callable[[str], str],
               states: Callable[[str], str]) -> CheckpointTree:
     """``tree`` with its disk files renamed by ``rename`` (in each checkpoint's disks and
-    its recorded settings, and in ``made``) and its memory states, layouts and UEFI
+    its recorded settings, in ``made`` and ``bases``) and its memory states, layouts and UEFI
     variables by ``states``."""
 
     def one(c: Checkpoint) -> Checkpoint:
@@ -204,6 +204,7 @@ def relocated(tree: CheckpointTree, rename: Callable[[str], str],
 
     return replace(tree, checkpoints=tuple(one(c) for c in tree.checkpoints),
                    made=frozenset(rename(p) for p in tree.made if _known(p, rename)),
+                   bases=frozenset(rename(p) for p in tree.bases if _known(p, rename)),
                    pending=None)
 
 
