@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
@@ -343,6 +343,9 @@ class FakeBlockJobs:
     async def dismiss(self, job_id: str) -> None:
         self._job(job_id)
         del self.running[job_id]
+
+    async def set_speed(self, job_id: str, speed: int) -> None:
+        self.running[job_id] = replace(self._job(job_id), speed=speed)
 
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None:
         await self.snapshot((), (bitmap,))

@@ -384,6 +384,9 @@ class QemuBlockJobs:
     async def dismiss(self, job_id: str) -> None:
         await self._monitor.execute("job-dismiss", {"id": job_id})
 
+    async def set_speed(self, job_id: str, speed: int) -> None:
+        await self._monitor.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None:
         await self._monitor.execute("block-dirty-bitmap-add", _bitmap(bitmap))
 
