@@ -19,6 +19,7 @@ from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.facts import HostProbe
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
+from hvstack.host.storage_move import StorageMoves
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.integration.ops import GuestOperations, thaw_leftovers
@@ -50,6 +51,7 @@ class HostRoot:
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
         self.checkpoints = CheckpointOperations(service)
+        self.storage_moves = StorageMoves(service, self.checkpoints)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
@@ -67,6 +69,7 @@ class HostRoot:
             await network_ops.startup()
             # A freeze left by a crashed service must not stay.
             await thaw_leftovers(service.list_vms())
+            await root.storage_moves.startup()  # moves a crash cut short
         except BaseException:
             await root.close()
             raise

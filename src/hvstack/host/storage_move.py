@@ -205,13 +205,13 @@ class StorageMoves:
                 members = await chain.read_chain(Path(path), fmt, roots=use.roots,
                                                  guard=use.guard, timeout=QUICK_TIMEOUT,
                                                  headers=True)
-                for upper, lower in itertools.pairwise(members):
-                    parents[str(upper.path)] = (str(lower.path), lower.format)
+                for top, below in itertools.pairwise(members):
+                    parents[str(top.path)] = (str(below.path), below.format)
         children: dict[str, set[str]] = {}
         for child_path, parent_path in (await use.parents()).items():
             children.setdefault(str(parent_path), set()).add(str(child_path))
-        for upper, (lower, _) in parents.items():
-            children.setdefault(lower, set()).add(upper)
+        for child, (parent, _) in parents.items():
+            children.setdefault(parent, set()).add(child)
         vm_files = {d.path for d in config.disks} | tree.made | tree.referenced_files()
         elsewhere = [str(a.path) for a in use.attachments(but_vm=vm.record.id)]
         plan = plan_move(selected, destination=str(folder), parents=parents,
