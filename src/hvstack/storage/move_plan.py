@@ -108,19 +108,6 @@ def plan_move(disks: Iterable[DiskFiles], *, destination: str,
     ours, others = set(vm_files), set(attached_elsewhere)
     skipped: dict[str, str] = {}
     owner: dict[str, DiskFiles] = {}
-    for disk in disks:
-        if disk.read_only and live_read_only:
-            skipped[disk.active] = "a read-only disk of a running VM moves when it is off"
-            continue
-        seeds = [disk.active, *(disk.checkpoint_files if include_checkpoints else ())]
-        for path in seeds:
-            while path not in owner:
-                if path != disk.active and path not in ours:
-                    break
-                owner[path] = disk
-                if not include_checkpoints or path not in parents:
-                    break
-                path = parents[path][0]
 
     def why_not(path: str) -> str | None:
         if _inside(path, images_dir):
@@ -130,6 +117,24 @@ def plan_move(disks: Iterable[DiskFiles], *, destination: str,
         if path in others:
             return "attached to another VM"
         return None
+
+    for disk in disks:
+        if disk.read_only and live_read_only:
+            skipped[disk.active] = "a read-only disk of a running VM moves when it is off"
+            continue
+        seeds = [disk.active, *(disk.checkpoint_files if include_checkpoints else ())]
+        for path in seeds:
+            while path not in owner:
+                if path != disk.active and path not in ours:
+                    skipped[path] = why_not(path) or "a parent the VM shares (not its own)"
+                    break
+                owner[path] = disk
+                if path not in parents:
+                    break
+                if not include_checkpoints:
+                    skipped[parents[path][0]] = "checkpoint files stay where they are"
+                    break
+                path = parents[path][0]
 
     moving = set()
     for path in owner:

@@ -1,0 +1,325 @@
+"""Live storage migration for real (TCG), in one boot of the tiny guest shared by the
+module: a running VM with a checkpoint moved under a guest write load (checksums in the
+guest, ``qemu-img check``, the chain and the tree); cancel half-way; kill -9 of the
+service mid-move; paused, saved and off VMs; a destination outside the roots; a full
+destination.
+
+The service runs in a private mount namespace of its own, where a small tmpfs is the
+full destination (the host's mounts stay as they are). Until ``hv checkpoint create``
+is there, the checkpoint is made as the design says one is (an overlay on the frozen
+file, the tree and the settings in one transaction), with the service stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvstack.checkpoints.model import Checkpoint, CheckpointKind, CheckpointTree
+from hvstack.client import ApiError, Client
+from hvstack.host.records import CheckpointRecords, VmRecords
+from hvstack.host.store import SqliteStore
+from tests.integration.hostproc import BOOT_TIMEOUT, HV, HostProcess
+
+pytestmark = pytest.mark.integration
+NAME = "mover"
+READY = "hvstack-tiny: ready"
+SMALL_MB = 4
+JOB_TIMEOUT = 600.0
+
+
+class NamespacedHost(HostProcess):
+    """``hv serve`` in a mount namespace of its own with a small tmpfs on ``small``."""
+
+    def __init__(self, data_dir: Path, small: Path, extra_args: tuple[str, ...]) -> None:
+        super().__init__(data_dir, extra_args)
+        self.small = small
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        script = (f'mount -t tmpfs -o size={SMALL_MB}m hvt-h4-small "$0" && exec "$@"')
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                 str(self.small), *HV, "serve", "--data-dir", str(self.data_dir),
+                 *self.extra_args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.hv("host", "info").returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"hv serve did not come up:\n{self.log.read_text()}")
+
+    def in_namespace(self, *argv: str) -> str:
+        assert self.proc is not None
+        return subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", *argv],
+                              capture_output=True, text=True, check=True).stdout
+
+    def api(self) -> Client:
+        return Client(f"unix:{self.socket}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("move")
+    data, second, small = base / "data", base / "second", base / "small"
+    for folder in (data / "images", second, small):
+        folder.mkdir(parents=True)
+    try:
+        os.link(tiny_image, data / "images" / f"tiny{tiny_image.suffix}")
+    except OSError:
+        shutil.copyfile(tiny_image, data / "images" / f"tiny{tiny_image.suffix}")
+    host = NamespacedHost(data, small, ("--default-switch", "none", "--storage-root",
+                                        str(second), "--storage-root", str(small)))
+    host.start()
+    try:
+        host.ok("vm", "create", NAME, "--generation", "1", "--image", "tiny",
+                "--memory", "256M")
+        host.stop()
+        asyncio.run(make_checkpoint(data, NAME))
+        host.start()
+        host.ok("vm", "start", NAME)
+        host.wait_console(NAME, READY)
+        host.guest(NAME).wait_ready()
+        yield {"host": host, "data": data, "second": second, "small": small}
+    finally:
+        host.stop()
+        for pidfile in data.glob("vms/*/qemu.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text()), 9)
+
+
+async def make_checkpoint(data: Path, name: str) -> None:
+    """A production checkpoint of the off VM, made as H1's create makes one."""
+    store = SqliteStore(data / "hvstack.db")
+    records = VmRecords(store)
+    record = next(r for r in await records.load() if r.name == name)
+    disk = record.config.disks[0]
+    frozen = Path(disk.path)
+    overlay = frozen.with_name(f"{frozen.stem}_{secrets.token_hex(4)}.qcow2")
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-f", disk.format, "--output=json", str(frozen)],
+        capture_output=True, text=True, check=True).stdout)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
+                    str(frozen), "-u", str(overlay), str(info["virtual-size"])], check=True)
+    checkpoint = Checkpoint(secrets.token_hex(8), "before the move", None, time.time(),
+                            CheckpointKind.PRODUCTION, {disk.id: str(frozen)},
+                            config=record.config.to_json())
+    tree = CheckpointTree().added(checkpoint, made=[str(overlay)])
+    config = replace(record.config, disks=(replace(disk, path=str(overlay), format="qcow2"),
+                                           *record.config.disks[1:]))
+    await records.change(record, config, also=[CheckpointRecords.op(record.id, tree)])
+
+
+def stored_tree(data: Path, vm_id: str) -> CheckpointTree:
+    with contextlib.closing(sqlite3.connect(f"file:{data / 'hvstack.db'}?mode=ro",
+                                            uri=True)) as db:
+        row = db.execute("SELECT value FROM kv WHERE key=?", (f"checkpoints/{vm_id}",)
+                         ).fetchone()
+    return CheckpointTree.from_json(row[0])
+
+
+def disk_path(host: HostProcess) -> str:
+    path: str = host.vm(NAME)["disks"][0]["path"]
+    return path
+
+
+def backing(path: str) -> str | None:
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", path],
+        capture_output=True, text=True, check=True).stdout)
+    found: str | None = info.get("full-backing-filename") or info.get("backing-filename")
+    return found
+
+
+def qemu_img_check(path: str) -> None:
+    result = subprocess.run(["qemu-img", "check", "-U", "-f", "qcow2", path],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def sha(host: HostProcess, path: str) -> str:
+    return host.guest(NAME).ok(f"sha256sum {path}").split()[0]
+
+
+def wait_job(host: HostProcess, job_id: str, condition: Any,
+             timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = host.json("job", "show", job_id)
+        if condition(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} never got there: {job}"
+        time.sleep(0.3)
+
+
+def start_move(host: NamespacedHost, destination: Path, **options: Any) -> dict[str, Any]:
+    with host.api() as api:
+        return api.move_storage(NAME, str(destination), wait=False, **options)
+
+
+def test_bad_destinations_change_nothing(env: dict[str, Any], tmp_path: Path) -> None:
+    host: NamespacedHost = env["host"]
+    before = disk_path(host)
+    outside = host.hv("vm", "move-storage", NAME, str(tmp_path / "elsewhere"))
+    assert outside.returncode == 2 and "outside the storage roots" in outside.stderr
+    with host.api() as api, pytest.raises(ApiError) as refused:
+        api.move_storage(NAME, str(tmp_path / "elsewhere"))
+    assert refused.value.status == 400
+    with host.api() as api, pytest.raises(ApiError) as missing:
+        api.move_storage("no-such-vm", str(env["second"]))
+    assert missing.value.status == 404
+    not_its = host.hv("vm", "move-storage", NAME, str(env["second"]), "--disk",
+                      str(env["second"] / "other.qcow2"))
+    assert not_its.returncode == 2 and "has no disk" in not_its.stderr
+
+    full = host.hv("vm", "move-storage", NAME, str(env["small"] / "vm"))
+    assert full.returncode == 2, full.stdout
+    assert "MiB is free there; nothing was changed" in full.stderr
+    assert host.in_namespace("ls", "-A", str(env["small"])).split() == []
+    assert disk_path(host) == before and host.vm(NAME)["state"] == "Running"
+    assert not (env["small"] / "vm").exists()
+
+
+def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) -> None:
+    host: NamespacedHost = env["host"]
+    data, second = env["data"], env["second"]
+    guest = host.guest(NAME)
+    vm_id = host.vm(NAME)["id"]
+    old_active = disk_path(host)
+    frozen = backing(old_active)
+    assert frozen is not None and Path(frozen).parent == Path(old_active).parent
+    guest.ok("dd if=/dev/urandom of=/data/before.bin bs=64k count=64 2>/dev/null && sync")
+    before = sha(host, "/data/before.bin")
+    guest.ok("rm -f /data/stop; setsid sh -c 'i=0; while [ ! -e /data/stop ]; do "
+             "dd if=/dev/urandom of=/data/load.bin bs=64k count=4 seek=$((i % 128)) "
+             "conv=notrunc 2>/dev/null; i=$((i + 1)); echo $i > /data/rounds; done; "
+             "sync; echo done > /data/stopped' </dev/null >/dev/null 2>&1 &")
+
+    target = second / "moved"
+    job = start_move(host, target)
+    done = wait_job(host, job["id"], lambda j: j["state"] != "running")
+    rounds = int(guest.ok("cat /data/rounds"))
+    guest.ok("touch /data/stop")
+    deadline = time.monotonic() + 120
+    while guest.sh("cat /data/stopped")[0] != 0:
+        assert time.monotonic() < deadline, "the guest's writer did not stop"
+        time.sleep(0.5)
+    assert done["state"] == "completed", done
+    assert rounds > 0 and int(guest.ok("cat /data/rounds")) > rounds  # it wrote meanwhile
+    result = done["result"]
+    moved = {Path(m["from"]).name: m["to"] for m in result["moved"]}
+    assert set(moved) == {Path(old_active).name, Path(frozen).name}
+    assert any("managed image" in s["reason"] for s in result["skipped"])
+
+    new_active = disk_path(host)
+    assert new_active == moved[Path(old_active).name]
+    assert Path(new_active).parent == target
+    new_frozen = moved[Path(frozen).name]
+    assert backing(new_active) == new_frozen
+    assert backing(new_frozen) == str(data / "images" / "tiny.qcow2")
+    assert not Path(old_active).exists() and not Path(frozen).exists()
+    qemu_img_check(new_active)
+    qemu_img_check(new_frozen)
+    tree = stored_tree(data, vm_id)
+    assert [dict(c.disks) for c in tree.checkpoints] == [
+        {host.vm(NAME)["disks"][0]["id"]: new_frozen}]
+    assert tree.made == {new_active}
+
+    load = sha(host, "/data/load.bin")
+    guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")  # read back from the new files
+    assert sha(host, "/data/before.bin") == before
+    assert sha(host, "/data/load.bin") == load
+    env["checksums"] = {"/data/before.bin": before, "/data/load.bin": load}
+
+
+def test_cancel_half_way_leaves_the_old_storage(env: dict[str, Any]) -> None:
+    host: NamespacedHost = env["host"]
+    guest = host.guest(NAME)
+    guest.ok("dd if=/dev/urandom of=/data/big.bin bs=1M count=16 2>/dev/null && sync")
+    big = sha(host, "/data/big.bin")
+    active = disk_path(host)
+    target = env["data"] / "cancelled"
+    job = start_move(host, target, bandwidth="1M")
+    wait_job(host, job["id"], lambda j: j["progress"] >= 20 or j["state"] != "running")
+    host.ok("job", "cancel", job["id"])
+    ended = wait_job(host, job["id"], lambda j: j["state"] != "running")
+    assert ended["state"] == "cancelled", ended
+    assert disk_path(host) == active and host.vm(NAME)["state"] == "Running"
+    assert not target.exists()
+    assert Path(active).exists() and Path(backing(active) or "").exists()
+    qemu_img_check(active)
+    guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")
+    assert sha(host, "/data/big.bin") == big
+    env["checksums"]["/data/big.bin"] = big
+
+
+def test_kill9_mid_move_is_rolled_back_on_restart(env: dict[str, Any]) -> None:
+    host: NamespacedHost = env["host"]
+    active = disk_path(host)
+    target = env["data"] / "killed"
+    job = start_move(host, target, bandwidth="1M")
+    wait_job(host, job["id"], lambda j: j["progress"] >= 20 or j["state"] != "running")
+    host.kill9()
+    host.start()
+    assert host.vm(NAME)["state"] == "Running"
+    assert disk_path(host) == active
+    assert not target.exists()
+    qemu_img_check(active)
+    assert host.json("job", "show", job["id"])["state"] == "failed"
+    guest = host.guest(NAME)
+    guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")
+    for path, digest in env["checksums"].items():
+        assert sha(host, path) == digest
+    # QEMU's job and nodes are gone: the same move runs again, to its end
+    again = start_move(host, env["data"] / "after-kill")
+    assert wait_job(host, again["id"], lambda j: j["state"] != "running")["state"] == \
+        "completed"
+    assert Path(disk_path(host)).parent == env["data"] / "after-kill"
+    assert not Path(active).exists()
+
+
+def test_paused_saved_and_off_vms_move(env: dict[str, Any]) -> None:
+    host: NamespacedHost = env["host"]
+    host.ok("vm", "pause", NAME)
+    with host.api() as api:
+        api.move_storage(NAME, str(env["second"] / "paused"))
+    assert Path(disk_path(host)).parent == env["second"] / "paused"
+    host.ok("vm", "resume", NAME)
+    host.ok("vm", "save", NAME)
+    with host.api() as api:
+        done = api.move_storage(NAME, str(env["data"] / "saved"))
+    assert done["result"]["live"] is False
+    assert Path(disk_path(host)).parent == env["data"] / "saved"
+    host.ok("vm", "start", NAME)
+    host.guest(NAME).wait_ready()
+    assert sha(host, "/data/before.bin") == env["checksums"]["/data/before.bin"]
+    host.ok("vm", "stop", NAME, "--turn-off")
+    with host.api() as api:
+        api.move_storage(NAME, str(env["second"] / "off"))
+    active = disk_path(host)
+    assert Path(active).parent == env["second"] / "off"
+    subprocess.run(["qemu-img", "check", "-f", "qcow2", active], check=True,
+                   capture_output=True)
+    log_size = len(host.console(NAME))
+    host.ok("vm", "start", NAME)  # a fresh boot: every byte from the new files
+    host.wait_console(NAME, READY, after=log_size, timeout=BOOT_TIMEOUT)
+    host.guest(NAME).wait_ready()
+    for path, digest in env["checksums"].items():
+        assert sha(host, path) == digest
