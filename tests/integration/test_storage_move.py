@@ -32,6 +32,7 @@ from hvstack.checkpoints.model import Checkpoint, CheckpointKind, CheckpointTree
 from hvstack.client import ApiError, Client
 from hvstack.host.records import CheckpointRecords, VmRecords
 from hvstack.host.store import SqliteStore
+from hvstack.storage.qemu_img import run_qemu_img
 from tests.integration.hostproc import BOOT_TIMEOUT, HV, HostProcess
 
 pytestmark = pytest.mark.integration
@@ -113,11 +114,10 @@ async def make_checkpoint(data: Path, name: str) -> None:
     disk = record.config.disks[0]
     frozen = Path(disk.path)
     overlay = frozen.with_name(f"{frozen.stem}_{secrets.token_hex(4)}.qcow2")
-    info = json.loads(subprocess.run(
-        ["qemu-img", "info", "-f", disk.format, "--output=json", str(frozen)],
-        capture_output=True, text=True, check=True).stdout)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
-                    str(frozen), "-u", str(overlay), str(info["virtual-size"])], check=True)
+    info = json.loads(await run_qemu_img(
+        ["info", "-f", disk.format, "--output=json", str(frozen)]))
+    await run_qemu_img(["create", "-q", "-f", "qcow2", "-F", disk.format, "-b", str(frozen),
+                        "-u", str(overlay), str(info["virtual-size"])])
     checkpoint = Checkpoint(secrets.token_hex(8), "before the move", None, time.time(),
                             CheckpointKind.PRODUCTION, {disk.id: str(frozen)},
                             config=record.config.to_json())

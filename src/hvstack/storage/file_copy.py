@@ -29,8 +29,19 @@ from hvstack.files import remove_quietly
 CHUNK = 4 * 1024 * 1024
 
 
-def _zero(chunk: bytes) -> bool:
-    return not chunk.strip(b"\0")
+BLOCK = 64 * 1024  # the granularity of holes (qcow2's default cluster size)
+
+
+def _write_sparse(out: int, chunk: bytes) -> None:
+    """Write ``chunk`` at the file position, leaving each all-zero block a hole."""
+    view = memoryview(chunk)
+    for start in range(0, len(chunk), BLOCK):
+        block = view[start:start + BLOCK]
+        if not chunk[start:start + BLOCK].strip(b"\0"):
+            os.lseek(out, len(block), os.SEEK_CUR)
+            continue
+        while block:
+            block = block[os.write(out, block):]
 
 
 def copy_file(src: Path, dst: Path, *, stop: threading.Event | None = None,
@@ -46,12 +57,7 @@ def copy_file(src: Path, dst: Path, *, stop: threading.Event | None = None,
             while chunk := source.read(CHUNK):
                 if stop is not None and stop.is_set():
                     raise Cancelled(f"the copy of '{src}' was stopped", path=str(src))
-                if _zero(chunk):
-                    os.lseek(out, len(chunk), os.SEEK_CUR)
-                else:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
+                _write_sparse(out, chunk)
                 done += len(chunk)
                 if progress is not None:
                     progress(done)
