@@ -19,7 +19,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import api_list, cli_startup, guest_exec, switch_throughput, vm_start
+from bench import (
+    api_list,
+    cli_startup,
+    guest_exec,
+    storage_move,
+    switch_throughput,
+    vm_start,
+)
 from bench.report import Kept, Section, kept_sections, render
 from bench.support import Machine
 
@@ -30,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "guest_exec": guest_exec.run,
     "cli_startup": cli_startup.run,
     "switch_throughput": switch_throughput.run,
+    "storage_move": storage_move.run,
 }
 
 
