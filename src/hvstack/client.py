@@ -439,5 +439,39 @@ class Client:
         return self.wait_job(job) if wait else job
 
 
+    # -- checkpoints ----------------------------------------------------------------
+
+    def list_checkpoints(self, vm: str) -> dict[str, Any]:
+        """Get-VMCheckpoint: the VM's checkpoints (oldest first) and ``current``, the
+        one its current state follows."""
+        result: dict[str, Any] = self.get(url_path("vms", vm, "checkpoints"))
+        return result
+
+    def get_checkpoint(self, vm: str, checkpoint: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.get(url_path("vms", vm, "checkpoints", checkpoint))
+        return result
+
+    def create_checkpoint(self, vm: str, name: str | None = None, *,
+                          wait: bool = True) -> dict[str, Any]:
+        """Checkpoint-VM: returns the finished job (its result names the checkpoint),
+        or the started one without ``wait``."""
+        job: dict[str, Any] = self.post(url_path("vms", vm, "checkpoints"),
+                                        _present({"name": name}))
+        return self.wait_job(job) if wait else job
+
+    def apply_checkpoint(self, vm: str, checkpoint: str, *, save_current: bool = False,
+                         wait: bool = True) -> dict[str, Any]:
+        """Restore-VMCheckpoint: the VM's unsaved current state is lost unless
+        ``save_current`` checkpoints it first. Returns the (finished) job."""
+        job: dict[str, Any] = self.post(url_path("vms", vm, "checkpoints", checkpoint, "apply"),
+                                        {"save_current": save_current})
+        return self.wait_job(job) if wait else job
+
+    def rename_checkpoint(self, vm: str, checkpoint: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PATCH", url_path("vms", vm, "checkpoints", checkpoint), json={"name": name})
+        return result
+
+
 def _present(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}

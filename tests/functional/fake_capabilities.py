@@ -278,6 +278,14 @@ class FakeBlockJobs:
     nbd_socket: str | None = None
     exports: dict[str, NbdExport] = field(default_factory=dict)
 
+    @classmethod
+    def of_spec(cls, spec: MachineSpec) -> FakeBlockJobs:
+        """The nodes a machine is launched with (each disk's chain), as QEMU names them."""
+        return cls(nodes={node.id: BlockNodeSpec(node.id, node.format, node.path,
+                                                 None if node.backing is None
+                                                 else node.backing.id, node.read_only)
+                          for device in spec.block_devices for node in device.node.chain()})
+
     async def add_node(self, node: BlockNodeSpec) -> None:
         if node.node_name in self.nodes:
             raise _refuse(f"Duplicate nodes with node-name='{node.node_name}'")

@@ -277,11 +277,11 @@ async def test_an_unexpected_state_change_is_logged_and_refused(
     await create_vm(api, "web")
     vm = service.get_vm("web")
     with caplog.at_level(logging.ERROR), pytest.raises(InvalidTransition) as info:
-        vm._set(VmState.SAVED, "by mistake")
-    assert info.value.message == "VM 'web' cannot move from Off to Saved"
+        vm._set(VmState.SAVING, "by mistake")
+    assert info.value.message == "VM 'web' cannot move from Off to Saving"
     assert vm.state is VmState.OFF
     assert (await show_vm(api, "web"))["state"] == "Off"
-    assert "refused the move from Off to Saved" in caplog.text
+    assert "refused the move from Off to Saving" in caplog.text
 
 
 async def test_shut_down_falls_back_to_acpi_when_the_agent_fails(

@@ -38,6 +38,8 @@ thaw the file systems of         .   .   x   .   .   .   .
 read the freeze status of        .   .   x   .   .   .   .
 open the graphical console of    .   .   x   x   .   .   .
 take a screenshot of             .   .   x   x   .   .   .
+checkpoint                       x   .   x   x   .   x   .
+apply a checkpoint to            x   .   x   x   .   x   .
 """
 COLUMNS = [VmState.OFF, VmState.STARTING, VmState.RUNNING, VmState.PAUSED, VmState.SAVING,
            VmState.SAVED, VmState.STOPPING]
@@ -115,13 +117,14 @@ def test_an_operation_without_steps_has_no_next_state() -> None:
     (S.SAVING, S.RUNNING),  # a save failed
     (S.STOPPING, S.RUNNING),  # a shut down was interrupted
     (S.RUNNING, S.RUNNING),  # a new reason
+    (S.OFF, S.SAVED),  # a standard checkpoint was applied
 ])
 def test_moves_from_outside_and_failures_are_allowed(current: VmState, new: VmState) -> None:
     assert can_move(current, new)
 
 
 @pytest.mark.parametrize(("current", "new"), [
-    (S.OFF, S.SAVED), (S.OFF, S.SAVING), (S.OFF, S.STOPPING), (S.SAVED, S.SAVING),
+    (S.OFF, S.SAVING), (S.OFF, S.STOPPING), (S.SAVED, S.SAVING),
     (S.SAVED, S.STOPPING), (S.PAUSED, S.STARTING),
     (S.RUNNING, S.STARTING), (S.RUNNING, S.SAVED), (S.STOPPING, S.STARTING),
 ])

@@ -23,6 +23,7 @@ BootDevice = Literal["disk", "dvd", "network"]
 Bus = Literal["ide", "scsi", "virtio"]
 # A disk's format; without it, the extension decides (.qcow2, .vhdx, .vhd, .raw/.img).
 DiskFormat = Literal["qcow2", "raw", "vhdx", "vhd"]
+CheckpointType = Literal["production", "production-only", "standard", "disabled"]
 
 
 class VmCreate(Request):
@@ -67,6 +68,9 @@ class VmUpdate(Request):
     os_type: Literal["linux", "windows", "other"] | None = None
     accelerator: Literal["kvm", "tcg", "auto"] | None = None
     integration_services: IntegrationServicesUpdate | None = None
+    checkpoint_type: CheckpointType | None = None
+    automatic_checkpoints: bool | None = None
+    checkpoint_limit: int | None = Field(None, ge=1, le=1000)
 
 
 class StopRequest(Request):
@@ -178,6 +182,9 @@ class VmView(BaseModel):
     folder: str
     heartbeat: str | None = None
     integration_services: dict[str, dict[str, Any]] = {}
+    checkpoint_type: str = "production"
+    automatic_checkpoints: bool = False
+    checkpoint_limit: int = 50
 
 
 class JobView(BaseModel):

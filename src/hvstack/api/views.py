@@ -86,6 +86,9 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "folder": str(vm.files.folder),
         "heartbeat": vm.link.heartbeat.value if vm.machine_running else None,
         "integration_services": integration_data(vm),
+        "checkpoint_type": config.checkpoint_type.value,
+        "automatic_checkpoints": config.automatic_checkpoints,
+        "checkpoint_limit": config.checkpoint_limit,
     }
 
 

@@ -19,7 +19,7 @@ from rich.text import Text
 from typer.main import get_command_name
 from typer.models import TyperInfo
 
-from hvstack.cli import auth, disk, switch, vm
+from hvstack.cli import auth, checkpoint, disk, switch, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
 from hvstack.cli import storage_move as _storage_move  # noqa: F401  (hv vm move-storage)
@@ -51,6 +51,7 @@ app.add_typer(disk.app, name="disk")
 app.add_typer(disk.image_app, name="image")
 app.add_typer(switch.app, name="switch")
 app.add_typer(auth.app, name="auth")
+app.add_typer(checkpoint.app, name="checkpoint")
 host_app = typer.Typer(help="The host and its service.", no_args_is_help=True)
 job_app = typer.Typer(help="Long operations: list, show, cancel.", no_args_is_help=True)
 app.add_typer(host_app, name="host")

@@ -31,6 +31,7 @@ app.add_typer(nic.app, name="nic")
 LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("cpus", "CPUs"),
                 ("memory_bytes", "Memory"), ("uptime_seconds", "Uptime"),
                 ("heartbeat", "Heartbeat"), ("state_reason", "Status")]
+CHECKPOINT_TYPES = ("production", "production-only", "standard", "disabled")
 SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-services")
 FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time}
 
@@ -271,13 +272,26 @@ def set_(
     detach_disk: str | None = typer.Option(None, "--detach-disk", help="disk to detach"),
     enable: list[str] = typer.Option([], "--enable", help=f"integration service: {SERVICES}"),
     disable: list[str] = typer.Option([], "--disable", help="integration service to turn off"),
+    checkpoint_type: str | None = typer.Option(
+        None, "--checkpoint-type",
+        help="production (default), production-only, standard or disabled"),
+    automatic_checkpoints: bool | None = typer.Option(
+        None, "--automatic-checkpoints/--no-automatic-checkpoints",
+        help="a checkpoint each time the VM starts from Off"),
+    checkpoint_limit: int | None = typer.Option(
+        None, "--checkpoint-limit", help="at most this many checkpoints (1-1000; 50)"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
     """Change a VM's settings (hardware changes need the VM Off)."""
+    if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
+        fail(f"--checkpoint-type '{checkpoint_type}' is not one of {', '.join(CHECKPOINT_TYPES)}")
     body: dict[str, Any] = {"cpus": cpus, "memory": memory, "notes": notes,
                             "auto_start": auto_start, "auto_start_delay_seconds": auto_start_delay,
-                            "auto_stop": auto_stop, "os_type": os_type}
+                            "auto_stop": auto_stop, "os_type": os_type,
+                            "checkpoint_type": checkpoint_type,
+                            "automatic_checkpoints": automatic_checkpoints,
+                            "checkpoint_limit": checkpoint_limit}
     if boot_order is not None:
         body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
     body = {k: v for k, v in body.items() if v is not None}

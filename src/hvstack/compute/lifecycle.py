@@ -26,7 +26,8 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 from hvstack.compute import io_errors, nics
@@ -120,6 +121,7 @@ class VmController:
         self._watcher: asyncio.Task[None] | None = None
         self._expect_exit = False
         self._busy = False  # an operation drives the state; QMP events do not
+        self._memory_saved = False  # held still, the memory was saved (QEMU postmigrate)
 
     # -- state ---------------------------------------------------------------
 
@@ -510,6 +512,76 @@ class VmController:
             self._busy = False
         self._step(Operation.SAVE, "saved")
         progress(100, "saved")
+
+    @contextlib.asynccontextmanager
+    async def held_still(self, operation: Operation) -> AsyncIterator[Machine]:
+        """The guest stopped for the body (a standard checkpoint: its disks and memory
+        taken at one instant) while the VM stays Running or Paused: the QMP STOP and
+        RESUME this causes do not move its state. Afterwards a running guest runs
+        again and a paused one stays paused. A failure to resume sets the state QEMU
+        reports. The caller holds the lock."""
+        self.require(operation)
+        machine = self.running_machine()
+        was_running = self.state is VmState.RUNNING
+        self._busy = True
+        self._memory_saved = False
+        try:
+            if was_running:
+                await machine.pause()
+            yield machine
+        except BaseException as exc:
+            with contextlib.suppress(HvError):
+                await self._continue(machine, was_running)
+            await self._recover(operation.value, exc)
+            self._busy = False
+            raise
+        try:
+            await self._continue(machine, was_running)
+        except BaseException as exc:
+            await self._recover(operation.value, exc)
+            raise
+        finally:
+            self._busy = False
+
+    async def _continue(self, machine: Machine, was_running: bool) -> None:
+        if was_running:
+            await machine.resume()
+        elif self._memory_saved:
+            # A finished save leaves QEMU "postmigrate" with its disks let go of; only
+            # "cont" takes them back (QEMU 7.2 has no blockdev-set-active), so a paused
+            # guest runs for a moment before it is paused again.
+            await machine.resume()
+            await machine.pause()
+        self._memory_saved = False
+
+    async def save_memory(self, path: Path, layout: Path, progress: Progress) -> None:
+        """Save the memory and device state to ``path`` (and the adapters' layout to
+        ``layout``) and go on: only inside :meth:`held_still`. Nothing is left at
+        ``path`` when it fails."""
+        if not self._busy:
+            raise HypervisorError(f"VM '{self.record.name}' must be held still to save its "
+                                  "memory and go on")
+        machine = self.running_machine()
+        try:
+            await nics.save_layout(machine.devices, self.record.config, layout)
+            self._memory_saved = True  # also after a failed migration: "cont" is safe
+            await machine.save_state(path, progress)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            layout.unlink(missing_ok=True)
+            if isinstance(exc, InsufficientResources) or io_errors.no_space(exc):
+                raise NoSpace(f"no space left for the memory state of VM "
+                              f"'{self.record.name}' in {path.parent}",
+                              vm=self.record.name) from exc
+            raise
+
+    def restored_checkpoint(self, saved: bool, reason: str) -> None:
+        """An Off VM got a checkpoint's state: Saved (its memory state is in place as
+        the saved state) or Off. The caller holds the lock."""
+        if self.state is not VmState.OFF:
+            raise InvalidTransition(f"VM '{self.record.name}' is {self.state.value}, not "
+                                    "Off", vm=self.record.name)
+        self._set(VmState.SAVED if saved else VmState.OFF, reason)
 
     async def restart(self, timeout: float, progress: Progress) -> str:
         self.require(Operation.RESTART)

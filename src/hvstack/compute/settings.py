@@ -1,8 +1,8 @@
 """Which settings of a VM may change in which state, as pure functions.
 
-Names, notes, the automatic actions, the integration services and the KVP pool change
-in any state; the hardware (processors, memory, generation, disks, DVD, boot order, ...)
-only while the VM is Off. :func:`check_change` raises
+Names, notes, the automatic actions, the integration services, the KVP pool and the
+checkpoint settings change in any state; the hardware (processors, memory, generation,
+disks, DVD, boot order, ...) only while the VM is Off. :func:`check_change` raises
 :class:`~hvstack.errors.InvalidState` naming the settings, e.g. ``cannot change the
 memory of VM 'demo' while it is Running: stop it first``.
 """
@@ -15,7 +15,8 @@ from hvstack.compute.model import VmConfig, VmState
 from hvstack.errors import InvalidState
 
 ANY_STATE = frozenset({"name", "notes", "auto_start", "auto_start_delay_seconds",
-                       "auto_stop", "integration_services", "kvp_pool"})
+                       "auto_stop", "integration_services", "kvp_pool", "checkpoint_type",
+                       "automatic_checkpoints", "checkpoint_limit"})
 ALL = frozenset(VmConfig.__dataclass_fields__)
 
 # How a message names each setting ("cannot change the ... of VM 'x'").

@@ -47,6 +47,8 @@ class Operation(enum.StrEnum):
     READ_FREEZE_STATUS = "read the freeze status of"
     OPEN_GRAPHICAL_CONSOLE = "open the graphical console of"
     TAKE_SCREENSHOT = "take a screenshot of"
+    CHECKPOINT = "checkpoint"
+    APPLY_CHECKPOINT = "apply a checkpoint to"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ TABLE: dict[Operation, Row] = {
     Operation.READ_FREEZE_STATUS: Row(_RUNNING),
     Operation.OPEN_GRAPHICAL_CONSOLE: Row(frozenset({_S.RUNNING, _S.PAUSED})),
     Operation.TAKE_SCREENSHOT: Row(frozenset({_S.RUNNING, _S.PAUSED})),
+    Operation.CHECKPOINT: Row(frozenset({_S.OFF, _S.SAVED, _S.RUNNING, _S.PAUSED})),
+    Operation.APPLY_CHECKPOINT: Row(frozenset({_S.OFF, _S.SAVED, _S.RUNNING, _S.PAUSED})),
 }
 
 # Moves nobody asked for: (from any of these) → (to any of these).
@@ -94,6 +98,8 @@ OUTSIDE: dict[str, tuple[frozenset[VmState], frozenset[VmState]]] = {
     "the host service reattached to a live worker": (
         frozenset(_S), frozenset({_S.RUNNING, _S.PAUSED})),
     "an operation failed; the VM is where it really is": (TRANSITIONAL, STABLE),
+    # Its memory state became the saved state (Hyper-V leaves such a VM Saved).
+    "a standard checkpoint was applied": (frozenset({_S.OFF}), frozenset({_S.SAVED})),
 }
 
 # Where each state may go: the steps of the table, then the moves from outside.

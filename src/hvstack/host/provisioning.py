@@ -96,6 +96,10 @@ class Provisioning:
         self.disk_use = disk_use
         self._events = events
         self.choose_adapters: AdapterChooser = user_mode_adapter
+        # The files of a VM's checkpoints, each with whether --delete-disks may delete
+        # it (set by the checkpoint operations).
+        self.checkpoint_files: Callable[[VmController], Awaitable[list[tuple[str, bool]]]] = (
+            _no_checkpoint_files)
 
     def validate(self, config: VmConfig) -> None:
         facts = self._facts()
@@ -219,8 +223,11 @@ class Provisioning:
         vm = self._registry.get(ref)
         async with vm.lock:
             vm.require(Operation.DELETE)
-            kept = await self._disks_to_keep(vm, delete_disks)
-            doomed = [d.path for d in vm.record.config.disks if d.path not in kept]
+            files = [(d.path, d.owned) for d in vm.record.config.disks]
+            files += [f for f in await self.checkpoint_files(vm)
+                      if f[0] not in {p for p, _ in files}]
+            kept = await self._disks_to_keep(vm, files, delete_disks)
+            doomed = [path for path, _ in files if path not in kept]
             await self._registry.flush()  # no queued observation outlives the record
             await self._records.delete(vm.record)
             self._registry.unregister(vm)
@@ -242,23 +249,24 @@ class Provisioning:
             return {"deleted": vm.record.name, "deleted_disks": doomed,
                     "kept_disks": [{"path": p, "reason": why} for p, why in kept.items()]}
 
-    async def _disks_to_keep(self, vm: VmController, delete_disks: bool) -> dict[str, str]:
-        """Each of ``vm``'s disks that delete keeps, with the reason."""
-        disks_ = vm.record.config.disks
+    async def _disks_to_keep(self, vm: VmController, files: Sequence[tuple[str, bool]],
+                             delete_disks: bool) -> dict[str, str]:
+        """Each of ``vm``'s disk ``files`` (path, created for it) that delete keeps,
+        with the reason."""
         if not delete_disks:
-            return {d.path: "disks are kept unless --delete-disks is given" for d in disks_}
+            return {path: "disks are kept unless --delete-disks is given" for path, _ in files}
         kept: dict[str, str] = {}
-        for d in disks_:
-            if not d.owned:
-                kept[d.path] = "it was not created for this VM (it was attached)"
+        for path, owned in files:
+            if not owned:
+                kept[path] = "it was not created for this VM (it was attached)"
         for other in self.disk_use.attachments(but_vm=vm.record.id):
-            if str(other.path) in {d.path for d in disks_} and str(other.path) not in kept:
+            if str(other.path) in {p for p, _ in files} and str(other.path) not in kept:
                 kept[str(other.path)] = f"VM '{other.vm}' uses it too"
         links = await self.disk_use.parents()
         changed = True
         while changed:  # a child that is deleted too does not keep its parent
             changed = False
-            doomed = {Path(d.path) for d in disks_ if d.path not in kept}
+            doomed = {Path(p) for p, _ in files if p not in kept}
             for child, parent in links.items():
                 if parent in doomed and child not in doomed:
                     kept[str(parent)] = f"it is the parent of '{child}'"
@@ -294,3 +302,7 @@ class Provisioning:
     async def set_dvd(self, ref: str, iso: str | None) -> VmController:
         path = str(self._confine(iso, must_exist=True, what="ISO")) if iso else None
         return await self.update(ref, dvd=path)
+
+
+async def _no_checkpoint_files(vm: VmController) -> list[tuple[str, bool]]:
+    return []

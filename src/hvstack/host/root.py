@@ -50,7 +50,7 @@ class HostRoot:
         self.guest = GuestOperations(service, guest_policy)
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
-        self.checkpoints = CheckpointOperations(service)
+        self.checkpoints = CheckpointOperations(service, self.guest)
         self.storage_moves = StorageMoves(service, self.checkpoints)
 
     @classmethod

@@ -88,6 +88,8 @@ class HostService:
                                          self.records, self.disk_use, self.events)
         self._tasks: set[asyncio.Task[None]] = set()
         self.start_hook: StartHook | None = None  # set by the network operations
+        # Run by every start job in the VM's lock before the start (automatic checkpoints).
+        self.start_jobs: list[Callable[[VmController, Progress], Awaitable[None]]] = []
         self.started_at = time.time()
         self.cleanup_report = cleanup.CleanupReport()  # what startup() found left behind
         # Called when a VM's guest agent answers after it did not (boot, reattach).
@@ -255,6 +257,8 @@ class HostService:
         vm.require(Operation.START)
 
         async def body(progress: Progress) -> dict[str, Any]:
+            for before in self.start_jobs:
+                await before(vm, progress)
             await vm.start(progress)
             return {"state": vm.state.value}
 

@@ -30,6 +30,7 @@ from hvstack.compute.model import (
     AutoStartAction,
     AutoStopAction,
     BootDevice,
+    CheckpointType,
     DiskBus,
     Generation,
     VmConfig,
@@ -86,7 +87,8 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
     service = service_of(request)
     changes: dict[str, Any] = {}
     fields = body.model_dump(exclude_none=True)
-    for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds"):
+    for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds",
+                "automatic_checkpoints", "checkpoint_limit"):
         if key in fields:
             changes[key] = fields[key]
     if "memory" in fields:
@@ -97,6 +99,8 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         changes["auto_start"] = AutoStartAction(fields["auto_start"])
     if "auto_stop" in fields:
         changes["auto_stop"] = AutoStopAction(fields["auto_stop"])
+    if "checkpoint_type" in fields:
+        changes["checkpoint_type"] = CheckpointType(fields["checkpoint_type"])
     if body.integration_services is not None:
         current = service.get_vm(ref).record.config.integration_services
         changes["integration_services"] = replace(
