@@ -312,8 +312,9 @@ class FakeBlockJobs:
         self.running[job_id] = BlockJobInfo(job_id, kind, "running", 0, 100)
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         self._start(job_id, "mirror")
+        self.running[job_id] = replace(self.running[job_id], speed=speed)
 
     async def backup(self, backups: Sequence[Backup]) -> None:
         for backup in backups:  # all or nothing, as a transaction
@@ -351,9 +352,6 @@ class FakeBlockJobs:
     async def dismiss(self, job_id: str) -> None:
         self._job(job_id)
         del self.running[job_id]
-
-    async def set_speed(self, job_id: str, speed: int) -> None:
-        self.running[job_id] = replace(self._job(job_id), speed=speed)
 
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None:
         await self.snapshot((), (bitmap,))

@@ -202,11 +202,16 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     data, second = env["data"], env["second"]
     guest = host.guest(NAME)
     vm_id = host.vm(NAME)["id"]
-    old_active = disk_path(host)
-    frozen = backing(old_active)
-    assert frozen is not None and Path(frozen).parent == Path(old_active).parent
     guest.ok("dd if=/dev/urandom of=/data/before.bin bs=64k count=64 2>/dev/null && sync")
     before = sha(host, "/data/before.bin")
+    # a checkpoint of the running VM: its overlay is a node added at run time
+    host.ok("checkpoint", "create", NAME, "--name", "live")
+    old_active = disk_path(host)
+    live_file = backing(old_active)
+    assert live_file is not None
+    seeded_file = backing(live_file)
+    assert seeded_file is not None and backing(seeded_file) == str(
+        data / "images" / "tiny.qcow2")
     guest.ok("rm -f /data/stop; setsid sh -c 'i=0; while [ ! -e /data/stop ]; do "
              "dd if=/dev/urandom of=/data/load.bin bs=64k count=4 seek=$((i % 128)) "
              "conv=notrunc 2>/dev/null; i=$((i + 1)); echo $i > /data/rounds; done; "
@@ -224,23 +229,26 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     assert done["state"] == "completed", done
     assert rounds > 0 and int(guest.ok("cat /data/rounds")) > rounds  # it wrote meanwhile
     result = done["result"]
-    moved = {Path(m["from"]).name: m["to"] for m in result["moved"]}
-    assert set(moved) == {Path(old_active).name, Path(frozen).name}
+    moved = {m["from"]: m["to"] for m in result["moved"]}
+    assert set(moved) == {old_active, live_file, seeded_file}
     assert any("managed image" in s["reason"] for s in result["skipped"])
 
     new_active = disk_path(host)
-    assert new_active == moved[Path(old_active).name]
-    assert Path(new_active).parent == target
-    new_frozen = moved[Path(frozen).name]
-    assert backing(new_active) == new_frozen
-    assert backing(new_frozen) == str(data / "images" / "tiny.qcow2")
-    assert not Path(old_active).exists() and not Path(frozen).exists()
-    qemu_img_check(new_active)
-    qemu_img_check(new_frozen)
+    assert new_active == moved[old_active]
+    assert all(Path(p).parent == target for p in moved.values())
+    assert backing(new_active) == moved[live_file]
+    assert backing(moved[live_file]) == moved[seeded_file]
+    assert backing(moved[seeded_file]) == str(data / "images" / "tiny.qcow2")
+    assert not any(Path(p).exists() for p in moved)
+    for path in moved.values():
+        qemu_img_check(path)
     tree = stored_tree(data, vm_id)
-    assert [dict(c.disks) for c in tree.checkpoints] == [
-        {host.vm(NAME)["disks"][0]["id"]: new_frozen}]
-    assert tree.made == {new_active}
+    disk_id = host.vm(NAME)["disks"][0]["id"]
+    assert sorted(c.disks[disk_id] for c in tree.checkpoints) == sorted(
+        [moved[live_file], moved[seeded_file]])
+    assert moved[old_active] in tree.made and old_active not in tree.made
+    assert all(disk["path"] in moved.values() for c in tree.checkpoints
+               for disk in json.loads(c.config)["disks"])
 
     load = sha(host, "/data/load.bin")
     guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")  # read back from the new files
@@ -323,3 +331,14 @@ def test_paused_saved_and_off_vms_move(env: dict[str, Any]) -> None:
     host.guest(NAME).wait_ready()
     for path, digest in env["checksums"].items():
         assert sha(host, path) == digest
+
+
+def test_the_moved_checkpoint_applies(env: dict[str, Any]) -> None:
+    """The checkpoint taken before the moves, on files moved four times, still holds
+    /data as it was: before.bin, and none of the files written after it."""
+    host: NamespacedHost = env["host"]
+    host.ok("checkpoint", "apply", NAME, "live", "--yes")
+    host.ok("vm", "start", NAME)  # boots afresh (production) or resumes (standard)
+    host.guest(NAME).wait_ready()
+    assert sha(host, "/data/before.bin") == env["checksums"]["/data/before.bin"]
+    assert host.guest(NAME).sh("test -e /data/load.bin")[0] != 0

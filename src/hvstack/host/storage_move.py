@@ -439,9 +439,7 @@ class StorageMoves:
         await jobs.add_node(BlockNodeSpec(target, move.format, move.new, backing=below))
         job_id = mirror_job_id(move.disk_id)
         await jobs.mirror(job_id, file_node(move.disk_id, move.old, nodes), target,
-                          sync="top", write_blocking=True)
-        if bandwidth:
-            await jobs.set_speed(job_id, bandwidth)
+                          sync="top", write_blocking=True, speed=bandwidth or 0)
 
     @staticmethod
     async def _add_chain(jobs: BlockJobs, plan: MovePlan, move: FileMove,

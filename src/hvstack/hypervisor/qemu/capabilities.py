@@ -339,10 +339,10 @@ class QemuBlockJobs:
         await self._monitor.execute("transaction", {"actions": actions})
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         await self._monitor.execute("blockdev-mirror", {
             "job-id": job_id, "device": node, "target": target, "sync": sync,
-            "auto-dismiss": False,
+            "auto-dismiss": False, "speed": speed,
             "copy-mode": "write-blocking" if write_blocking else "background"})
 
     async def backup(self, backups: Sequence[Backup]) -> None:
@@ -383,9 +383,6 @@ class QemuBlockJobs:
 
     async def dismiss(self, job_id: str) -> None:
         await self._monitor.execute("job-dismiss", {"id": job_id})
-
-    async def set_speed(self, job_id: str, speed: int) -> None:
-        await self._monitor.execute("block-job-set-speed", {"device": job_id, "speed": speed})
 
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None:
         await self._monitor.execute("block-dirty-bitmap-add", _bitmap(bitmap))
