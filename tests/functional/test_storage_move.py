@@ -11,9 +11,9 @@ import httpx
 
 from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.service import HostService
-from hvstack.host.storage_move import PENDING, PendingMove, StorageMoves
+from hvstack.host.storage_move import PENDING, PendingMove, StorageMoves, mirror_job_id
 from hvstack.host.store import MemoryStore
-from hvstack.hypervisor.capabilities import BlockNodeSpec
+from hvstack.hypervisor.capabilities import BlockJobInfo, BlockNodeSpec
 from hvstack.hypervisor.spec import disk_node_id
 from hvstack.storage.move_plan import FileMove
 from tests.functional.fakes import (
@@ -124,4 +124,28 @@ async def test_startup_rolls_back_a_copy_and_finishes_a_stored_move(
     assert (await show_vm(api, "one"))["disks"][0]["path"] == old_one
     assert not old_two.exists() and new_two.exists()
     assert (await show_vm(api, "two"))["disks"][0]["path"] == str(new_two)
+    assert await moves.records.load_all() == []
+
+
+async def test_startup_finishes_a_move_whose_mirror_completed(
+        api: httpx.AsyncClient, tmp_path: Path, service: HostService,
+        driver: FakeDriver) -> None:
+    vm = await create_vm(api, "web", new_disk="16M")
+    await run_job(api, "web", "start")
+    disk = vm["disks"][0]
+    old = Path(disk["path"])
+    new = tmp_path / "disks" / old.name
+    new.write_bytes(old.read_bytes())
+    jobs = driver.machine_of(vm["id"]).block_jobs
+    job_id = mirror_job_id(disk["id"])
+    jobs.running[job_id] = BlockJobInfo(job_id, "mirror", "concluded", 100, 100)
+    jobs.nodes["old"] = BlockNodeSpec("old", "qcow2", str(old))
+    moves = StorageMoves(service, CheckpointOperations(service))
+    await moves.records.save(PendingMove(vm["id"], "job", True, "switching", (
+        FileMove(disk["id"], str(old), str(new), "qcow2", None, None, None, True),)))
+
+    await moves.startup()
+    assert (await show_vm(api, "web"))["disks"][0]["path"] == str(new)
+    assert not old.exists() and new.exists()
+    assert job_id not in jobs.running and "old" not in jobs.nodes
     assert await moves.records.load_all() == []

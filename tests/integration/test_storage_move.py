@@ -265,7 +265,8 @@ def test_cancel_half_way_leaves_the_old_storage(env: dict[str, Any]) -> None:
     active = disk_path(host)
     target = env["data"] / "cancelled"
     job = start_move(host, target, bandwidth="1M")
-    wait_job(host, job["id"], lambda j: j["progress"] >= 20 or j["state"] != "running")
+    wait_job(host, job["id"], lambda j: j["message"].startswith("mirroring")
+             or j["state"] != "running")
     host.ok("job", "cancel", job["id"])
     ended = wait_job(host, job["id"], lambda j: j["state"] != "running")
     assert ended["state"] == "cancelled", ended
@@ -283,7 +284,8 @@ def test_kill9_mid_move_is_rolled_back_on_restart(env: dict[str, Any]) -> None:
     active = disk_path(host)
     target = env["data"] / "killed"
     job = start_move(host, target, bandwidth="1M")
-    wait_job(host, job["id"], lambda j: j["progress"] >= 20 or j["state"] != "running")
+    wait_job(host, job["id"], lambda j: j["message"].startswith("mirroring")
+             or j["state"] != "running")
     host.kill9()
     host.start()
     assert host.vm(NAME)["state"] == "Running"
