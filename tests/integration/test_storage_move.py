@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from hvstack.checkpoints.model import Checkpoint, CheckpointKind, CheckpointTree
-from hvstack.client import ApiError, Client
+from hvstack.client import ApiError, Client, url_path
 from hvstack.host.records import CheckpointRecords, VmRecords
 from hvstack.host.store import SqliteStore
 from hvstack.storage.qemu_img import run_qemu_img
@@ -95,10 +95,19 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[
         host.stop()
         asyncio.run(make_checkpoint(data, NAME))
         host.start()
+        # a second disk, raw and attached from elsewhere: two mirrors at once
+        host.ok("disk", "create", str(data / "extra.raw"), "--size", "32M")
+        with host.api() as api:
+            api.post(url_path("vms", NAME, "disks"), {"path": str(data / "extra.raw")})
         host.ok("vm", "start", NAME)
         host.wait_console(NAME, READY)
         host.guest(NAME).wait_ready()
-        yield {"host": host, "data": data, "second": second, "small": small}
+        extra = host.guest(NAME).ok(
+            "for d in /sys/block/*; do [ $(cat $d/size) = 65536 ] && echo ${d##*/}; done"
+        ).strip()
+        assert extra, "the guest does not see the second disk"
+        yield {"host": host, "data": data, "second": second, "small": small,
+               "extra": f"/dev/{extra}"}
     finally:
         host.stop()
         for pidfile in data.glob("vms/*/qemu.pid"):
@@ -158,6 +167,13 @@ def sha(host: HostProcess, path: str) -> str:
     return host.guest(NAME).ok(f"sha256sum {path}").split()[0]
 
 
+def raw_sha(host: HostProcess, device: str) -> str:
+    """The first 8 MiB of the second disk, read past the page cache."""
+    return host.guest(NAME).ok(
+        f"sync; echo 3 > /proc/sys/vm/drop_caches; dd if={device} bs=1M count=8 "
+        "2>/dev/null | sha256sum").split()[0]
+
+
 def wait_job(host: HostProcess, job_id: str, condition: Any,
              timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
@@ -204,6 +220,8 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     vm_id = host.vm(NAME)["id"]
     guest.ok("dd if=/dev/urandom of=/data/before.bin bs=64k count=64 2>/dev/null && sync")
     before = sha(host, "/data/before.bin")
+    guest.ok(f"dd if=/dev/urandom of={env['extra']} bs=1M count=8 conv=fsync 2>/dev/null")
+    raw = raw_sha(host, env["extra"])
     # a checkpoint of the running VM: its overlay is a node added at run time
     host.ok("checkpoint", "create", NAME, "--name", "live")
     old_active = disk_path(host)
@@ -230,7 +248,9 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     assert rounds > 0 and int(guest.ok("cat /data/rounds")) > rounds  # it wrote meanwhile
     result = done["result"]
     moved = {m["from"]: m["to"] for m in result["moved"]}
-    assert set(moved) == {old_active, live_file, seeded_file}
+    extra_active = host.vm(NAME)["disks"][1]["path"]
+    assert set(moved) == {old_active, live_file, seeded_file, extra_active,
+                          str(data / "extra.raw")}
     assert any("managed image" in s["reason"] for s in result["skipped"])
 
     new_active = disk_path(host)
@@ -241,7 +261,8 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     assert backing(moved[seeded_file]) == str(data / "images" / "tiny.qcow2")
     assert not any(Path(p).exists() for p in moved)
     for path in moved.values():
-        qemu_img_check(path)
+        if path.endswith(".qcow2"):
+            qemu_img_check(path)
     tree = stored_tree(data, vm_id)
     disk_id = host.vm(NAME)["disks"][0]["id"]
     assert sorted(c.disks[disk_id] for c in tree.checkpoints) == sorted(
@@ -254,7 +275,9 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")  # read back from the new files
     assert sha(host, "/data/before.bin") == before
     assert sha(host, "/data/load.bin") == load
+    assert raw_sha(host, env["extra"]) == raw
     env["checksums"] = {"/data/before.bin": before, "/data/load.bin": load}
+    env["raw"] = raw
 
 
 def test_cancel_half_way_leaves_the_old_storage(env: dict[str, Any]) -> None:
@@ -297,6 +320,7 @@ def test_kill9_mid_move_is_rolled_back_on_restart(env: dict[str, Any]) -> None:
     guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")
     for path, digest in env["checksums"].items():
         assert sha(host, path) == digest
+    assert raw_sha(host, env["extra"]) == env["raw"]
     # QEMU's job and nodes are gone: the same move runs again, to its end
     again = start_move(host, env["data"] / "after-kill")
     assert wait_job(host, again["id"], lambda j: j["state"] != "running")["state"] == \
@@ -333,6 +357,7 @@ def test_paused_saved_and_off_vms_move(env: dict[str, Any]) -> None:
     host.guest(NAME).wait_ready()
     for path, digest in env["checksums"].items():
         assert sha(host, path) == digest
+    assert raw_sha(host, env["extra"]) == env["raw"]
 
 
 def test_the_moved_checkpoint_applies(env: dict[str, Any]) -> None:
