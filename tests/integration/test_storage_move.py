@@ -103,11 +103,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[
         host.wait_console(NAME, READY)
         host.guest(NAME).wait_ready()
         extra = host.guest(NAME).ok(
-            "for d in /sys/block/*; do [ $(cat $d/size) = 65536 ] && echo ${d##*/}; done"
+            "for d in /sys/block/*; do [ $(cat $d/size) = 65536 ] && echo ${d##*/}; done; true"
         ).strip()
         assert extra, "the guest does not see the second disk"
+        extra_id = next(d["id"] for d in host.vm(NAME)["disks"]
+                        if d["path"] == str(data / "extra.raw"))
         yield {"host": host, "data": data, "second": second, "small": small,
-               "extra": f"/dev/{extra}"}
+               "extra": f"/dev/{extra}", "extra_id": extra_id}
     finally:
         host.stop()
         for pidfile in data.glob("vms/*/qemu.pid"):
@@ -144,8 +146,11 @@ def stored_tree(data: Path, vm_id: str) -> CheckpointTree:
     return CheckpointTree.from_json(row[0])
 
 
-def disk_path(host: HostProcess) -> str:
-    path: str = host.vm(NAME)["disks"][0]["path"]
+def disk_path(host: HostProcess, disk_id: str | None = None) -> str:
+    """The path of the disk ``disk_id`` (default: the boot disk, made from the image)."""
+    disks = host.vm(NAME)["disks"]
+    path: str = next(d["path"] for d in disks if d["id"] == disk_id) if disk_id else next(
+        d["path"] for d in disks if "extra" not in Path(d["path"]).name)
     return path
 
 
@@ -225,6 +230,7 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     # a checkpoint of the running VM: its overlay is a node added at run time
     host.ok("checkpoint", "create", NAME, "--name", "live")
     old_active = disk_path(host)
+    extra_active = disk_path(host, env["extra_id"])
     live_file = backing(old_active)
     assert live_file is not None
     seeded_file = backing(live_file)
@@ -248,7 +254,6 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
     assert rounds > 0 and int(guest.ok("cat /data/rounds")) > rounds  # it wrote meanwhile
     result = done["result"]
     moved = {m["from"]: m["to"] for m in result["moved"]}
-    extra_active = host.vm(NAME)["disks"][1]["path"]
     assert set(moved) == {old_active, live_file, seeded_file, extra_active,
                           str(data / "extra.raw")}
     assert any("managed image" in s["reason"] for s in result["skipped"])
@@ -264,7 +269,7 @@ def test_running_vm_with_checkpoint_moves_under_write_load(env: dict[str, Any]) 
         if path.endswith(".qcow2"):
             qemu_img_check(path)
     tree = stored_tree(data, vm_id)
-    disk_id = host.vm(NAME)["disks"][0]["id"]
+    disk_id = next(d["id"] for d in host.vm(NAME)["disks"] if d["id"] != env["extra_id"])
     assert sorted(c.disks[disk_id] for c in tree.checkpoints) == sorted(
         [moved[live_file], moved[seeded_file]])
     assert moved[old_active] in tree.made and old_active not in tree.made
