@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -305,6 +306,42 @@ def test_cancel_half_way_leaves_the_old_storage(env: dict[str, Any]) -> None:
     guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")
     assert sha(host, "/data/big.bin") == big
     env["checksums"]["/data/big.bin"] = big
+
+
+def test_a_destination_that_fills_up_mid_move_changes_nothing(env: dict[str, Any]) -> None:
+    """The free space suffices when the move starts; the guest's writes during the
+    mirror then fill the destination: the move fails, the VM stays on its files."""
+    host: NamespacedHost = env["host"]
+    guest = host.guest(NAME)
+    refused = host.hv("vm", "move-storage", NAME, str(env["small"] / "vm"))
+    match = re.search(r"needs about (\d+) MiB", refused.stderr)
+    assert match is not None, refused.stderr
+    needed = int(match.group(1))
+    fill = env["small"] / "fill"
+    host.in_namespace("mkdir", str(fill))
+    host.in_namespace("mount", "-t", "tmpfs", "-o", f"size={needed + 2}m", "hvt-h4-fill",
+                      str(fill))
+    try:
+        paths = {d["id"]: d["path"] for d in host.vm(NAME)["disks"]}
+        job = start_move(host, fill / "vm", bandwidth="2M")
+        wait_job(host, job["id"], lambda j: j["message"].startswith("mirroring")
+                 or j["state"] != "running")
+        guest.ok("dd if=/dev/urandom of=/data/fill.bin bs=1M count=24 2>/dev/null; sync",
+                 timeout=300)
+        written = sha(host, "/data/fill.bin")
+        ended = wait_job(host, job["id"], lambda j: j["state"] != "running")
+        assert ended["state"] == "failed", ended
+        assert {d["id"]: d["path"] for d in host.vm(NAME)["disks"]} == paths
+        assert host.vm(NAME)["state"] == "Running"
+        assert host.in_namespace("ls", "-A", str(fill)).split() == []
+        for path in paths.values():
+            if path.endswith(".qcow2"):
+                qemu_img_check(path)
+        guest.ok("sync; echo 3 > /proc/sys/vm/drop_caches")
+        assert sha(host, "/data/fill.bin") == written
+        env["checksums"]["/data/fill.bin"] = written
+    finally:
+        host.in_namespace("umount", str(fill))
 
 
 def test_kill9_mid_move_is_rolled_back_on_restart(env: dict[str, Any]) -> None:
