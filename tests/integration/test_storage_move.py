@@ -331,6 +331,7 @@ def test_a_destination_that_fills_up_mid_move_changes_nothing(env: dict[str, Any
         written = sha(host, "/data/fill.bin")
         ended = wait_job(host, job["id"], lambda j: j["state"] != "running")
         assert ended["state"] == "failed", ended
+        assert ended["error"]["type"] == "/problems/no-space", ended
         assert {d["id"]: d["path"] for d in host.vm(NAME)["disks"]} == paths
         assert host.vm(NAME)["state"] == "Running"
         assert host.in_namespace("ls", "-A", str(fill)).split() == []

@@ -584,9 +584,17 @@ async def _wait_ready(jobs: BlockJobs, job_ids: Sequence[str], progress: Progres
             progress(sum(shares.values()) / len(shares), "mirroring the active disks")
         return report
 
-    async with asyncio.TaskGroup() as group:
-        for job_id in job_ids:
-            group.create_task(run_job(jobs, job_id, until_ready=True, progress=part(job_id)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for job_id in job_ids:
+                group.create_task(run_job(jobs, job_id, until_ready=True,
+                                          progress=part(job_id)))
+    except* HvError as failed:  # the first failure says why; the others follow from it
+        error = failed.exceptions[0]
+        if isinstance(error, HvError) and "No space left" in error.message:
+            raise NoSpace(f"the destination filled up during the move ({error.message}); "
+                          "the VM stays on its old storage", **error.data) from None
+        raise error from None
 
 
 def _scaled(progress: Progress, start: float, end: float) -> Progress:
