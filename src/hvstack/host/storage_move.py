@@ -48,10 +48,10 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hvstack.checkpoints.model import CheckpointTree
 from hvstack.compute.lifecycle import VmController
@@ -71,6 +71,7 @@ from hvstack.host.service import HostService
 from hvstack.host.store import Delete, Put, Store
 from hvstack.hypervisor.capabilities import BlockJobs, BlockNodeSpec
 from hvstack.hypervisor.spec import backing_node_id, disk_node_id
+from hvstack.progress import scaled
 from hvstack.storage import chain, formats
 from hvstack.storage.block_jobs import cancel_job, file_node, run_job
 from hvstack.storage.file_copy import copy_file, sync_folder
@@ -82,6 +83,7 @@ log = logging.getLogger(__name__)
 
 PENDING = "storage-moves/"
 SPACE_MARGIN = 16 * 1024 * 1024  # the active layers grow while they are mirrored
+T = TypeVar("T")
 LIVE_STATES = (VmState.RUNNING, VmState.PAUSED)
 OFFLINE_STATES = (VmState.OFF, VmState.SAVED)
 
@@ -351,13 +353,13 @@ class StorageMoves:
         await self.records.save(pending)
         stop = threading.Event()
         try:
-            await self._copy(plan.moves, stop, bandwidth, _scaled(progress, 0, 95))
+            await self._copy(plan.moves, stop, bandwidth, scaled(progress, 0, 95))
             await asyncio.to_thread(sync_folder, folder)
         except BaseException:
             stop.set()
             await asyncio.shield(self._undo(pending))
             raise
-        await asyncio.shield(self._commit(vm, plan.moves, None, locked=True))
+        await _to_the_end(self._commit(vm, plan.moves, None, locked=True))
         progress(100.0, "")
         return list(plan.moves)
 
@@ -411,18 +413,18 @@ class StorageMoves:
         split = 90.0 * copy_bytes / ((copy_bytes + mirror_bytes) or 1)
         try:
             await self._copy([m for m in plan.moves if not m.active], stop, bandwidth,
-                             _scaled(progress, 0, split))
+                             scaled(progress, 0, split))
             nodes = await jobs.node_files()
             for move in actives:
                 await self._start_mirror(jobs, plan, move, nodes, bandwidth)
                 started.append(mirror_job_id(move.disk_id))
-            await _wait_ready(jobs, started, _scaled(progress, split, 90))
+            await _wait_ready(jobs, started, scaled(progress, split, 90))
         except BaseException:
             stop.set()
             await asyncio.shield(self._undo_live(jobs, started, pending))
             raise
         switching = replace(pending, phase="switching")
-        return await asyncio.shield(self._switch(vm, jobs, plan, switching, progress))
+        return await _to_the_end(self._switch(vm, jobs, plan, switching, progress))
 
     async def _start_mirror(self, jobs: BlockJobs, plan: MovePlan, move: FileMove,
                             nodes: Mapping[str, str], bandwidth: int | None) -> None:
@@ -538,6 +540,18 @@ class StorageMoves:
                     "finished" if done else "rolled back")
 
 
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (the commit of a
+    move: stopping half-way would leave the records behind QEMU); then the
+    cancellation goes on."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 async def _switched(jobs: BlockJobs | None, disk_id: str) -> bool:
     """After a crash in the switching phase: has (or can) the disk's device switch to
     the new file? QEMU gone: yes (write-blocking kept both files the same)."""
@@ -595,9 +609,3 @@ async def _wait_ready(jobs: BlockJobs, job_ids: Sequence[str], progress: Progres
             raise NoSpace(f"the destination filled up during the move ({error.message}); "
                           "the VM stays on its old storage", **error.data) from None
         raise error from None
-
-
-def _scaled(progress: Progress, start: float, end: float) -> Progress:
-    def report(percent: float, message: str) -> None:
-        progress(start + (end - start) * max(0.0, min(100.0, percent)) / 100.0, message)
-    return report
