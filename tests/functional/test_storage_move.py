@@ -16,6 +16,7 @@ from hvstack.host.store import MemoryStore
 from hvstack.hypervisor.capabilities import BlockJobInfo, BlockNodeSpec
 from hvstack.hypervisor.spec import disk_node_id
 from hvstack.storage.move_plan import FileMove
+from hvstack.storage.qemu_img import run_qemu_img
 from tests.functional.fakes import (
     API,
     FakeDriver,
@@ -149,3 +150,19 @@ async def test_startup_finishes_a_move_whose_mirror_completed(
     assert not old.exists() and new.exists()
     assert job_id not in jobs.running and "old" not in jobs.nodes
     assert await moves.records.load_all() == []
+
+
+async def test_an_old_file_that_got_a_child_during_the_move_stays(
+        api: httpx.AsyncClient, tmp_path: Path, service: HostService) -> None:
+    await create_vm(api, "web", new_disk="16M")
+    disks = tmp_path / "disks"
+    gone, kept = disks / "gone.qcow2", disks / "kept.qcow2"
+    for path in (gone, kept):
+        await run_qemu_img(["create", "-q", "-f", "qcow2", str(path), "16M"])
+    await run_qemu_img(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(kept),
+                        str(disks / "someones.qcow2")])
+    moves = StorageMoves(service, CheckpointOperations(service))
+    await moves._delete_old(service.get_vm("web"), [
+        FileMove("d", str(path), str(disks / f"new-{path.name}"), "qcow2", None, None, None,
+                 False) for path in (gone, kept)])
+    assert not gone.exists() and kept.exists()

@@ -383,11 +383,23 @@ class StorageMoves:
         if jobs is not None:
             with contextlib.suppress(HvError):  # QEMU may have stopped meanwhile
                 await _remove_nodes(jobs, [m.old for m in reversed(moves)])
-        for move in moves:
-            remove_quietly(Path(move.old))
+        await self._delete_old(vm, moves)
         await self.records.forget(vm.record.id)
         self.service.events.publish("vm.storage-moved", vm=vm.record.name, id=vm.record.id)
         log.info("VM %s: moved %d files", vm.record.name, len(moves))
+
+    async def _delete_old(self, vm: VmController, moves: Sequence[FileMove]) -> None:
+        """Delete the old files, except one that got a child meanwhile (someone made a
+        differencing disk on a checkpoint file during the move): it stays, logged."""
+        old = {m.old for m in moves}
+        foreign = {str(parent) for child, parent in (await self.service.disk_use.parents()).items()
+                   if str(child) not in old}
+        for move in moves:
+            if move.old in foreign:
+                log.warning("VM %s: '%s' stays where it was: a disk made during the move "
+                            "names it as parent", vm.record.name, move.old)
+                continue
+            remove_quietly(Path(move.old))
 
     async def _store(self, vm: VmController, renames: Mapping[str, str]) -> None:
         tree = await self.checkpoints.tree_of(vm)
