@@ -82,6 +82,7 @@ from hvstack.storage.qemu_img import QUICK_TIMEOUT, run_qemu_img
 log = logging.getLogger(__name__)
 
 PENDING = "storage-moves/"
+STORE_ATTEMPTS = 5
 SPACE_MARGIN = 16 * 1024 * 1024  # the active layers grow while they are mirrored
 T = TypeVar("T")
 LIVE_STATES = (VmState.RUNNING, VmState.PAUSED)
@@ -374,12 +375,23 @@ class StorageMoves:
         """Store the renames (tree and settings, one transaction), remove the old nodes,
         delete the old files, forget the pending move."""
         renames = {m.old: m.new for m in moves}
-        if renames:
-            if locked:
-                await self._store(vm, renames)
-            else:
-                async with vm.lock:
+        for attempt in range(STORE_ATTEMPTS if renames else 0):
+            # QEMU may run on the new files already: the records must follow, so a
+            # store that fails (a full disk under it) is tried again before giving up
+            # (the pending move then stays for the next start of the service).
+            try:
+                if locked:
                     await self._store(vm, renames)
+                else:
+                    async with vm.lock:
+                        await self._store(vm, renames)
+                break
+            except HvError as exc:
+                if attempt + 1 == STORE_ATTEMPTS:
+                    raise
+                log.warning("VM %s: storing the moved files failed (%s); retrying",
+                            vm.record.name, exc)
+                await asyncio.sleep(2.0 ** attempt)
         if jobs is not None:
             with contextlib.suppress(HvError):  # QEMU may have stopped meanwhile
                 await _remove_nodes(jobs, [m.old for m in reversed(moves)])
