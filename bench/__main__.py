@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench import (
     api_list,
+    checkpoint_create,
     cli_startup,
     guest_exec,
     storage_move,
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "guest_exec": guest_exec.run,
     "cli_startup": cli_startup.run,
     "switch_throughput": switch_throughput.run,
+    "checkpoint_create": checkpoint_create.run,
     "storage_move": storage_move.run,
 }
 

@@ -361,6 +361,38 @@ class Client:
                     continue
                 raise
 
+    # -- export and import (Export-VM, Export-VMSnapshot, Import-VM) ----------------
+
+    def export_vm(self, ref: str, path: str) -> dict[str, Any]:
+        """Start exporting VM ``ref`` into ``path/<its name>``; return the job (follow it
+        with :meth:`wait_job`). A running VM is exported from one point in time."""
+        result: dict[str, Any] = self.post(url_path("vms", ref, "export"), {"path": path})
+        return result
+
+    def export_checkpoint(self, ref: str, checkpoint: str, path: str) -> dict[str, Any]:
+        """Start exporting VM ``ref`` as it was at ``checkpoint``; return the job."""
+        result: dict[str, Any] = self.post(
+            url_path("vms", ref, "checkpoints", checkpoint, "export"), {"path": path})
+        return result
+
+    def check_import(self, path: str, *, mode: str = "copy", new_id: bool = False,
+                     name: str | None = None, dest: str | None = None) -> dict[str, Any]:
+        """What importing the export at ``path`` would find: ``problems`` (each one
+        that stops it) and ``notes``; nothing is changed."""
+        body = _present({"path": path, "mode": mode, "new_id": new_id, "name": name,
+                         "dest": dest})
+        result: dict[str, Any] = self.post("/imports/check", body)
+        return result
+
+    def import_vm(self, path: str, *, mode: str = "copy", new_id: bool = False,
+                  name: str | None = None, dest: str | None = None) -> dict[str, Any]:
+        """Start importing the export at ``path`` (``mode`` copy or register); return the
+        job. ApiError 400 listing every problem if the check fails."""
+        body = _present({"path": path, "mode": mode, "new_id": new_id, "name": name,
+                         "dest": dest})
+        result: dict[str, Any] = self.post("/imports", body)
+        return result
+
     # -- virtual switches and network adapters -------------------------------------
 
     def list_switches(self) -> list[dict[str, Any]]:

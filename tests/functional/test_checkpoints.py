@@ -4,8 +4,10 @@ checkpoints, one disk job at a time, and vm delete --delete-disks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,10 @@ import httpx
 import pytest
 
 from hvstack.client import url_path
+from hvstack.errors import HypervisorError, NoSpace
 from hvstack.host.service import HostService
 from hvstack.storage.qcow2_header import read_links
+from tests.functional.fake_capabilities import FakeBlockJobs
 from tests.functional.fakes import (
     API,
     FakeDriver,
@@ -312,3 +316,66 @@ async def test_running_or_paused_stays_so(api: httpx.AsyncClient, driver: FakeDr
     await checkpoint(api, "web", "x")
     assert (await show_vm(api, "web"))["state"] == want
     assert driver.live_machines()[0].status_value == ("paused" if state_op else "running")
+
+
+async def _ready_undo_jobs(jobs: FakeBlockJobs) -> None:
+    """Play QEMU for the commits that undo a snapshot: each becomes ready at once."""
+    while True:
+        for job_id, info in list(jobs.running.items()):
+            if job_id.startswith("undo-") and info.status == "running":
+                jobs.running[job_id] = replace(info, status="ready", ready=True, offset=100)
+        await asyncio.sleep(0.01)
+
+
+async def test_memory_full_undoes_the_snapshot(
+        api: httpx.AsyncClient, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    await create_vm(api, "web", new_disk="16M")
+    await api.patch(API + "/vms/web", json={"checkpoint_type": "standard"})
+    await run_job(api, "web", "start")
+    before = await show_vm(api, "web")
+    jobs = driver.live_machines()[0].block_jobs
+    launched = dict(jobs.nodes)
+
+    async def complete(job_id: str) -> None:  # as QEMU: concluded until dismissed
+        jobs.running[job_id] = replace(jobs.running[job_id], status="concluded")
+
+    monkeypatch.setattr(jobs, "complete", complete)
+    driver.save_error = NoSpace("No space left on device")
+    player = asyncio.create_task(_ready_undo_jobs(jobs))
+    try:
+        job = await checkpoint(api, "web", "x", ok=False)
+    finally:
+        player.cancel()
+    assert job["state"] == "failed" and job["error"]["status"] == 507
+    after = await show_vm(api, "web")
+    assert after["state"] == "Running" and after["disks"] == before["disks"]
+    assert jobs.nodes == launched  # the overlay's node went again
+    assert (await listing(api, "web"))["checkpoints"] == []
+    folder = Path(before["folder"])
+    assert list(folder.glob("*_*.qcow2")) == []
+    assert list((folder / "checkpoints").glob("*")) == []
+
+
+async def test_a_snapshot_that_cannot_be_undone_is_kept_as_disks_only(
+        api: httpx.AsyncClient, driver: FakeDriver) -> None:
+    """The fake's commit never gets ready here: the machine stays on the overlays, so
+    the store must name them (a disks-only checkpoint), never the old files."""
+    await create_vm(api, "web", new_disk="16M")
+    await api.patch(API + "/vms/web", json={"checkpoint_type": "standard"})
+    await run_job(api, "web", "start")
+    jobs = driver.live_machines()[0].block_jobs
+    driver.save_error = NoSpace("No space left on device")
+
+    async def refuse(job_id: str, node: str, top: str | None = None,
+                     base: str | None = None) -> None:
+        raise HypervisorError("commit refused")
+
+    jobs.commit = refuse  # type: ignore[method-assign]
+    job = await checkpoint(api, "web", "x", ok=False)
+    assert job["state"] == "failed"
+    tree = await listing(api, "web")
+    assert [(c["name"], c["kind"], c["memory_state"]) for c in tree["checkpoints"]] == [
+        ("x", "production", False)]
+    overlay = (await show_vm(api, "web"))["disks"][0]["path"]
+    assert any(n.filename == overlay for n in jobs.nodes.values())
+    assert Path(overlay).exists()

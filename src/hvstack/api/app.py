@@ -19,6 +19,7 @@ from hvstack.api.paths import EscapedSlashGuard
 from hvstack.api.routes import (
     checkpoints,
     console,
+    exports,
     guest,
     host,
     network,
@@ -47,7 +48,7 @@ def create_app(root: HostRoot, tokens: TokenStore | None = None) -> FastAPI:
     problems.install(app)
     app.add_middleware(EscapedSlashGuard)
     routers = (host.router, vms.router, console.router, storage.router, guest.router,
-               network.router, checkpoints.router, storage_move.router)
+               network.router, checkpoints.router, exports.router, storage_move.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyGuard, limit=service.config.max_request_body,

@@ -89,6 +89,10 @@ class CheckpointOperations:
         self.records = CheckpointRecords(service.store)
         self._trees: dict[str, CheckpointTree] = {}
         self.freezing = freezing
+        # One hook per service, also when a test builds a second root on it.
+        service.start_jobs[:] = [
+            hook for hook in service.start_jobs
+            if not isinstance(getattr(hook, "__self__", None), CheckpointOperations)]
         service.start_jobs.append(self._automatic)
         service.provisioning.checkpoint_files = self.deletable_files
 
@@ -223,7 +227,7 @@ class CheckpointOperations:
         progress(5, "making the differencing disks")
         await disks.make_overlays(overlays)
         made: list[Path] = [Path(o.path) for o in overlays]
-        live = False
+        taken: list[bool] = []  # the running machine writes to the overlays
         note = ""
         try:
             if vm.state is VmState.OFF:
@@ -234,9 +238,8 @@ class CheckpointOperations:
                 await asyncio.to_thread(self._keep_saved_state, vm, memory, layout)
             else:
                 made += [memory, layout]
-                kind, note = await self._live(vm, overlays, memory, layout,
+                kind, note = await self._live(vm, overlays, memory, layout, taken,
                                               scaled(progress, 10, 90, "checkpointing"))
-                live = True
             efi = await asyncio.to_thread(self._copy_efi_vars, vm, folder, checkpoint_id)
             if efi is not None:
                 made.append(Path(efi))
@@ -246,16 +249,22 @@ class CheckpointOperations:
                 {o.disk_id: o.frozen for o in overlays}, config.to_json(),
                 str(memory) if has_memory else None,
                 str(layout) if has_memory and layout.exists() else None, efi, automatic)
-            new_config = replace(config, disks=disks.with_overlays(config.disks, overlays))
             progress(95, "recording the checkpoint")
-            await self.store(vm, tree.added(checkpoint, made=[o.path for o in overlays]),
-                             new_config)
-        except BaseException:
-            if live:
-                await self._undo_live(vm, overlays)
+            await self._record(vm, tree, checkpoint, overlays)
+        except BaseException as exc:
+            if taken:
+                try:
+                    await self._undo_live(vm, overlays)
+                except HvError:
+                    disks.remove_files([memory, layout])
+                    await self._keep_taken(vm, tree, Checkpoint(
+                        checkpoint_id, name, None, now, CheckpointKind.PRODUCTION,
+                        {o.disk_id: o.frozen for o in overlays}, config.to_json(),
+                        automatic=automatic), overlays, exc)
+                    raise
             disks.remove_files(made)
             raise
-        if live:
+        if taken:
             self._chains_grew(vm, overlays)
         if note:
             self.service.events.publish("vm.checkpoint-fallback", vm=vm.record.name,
@@ -264,10 +273,41 @@ class CheckpointOperations:
         return {"id": checkpoint_id, "name": name, "kind": kind.value, "note": note,
                 "automatic": automatic, "state": vm.state.value}
 
+    async def _record(self, vm: VmController, tree: CheckpointTree, checkpoint: Checkpoint,
+                      overlays: list[disks.Overlay]) -> None:
+        """Store the new checkpoint with the overlays as the VM's disks."""
+        config = vm.record.config
+        new_config = replace(config, disks=disks.with_overlays(config.disks, overlays))
+        await self.store(vm, tree.added(checkpoint, made=[o.path for o in overlays]),
+                         new_config)
+
+    async def _keep_taken(self, vm: VmController, tree: CheckpointTree,
+                          checkpoint: Checkpoint, overlays: list[disks.Overlay],
+                          exc: BaseException) -> None:
+        """The checkpoint failed after its snapshot and the snapshot could not be undone:
+        the machine writes to the overlays, so the store must name them. Kept as a
+        disks-only checkpoint (the guest was frozen or still at the snapshot)."""
+        why = exc.message if isinstance(exc, HvError) else "it was cancelled"
+        log.error("VM %s: checkpoint '%s' failed after its snapshot (%s) and the snapshot "
+                  "could not be undone; it is kept as a disks-only checkpoint",
+                  vm.record.name, checkpoint.name, why)
+        try:
+            await asyncio.shield(self._record(vm, tree, checkpoint, overlays))
+        except HvError as store_exc:
+            log.error("VM %s: recording the kept checkpoint failed too: %s; the VM writes "
+                      "to %s", vm.record.name, store_exc, ", ".join(o.path for o in overlays))
+            return
+        self._chains_grew(vm, overlays)
+        self.service.events.publish("vm.checkpoint-fallback", vm=vm.record.name,
+                                    id=vm.record.id, checkpoint=checkpoint.name,
+                                    reason=f"kept as a disks-only checkpoint: {why}")
+
     async def _live(self, vm: VmController, overlays: list[disks.Overlay], memory: Path,
-                    layout: Path, progress: Progress) -> tuple[CheckpointKind, str]:
+                    layout: Path, taken: list[bool], progress: Progress
+                    ) -> tuple[CheckpointKind, str]:
         """Snapshot a running or paused VM's disks (frozen guest, or held still with
-        its memory saved); the kind made and a note when production fell back."""
+        its memory saved); the kind made and a note when production fell back.
+        ``taken`` gets an entry once the machine writes to the overlays."""
         wanted = vm.record.config.checkpoint_type
         note = ""
         if wanted is not CheckpointType.STANDARD:
@@ -276,6 +316,7 @@ class CheckpointOperations:
                 if why is None:
                     progress(20, "guest frozen: taking the snapshot")
                     await disks.snapshot_live(vm.running_machine().block_jobs, overlays)
+                    taken.append(True)
                     return CheckpointKind.PRODUCTION, ""
             if wanted is CheckpointType.PRODUCTION_ONLY:
                 raise Conflict(f"VM '{vm.record.name}' cannot make a production checkpoint: "
@@ -286,12 +327,8 @@ class CheckpointOperations:
         async with vm.held_still(Operation.CHECKPOINT) as machine:
             progress(10, "guest held still: taking the snapshot")
             await disks.snapshot_live(machine.block_jobs, overlays)
-            try:
-                await vm.save_memory(memory, layout, scaled(progress, 15, 95, "saving memory"))
-            except BaseException:
-                with contextlib.suppress(HvError):
-                    await asyncio.shield(disks.unsnapshot_live(machine.block_jobs, overlays))
-                raise
+            taken.append(True)
+            await vm.save_memory(memory, layout, scaled(progress, 15, 95, "saving memory"))
         return CheckpointKind.STANDARD, note
 
     async def _freeze(self, vm: VmController, stack: contextlib.AsyncExitStack) -> str | None:

@@ -16,7 +16,9 @@ from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.config import HostConfig
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.export_ops import ExportOperations
 from hvstack.host.facts import HostProbe
+from hvstack.host.import_ops import ImportOperations
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
 from hvstack.host.storage_move import StorageMoves
@@ -51,6 +53,8 @@ class HostRoot:
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
         self.checkpoints = CheckpointOperations(service, self.guest)
+        self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
+        self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
         self.storage_moves = StorageMoves(service, self.checkpoints)
 
     @classmethod
