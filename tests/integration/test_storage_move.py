@@ -372,6 +372,30 @@ def test_kill9_mid_move_is_rolled_back_on_restart(env: dict[str, Any]) -> None:
     assert not Path(active).exists()
 
 
+def test_a_vm_turned_off_mid_move_stays_on_its_files(env: dict[str, Any]) -> None:
+    host: NamespacedHost = env["host"]
+    paths = {d["id"]: d["path"] for d in host.vm(NAME)["disks"]}
+    target = env["second"] / "turned-off"
+    job = start_move(host, target, bandwidth="1M")
+    wait_job(host, job["id"], lambda j: j["message"].startswith("mirroring")
+             or j["state"] != "running")
+    host.ok("vm", "stop", NAME, "--turn-off")
+    ended = wait_job(host, job["id"], lambda j: j["state"] != "running")
+    assert ended["state"] == "failed", ended
+    assert host.vm(NAME)["state"] == "Off"
+    assert {d["id"]: d["path"] for d in host.vm(NAME)["disks"]} == paths
+    assert not target.exists()
+    for path in paths.values():
+        if path.endswith(".qcow2"):
+            subprocess.run(["qemu-img", "check", "-f", "qcow2", path], check=True,
+                           capture_output=True)
+    host.ok("vm", "start", NAME)
+    host.guest(NAME).wait_ready()
+    for path, digest in env["checksums"].items():
+        assert sha(host, path) == digest
+    assert raw_sha(host, env["extra"]) == env["raw"]
+
+
 def test_paused_saved_and_off_vms_move(env: dict[str, Any]) -> None:
     host: NamespacedHost = env["host"]
     host.ok("vm", "pause", NAME)

@@ -489,7 +489,7 @@ class StorageMoves:
     async def _undo_live(self, jobs: BlockJobs, started: Sequence[str],
                          pending: PendingMove) -> None:
         for job_id in started:
-            await cancel_job(jobs, job_id)
+            await _cancel(jobs, job_id)
         with contextlib.suppress(HvError):
             await _remove_nodes(jobs, [m.new for m in reversed(pending.moves)])
         await self._undo(pending)
@@ -510,7 +510,7 @@ class StorageMoves:
             except HvError as exc:
                 log.warning("VM %s: disk %s stays on %s: %s", vm.record.name, move.disk_id,
                             move.old, exc)
-                await cancel_job(jobs, job_id)
+                await _cancel(jobs, job_id)
                 stayed.append(move)
         moved = [m for m in plan.moves if m.disk_id in switched]
         back = [m for m in plan.moves if m.disk_id not in switched]
@@ -551,7 +551,7 @@ class StorageMoves:
                                      and await _switched(jobs, move.disk_id)):
                 forward.add(move.disk_id)
             elif jobs is not None:
-                await cancel_job(jobs, mirror_job_id(move.disk_id))
+                await _cancel(jobs, mirror_job_id(move.disk_id))
         back = [m for m in pending.moves if m.disk_id not in forward]
         if jobs is not None:
             with contextlib.suppress(HvError):
@@ -576,6 +576,12 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
         raise
 
 
+async def _cancel(jobs: BlockJobs, job_id: str) -> None:
+    """Cancel a mirror if QEMU is still there to ask (a VM turned off took it along)."""
+    with contextlib.suppress(HvError):
+        await cancel_job(jobs, job_id)
+
+
 async def _switched(jobs: BlockJobs | None, disk_id: str) -> bool:
     """After a crash in the switching phase: has (or can) the disk's device switch to
     the new file? QEMU gone: yes (write-blocking kept both files the same)."""
@@ -594,9 +600,9 @@ async def _switched(jobs: BlockJobs | None, disk_id: str) -> bool:
             await run_job(jobs, job_id)
             return True
         except HvError:
-            await cancel_job(jobs, job_id)
+            await _cancel(jobs, job_id)
             return False
-    await cancel_job(jobs, job_id)
+    await _cancel(jobs, job_id)
     return False
 
 
