@@ -312,8 +312,9 @@ class StorageMoves:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
                 stop.set()  # the thread ends at its next chunk; wait so no copy outlives us
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # the copy's own Cancelled: expected, not logged
                 raise
             if move.backing is not None:
                 await run_qemu_img(["rebase", "-u", "-f", move.format, "-F",
