@@ -166,3 +166,21 @@ async def test_an_old_file_that_got_a_child_during_the_move_stays(
         FileMove("d", str(path), str(disks / f"new-{path.name}"), "qcow2", None, None, None,
                  False) for path in (gone, kept)])
     assert not gone.exists() and kept.exists()
+
+
+async def test_cancelling_an_offline_copy_leaves_nothing(
+        api: httpx.AsyncClient, tmp_path: Path, store: MemoryStore) -> None:
+    vm = await create_vm(api, "web", new_disk="16M")
+    old = Path(vm["disks"][0]["path"])
+    target = tmp_path / "disks" / "slow"
+    response = await api.post(f"{API}/vms/web/move-storage",
+                              json={"destination": str(target), "bandwidth": "16K"})
+    assert response.status_code == 202, response.text
+    await eventually(lambda: (target / old.name).exists(), "the copy begins")
+    job = response.json()
+    assert (await api.post(f"{API}/jobs/{job['id']}/cancel")).status_code == 200
+    ended = await finish_job(api, job)
+    assert ended["state"] == "cancelled", ended
+    assert not target.exists() and old.exists()
+    assert (await show_vm(api, "web"))["disks"][0]["path"] == str(old)
+    assert await store.scan(PENDING) == []
