@@ -459,6 +459,17 @@ class Client:
         result: dict[str, Any] = self.request("DELETE", url_path("vms", vm, "adapters", mac))
         return result
 
+    def move_storage(self, ref: str, destination: str, disks: list[str] | None = None, *,
+                     include_checkpoints: bool = True, bandwidth: int | str | None = None,
+                     wait: bool = True) -> dict[str, Any]:
+        """Move-VMStorage: move VM ``ref``'s disks (all, or those at ``disks``) into the
+        folder ``destination`` while it runs. Returns the job (followed to its end
+        unless ``wait`` is false)."""
+        job: dict[str, Any] = self.post(url_path("vms", ref, "move-storage"), _present({
+            "destination": destination, "disks": disks or [],
+            "include_checkpoints": include_checkpoints, "bandwidth": bandwidth}))
+        return self.wait_job(job) if wait else job
+
 
     # -- checkpoints ----------------------------------------------------------------
 

@@ -316,3 +316,21 @@ async def test_a_read_only_launch_node_is_made_writable_through_its_protocol_nod
     assert qmp.sent("blockdev-reopen") == [{"options": [{
         "driver": "file", "node-name": "disk-a-11-file", "filename": "/s/a.qcow2",
         "read-only": False, "auto-read-only": True, "discard": "unmap"}]}]
+
+
+async def test_a_raw_node_is_added_without_a_backing_key(qmp: FakeQmp,
+                                                         machine: QemuMachine) -> None:
+    from hvstack.hypervisor.capabilities import BlockNodeSpec
+
+    qmp.reply("blockdev-add", {})
+    qmp.reply("blockdev-mirror", {})
+    await machine.block_jobs.add_node(BlockNodeSpec("n1", "raw", "/d/a.raw", read_only=True))
+    await machine.block_jobs.add_node(BlockNodeSpec("n2", "qcow2", "/d/b.qcow2"))
+    await machine.block_jobs.mirror("m", "disk0", "n2", sync="top", write_blocking=True,
+                                    speed=1024)
+    raw, qcow2 = qmp.sent("blockdev-add")
+    assert "backing" not in raw and raw["driver"] == "raw"
+    assert qcow2["backing"] is None  # null: QEMU opens no parent the header names
+    assert qmp.sent("blockdev-mirror") == [{
+        "job-id": "m", "device": "disk0", "target": "n2", "sync": "top",
+        "auto-dismiss": False, "speed": 1024, "copy-mode": "write-blocking"}]

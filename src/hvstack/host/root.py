@@ -21,6 +21,7 @@ from hvstack.host.facts import HostProbe
 from hvstack.host.import_ops import ImportOperations
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
+from hvstack.host.storage_move import StorageMoves
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.integration.ops import GuestOperations, thaw_leftovers
@@ -54,6 +55,7 @@ class HostRoot:
         self.checkpoints = CheckpointOperations(service, self.guest)
         self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
         self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
+        self.storage_moves = StorageMoves(service, self.checkpoints)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
@@ -73,6 +75,7 @@ class HostRoot:
             await thaw_leftovers(service.list_vms())
             # A checkpoint merge a killed service left is finished (a job per VM).
             await root.checkpoints.startup()
+            await root.storage_moves.startup()  # moves a crash cut short
         except BaseException:
             await root.close()
             raise

@@ -307,11 +307,12 @@ class BlockJobs(Protocol):
         ...
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         """Copy ``node`` into the node ``target`` until both hold the same and stay so;
         the job is then ready, and :meth:`complete` switches the device to ``target``.
         ``write_blocking``: guest writes go to both at once, so the job converges under
-        any write load (at the cost of write latency)."""
+        any write load (at the cost of write latency). ``speed``: bytes per second at
+        most for the background copy (0: no limit)."""
         ...
 
     async def backup(self, backups: Sequence[Backup]) -> None:
@@ -344,6 +345,7 @@ class BlockJobs(Protocol):
 
     async def complete(self, job_id: str) -> None: ...
     async def cancel(self, job_id: str, force: bool = False) -> None: ...
+
     async def dismiss(self, job_id: str) -> None: ...
 
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None: ...
