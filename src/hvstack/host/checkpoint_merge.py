@@ -48,7 +48,7 @@ from hvstack.compute.model import VmConfig, VmState
 from hvstack.errors import HvError, HypervisorError, InvalidInput, NoSpace
 from hvstack.host.jobs import Job, JobBody, Progress
 from hvstack.hypervisor.capabilities import BlockJobInfo, BlockJobs
-from hvstack.storage import usage
+from hvstack.storage import overlay, usage
 from hvstack.storage.block_jobs import POLL, file_node, run_job
 from hvstack.storage.qcow2_header import read_links
 from hvstack.storage.qemu_img import LONG_TIMEOUT, run_qemu_img
@@ -236,8 +236,7 @@ class Merger:
 
     async def _rebase(self, step: Commit, children: tuple[str, ...]) -> None:
         for child in children:
-            await run_qemu_img(["rebase", "-u", "-f", "qcow2", "-F", step.into_format,
-                                "-b", step.into, "--", child])
+            await overlay.repoint(child, step.into, step.into_format)
 
     async def _live(self, step: Commit, files: Files, disk: str, progress: Progress) -> None:
         jobs = self.vm.running_machine().block_jobs

@@ -6,31 +6,24 @@ pointing a copied qcow2 file at its copied parent.
   :func:`hvstack.storage.chain.read_chain` (format from hvstack's record, never probed;
   every parent confined to the storage roots and checked against the service's own
   files), parents before children, each file once.
-* :func:`copy_file` copies a file sparsely (all-zero blocks become holes) in a thread,
-  reporting bytes; cancelling the awaiting task stops the copy (the partial file is
-  the caller's to delete).
-* :func:`repoint` sets the parent name in a qcow2 header (``qemu-img rebase -u``, with
-  the formats given: nothing is opened but the file itself).
+* :func:`copy_file` copies a file sparsely (:mod:`hvstack.storage.file_copy`),
+  reporting bytes; cancelling the awaiting task stops the copy and removes the partial
+  file. Headers are repointed and overlays made with :mod:`hvstack.storage.overlay`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvstack.checkpoints.model import CheckpointTree
 from hvstack.compute.model import VmConfig
-from hvstack.errors import Cancelled
-from hvstack.storage import chain
-from hvstack.storage.qemu_img import QUICK_TIMEOUT, run_qemu_img
-
-CHUNK = 4 * 1024 * 1024
+from hvstack.storage import chain, file_copy
+from hvstack.storage.qemu_img import QUICK_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -91,41 +84,18 @@ async def gather(config: VmConfig, tree: CheckpointTree, roots: Sequence[Path],
     return [found[p] for p in order]
 
 
-def _copy(src: Path, dst: Path, stop: threading.Event, report: Callable[[int], None]) -> None:
-    with open(src, "rb") as reader, open(dst, "xb") as writer:
-        total = 0
-        while chunk := reader.read(CHUNK):
-            if stop.is_set():
-                raise Cancelled(f"the copy of {src} was cancelled")
-            if chunk.count(0) == len(chunk):
-                writer.seek(len(chunk), os.SEEK_CUR)
-            else:
-                writer.write(chunk)
-            total += len(chunk)
-            report(len(chunk))
-        writer.truncate(total)
-        writer.flush()
-        os.fsync(writer.fileno())
-    shutil.copymode(src, dst)
-
-
 async def copy_file(src: Path, dst: Path, on_bytes: Callable[[int], None]) -> None:
-    """Copy ``src`` to the new file ``dst`` (holes kept), calling ``on_bytes(n)`` on the
-    loop as blocks go."""
-    stop = threading.Event()
-    loop = asyncio.get_running_loop()
+    """Copy ``src`` to the new file ``dst`` (holes kept), calling ``on_bytes(n)`` with
+    each block's size as blocks go."""
+    copied = 0
 
-    def report(count: int) -> None:
-        loop.call_soon_threadsafe(on_bytes, count)
+    def report(done: int) -> None:
+        nonlocal copied
+        on_bytes(done - copied)
+        copied = done
 
-    task = asyncio.ensure_future(asyncio.to_thread(_copy, src, dst, stop, report))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.set()
-        with contextlib.suppress(BaseException):
-            await task
-        raise
+    await file_copy.copy_in_thread(src, dst, progress=report)
+    shutil.copymode(src, dst)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -134,32 +104,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
-
-
-async def repoint(path: Path, parent_name: str, parent_format: str) -> None:
-    """Make the qcow2 file ``path`` name ``parent_name`` (in ``parent_format``) as its
-    parent, without reading or checking the parent."""
-    await run_qemu_img(["rebase", "-u", "-f", "qcow2", "-F", parent_format, "-b", parent_name,
-                        "--", str(path)])
-
-
-async def virtual_size(path: Path, fmt: str) -> int:
-    """The virtual size of ``path`` opened as ``fmt`` (``-U``: a running VM holds it)."""
-    info = await chain.info_one(path, fmt, QUICK_TIMEOUT)
-    size = info.get("virtual-size")
-    if not isinstance(size, int):
-        raise ValueError(f"qemu-img info gives no virtual size for {path}")
-    return size
-
-
-async def create_overlay(path: Path, size: int, parent_name: str | None,
-                         parent_format: str | None, fmt: str = "qcow2") -> None:
-    """A new empty ``fmt`` file of ``size`` bytes; with a parent, a qcow2 file naming
-    ``parent_name`` (``-u``: the parent is not opened)."""
-    args = ["create", "-f", fmt]
-    if parent_name is not None and parent_format is not None:
-        args += ["-F", parent_format, "-b", parent_name, "-u"]
-    await run_qemu_img([*args, "--", str(path), str(size)])
 
 
 def disk_bytes(paths: Sequence[Path]) -> int:

@@ -66,6 +66,7 @@ from hvstack.host.service import HostService
 from hvstack.hypervisor.capabilities import Backup, BlockJobs, BlockNodeSpec
 from hvstack.integration.freeze import Freezer
 from hvstack.progress import scaled
+from hvstack.storage import overlay
 from hvstack.storage.block_jobs import cancel_job, file_node, run_job
 from hvstack.storage.paths import confine
 from hvstack.storage.qemu_img import LONG_TIMEOUT, run_qemu_img
@@ -227,7 +228,7 @@ class ExportOperations:
             dst = target / names[str(source.path)]
             await export_files.copy_file(source.path, dst, count)
             if source.parent is not None and source.parent_format is not None:
-                await export_files.repoint(dst, Path(names[str(source.parent)]).name,
+                await overlay.repoint(dst, Path(names[str(source.parent)]).name,
                                            source.parent_format)
         return total
 
@@ -241,10 +242,10 @@ class ExportOperations:
         backups = []
         for source in (s for s in sources if s.active):
             dst = target / names[str(source.path)]
-            size = await export_files.virtual_size(source.path, source.format)
+            size = await overlay.virtual_size(source.path, source.format)
             parent = None if source.parent is None else Path(names[str(source.parent)]).name
             fmt = "qcow2" if source.parent is not None else source.format
-            await export_files.create_overlay(dst, size, parent, source.parent_format, fmt)
+            await overlay.create_on(dst, size, parent, source.parent_format, fmt)
             node = _export_node(source.disk_id)
             await jobs.add_node(BlockNodeSpec(node, fmt, str(dst)))
             written.nodes.append(node)

@@ -62,7 +62,7 @@ from hvstack.host.jobs import Job, Progress
 from hvstack.host.provisioning import new_mac
 from hvstack.host.records import CheckpointRecords
 from hvstack.host.service import HostService
-from hvstack.storage import chain
+from hvstack.storage import chain, overlay
 from hvstack.storage.paths import check_disk_file, confine
 from hvstack.storage.qcow2_header import read_links
 
@@ -488,7 +488,7 @@ class ImportOperations:
             dst = target / name.name
             await export_files.copy_file(report.folder / name, dst, count)
             if record.parent is not None and record.parent_format is not None:
-                await export_files.repoint(dst, relative_name(record.parent).name,
+                await overlay.repoint(dst, relative_name(record.parent).name,
                                            record.parent_format)
 
     async def _place_states(self, report: ImportReport, folder: Path,

@@ -47,7 +47,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,12 +71,12 @@ from hvstack.host.store import Delete, Put, Store
 from hvstack.hypervisor.capabilities import BlockJobs, BlockNodeSpec
 from hvstack.hypervisor.spec import backing_node_id, disk_node_id
 from hvstack.progress import scaled
-from hvstack.storage import chain, formats
+from hvstack.storage import chain, formats, overlay
 from hvstack.storage.block_jobs import cancel_job, file_node, run_job
-from hvstack.storage.file_copy import copy_file, sync_folder
+from hvstack.storage.file_copy import copy_in_thread, sync_folder
 from hvstack.storage.move_plan import DiskFiles, FileMove, MovePlan, plan_move
 from hvstack.storage.paths import confine
-from hvstack.storage.qemu_img import QUICK_TIMEOUT, run_qemu_img
+from hvstack.storage.qemu_img import QUICK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -293,33 +292,21 @@ class StorageMoves:
 
     # -- copying -------------------------------------------------------------------
 
-    async def _copy(self, moves: Iterable[FileMove], stop: threading.Event,
-                    bandwidth: int | None, progress: Progress) -> None:
+    async def _copy(self, moves: Iterable[FileMove], bandwidth: int | None,
+                    progress: Progress) -> None:
         """Copy each file (parents first) and point its header at its new parent."""
         todo = list(moves)
         total = sum(os.stat(m.old).st_size for m in todo) or 1
-        loop = asyncio.get_running_loop()
         base = 0
         for move in todo:
             def report(done: int, base: int = base, name: str = Path(move.old).name) -> None:
-                loop.call_soon_threadsafe(progress, 100.0 * (base + done) / total,
-                                          f"copying {name}")
+                progress(100.0 * (base + done) / total, f"copying {name}")
 
-            task = asyncio.ensure_future(asyncio.to_thread(
-                copy_file, Path(move.old), Path(move.new), stop=stop, bandwidth=bandwidth,
-                progress=report))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                stop.set()  # the thread ends at its next chunk; wait so no copy outlives us
-                await asyncio.wait([task])
-                if not task.cancelled():
-                    task.exception()  # the copy's own Cancelled: expected, not logged
-                raise
+            await copy_in_thread(Path(move.old), Path(move.new), bandwidth=bandwidth,
+                                 progress=report)
             if move.backing is not None:
-                await run_qemu_img(["rebase", "-u", "-f", move.format, "-F",
-                                    move.backing_format or "qcow2", "-b", move.backing,
-                                    move.new])
+                await overlay.repoint(move.new, move.backing, move.backing_format or "qcow2",
+                                      move.format)
             base += os.stat(move.old).st_size
         progress(100.0, "")
 
@@ -353,12 +340,10 @@ class StorageMoves:
         made = self._make_folder(folder)
         pending = PendingMove(vm.record.id, "", False, "copying", plan.moves, made)
         await self.records.save(pending)
-        stop = threading.Event()
         try:
-            await self._copy(plan.moves, stop, bandwidth, scaled(progress, 0, 95))
+            await self._copy(plan.moves, bandwidth, scaled(progress, 0, 95))
             await asyncio.to_thread(sync_folder, folder)
         except BaseException:
-            stop.set()
             await asyncio.shield(self._undo(pending))
             raise
         await _to_the_end(self._commit(vm, plan.moves, None, locked=True))
@@ -431,13 +416,12 @@ class StorageMoves:
         made = self._make_folder(folder)
         pending = PendingMove(vm.record.id, "", True, "copying", plan.moves, made)
         await self.records.save(pending)
-        stop = threading.Event()
         started: list[str] = []
         copy_bytes = sum(os.stat(m.old).st_size for m in plan.moves if not m.active)
         mirror_bytes = sum(_allocated(m.old) for m in actives)
         split = 90.0 * copy_bytes / ((copy_bytes + mirror_bytes) or 1)
         try:
-            await self._copy([m for m in plan.moves if not m.active], stop, bandwidth,
+            await self._copy([m for m in plan.moves if not m.active], bandwidth,
                              scaled(progress, 0, split))
             nodes = await jobs.node_files()
             for move in actives:
@@ -445,7 +429,6 @@ class StorageMoves:
                 started.append(mirror_job_id(move.disk_id))
             await _wait_ready(jobs, started, scaled(progress, split, 90))
         except BaseException:
-            stop.set()
             await asyncio.shield(self._undo_live(jobs, started, pending))
             raise
         switching = replace(pending, phase="switching")
@@ -454,13 +437,8 @@ class StorageMoves:
     async def _start_mirror(self, jobs: BlockJobs, plan: MovePlan, move: FileMove,
                             nodes: Mapping[str, str], bandwidth: int | None) -> None:
         """Make the disk's new active file, add its new chain to QEMU, start the mirror."""
-        info = json.loads(await run_qemu_img(
-            ["info", "-U", "-f", move.format, "--output=json", move.old]))
-        size = str(int(info["virtual-size"]))
-        args = ["create", "-q", "-f", move.format]
-        if move.backing is not None:
-            args += ["-F", move.backing_format or "qcow2", "-b", move.backing, "-u"]
-        await run_qemu_img([*args, move.new, size])
+        size = await overlay.virtual_size(move.old, move.format)
+        await overlay.create_on(move.new, size, move.backing, move.backing_format, move.format)
         below = await self._add_chain(jobs, plan, move, nodes)
         target = backing_node_id(move.disk_id, move.new)
         await jobs.add_node(BlockNodeSpec(target, move.format, move.new, backing=below))

@@ -11,11 +11,14 @@ outlives its bytes. On any failure the partial ``dst`` is removed.
 The bytes are copied as they are: a qcow2 file keeps its header (a backing file name
 included, which the caller rewrites with ``qemu-img rebase -u`` if the parent moved).
 Used for files nothing writes while they are copied (checkpoint files, the disks of a
-VM that is off or saved).
+VM that is off or saved). :func:`copy_in_thread` runs it from asyncio: progress
+reported on the loop, and a cancelled caller stops the copy and waits for the thread to
+end (no copy outlives its job).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import threading
@@ -89,3 +92,25 @@ def sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def copy_in_thread(src: Path, dst: Path, *, bandwidth: int | None = None,
+                         progress: Callable[[int], None] | None = None) -> int:
+    """:func:`copy_file` in a thread; ``progress(done_bytes)`` is called on the loop."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+
+    def report(done: int) -> None:
+        if progress is not None:
+            loop.call_soon_threadsafe(progress, done)
+
+    task = asyncio.ensure_future(asyncio.to_thread(
+        copy_file, src, dst, stop=stop, bandwidth=bandwidth, progress=report))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()  # the thread ends at its next chunk
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # the copy's own Cancelled: expected, not logged
+        raise
