@@ -19,7 +19,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from bench import api_list, checkpoint_create, cli_startup, guest_exec, switch_throughput, vm_start
+from bench import (
+    api_list,
+    checkpoint_create,
+    cli_startup,
+    guest_exec,
+    storage_move,
+    switch_throughput,
+    vm_start,
+)
 from bench.report import Kept, Section, kept_sections, render
 from bench.support import Machine
 
@@ -31,6 +39,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "cli_startup": cli_startup.run,
     "switch_throughput": switch_throughput.run,
     "checkpoint_create": checkpoint_create.run,
+    "storage_move": storage_move.run,
 }
 
 

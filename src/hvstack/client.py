@@ -361,6 +361,38 @@ class Client:
                     continue
                 raise
 
+    # -- export and import (Export-VM, Export-VMSnapshot, Import-VM) ----------------
+
+    def export_vm(self, ref: str, path: str) -> dict[str, Any]:
+        """Start exporting VM ``ref`` into ``path/<its name>``; return the job (follow it
+        with :meth:`wait_job`). A running VM is exported from one point in time."""
+        result: dict[str, Any] = self.post(url_path("vms", ref, "export"), {"path": path})
+        return result
+
+    def export_checkpoint(self, ref: str, checkpoint: str, path: str) -> dict[str, Any]:
+        """Start exporting VM ``ref`` as it was at ``checkpoint``; return the job."""
+        result: dict[str, Any] = self.post(
+            url_path("vms", ref, "checkpoints", checkpoint, "export"), {"path": path})
+        return result
+
+    def check_import(self, path: str, *, mode: str = "copy", new_id: bool = False,
+                     name: str | None = None, dest: str | None = None) -> dict[str, Any]:
+        """What importing the export at ``path`` would find: ``problems`` (each one
+        that stops it) and ``notes``; nothing is changed."""
+        body = _present({"path": path, "mode": mode, "new_id": new_id, "name": name,
+                         "dest": dest})
+        result: dict[str, Any] = self.post("/imports/check", body)
+        return result
+
+    def import_vm(self, path: str, *, mode: str = "copy", new_id: bool = False,
+                  name: str | None = None, dest: str | None = None) -> dict[str, Any]:
+        """Start importing the export at ``path`` (``mode`` copy or register); return the
+        job. ApiError 400 listing every problem if the check fails."""
+        body = _present({"path": path, "mode": mode, "new_id": new_id, "name": name,
+                         "dest": dest})
+        result: dict[str, Any] = self.post("/imports", body)
+        return result
+
     # -- virtual switches and network adapters -------------------------------------
 
     def list_switches(self) -> list[dict[str, Any]]:
@@ -427,6 +459,17 @@ class Client:
         result: dict[str, Any] = self.request("DELETE", url_path("vms", vm, "adapters", mac))
         return result
 
+    def move_storage(self, ref: str, destination: str, disks: list[str] | None = None, *,
+                     include_checkpoints: bool = True, bandwidth: int | str | None = None,
+                     wait: bool = True) -> dict[str, Any]:
+        """Move-VMStorage: move VM ``ref``'s disks (all, or those at ``disks``) into the
+        folder ``destination`` while it runs. Returns the job (followed to its end
+        unless ``wait`` is false)."""
+        job: dict[str, Any] = self.post(url_path("vms", ref, "move-storage"), _present({
+            "destination": destination, "disks": disks or [],
+            "include_checkpoints": include_checkpoints, "bandwidth": bandwidth}))
+        return self.wait_job(job) if wait else job
+
 
     # -- checkpoints ----------------------------------------------------------------
 
@@ -460,6 +503,15 @@ class Client:
         result: dict[str, Any] = self.request(
             "PATCH", url_path("vms", vm, "checkpoints", checkpoint), json={"name": name})
         return result
+
+    def delete_checkpoint(self, vm: str, checkpoint: str, *, subtree: bool = False,
+                          wait: bool = True) -> dict[str, Any]:
+        """Remove-VMCheckpoint (``subtree``: with every checkpoint below it); its data
+        is merged so nothing else changes. Returns the (finished) merge job."""
+        job: dict[str, Any] = self.request(
+            "DELETE", url_path("vms", vm, "checkpoints", checkpoint),
+            params={"subtree": str(subtree).lower()})
+        return self.wait_job(job) if wait else job
 
 
 def _present(body: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
@@ -312,8 +312,9 @@ class FakeBlockJobs:
         self.running[job_id] = BlockJobInfo(job_id, kind, "running", 0, 100)
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         self._start(job_id, "mirror")
+        self.running[job_id] = replace(self.running[job_id], speed=speed)
 
     async def backup(self, backups: Sequence[Backup]) -> None:
         for backup in backups:  # all or nothing, as a transaction
@@ -323,8 +324,11 @@ class FakeBlockJobs:
             self._start(backup.job_id, "backup")
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
+                     base: str | None = None, backing_file: str | None = None) -> None:
         self._start(job_id, "commit")
+
+    async def writable(self, node: str) -> None:
+        pass
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
         self._start(job_id, "stream")

@@ -290,3 +290,47 @@ async def test_a_snapshot_and_its_bitmap_are_one_transaction(
         {"type": "block-dirty-bitmap-add",
          "data": {"node": "disk0-snap1", "name": "replica", "persistent": True}},
     ]}]
+
+
+async def test_an_intermediate_commit_names_the_base_by_its_path(
+    qmp: FakeQmp, machine: QemuMachine
+) -> None:
+    await machine.block_jobs.commit("m1", "disk-a", top="disk-a-11", base="disk-a-22",
+                                    backing_file="/s/base.qcow2")
+    assert qmp.sent("block-commit") == [{
+        "job-id": "m1", "device": "disk-a", "auto-dismiss": False, "top-node": "disk-a-11",
+        "backing-file": "/s/base.qcow2", "base-node": "disk-a-22"}]
+
+
+async def test_a_read_only_launch_node_is_made_writable_through_its_protocol_node(
+    qmp: FakeQmp, machine: QemuMachine
+) -> None:
+    qmp.reply("query-named-block-nodes", [
+        {"node-name": "disk-a-11", "file": "/s/a.qcow2", "ro": True, "drv": "qcow2"},
+        {"node-name": "disk-a-11-file", "file": "/s/a.qcow2", "ro": True, "drv": "file"},
+        {"node-name": "disk-a-22-file", "file": "/s/b.qcow2", "ro": False, "drv": "file"}])
+    qmp.reply("blockdev-reopen", {})
+    await machine.block_jobs.writable("disk-a-11")
+    await machine.block_jobs.writable("disk-a-22")  # writable already: nothing sent
+    await machine.block_jobs.writable("disk-a-33")  # no protocol node of its own
+    assert qmp.sent("blockdev-reopen") == [{"options": [{
+        "driver": "file", "node-name": "disk-a-11-file", "filename": "/s/a.qcow2",
+        "read-only": False, "auto-read-only": True, "discard": "unmap"}]}]
+
+
+async def test_a_raw_node_is_added_without_a_backing_key(qmp: FakeQmp,
+                                                         machine: QemuMachine) -> None:
+    from hvstack.hypervisor.capabilities import BlockNodeSpec
+
+    qmp.reply("blockdev-add", {})
+    qmp.reply("blockdev-mirror", {})
+    await machine.block_jobs.add_node(BlockNodeSpec("n1", "raw", "/d/a.raw", read_only=True))
+    await machine.block_jobs.add_node(BlockNodeSpec("n2", "qcow2", "/d/b.qcow2"))
+    await machine.block_jobs.mirror("m", "disk0", "n2", sync="top", write_blocking=True,
+                                    speed=1024)
+    raw, qcow2 = qmp.sent("blockdev-add")
+    assert "backing" not in raw and raw["driver"] == "raw"
+    assert qcow2["backing"] is None  # null: QEMU opens no parent the header names
+    assert qmp.sent("blockdev-mirror") == [{
+        "job-id": "m", "device": "disk0", "target": "n2", "sync": "top",
+        "auto-dismiss": False, "speed": 1024, "copy-mode": "write-blocking"}]

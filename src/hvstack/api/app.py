@@ -16,7 +16,17 @@ from hvstack import __version__
 from hvstack.api import problems
 from hvstack.api.body import BodyGuard, exempt_routes
 from hvstack.api.paths import EscapedSlashGuard
-from hvstack.api.routes import checkpoints, console, guest, host, network, storage, vms
+from hvstack.api.routes import (
+    checkpoints,
+    console,
+    exports,
+    guest,
+    host,
+    network,
+    storage,
+    storage_move,
+    vms,
+)
 from hvstack.api.routes.auth import router as auth_router
 from hvstack.host.auth import TokenStore
 from hvstack.host.root import HostRoot
@@ -38,7 +48,7 @@ def create_app(root: HostRoot, tokens: TokenStore | None = None) -> FastAPI:
     problems.install(app)
     app.add_middleware(EscapedSlashGuard)
     routers = (host.router, vms.router, console.router, storage.router, guest.router,
-               network.router, checkpoints.router)
+               network.router, checkpoints.router, exports.router, storage_move.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyGuard, limit=service.config.max_request_body,

@@ -18,7 +18,9 @@ their common files and each stays whole.
   checkpoint the VM's current state ("Now") follows (None: no checkpoint before it);
   ``made`` the files the checkpoints made (overlays), the only ones a merge may delete
   (a disk the user attached stays, also as a checkpoint's file); ``pending`` a merge
-  that a restart must finish (see :mod:`hvstack.checkpoints.merge`).
+  that a restart must finish (see :mod:`hvstack.checkpoints.merge`); ``bases`` the
+  files a deleted checkpoint named that the VM did not make (a disk as the user attached
+  it): never deleted, but a merge may still write into them once they have one child.
 
 Kept in the store under ``checkpoints/<vm id>`` (see :mod:`hvstack.host.records`),
 changed in the same transaction as the VM's settings when disk paths change.
@@ -126,6 +128,7 @@ class CheckpointTree:
     current: str | None = None
     made: frozenset[str] = frozenset()
     pending: PendingMerge | None = None
+    bases: frozenset[str] = frozenset()
 
     # -- reading ------------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class CheckpointTree:
                     memory_state=None if c.memory_state is None else new(c.memory_state),
                     layout=None if c.layout is None else new(c.layout),
                     efi_vars=None if c.efi_vars is None else new(c.efi_vars))
-            for c in self.checkpoints), made=frozenset(new(p) for p in self.made))
+            for c in self.checkpoints), made=frozenset(new(p) for p in self.made),
+            bases=frozenset(new(p) for p in self.bases))
 
     def with_pending(self, pending: PendingMerge | None) -> CheckpointTree:
         return replace(self, pending=pending)
@@ -238,6 +242,7 @@ class CheckpointTree:
     def to_json(self) -> str:
         return json.dumps({"checkpoints": [c.to_json() for c in self.checkpoints],
                            "current": self.current, "made": sorted(self.made),
+                           "bases": sorted(self.bases),
                            "pending": None if self.pending is None else self.pending.to_json()},
                           sort_keys=True)
 
@@ -247,7 +252,8 @@ class CheckpointTree:
         pending = raw.get("pending")
         return CheckpointTree(tuple(Checkpoint.from_json(c) for c in raw.get("checkpoints", ())),
                               raw.get("current"), frozenset(raw.get("made", ())),
-                              None if pending is None else PendingMerge.from_json(pending))
+                              None if pending is None else PendingMerge.from_json(pending),
+                              frozenset(raw.get("bases", ())))
 
 
 def check_limit(tree: CheckpointTree, limit: int) -> None:

@@ -138,3 +138,36 @@ def rename(vm: str, checkpoint: str, new_name: str, output: Output = OutputOptio
 
 
 # H2: hv checkpoint delete goes below this line.
+
+
+@app.command()
+def delete(vm: str, checkpoint: str,
+           subtree: bool = typer.Option(False, "--subtree",
+                                        help="also every checkpoint below it"),
+           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+           wait: bool = typer.Option(True, "--wait/--no-wait"),
+           output: Output = OutputOption, host: str | None = HostOption) -> None:
+    """Delete a checkpoint (Remove-VMCheckpoint): its data is merged into the files
+    that still need it, while the VM keeps running; no other checkpoint and not the
+    current state change."""
+    what = "and every checkpoint below it " if subtree else ""
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("deleting a checkpoint cannot be undone: give --yes")
+        if not typer.confirm(f"Delete checkpoint '{escape_controls(checkpoint)}' {what}of VM "
+                             f"'{escape_controls(vm)}'?"):
+            fail("nothing was changed")
+    with client(host) as api:
+        job = api.delete_checkpoint(vm, checkpoint, subtree=subtree, wait=False)
+        if wait:
+            job = follow_job(api, job, f"Merging checkpoint files of {vm}")
+    if output is Output.json:
+        print_json(job)
+    elif not wait:
+        console.print(f"Deleting checkpoint '{escape_controls(checkpoint)}' of {vm}: job "
+                      f"{job['id']} merges its files", soft_wrap=True)
+    else:
+        names = ", ".join(f"'{escape_controls(str(n))}'"
+                          for n in (job.get("result") or {}).get("deleted", []))
+        console.print(f"Deleted checkpoint {names} of VM '{escape_controls(vm)}'",
+                      soft_wrap=True)

@@ -64,6 +64,7 @@ from hvstack.compute.model import (
 from hvstack.compute.states import Operation
 from hvstack.errors import Conflict, HvError, NotFound
 from hvstack.host import checkpoint_disks as disks
+from hvstack.host import checkpoint_merge
 from hvstack.host.jobs import Job
 from hvstack.host.records import CheckpointRecords
 from hvstack.host.service import HostService
@@ -508,3 +509,14 @@ class CheckpointOperations:
         found = tree.made | tree.referenced_files()
         self.forget(vm.record.id)
         return [(path, path in tree.made or path in owned) for path in sorted(found)]
+
+    # -- deletion and merging (hvstack.host.checkpoint_merge) ---------------------------
+
+    async def delete(self, ref: str, checkpoint: str, subtree: bool = False) -> Job:
+        """Delete a checkpoint (``subtree``: with every checkpoint below it); the job
+        merges its files so that nothing else changes."""
+        return await checkpoint_merge.delete(self, ref, checkpoint, subtree)
+
+    async def startup(self) -> tuple[Job, ...]:
+        """Finish the merges a stopped or killed service left pending (one job each)."""
+        return tuple(await checkpoint_merge.startup(self))

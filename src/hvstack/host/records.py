@@ -126,13 +126,15 @@ class VmRecords:
                 raise AlreadyExists(f"a VM named '{name}' already exists", vm=name) from None
             raise
 
-    async def create(self, record: VmRecord) -> VmRecord:
-        """Store a new VM; AlreadyExists if its name is taken."""
+    async def create(self, record: VmRecord, also: Sequence[Op] = ()) -> VmRecord:
+        """Store a new VM, and ``also`` in the same transaction; AlreadyExists if its
+        name is taken."""
         revision = await self._commit([
             Put(NAMES + record.name, record.id, expected=0),
             Put(SETTINGS + record.id, _settings_value(record.config, record.created_at),
                 expected=0),
             Put(self._observed + record.id, _observed_value(record.observed)),
+            *also,
         ], record.name)
         return record.evolve(revision=revision)
 

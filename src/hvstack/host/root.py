@@ -16,9 +16,12 @@ from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.config import HostConfig
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.export_ops import ExportOperations
 from hvstack.host.facts import HostProbe
+from hvstack.host.import_ops import ImportOperations
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
+from hvstack.host.storage_move import StorageMoves
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.integration.ops import GuestOperations, thaw_leftovers
@@ -50,6 +53,9 @@ class HostRoot:
         self.console = ConsoleOperations(service)
         self.network = network if network is not None else NetworkOperations(service, None)
         self.checkpoints = CheckpointOperations(service, self.guest)
+        self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
+        self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
+        self.storage_moves = StorageMoves(service, self.checkpoints)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
@@ -67,6 +73,9 @@ class HostRoot:
             await network_ops.startup()
             # A freeze left by a crashed service must not stay.
             await thaw_leftovers(service.list_vms())
+            # A checkpoint merge a killed service left is finished (a job per VM).
+            await root.checkpoints.startup()
+            await root.storage_moves.startup()  # moves a crash cut short
         except BaseException:
             await root.close()
             raise

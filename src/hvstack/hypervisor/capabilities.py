@@ -307,11 +307,12 @@ class BlockJobs(Protocol):
         ...
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         """Copy ``node`` into the node ``target`` until both hold the same and stay so;
         the job is then ready, and :meth:`complete` switches the device to ``target``.
         ``write_blocking``: guest writes go to both at once, so the job converges under
-        any write load (at the cost of write latency)."""
+        any write load (at the cost of write latency). ``speed``: bytes per second at
+        most for the background copy (0: no limit)."""
         ...
 
     async def backup(self, backups: Sequence[Backup]) -> None:
@@ -319,8 +320,17 @@ class BlockJobs(Protocol):
         ...
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
-        """Merge ``top`` (default: the active layer of ``node``) down into ``base``."""
+                     base: str | None = None, backing_file: str | None = None) -> None:
+        """Merge ``top`` (default: the active layer of ``node``) down into ``base``.
+        ``backing_file``: the name the node above ``top`` records for its new backing
+        file (an intermediate commit; by default QEMU would write its own name of the
+        base node, a ``json:`` pseudo-filename for a node given its backing)."""
+        ...
+
+    async def writable(self, node: str) -> None:
+        """Let a job write node ``node`` although the machine opened it read-only (a
+        parent at launch: its protocol node is reopened to become writable when a
+        writer needs it); nothing for a node that was never read-only."""
         ...
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
@@ -335,6 +345,7 @@ class BlockJobs(Protocol):
 
     async def complete(self, job_id: str) -> None: ...
     async def cancel(self, job_id: str, force: bool = False) -> None: ...
+
     async def dismiss(self, job_id: str) -> None: ...
 
     async def add_bitmap(self, bitmap: DirtyBitmap) -> None: ...

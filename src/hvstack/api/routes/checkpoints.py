@@ -77,3 +77,11 @@ async def apply_checkpoint(request: Request, ref: str, checkpoint: str,
 
 
 # H2: DELETE /{ref}/checkpoints/{checkpoint}?subtree= goes below this line.
+
+
+@router.delete("/{ref}/checkpoints/{checkpoint}", response_model=JobView, status_code=202)
+async def delete_checkpoint(request: Request, ref: str, checkpoint: str,
+                            subtree: bool = False) -> JobView:
+    """The checkpoint (``subtree``: and every one below it) leaves the tree at once;
+    the job merges the files it no longer needs."""
+    return job_view(await checkpoint_ops_of(request).delete(ref, checkpoint, subtree))

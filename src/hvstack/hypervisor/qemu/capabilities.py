@@ -319,12 +319,17 @@ class QemuBlockJobs:
         self._monitor = monitor
 
     async def add_node(self, node: BlockNodeSpec) -> None:
-        await self._monitor.execute("blockdev-add", {
+        arguments: dict[str, Any] = {
             "driver": node.format, "node-name": node.node_name,
             "file": {"driver": "file", "filename": node.filename,
                      "read-only": node.read_only},
-            "backing": node.backing, "read-only": node.read_only,
-        })
+            "read-only": node.read_only,
+        }
+        # A format without backing files (raw) refuses the key; a qcow2 node gets it
+        # always, null included, so QEMU never opens a parent its header names.
+        if node.backing is not None or node.format == "qcow2":
+            arguments["backing"] = node.backing
+        await self._monitor.execute("blockdev-add", arguments)
 
     async def remove_node(self, node_name: str) -> None:
         await self._monitor.execute("blockdev-del", {"node-name": node_name})
@@ -339,10 +344,10 @@ class QemuBlockJobs:
         await self._monitor.execute("transaction", {"actions": actions})
 
     async def mirror(self, job_id: str, node: str, target: str, sync: str = "full",
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         await self._monitor.execute("blockdev-mirror", {
             "job-id": job_id, "device": node, "target": target, "sync": sync,
-            "auto-dismiss": False,
+            "auto-dismiss": False, "speed": speed,
             "copy-mode": "write-blocking" if write_blocking else "background"})
 
     async def backup(self, backups: Sequence[Backup]) -> None:
@@ -353,13 +358,28 @@ class QemuBlockJobs:
             for b in backups]})
 
     async def commit(self, job_id: str, node: str, top: str | None = None,
-                     base: str | None = None) -> None:
+                     base: str | None = None, backing_file: str | None = None) -> None:
         arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
         if top is not None:
             arguments["top-node"] = top
+        if backing_file is not None:
+            arguments["backing-file"] = backing_file
         if base is not None:
             arguments["base-node"] = base
         await self._monitor.execute("block-commit", arguments)
+
+    async def writable(self, node: str) -> None:
+        # A launch node's protocol node is its own "-blockdev" ("<node>-file", see
+        # argv), opened read-only: a reopen of the format node alone cannot make it
+        # writable. auto-read-only lets it take a writer when one comes.
+        protocol = f"{node}-file"
+        nodes = await self._monitor.execute("query-named-block-nodes", {"flat": True})
+        found = next((n for n in nodes if n.get("node-name") == protocol), None)
+        if found is None or not found.get("ro"):
+            return
+        await self._monitor.execute("blockdev-reopen", {"options": [{
+            "driver": "file", "node-name": protocol, "filename": str(found["file"]),
+            "read-only": False, "auto-read-only": True, "discard": "unmap"}]})
 
     async def stream(self, job_id: str, node: str, base: str | None = None) -> None:
         arguments: dict[str, Any] = {"job-id": job_id, "device": node, "auto-dismiss": False}
