@@ -6,7 +6,8 @@ Contract (see /work/brief: "How disks become checkpoints"):
 * :func:`plan_overlays` names one new overlay beside each writable disk's active file
   (:mod:`hvstack.checkpoints.files`), confined to the storage roots.
 * :func:`make_overlays` creates them: ``qemu-img create -f qcow2 -F FMT -b F -u O SIZE``
-  with the size read by ``qemu-img info -U -f FMT`` (never probed), each file created
+  with the size read by ``qemu-img info -U -f FMT`` (never probed; both through
+  :mod:`hvstack.storage.overlay`), each file created
   exclusively first (an existing file is never overwritten). On failure every overlay
   it made is deleted and the error raised.
 * :func:`snapshot_live` puts them on top of a running machine's disks: one
@@ -28,12 +29,11 @@ from pathlib import Path
 
 from hvstack.checkpoints.files import overlay_path
 from hvstack.compute.model import DiskAttachment
-from hvstack.errors import HvError, HypervisorError
+from hvstack.errors import HvError
 from hvstack.hypervisor.capabilities import BlockJobs, BlockNodeSpec, Snapshot
 from hvstack.hypervisor.spec import backing_node_id
-from hvstack.storage import chain
 from hvstack.storage.block_jobs import file_node, run_job
-from hvstack.storage.qemu_img import QUICK_TIMEOUT, run_qemu_img
+from hvstack.storage.overlay import create_on, virtual_size
 
 OVERLAY_FORMAT = "qcow2"
 
@@ -67,27 +67,18 @@ def plan_overlays(disks: Iterable[DiskAttachment], taken: Iterable[str] = ()
     return planned
 
 
-async def _virtual_size(path: Path, fmt: str) -> int:
-    info = await chain.info_one(path, fmt, QUICK_TIMEOUT)
-    size = info.get("virtual-size")
-    if not isinstance(size, int):
-        raise HypervisorError(f"qemu-img info gave no virtual size for {path}", path=str(path))
-    return size
-
-
 async def make_overlays(overlays: Sequence[Overlay]) -> None:
     """Create every overlay (empty qcow2 on top of its frozen file); all or none."""
     made: list[Path] = []
     try:
         for overlay in overlays:
             target = Path(overlay.path)
-            size = await _virtual_size(Path(overlay.frozen), overlay.frozen_format)
+            size = await virtual_size(overlay.frozen, overlay.frozen_format)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)
             made.append(target)
-            await run_qemu_img(["create", "-q", "-f", OVERLAY_FORMAT,
-                                "-F", overlay.frozen_format, "-b", overlay.frozen, "-u",
-                                "--", str(target), str(size)])
+            await create_on(target, size, overlay.frozen, overlay.frozen_format,
+                            OVERLAY_FORMAT)
     except BaseException:
         remove_files(made)
         raise
