@@ -12,6 +12,8 @@ Contract:
   never a part).
 * :func:`write_new` runs ``write(tmp)`` and publishes ``tmp``; the temporary file is
   removed whatever happens, so a failure or a cancellation leaves nothing behind.
+* :func:`link_or_copy` gives a file a second name (a hard link), or where links cannot
+  be made (another file system) a complete copy, published as above.
 
 Example::
 
@@ -24,6 +26,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -71,6 +74,22 @@ async def write_new(dst: Path, write: Callable[[Path], Awaitable[object]], *,
         publish(tmp, dst, replace=replace)
     finally:
         remove_quietly(tmp)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` with the same bytes as ``source``: a hard link, else a copy. A
+    ``target`` that exists is replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+    try:
+        os.link(source, target)
+    except OSError:
+        tmp = temp_path(target)
+        try:
+            shutil.copyfile(source, tmp)
+            publish(tmp, target, replace=True)
+        finally:
+            remove_quietly(tmp)
 
 
 def write_bytes(dst: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:

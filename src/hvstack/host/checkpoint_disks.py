@@ -13,8 +13,6 @@ Contract (see /work/brief: "How disks become checkpoints"):
 * :func:`snapshot_live` puts them on top of a running machine's disks: one
   ``blockdev-add`` per overlay (node ``backing_node_id(disk, O)``, no backing), then ONE
   snapshot transaction for all disks. On failure the added nodes are removed.
-* :func:`link_or_copy` hard-links a file (a saved state into a checkpoint and back),
-  copying when the file system cannot link.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -121,18 +118,6 @@ def with_overlays(disks: Iterable[DiskAttachment], overlays: Iterable[Overlay]
         result.append(disk if overlay is None
                       else replace(disk, path=overlay.path, format=OVERLAY_FORMAT))
     return tuple(result)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` the same bytes as ``source``: a hard link, else a copy (another file
-    system). A ``target`` that exists is replaced."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
 
 
 async def unsnapshot_live(jobs: BlockJobs, overlays: Sequence[Overlay],

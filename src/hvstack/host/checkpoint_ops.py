@@ -43,6 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from hvstack import files
 from hvstack.checkpoints import files as names
 from hvstack.checkpoints.model import (
     Checkpoint,
@@ -374,9 +375,9 @@ class CheckpointOperations:
 
     @staticmethod
     def _keep_saved_state(vm: VmController, memory: Path, layout: Path) -> None:
-        disks.link_or_copy(vm.files.saved_state, memory)
+        files.link_or_copy(vm.files.saved_state, memory)
         if vm.files.saved_layout.exists():
-            disks.link_or_copy(vm.files.saved_layout, layout)
+            files.link_or_copy(vm.files.saved_layout, layout)
 
     @staticmethod
     def _copy_efi_vars(vm: VmController, folder: Path, checkpoint_id: str) -> str | None:
@@ -487,9 +488,9 @@ class CheckpointOperations:
     @staticmethod
     def _restore_files(vm: VmController, target: Checkpoint) -> None:
         assert target.memory_state is not None
-        disks.link_or_copy(Path(target.memory_state), vm.files.saved_state)
+        files.link_or_copy(Path(target.memory_state), vm.files.saved_state)
         if target.layout is not None and Path(target.layout).exists():
-            disks.link_or_copy(Path(target.layout), vm.files.saved_layout)
+            files.link_or_copy(Path(target.layout), vm.files.saved_layout)
         else:
             vm.files.saved_layout.unlink(missing_ok=True)
 

@@ -98,14 +98,6 @@ async def copy_file(src: Path, dst: Path, on_bytes: Callable[[int], None]) -> No
     shutil.copymode(src, dst)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link of ``src`` at ``dst``, a copy where the file system refuses links."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def disk_bytes(paths: Sequence[Path]) -> int:
     """The space the files take (their allocated blocks)."""
     total = 0

@@ -46,6 +46,7 @@ from hvstack.compute.model import (
     validate_name,
 )
 from hvstack.errors import HvError, InvalidInput
+from hvstack.files import link_or_copy
 from hvstack.host import export_files
 from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.export_format import (
@@ -504,7 +505,7 @@ class ImportOperations:
                     states[name] = str(source.resolve())
                 elif source.is_file():
                     dst = folder / source.name
-                    await asyncio.to_thread(export_files.link_or_copy, source, dst)
+                    await asyncio.to_thread(link_or_copy, source, dst)
                     states[name] = str(dst)
                 else:
                     states[name] = str(folder / source.name)
@@ -519,7 +520,7 @@ class ImportOperations:
         elif report.config.generation is Generation.GEN2:
             await asyncio.to_thread(shutil.copyfile, host.ovmf_vars, files.efi_vars)
         if manifest.state == "Saved" and manifest.saved_state is not None:
-            await asyncio.to_thread(export_files.link_or_copy,
+            await asyncio.to_thread(link_or_copy,
                                     report.folder / relative_name(manifest.saved_state),
                                     files.saved_state)
             if manifest.saved_layout is not None:
