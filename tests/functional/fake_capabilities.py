@@ -273,6 +273,7 @@ class FakeMigration:
 class FakeBlockJobs:
     nodes: dict[str, BlockNodeSpec] = field(default_factory=dict)
     overlays: dict[str, str] = field(default_factory=dict)  # node -> overlay on top
+    roots: set[str] = field(default_factory=set)  # the devices' nodes at launch
     running: dict[str, BlockJobInfo] = field(default_factory=dict)
     bitmaps: set[tuple[str, str]] = field(default_factory=set)
     nbd_socket: str | None = None
@@ -284,7 +285,8 @@ class FakeBlockJobs:
         return cls(nodes={node.id: BlockNodeSpec(node.id, node.format, node.path,
                                                  None if node.backing is None
                                                  else node.backing.id, node.read_only)
-                          for device in spec.block_devices for node in device.node.chain()})
+                          for device in spec.block_devices for node in device.node.chain()},
+                   roots={device.node.id for device in spec.block_devices})
 
     async def add_node(self, node: BlockNodeSpec) -> None:
         if node.node_name in self.nodes:
@@ -338,6 +340,14 @@ class FakeBlockJobs:
 
     async def node_files(self) -> dict[str, str]:
         return {name: node.filename for name, node in self.nodes.items()}
+
+    async def top_nodes(self) -> frozenset[str]:
+        tops = set()
+        for root in self.roots:
+            while root in self.overlays:
+                root = self.overlays[root]
+            tops.add(root)
+        return frozenset(tops)
 
     def _job(self, job_id: str) -> BlockJobInfo:
         if job_id not in self.running:

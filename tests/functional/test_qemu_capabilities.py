@@ -334,3 +334,13 @@ async def test_a_raw_node_is_added_without_a_backing_key(qmp: FakeQmp,
     assert qmp.sent("blockdev-mirror") == [{
         "job-id": "m", "device": "disk0", "target": "n2", "sync": "top",
         "auto-dismiss": False, "speed": 1024, "copy-mode": "write-blocking"}]
+
+
+async def test_the_top_nodes_are_what_the_devices_have_inserted(
+        qmp: FakeQmp, machine: QemuMachine) -> None:
+    qmp.reply("query-block", [
+        {"device": "", "qdev": "/machine/peripheral/disk-a-dev/virtio-backend",
+         "inserted": {"node-name": "disk-a-1f2e3d4c", "file": "/s/a_1.qcow2"}},
+        {"device": "", "qdev": "dvd-dev", "removable": True},
+        {"device": "", "qdev": "disk-b-dev", "inserted": {"node-name": "disk-b"}}])
+    assert await machine.block_jobs.top_nodes() == {"disk-a-1f2e3d4c", "disk-b"}

@@ -65,7 +65,7 @@ from hvstack.compute.model import (
 from hvstack.compute.states import Operation
 from hvstack.errors import Conflict, HvError, NotFound
 from hvstack.host import checkpoint_disks as disks
-from hvstack.host import checkpoint_merge
+from hvstack.host import checkpoint_merge, checkpoint_repair
 from hvstack.host.jobs import Job
 from hvstack.host.records import CheckpointRecords
 from hvstack.host.service import HostService
@@ -519,5 +519,8 @@ class CheckpointOperations:
         return await checkpoint_merge.delete(self, ref, checkpoint, subtree)
 
     async def startup(self) -> tuple[Job, ...]:
-        """Finish the merges a stopped or killed service left pending (one job each)."""
+        """Record the live checkpoints a killed service took but did not store, then
+        finish the merges it left pending (one job each)."""
+        for vm in self.service.list_vms():
+            await checkpoint_repair.adopt_unrecorded(self, vm)
         return tuple(await checkpoint_merge.startup(self))

@@ -390,6 +390,12 @@ class QemuBlockJobs:
     async def jobs(self) -> list[BlockJobInfo]:
         return parse_block_jobs(await self._monitor.execute("query-block-jobs"))
 
+    async def top_nodes(self) -> frozenset[str]:
+        devices = await self._monitor.execute("query-block")
+        return frozenset(str(d["inserted"]["node-name"]) for d in devices
+                         if isinstance(d.get("inserted"), dict)
+                         and d["inserted"].get("node-name"))
+
     async def node_files(self) -> dict[str, str]:
         nodes = await self._monitor.execute("query-named-block-nodes", {"flat": True})
         return {str(n["node-name"]): plain_filename(str(n["file"])) for n in nodes
