@@ -1,18 +1,16 @@
 """Deleting checkpoints for real: ``hv serve`` processes, the tiny guest under TCG,
 QEMU's block-commit and qemu-img.
 
-Checkpoints are made here the way checkpoint creation makes them of an Off VM (the
-frozen file, an empty overlay beside it, ``qemu-img create -u -F``; tree and settings
-stored in one transaction, with the service stopped), so the VM then runs with its
-checkpoint files as parents opened at launch. The checks: every remaining checkpoint's
-chain flattened (``qemu-img convert``) is byte for byte what it was, the current state's
-files read the same inside the guest (also after a fresh boot), and ``qemu-img check``
-finds nothing wrong.
+Checkpoints are made with ``hv checkpoint create``, mostly of the Off VM or before a
+restart, so the VM then runs with its checkpoint files as parents opened at launch
+(one test makes them while it runs: overlay nodes added at run time). The checks:
+every remaining checkpoint's chain flattened (``qemu-img convert``) is byte for byte
+what it was, the current state's files read the same inside the guest (also after a
+fresh boot), and ``qemu-img check`` finds nothing wrong.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -21,15 +19,11 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hvstack.checkpoints.model import Checkpoint, CheckpointKind, new_checkpoint_id
-from hvstack.host.records import CheckpointRecords, VmRecords
-from hvstack.host.store import SqliteStore
 from tests.integration.hostproc import HostProcess, running_host
 
 pytestmark = pytest.mark.integration
@@ -37,52 +31,13 @@ READY = "hvstack-tiny: ready"
 DEADLINE = 300.0
 
 
-# -- checkpoints made as checkpoint creation makes them of an Off VM -----------------------
-
-
-def _overlay(parent: Path, fmt: str) -> Path:
-    stem = parent.stem.split("_")[0]
-    overlay = parent.parent / f"{stem}_{secrets.token_hex(4)}.qcow2"
-    info = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(parent)],
-        check=True, capture_output=True, text=True).stdout)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(parent),
-                    "-u", str(overlay), str(info["virtual-size"])], check=True)
-    return overlay
-
-
-async def _checkpoint(data_dir: Path, vm_name: str, name: str) -> None:
-    store = SqliteStore(data_dir / "hvstack.db")
-    try:
-        records = VmRecords(store)
-        [record] = [r for r in await records.load() if r.name == vm_name]
-        trees = CheckpointRecords(store)
-        tree = await trees.load(record.id)
-        config = record.config
-        disks, made, frozen = [], [], {}
-        for disk in config.disks:
-            if disk.read_only:
-                disks.append(disk)
-                continue
-            overlay = _overlay(Path(disk.path), disk.format)
-            frozen[disk.id] = disk.path
-            made.append(str(overlay))
-            disks.append(replace(disk, path=str(overlay), format="qcow2"))
-        checkpoint = Checkpoint(new_checkpoint_id(), name, None, time.time(),
-                                CheckpointKind.PRODUCTION, frozen, config.to_json())
-        tree = tree.added(checkpoint, made)
-        await records.change(record, replace(config, disks=tuple(disks)),
-                             [CheckpointRecords.op(record.id, tree)])
-    finally:
-        store.close()
+# -- checkpoints of an Off VM ----------------------------------------------------------------
 
 
 def checkpoint_offline(host: HostProcess, vm: str, name: str) -> None:
-    """Checkpoint the Off VM ``vm`` with the service stopped, then start it again."""
+    """A checkpoint of the Off VM ``vm``: its files become launch parents at its next start."""
     assert host.vm(vm)["state"] == "Off"
-    host.stop()
-    asyncio.run(_checkpoint(host.data_dir, vm, name))
-    host.start()
+    host.ok("checkpoint", "create", vm, "--name", name)
 
 
 # -- looking at the files ------------------------------------------------------------------
@@ -227,11 +182,11 @@ def test_delete_a_middle_checkpoint_while_the_guest_writes(host: HostProcess,
                                                            tmp_path: Path) -> None:
     make_vm(host, "m")
     written: dict[str, str] = {}
+    boot(host, "m")
     for n in (1, 2, 3):  # cp1 -> cp2 -> cp3 -> Now, each after its own file
-        boot(host, "m")
         written[f"f{n}"] = write_file(host, "m", f"f{n}")
-        shut_down(host, "m")
-        checkpoint_offline(host, "m", f"cp{n}")
+        host.ok("checkpoint", "create", "m", "--name", f"cp{n}")
+    shut_down(host, "m")  # the next boot opens the checkpoint files as launch parents
     before = views(host, "m", tmp_path)
     boot(host, "m")
     assert digests(host, "m", list(written)) == written
