@@ -50,6 +50,7 @@ def test_hypervisor_imports_nothing_from_the_layers_above() -> None:
 def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
     assert upward_imports("compute", ("host", "api", "cli", "client", "server")) == []
     assert upward_imports("storage", ("host", "api", "cli", "client", "server")) == []
+    assert upward_imports("checkpoints", ("host", "api", "cli", "client", "server")) == []
     # The network package is a domain package too, below compute (whose adapters carry
     # its port settings): it imports neither the host nor compute.
     assert upward_imports("network", ("host", "api", "cli", "client", "server",
