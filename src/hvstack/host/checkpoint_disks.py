@@ -1,7 +1,7 @@
 """The files of a checkpoint: new overlays (offline and on a running machine) and the
 memory, layout and UEFI-variable files beside it.
 
-Contract (see /work/brief: "How disks become checkpoints"):
+Contract (how disks become checkpoints: :mod:`hvstack.checkpoints.model`):
 
 * :func:`plan_overlays` names one new overlay beside each writable disk's active file
   (:mod:`hvstack.checkpoints.files`), confined to the storage roots.
