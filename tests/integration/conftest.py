@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,3 +27,17 @@ def tiny_image() -> Path:
 def host(tmp_path: Path, tiny_image: Path) -> Iterator[HostProcess]:
     with running_host(tmp_path / "data", tiny_image) as service:
         yield service
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path) -> Iterator[Path]:
+    """A data directory (database, VM folders and their disks, images) on a 256 MiB
+    tmpfs, for tests that fill it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M,mode=0700", "tmpfs", str(data)],
+                   check=True)
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

@@ -265,19 +265,6 @@ def test_deleting_what_does_not_exist(host: HostProcess) -> None:
 # -- faults ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    """The data directory (database, VM folders and their disks) on a 256 MiB tmpfs."""
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M,mode=0700", "tmpfs", str(data)],
-                   check=True)
-    try:
-        yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
-
-
 def fill_but(folder: Path, spare: int) -> Path:
     """Fill the file system of ``folder`` up to its last block, then give back ``spare``
     bytes (the database's small writes still fit; a merge of megabytes does not)."""

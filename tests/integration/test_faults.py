@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ from tests.integration.hostproc import HostProcess, running_host
 
 pytestmark = pytest.mark.integration
 READY = "hvstack-tiny: ready"
-
-
-@pytest.fixture
-def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    """The data directory (database, VM folders, images) on a 256 MiB tmpfs."""
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256M,mode=0700", "tmpfs", str(data)],
-                   check=True)
-    try:
-        yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def fill(folder: Path) -> Path:
