@@ -19,16 +19,14 @@ answering) with a second, fully allocated qcow2 data disk (``preallocation=fallo
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.report import Section, Table, ms, ratio, verdict
-from bench.support import JOB_TIMEOUT, ServiceProcess, median, percentile
+from bench.support import JOB_TIMEOUT, ServiceProcess, install_tiny_image, median, percentile
 from hvstack.client import ApiError, url_path
 
 RUNS = 8
@@ -40,19 +38,6 @@ FILL_MIB = 128
 VM = "bench-checkpoint"
 BOOT_TIMEOUT = 300.0
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _image(data_dir: Path) -> None:
-    from hvstack.images.tiny import build_tiny
-
-    cache = Path(os.environ.get("HV_CACHE_DIR") or REPO / ".cache")
-    built = asyncio.run(build_tiny(cache))
-    target = data_dir / "images" / f"tiny{built.suffix}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(built, target)
-    except OSError:
-        shutil.copyfile(built, target)
 
 
 def _exec(service: ServiceProcess, *command: str) -> dict[str, Any]:
@@ -167,7 +152,7 @@ def _standard(service: ServiceProcess
 
 def run(tmp: Path) -> Section:
     data_dir = tmp / "data"
-    _image(data_dir)
+    install_tiny_image(data_dir)
     with ServiceProcess(data_dir) as service:
         api = service.client
         api.post("/vms", {"name": VM, "generation": 1, "memory": "256M", "image": "tiny",

@@ -24,12 +24,10 @@ to the same guest in the same run.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Section, Table, ms, ratio, verdict
-from bench.support import ServiceProcess, hv_command, median, percentile
+from bench.support import ServiceProcess, hv_command, install_tiny_image, median, percentile
 from hvstack.client import url_path
 from hvstack.integration.guest_io import POLL_STEADY, POLL_STEPS
 
@@ -200,22 +198,9 @@ def wait_for_agent(service: ServiceProcess) -> None:
             time.sleep(1)
 
 
-def _image(data_dir: Path) -> None:
-    from hvstack.images.tiny import build_tiny
-
-    cache = Path(os.environ.get("HV_CACHE_DIR") or REPO / ".cache")
-    built = asyncio.run(build_tiny(cache))
-    target = data_dir / "images" / f"tiny{built.suffix}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(built, target)
-    except OSError:
-        shutil.copyfile(built, target)
-
-
 def run(tmp: Path) -> Section:
     data_dir = tmp / "data"
-    _image(data_dir)
+    install_tiny_image(data_dir)
     times: dict[str, list[float]] = {k: [] for k in (
         "direct", "api", "cli", "raw-write", "api-upload", "raw-read", "api-download")}
     payload = os.urandom(COPY_BYTES)

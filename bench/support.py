@@ -149,6 +149,24 @@ class Machine:
 # -- a host service in a subprocess -------------------------------------------------------
 
 
+def install_tiny_image(data_dir: Path) -> None:
+    """Build the tiny guest image (cached in HV_CACHE_DIR, else the repository's .cache)
+    and put it in ``data_dir``'s images folder, as ``hv serve`` finds managed images."""
+    import asyncio
+
+    from hvstack.images.tiny import build_tiny
+
+    repo = Path(__file__).resolve().parent.parent
+    cache = Path(os.environ.get("HV_CACHE_DIR") or repo / ".cache")
+    built = asyncio.run(build_tiny(cache))
+    target = data_dir / "images" / f"tiny{built.suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(built, target)
+    except OSError:
+        shutil.copyfile(built, target)
+
+
 def hv_command() -> list[str]:
     """The ``hv`` CLI of this interpreter's environment (the console script if installed)."""
     script = Path(sys.executable).with_name("hv")

@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.guest_exec import DirectAgent, _image
+from bench.guest_exec import DirectAgent
 from bench.report import Section, Table, ms, ratio, verdict
-from bench.support import ServiceProcess, median
+from bench.support import ServiceProcess, install_tiny_image, median
 from hvstack.client import ApiError, url_path
 from hvstack.integration.guest_io import POLL_STEADY, POLL_STEPS
 
@@ -210,7 +210,7 @@ def _bridge_phase(space: str, times: dict[str, list[float]], argvs: dict[str, li
 
 def run(tmp: Path) -> Section:
     data_dir = tmp / "data"
-    _image(data_dir)
+    install_tiny_image(data_dir)
     times: dict[str, list[float]] = {k: [] for k in (
         "switch-mbit", "switch-rtt", "bridge-mbit", "bridge-rtt")}
     argvs: dict[str, list[str]] = {}

@@ -8,8 +8,11 @@ from starlette.requests import HTTPConnection
 from hvstack.host.checkpoint_ops import CheckpointOperations
 from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
+from hvstack.host.export_ops import ExportOperations
+from hvstack.host.import_ops import ImportOperations
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
+from hvstack.host.storage_move import StorageMoves
 from hvstack.integration.ops import GuestOperations
 
 
@@ -40,4 +43,19 @@ def network_ops_of(connection: HTTPConnection) -> NetworkOperations:
 
 def checkpoint_ops_of(connection: HTTPConnection) -> CheckpointOperations:
     ops: CheckpointOperations = connection.app.state.root.checkpoints
+    return ops
+
+
+def export_ops_of(connection: HTTPConnection) -> ExportOperations:
+    ops: ExportOperations = connection.app.state.root.exports
+    return ops
+
+
+def import_ops_of(connection: HTTPConnection) -> ImportOperations:
+    ops: ImportOperations = connection.app.state.root.imports
+    return ops
+
+
+def storage_moves_of(connection: HTTPConnection) -> StorageMoves:
+    ops: StorageMoves = connection.app.state.root.storage_moves
     return ops

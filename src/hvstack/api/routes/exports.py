@@ -9,23 +9,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from hvstack.api.deps import export_ops_of, import_ops_of
 from hvstack.api.export_schemas import ExportRequest, ImportBody, ImportCheckView
 from hvstack.api.schemas import JobView
 from hvstack.api.views import job_view
-from hvstack.host.export_ops import ExportOperations
-from hvstack.host.import_ops import ImportOperations, ImportRequest
+from hvstack.host.import_ops import ImportRequest
 
 router = APIRouter(prefix="/api/v1", tags=["exports"])
-
-
-def _exports(request: Request) -> ExportOperations:
-    ops: ExportOperations = request.app.state.root.exports
-    return ops
-
-
-def _imports(request: Request) -> ImportOperations:
-    ops: ImportOperations = request.app.state.root.imports
-    return ops
 
 
 def _import_request(body: ImportBody) -> ImportRequest:
@@ -34,21 +24,21 @@ def _import_request(body: ImportBody) -> ImportRequest:
 
 @router.post("/vms/{ref}/export", response_model=JobView, status_code=202)
 async def export_vm(request: Request, ref: str, body: ExportRequest) -> JobView:
-    return job_view(_exports(request).export_vm(ref, body.path))
+    return job_view(export_ops_of(request).export_vm(ref, body.path))
 
 
 @router.post("/vms/{ref}/checkpoints/{checkpoint}/export", response_model=JobView,
              status_code=202)
 async def export_checkpoint(request: Request, ref: str, checkpoint: str,
                             body: ExportRequest) -> JobView:
-    return job_view(await _exports(request).export_checkpoint(ref, checkpoint, body.path))
+    return job_view(await export_ops_of(request).export_checkpoint(ref, checkpoint, body.path))
 
 
 @router.post("/imports/check", response_model=ImportCheckView)
 async def check_import(request: Request, body: ImportBody) -> dict[str, Any]:
-    return (await _imports(request).check(_import_request(body))).to_dict()
+    return (await import_ops_of(request).check(_import_request(body))).to_dict()
 
 
 @router.post("/imports", response_model=JobView, status_code=202)
 async def import_vm(request: Request, body: ImportBody) -> JobView:
-    return job_view(await _imports(request).import_vm(_import_request(body)))
+    return job_view(await import_ops_of(request).import_vm(_import_request(body)))

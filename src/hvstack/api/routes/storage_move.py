@@ -11,10 +11,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from hvstack.api.deps import storage_moves_of
 from hvstack.api.schemas import JobView
 from hvstack.api.schemas import Request as Body
 from hvstack.api.views import job_view
-from hvstack.host.storage_move import StorageMoves
 from hvstack.units import parse_size
 
 router = APIRouter(prefix="/api/v1", tags=["storage"])
@@ -27,16 +27,11 @@ class MoveStorage(Body):
     bandwidth: int | str | None = None
 
 
-def _moves(request: Request) -> StorageMoves:
-    moves: StorageMoves = request.app.state.root.storage_moves
-    return moves
-
-
 @router.post("/vms/{ref}/move-storage", response_model=JobView, status_code=202)
 async def move_storage(request: Request, ref: str, body: MoveStorage) -> JobView:
     bandwidth = None
     if body.bandwidth is not None:
         bandwidth = parse_size(body.bandwidth, what="bandwidth")
-    return job_view(await _moves(request).move(
+    return job_view(await storage_moves_of(request).move(
         ref, body.destination, body.disks, include_checkpoints=body.include_checkpoints,
         bandwidth=bandwidth))
