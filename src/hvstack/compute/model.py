@@ -201,6 +201,14 @@ class ServiceStatus(enum.StrEnum):
     DISABLED = "Disabled"
 
 
+DEFAULT_MEMORY_BUFFER_PERCENT = 20  # Hyper-V's defaults and ranges
+DEFAULT_MEMORY_WEIGHT = 5000
+MEMORY_BUFFER_RANGE = (5, 2000)
+MEMORY_WEIGHT_RANGE = (0, 10000)
+DEFAULT_PROCESSOR_WEIGHT = 100
+PROCESSOR_WEIGHT_RANGE = (1, 10000)
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Everything a user sets on a VM. Immutable: changes make a new config."""
@@ -226,6 +234,19 @@ class VmConfig:
     checkpoint_type: CheckpointType = CheckpointType.PRODUCTION
     automatic_checkpoints: bool = False  # one when the VM starts from Off (Hyper-V's)
     checkpoint_limit: int = DEFAULT_CHECKPOINT_LIMIT
+    # Dynamic memory (Hyper-V's names): memory_bytes is the startup memory; the VM's
+    # assigned memory then follows its demand plus the buffer within [minimum, maximum],
+    # shared by weight when the host runs short. None: not yet set (dynamic memory off).
+    dynamic_memory: bool = False
+    memory_minimum_bytes: int | None = None
+    memory_maximum_bytes: int | None = None
+    memory_buffer_percent: int = DEFAULT_MEMORY_BUFFER_PERCENT
+    memory_weight: int = DEFAULT_MEMORY_WEIGHT
+    # Processor resource controls (Hyper-V's names): reserve and limit are percentages
+    # of the VM's processors, weight is relative to other VMs' (1-10000).
+    processor_reserve_percent: int = 0
+    processor_limit_percent: int = 100
+    processor_weight: int = DEFAULT_PROCESSOR_WEIGHT
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
