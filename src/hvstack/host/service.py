@@ -206,7 +206,7 @@ class HostService:
 
     def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
         host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
-                           self.config.qemu_binary)
+                           self.config.qemu_binary, self.facts.memory_bytes)
         taps = self.start_hook.tap_fds(record) if self.start_hook else None
         return machine_spec(record.id, record.config, self.registry.files(record.id), host,
                             chains=self.registry.chains.get(record.id, {}), incoming=incoming,
