@@ -19,12 +19,12 @@ from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
     Backup,
     BalloonStats,
-    MemoryDeviceSize,
     BlockJobInfo,
     BlockNodeSpec,
     DeviceSpec,
     DirtyBitmap,
     FdSetMember,
+    MemoryDeviceSize,
     MigrationParameters,
     MigrationStats,
     NbdExport,
