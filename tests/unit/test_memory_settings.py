@@ -78,7 +78,7 @@ def test_turning_dynamic_memory_on_fills_in_sensible_bounds() -> None:
 
 @pytest.mark.parametrize("state", [VmState.RUNNING, VmState.PAUSED, VmState.SAVED])
 def test_dynamic_memory_and_startup_change_only_while_off(state: VmState) -> None:
-    with pytest.raises(InvalidState, match="dynamic memory setting .* only while the VM "
+    with pytest.raises(InvalidState, match=r"dynamic memory setting .* only while the VM "
                                            "is Off") as info:
         check_change(["dynamic_memory"], state, "demo")
     assert info.value.http_status == 409
