@@ -31,19 +31,21 @@ from hvstack.compute.model import (
 from hvstack.compute.policy import StopAction, StopMode
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, NotFound
-from hvstack.host import cleanup
+from hvstack.host import cleanup, memory_balancer
 from hvstack.host.block_work import BlockWork
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
 from hvstack.host.facts import HostFacts, HostProbe, LinuxHost
 from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.memory_balancer import MemoryBalancer, default_reserve
 from hvstack.host.provisioning import NewVm, Provisioning, new_mac
 from hvstack.host.records import JobRecords, VmRecords
 from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.memory.model import HostPool
 from hvstack.progress import no_progress
 
 __all__ = ["AUTO_STOP_TIMEOUT", "HostFacts", "HostService", "NewVm", "new_mac"]
@@ -87,6 +89,10 @@ class HostService:
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Dynamic memory: a round every config.memory_interval seconds while it runs.
+        self.memory = MemoryBalancer(self.list_vms, self.events, self.memory_pool,
+                                     config.memory_interval)
+        self._memory_task: asyncio.Task[None] | None = None
         self.start_hook: StartHook | None = None  # set by the network operations
         # Run by every start job in the VM's lock before the start (automatic checkpoints).
         self.start_jobs: list[Callable[[VmController, Progress], Awaitable[None]]] = []
@@ -122,10 +128,14 @@ class HostService:
         for vm in idle:
             vm.files.pidfile.unlink(missing_ok=True)  # a stale pid may be reused
         self.cleanup_report = report
+        self._memory_task = asyncio.create_task(self.memory.run(), name="memory-balancer")
         for vm in vms:
             self._schedule_auto_start(vm)
 
     async def shutdown(self) -> None:
+        if self._memory_task is not None:
+            await memory_balancer.stop(self._memory_task)
+            self._memory_task = None
         if not self.config.detach_on_exit:
             await asyncio.gather(
                 *(self._auto_stop(vm) for vm in self.list_vms()), return_exceptions=True
@@ -200,6 +210,13 @@ class HostService:
 
     # -- running a VM --------------------------------------------------------
 
+    def memory_pool(self) -> HostPool:
+        """The memory this host's VMs may have together (see :mod:`hvstack.memory`)."""
+        total = self.facts.memory_bytes
+        reserve = (self.config.memory_reserve if self.config.memory_reserve is not None
+                   else default_reserve(total))
+        return HostPool(total, reserve, self.config.memory_limit)
+
     def accelerator_for(self, config: VmConfig) -> str:
         """The accelerator the VM runs with (checked for usability when it starts)."""
         return config.accelerator or self.facts.accelerator.name
@@ -239,6 +256,7 @@ class HostService:
                            "does not exist", vm=record.name)
         if record.config.accelerator:
             self.host.check_accelerator(record.config.accelerator)
+        self.memory.admit(record)  # next to what the running VMs cannot give back
         policy.admit_memory(record.name, record.config.memory_bytes,
                             self.host.available_memory())
 
