@@ -182,6 +182,10 @@ class ProcessorControls:
 
     # -- removing --------------------------------------------------------------------
 
+    def removal_pending(self, vm_id: str) -> bool:
+        """Whether the removal of the VM's cgroup is being retried."""
+        return vm_id in self._removing
+
     def _schedule_removal(self, vm_id: str, name: str) -> None:
         if vm_id in self._removing or self._remove_now(vm_id, name):
             return

@@ -18,7 +18,9 @@ Each VM's cgroup is ``<mount>/<parent>/vm-<id>``, the parent named by the host s
 the settings and then moves a process in through ``cgroup.procs`` (which moves all its
 threads); :meth:`Cgroups.remove` removes it once empty, answering False while the kernel
 still calls it busy (the caller retries). The mount points come from the mount table and
-``rmdir`` is injectable, so tests run against a directory tree imitating either layout.
+making and removing directories is injectable (:class:`Directories`: what the kernel
+does there, creating control files and refusing busy cgroups, a test imitates), so tests
+run against a directory tree imitating either layout.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,6 +90,26 @@ class Cgroups(Protocol):
         ...
 
 
+class Directories(Protocol):
+    """Making and removing cgroups: directories, on which the kernel acts."""
+
+    def mkdir(self, path: Path) -> None:
+        """Make ``path`` (nothing if it exists); OSError as the kernel answers."""
+        ...
+
+    def rmdir(self, path: Path) -> None:
+        """Remove ``path``; OSError EBUSY while processes or children are in it."""
+        ...
+
+
+class OsDirectories:
+    def mkdir(self, path: Path) -> None:
+        path.mkdir(exist_ok=True)
+
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
+
 @dataclass(frozen=True)
 class Mount:
     """One line of the mount table, what matters of it."""
@@ -146,24 +167,16 @@ def _write(path: Path, value: str) -> None:
                              f"{exc.strerror or exc}") from exc
 
 
-def _mkdir(path: Path) -> None:
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise CgroupUnusable(f"cannot create cgroup {path}: {exc.strerror or exc}") from exc
-
-
 class _Hierarchy:
     """What both versions share: the service's parent under a mount, the VMs' cgroups
     in it, moving processes in, removing."""
 
     version = ""
 
-    def __init__(self, mount: Path, parent: str,
-                 rmdir: Callable[[Path], None] = os.rmdir) -> None:
+    def __init__(self, mount: Path, parent: str, dirs: Directories | None = None) -> None:
         self.mount = mount
         self.parent = mount / parent
-        self._rmdir = rmdir
+        self._dirs = dirs or OsDirectories()
 
     def unusable(self) -> str | None:
         return None
@@ -171,8 +184,15 @@ class _Hierarchy:
     def path(self, vm_id: str) -> Path:
         return self.parent / f"{VM_PREFIX}{vm_id}"
 
+    def _mkdir(self, path: Path) -> None:
+        try:
+            self._dirs.mkdir(path)
+        except OSError as exc:
+            raise CgroupUnusable(f"cannot create cgroup {path}: "
+                                 f"{exc.strerror or exc}") from exc
+
     def _prepare_parent(self) -> None:
-        _mkdir(self.parent)
+        self._mkdir(self.parent)
 
     def _write_controls(self, group: Path, controls: CpuControls) -> None:
         raise NotImplementedError
@@ -180,7 +200,7 @@ class _Hierarchy:
     def place(self, vm_id: str, pid: int, controls: CpuControls) -> None:
         self._prepare_parent()
         group = self.path(vm_id)
-        _mkdir(group)
+        self._mkdir(group)
         self._write_controls(group, controls)
         _write(group / "cgroup.procs", str(pid))
 
@@ -200,7 +220,7 @@ class _Hierarchy:
     def remove(self, vm_id: str) -> bool:
         group = self.path(vm_id)
         try:
-            self._rmdir(group)
+            self._dirs.rmdir(group)
         except FileNotFoundError:
             return True
         except OSError as exc:
@@ -220,7 +240,7 @@ class _Hierarchy:
 
     def remove_parent(self) -> None:
         with contextlib.suppress(OSError):  # a VM still in it, or gone: either is fine
-            self._rmdir(self.parent)
+            self._dirs.rmdir(self.parent)
 
 
 class CgroupV1(_Hierarchy):
@@ -258,7 +278,7 @@ class CgroupV2(_Hierarchy):
 
     def _prepare_parent(self) -> None:
         _enable_cpu(self.mount)
-        _mkdir(self.parent)
+        self._mkdir(self.parent)
         _enable_cpu(self.parent)
 
     def _write_controls(self, group: Path, controls: CpuControls) -> None:
@@ -318,7 +338,7 @@ class NoCgroups:
 
 
 def probe(parent: str, mountinfo: str | None = None,
-          rmdir: Callable[[Path], None] = os.rmdir) -> Cgroups:
+          dirs: Directories | None = None) -> Cgroups:
     """The cgroups to use for a service whose cgroups go under ``parent``, from the
     mount table ``mountinfo`` (default: this process's)."""
     if mountinfo is None:
@@ -329,7 +349,7 @@ def probe(parent: str, mountinfo: str | None = None,
     mounts = parse_mountinfo(mountinfo)
     v1 = [m for m in mounts if m.fstype == "cgroup" and "cpu" in m.super_options]
     if v1:
-        return _usable(v1[0], CgroupV1(v1[0].point, parent, rmdir), "cgroup v1 cpu controller")
+        return _usable(v1[0], CgroupV1(v1[0].point, parent, dirs), "cgroup v1 cpu controller")
     unified = [m for m in mounts if m.fstype == "cgroup2"]
     for mount in unified:
         try:
@@ -337,7 +357,7 @@ def probe(parent: str, mountinfo: str | None = None,
         except OSError:
             continue
         if "cpu" in controllers:
-            return _usable(mount, CgroupV2(mount.point, parent, rmdir), "cgroup2 hierarchy")
+            return _usable(mount, CgroupV2(mount.point, parent, dirs), "cgroup2 hierarchy")
     if unified:
         return NoCgroups(f"the cgroup2 hierarchy at {unified[0].point} does not offer the "
                          "cpu controller, and no cgroup v1 hierarchy has it")
