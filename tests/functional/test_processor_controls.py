@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from hvstack.api.app import create_app
 from hvstack.cli.main import app as cli_app
+from hvstack.client import ApiError, Client
 from hvstack.host.config import HostConfig
 from hvstack.host.events import Event
 from hvstack.host.facts import FixedHost
@@ -381,3 +382,19 @@ async def test_cli_sets_and_shows_processor_controls(lab: Lab, tmp_path: Path) -
         assert result.exit_code == 2
         result = await run("host", "info")
         assert result.exit_code == 0 and "processor_controls" in result.stdout
+
+        def through_client() -> dict[str, Any]:
+            with Client(host) as client:
+                return client.set_processor("cpu", reserve=0, limit=60, weight=7)
+
+        view = await asyncio.to_thread(through_client)
+        assert (view["processor_reserve_percent"], view["processor_limit_percent"],
+                view["processor_weight"]) == (0, 60, 7)
+
+        def refused() -> None:
+            with Client(host) as client:
+                client.set_processor("cpu", weight=0)
+
+        with pytest.raises(ApiError) as caught:
+            await asyncio.to_thread(refused)
+        assert caught.value.status == 400
