@@ -79,6 +79,10 @@ class VmUpdate(Request):
     memory_maximum: Size | None = None
     memory_buffer_percent: int | None = None
     memory_weight: int | None = None
+    # Processor resource controls (ranges checked by the service: one message for all).
+    processor_reserve_percent: int | None = None
+    processor_limit_percent: int | None = None
+    processor_weight: int | None = None
 
 
 class StopRequest(Request):
@@ -205,6 +209,12 @@ class VmView(BaseModel):
     memory_demand_bytes: int | None = None
     memory_status: str | None = None
     memory_status_reason: str = ""
+    processor_reserve_percent: int = 0
+    processor_limit_percent: int = 100
+    processor_weight: int = 100
+    processor_controls: str = Field(
+        "", description='"in force", "applied when the VM starts" or "not applied: why"')
+    processor_controls_in_force: bool = False
 
 
 class JobView(BaseModel):
@@ -241,3 +251,5 @@ class HostView(BaseModel):
     memory_limit_bytes: int | None = None
     memory_assigned_bytes: int = 0
     memory_available_bytes: int = 0
+    processor_controls: str = Field(
+        "", description="the cgroup version and controller used, or why there is none")

@@ -90,6 +90,7 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "automatic_checkpoints": config.automatic_checkpoints,
         "checkpoint_limit": config.checkpoint_limit,
         **memory_data(vm, service),
+        **processor_data(vm, service),
     }
 
 
@@ -108,6 +109,17 @@ def memory_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "memory_status": reading.status.value if reading and reading.status else None,
         "memory_status_reason": reading.reason if reading else "",
     }
+
+
+def processor_data(vm: VmController, service: HostService) -> dict[str, Any]:
+    """The processor resource controls and whether they are in force."""
+    config = vm.record.config
+    status = service.processor.status(vm.record)
+    return {"processor_reserve_percent": config.processor_reserve_percent,
+            "processor_limit_percent": config.processor_limit_percent,
+            "processor_weight": config.processor_weight,
+            "processor_controls": status.detail,
+            "processor_controls_in_force": status.in_force}
 
 
 @functools.lru_cache(maxsize=64)

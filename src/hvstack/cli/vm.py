@@ -318,10 +318,20 @@ def set_(
         None, "--memory-buffer", help="memory kept on top of the demand, in % (5-2000; 20)"),
     memory_weight: int | None = typer.Option(
         None, "--memory-weight", help="priority when the host runs short (0-10000; 5000)"),
+    processor_reserve: int | None = typer.Option(
+        None, "--processor-reserve", metavar="PCT",
+        help="% of the VM's processors kept for it (0-100; admitted at start)"),
+    processor_limit: int | None = typer.Option(
+        None, "--processor-limit", metavar="PCT",
+        help="at most this % of the VM's processors (1-100; 100: no limit)"),
+    processor_weight: int | None = typer.Option(
+        None, "--processor-weight", metavar="N",
+        help="relative weight against other VMs (1-10000; 100)"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
-    """Change a VM's settings (hardware changes need the VM Off)."""
+    """Change a VM's settings (hardware changes need the VM Off; the processor
+    resource controls apply at once to a running VM)."""
     if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
         fail(f"--checkpoint-type '{checkpoint_type}' is not one of {', '.join(CHECKPOINT_TYPES)}")
     body: dict[str, Any] = {"cpus": cpus, "memory": memory, "notes": notes,
@@ -331,7 +341,10 @@ def set_(
                             "automatic_checkpoints": automatic_checkpoints,
                             "checkpoint_limit": checkpoint_limit,
                             **_memory_body(dynamic_memory, memory_startup, memory_min,
-                                           memory_max, memory_buffer, memory_weight)}
+                                           memory_max, memory_buffer, memory_weight),
+                            "processor_reserve_percent": processor_reserve,
+                            "processor_limit_percent": processor_limit,
+                            "processor_weight": processor_weight}
     if boot_order is not None:
         body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
     body = {k: v for k, v in body.items() if v is not None}

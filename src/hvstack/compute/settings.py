@@ -25,6 +25,8 @@ MEMORY_ANY_STATE = frozenset({"memory_buffer_percent", "memory_weight",
 ANY_STATE = frozenset({"name", "notes", "auto_start", "auto_start_delay_seconds",
                        "auto_stop", "integration_services", "kvp_pool", "checkpoint_type",
                        "automatic_checkpoints", "checkpoint_limit"}) | MEMORY_ANY_STATE
+# Processor resource controls apply live to a running VM's cgroup.
+ANY_STATE |= {"processor_reserve_percent", "processor_limit_percent", "processor_weight"}
 ALL = frozenset(VmConfig.__dataclass_fields__)
 
 # How a message names each setting ("cannot change the ... of VM 'x'").

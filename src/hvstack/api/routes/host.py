@@ -57,6 +57,7 @@ async def host_info(request: Request) -> HostView:
         memory_limit_bytes=memory.limit,
         memory_assigned_bytes=memory.assigned,
         memory_available_bytes=memory.available,
+        processor_controls=service.processor.summary(),
     )
 
 
