@@ -60,11 +60,27 @@ def _nearest_block(size: int) -> int:
     return (size + BLOCK_BYTES // 2) // BLOCK_BYTES * BLOCK_BYTES
 
 
-def _within(vm: VmMemory, size: int) -> int:
-    """``size`` within the VM's bounds in whole blocks (the maximum wins over nothing:
-    minimum and maximum are whole blocks, so the range is never empty)."""
+class _Levels(NamedTuple):
+    """One dynamic VM's levels, whole blocks within [minimum, maximum]."""
+
+    vm: VmMemory
+    low: int  # its minimum
+    need: int
+    want: int
+    now: int  # what it has, to the nearest block
+
+
+def _levels(vm: VmMemory) -> _Levels:
+    # Minimum and maximum are whole blocks, so the range is never empty; if they were
+    # not, the minimum (rounded up) would win.
     low = _blocks_up(vm.minimum)
-    return max(low, min(max(low, _blocks_down(vm.maximum)), size))
+    high = max(low, _blocks_down(vm.maximum))
+    now = max(low, min(high, _nearest_block(vm.assigned)))
+    if vm.demand is None:
+        return _Levels(vm, low, now, now, now)
+    need = max(low, min(high, _blocks_up(vm.demand)))
+    want = _blocks_up(vm.demand + vm.demand * vm.buffer_percent // 100)
+    return _Levels(vm, low, need, max(low, min(high, want)), now)
 
 
 def threshold(assigned: int) -> int:
@@ -76,27 +92,13 @@ def threshold(assigned: int) -> int:
 def desired(vm: VmMemory) -> int:
     """Demand plus buffer, rounded up to whole blocks, within [minimum, maximum]; what
     it has (to the nearest block, within the bounds) while the demand is unknown."""
-    if vm.static:
-        return vm.assigned
-    if vm.demand is None:
-        return _within(vm, _nearest_block(vm.assigned))
-    return _within(vm, _blocks_up(vm.demand + vm.demand * vm.buffer_percent // 100))
+    return vm.assigned if vm.static else _levels(vm).want
 
 
 def needed(vm: VmMemory) -> int:
     """Demand rounded up to whole blocks, within [minimum, maximum]; the desire while
     the demand is unknown."""
-    if vm.static or vm.demand is None:
-        return desired(vm)
-    return _within(vm, _blocks_up(vm.demand))
-
-
-class _Levels(NamedTuple):
-    vm: VmMemory
-    low: int  # minimum, in blocks
-    need: int
-    want: int
-    now: int  # what it has, to the nearest block within the bounds
+    return vm.assigned if vm.static else _levels(vm).need
 
 
 def _share(asks: Iterable[tuple[str, int, int]], room: int, grants: dict[str, int]) -> int:
@@ -174,13 +176,7 @@ def plan(vms: Sequence[VmMemory], pool: HostPool) -> Plan:
     """One balancing round over the running VMs (see the module's docstring)."""
     fixed = [vm for vm in vms if vm.static or vm.stuck]
     room = pool.capacity - sum(vm.assigned for vm in fixed)
-    levels = []
-    for vm in vms:
-        if not (vm.static or vm.stuck):
-            want = desired(vm)
-            need = needed(vm)
-            levels.append(_Levels(vm, _blocks_up(vm.minimum), need, want,
-                                  _within(vm, _nearest_block(vm.assigned))))
+    levels = [_levels(vm) for vm in vms if not (vm.static or vm.stuck)]
     ideal, shortage, overcommitted = _ideal(levels, room)
     targets = {vm.vm_id: vm.assigned for vm in fixed}
     targets.update(_settle(levels, ideal, room))
