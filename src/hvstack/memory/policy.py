@@ -2,8 +2,10 @@
 docs/dynamic-memory.md ("Policy").
 
 * :func:`desired`: what one VM would like: its demand plus its buffer, in whole
-  blocks, within [minimum, maximum] (what it has while its demand is unknown).
-* :func:`needed`: its demand alone, in whole blocks, within [minimum, maximum].
+  blocks, within [minimum, maximum] (while its demand is unknown: what it has, and at
+  least its startup memory).
+* :func:`needed`: its demand alone, in whole blocks, within [minimum, maximum] (its
+  startup memory while its demand is unknown).
 * :func:`plan`: one balancing round: a target for every VM, the VMs short of their
   demand, whether the pool ran short (a :class:`~hvstack.memory.model.Plan`).
 * :func:`balance`: the targets alone (``plan(...).targets`` as a dict).
@@ -77,7 +79,10 @@ def _levels(vm: VmMemory) -> _Levels:
     high = max(low, _blocks_down(vm.maximum))
     now = max(low, min(high, _nearest_block(vm.assigned)))
     if vm.demand is None:
-        return _Levels(vm, low, now, now, now)
+        # Anchored on the startup memory, not on what it has: a share cut from what it
+        # has would shrink what it "needs" next round, round after round.
+        startup = max(low, min(high, _blocks_up(vm.startup)))
+        return _Levels(vm, low, startup, max(now, startup), now)
     need = max(low, min(high, _blocks_up(vm.demand)))
     want = _blocks_up(vm.demand + vm.demand * vm.buffer_percent // 100)
     return _Levels(vm, low, need, max(low, min(high, want)), now)
@@ -90,14 +95,15 @@ def threshold(assigned: int) -> int:
 
 
 def desired(vm: VmMemory) -> int:
-    """Demand plus buffer, rounded up to whole blocks, within [minimum, maximum]; what
-    it has (to the nearest block, within the bounds) while the demand is unknown."""
+    """Demand plus buffer, rounded up to whole blocks, within [minimum, maximum]; while
+    the demand is unknown, what it has (to the nearest block) but at least its startup
+    memory, within the bounds."""
     return vm.assigned if vm.static else _levels(vm).want
 
 
 def needed(vm: VmMemory) -> int:
-    """Demand rounded up to whole blocks, within [minimum, maximum]; the desire while
-    the demand is unknown."""
+    """Demand rounded up to whole blocks, within [minimum, maximum]; the startup memory
+    (within the bounds) while the demand is unknown."""
     return vm.assigned if vm.static else _levels(vm).need
 
 
