@@ -7,7 +7,8 @@ round is one :func:`hvstack.memory.policy.plan` call, timed over :data:`ROUNDS` 
 for each pool: one that covers every desire, one 30 % short (weights from a handful of
 levels, and every VM a weight of its own: the most groups to sort and share). The
 baseline, measured in the same rounds: one pass of :func:`~hvstack.memory.policy.desired`
-over the same VMs, the least any round must do. Goal: median round <= 10 ms.
+over the same VMs, the least any round must do. Goal: the CPU time of a round,
+median <= 10 ms (the wall clock is reported beside it).
 """
 
 from __future__ import annotations
@@ -73,29 +74,30 @@ def run(workdir: Path) -> Section:
         ("shortage: pool 70 %, 1,000 distinct weights", distinct,
          HostPool(total=sum(desired(vm) for vm in distinct) * 7 // 10, reserve=0)),
     ]
-    rounds: list[list[float]] = [[] for _ in cases]
+    walls: list[list[float]] = [[] for _ in cases]
     cpus: list[list[float]] = [[] for _ in cases]
-    baselines: list[list[float]] = [[] for _ in cases]
+    base_cpus: list[list[float]] = [[] for _ in cases]
     plans: list[Plan] = [plan(vms, host) for _, vms, host in cases]
     for round_ in range(WARMUP + ROUNDS):
         for index, (_, vms, host) in enumerate(cases):
-            base, _ = _time(partial(_desires, vms))
-            took, cpu = _time(partial(plan, vms, host))
+            _, base = _time(partial(_desires, vms))
+            wall, cpu = _time(partial(plan, vms, host))
             if round_ >= WARMUP:
-                baselines[index].append(base)
-                rounds[index].append(took)
+                base_cpus[index].append(base)
+                walls[index].append(wall)
                 cpus[index].append(cpu)
     rows = []
     met: list[bool] = []
     for index, (label, _, _) in enumerate(cases):
-        took, base = median(rounds[index]), median(baselines[index])
-        met.append(took <= GOAL)
-        rows.append((label, str(ROUNDS), ms(took), ms(percentile(rounds[index], 99)),
-                     ms(median(cpus[index])), ms(base), ratio(took / base),
-                     f"median <= {ms(GOAL)}", verdict(met[-1])))
+        cpu, base = median(cpus[index]), median(base_cpus[index])
+        met.append(cpu <= GOAL)
+        rows.append((label, str(ROUNDS), ms(cpu), ms(percentile(cpus[index], 99)),
+                     ms(median(walls[index])), ms(percentile(walls[index], 99)), ms(base),
+                     ratio(cpu / base), f"CPU median <= {ms(GOAL)}", verdict(met[-1])))
     timing = Table(
-        headers=("pool", "rounds", "median round", "p99 round", "CPU median",
-                 f"baseline (`desired` x {VMS}, median)", "ratio", "goal", "result"),
+        headers=("pool", "rounds", "CPU median", "CPU p99", "wall median", "wall p99",
+                 f"baseline (`desired` x {VMS}, CPU median)", "ratio (CPU)", "goal",
+                 "result"),
         rows=tuple(rows),
         caption=f"One `plan` round over {VMS:,} VMs, each case's rounds interleaved with "
                 f"its baseline, after {WARMUP} warm-up rounds:",
@@ -116,7 +118,7 @@ def run(workdir: Path) -> Section:
         description=(
             f"Time of one round of the memory policy (`hvstack.memory.policy.plan`) over "
             f"{VMS:,} simulated VMs, against one pass of `desired` over the same VMs in the "
-            f"same run; goal: median round <= {ms(GOAL)}."
+            f"same run; goal: the round's CPU time, median <= {ms(GOAL)}."
         ),
         tables=(timing, outcome),
         notes=(
@@ -125,8 +127,9 @@ def run(workdir: Path) -> Section:
             "desire.",
             "The policy is pure Python; the host service's balancer runs it once per round "
             "in its event loop, so a round's time is time that loop does nothing else. "
-            "The p99 counts rounds that waited for a core or met a garbage collection: "
-            "the CPU median is the steadier figure on a busy machine.",
+            "The goal is on the CPU time (`time.thread_time`): the round's own cost. The "
+            "wall clock adds the time the round waited for a core that other work on the "
+            "machine held; its p99 also counts garbage collections.",
         ),
         goals_met=tuple(met),
     )
