@@ -5,8 +5,8 @@ All sizes are bytes. A VM with static memory takes part as a fixed amount
 decides: a target for every VM and what the balancer should tell about (VMs short of
 their demand, a host short of memory).
 
-Minimum, startup and maximum are expected in whole blocks (Hyper-V asks for multiples of
-2 MB too); assigned and demand are any number of bytes.
+Targets move in whole blocks from the startup memory (see :mod:`hvstack.memory.policy`);
+every other size may be any number of bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
-BLOCK_BYTES = 2 * MIB  # the virtio-mem block: targets are whole blocks
+BLOCK_BYTES = 2 * MIB  # the virtio-mem block: targets move in whole blocks
 
 
 class MemoryStatus(enum.StrEnum):

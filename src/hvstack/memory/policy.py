@@ -1,11 +1,11 @@
 """Dynamic memory policy: pure functions; worked examples in the unit tests and in
 docs/dynamic-memory.md ("Policy").
 
-* :func:`desired`: what one VM would like: its demand plus its buffer, in whole
-  blocks, within [minimum, maximum] (while its demand is unknown: what it has, and at
-  least its startup memory).
-* :func:`needed`: its demand alone, in whole blocks, within [minimum, maximum] (its
-  startup memory while its demand is unknown).
+* :func:`desired`: what one VM would like: its demand plus its buffer, rounded up to
+  its grid (below), within [minimum, maximum] (while its demand is unknown: what it
+  has, and at least its startup memory).
+* :func:`needed`: its demand alone, the same way (its startup memory while its demand
+  is unknown).
 * :func:`plan`: one balancing round: a target for every VM, the VMs short of their
   demand, whether the pool ran short (a :class:`~hvstack.memory.model.Plan`).
 * :func:`balance`: the targets alone (``plan(...).targets`` as a dict).
@@ -14,7 +14,13 @@ docs/dynamic-memory.md ("Policy").
 * :func:`threshold`: the hysteresis: how far a target must be from what a VM has for
   the round to move it.
 
-How a round decides (every dynamic VM's target is whole blocks in [minimum, maximum]):
+Every dynamic VM's target lies in [minimum, maximum] on the VM's *grid*: its startup
+memory plus or minus whole blocks. virtio-mem plugs whole blocks above the startup
+memory and the balloon takes any number of pages below it, so the grid serves both; with
+the sizes in whole 2 MiB (as Hyper-V asks), it is simply whole blocks. The startup lies
+within [minimum, maximum], so the range always holds a point of the grid.
+
+How a round decides:
 
 1. Static and stuck VMs keep what they have; the *room* is the pool's capacity less
    what they hold. Each other VM has three levels: its minimum, its need and its desire.
@@ -27,7 +33,7 @@ How a round decides (every dynamic VM's target is whole blocks in [minimum, maxi
    from the demand of the lowest weights. If the minimums alone do not fit, every VM's
    ideal is its minimum (``overcommitted``): the policy never goes below a minimum.
 3. From ideal to target, against oscillation: *hysteresis*: a VM whose ideal is closer
-   than :func:`threshold` to what it has stays where it is (rounded to a block), except
+   than :func:`threshold` to what it has stays where it is (on its grid), except
    that a VM below its need always grows; *gentle reclaim*: a VM above its ideal gives
    back half the difference (at least a block) per round. Both hold only while the
    targets fit the room; when they do not (a growing VM needs what the gentle path holds
@@ -63,7 +69,7 @@ def _nearest_block(size: int) -> int:
 
 
 class _Levels(NamedTuple):
-    """One dynamic VM's levels, whole blocks within [minimum, maximum]."""
+    """One dynamic VM's levels, on its grid within [minimum, maximum]."""
 
     vm: VmMemory
     low: int  # its minimum
@@ -73,18 +79,17 @@ class _Levels(NamedTuple):
 
 
 def _levels(vm: VmMemory) -> _Levels:
-    # Minimum and maximum are whole blocks, so the range is never empty; if they were
-    # not, the minimum (rounded up) would win.
-    low = _blocks_up(vm.minimum)
-    high = max(low, _blocks_down(vm.maximum))
-    now = max(low, min(high, _nearest_block(vm.assigned)))
+    base = vm.startup  # the grid's origin (floor division rounds negatives right too)
+    low = base + _blocks_up(vm.minimum - base)
+    high = max(low, base + _blocks_down(vm.maximum - base))  # not empty: startup's there
+    now = max(low, min(high, base + _nearest_block(vm.assigned - base)))
     if vm.demand is None:
         # Anchored on the startup memory, not on what it has: a share cut from what it
         # has would shrink what it "needs" next round, round after round.
-        startup = max(low, min(high, _blocks_up(vm.startup)))
+        startup = max(low, min(high, base))
         return _Levels(vm, low, startup, max(now, startup), now)
-    need = max(low, min(high, _blocks_up(vm.demand)))
-    want = _blocks_up(vm.demand + vm.demand * vm.buffer_percent // 100)
+    need = max(low, min(high, base + _blocks_up(vm.demand - base)))
+    want = base + _blocks_up(vm.demand + vm.demand * vm.buffer_percent // 100 - base)
     return _Levels(vm, low, need, max(low, min(high, want)), now)
 
 
@@ -95,15 +100,15 @@ def threshold(assigned: int) -> int:
 
 
 def desired(vm: VmMemory) -> int:
-    """Demand plus buffer, rounded up to whole blocks, within [minimum, maximum]; while
-    the demand is unknown, what it has (to the nearest block) but at least its startup
-    memory, within the bounds."""
+    """Demand plus buffer, rounded up to the VM's grid, within [minimum, maximum]; while
+    the demand is unknown, what it has (to the nearest point of the grid) but at least
+    its startup memory."""
     return vm.assigned if vm.static else _levels(vm).want
 
 
 def needed(vm: VmMemory) -> int:
-    """Demand rounded up to whole blocks, within [minimum, maximum]; the startup memory
-    (within the bounds) while the demand is unknown."""
+    """Demand rounded up to the VM's grid, within [minimum, maximum]; the startup memory
+    while the demand is unknown."""
     return vm.assigned if vm.static else _levels(vm).need
 
 
@@ -144,7 +149,7 @@ def _ideal(levels: Sequence[_Levels], room: int) -> tuple[dict[str, int], bool, 
     minimums do not fit."""
     if sum(level.want for level in levels) <= room:
         return {level.vm.vm_id: level.want for level in levels}, False, False
-    left = room // BLOCK_BYTES - sum(level.low for level in levels) // BLOCK_BYTES
+    left = (room - sum(level.low for level in levels)) // BLOCK_BYTES  # asks are blocks
     if left < 0:
         return {level.vm.vm_id: level.low for level in levels}, True, True
     grants = {level.vm.vm_id: 0 for level in levels}
@@ -214,6 +219,6 @@ def admit(startup: int, vms: Sequence[VmMemory], pool: HostPool) -> bool:
     back for it, their minimums and needs cannot; static and stuck VMs keep all they
     have."""
     held = sum(vm.assigned if vm.static or vm.stuck
-               else max(_blocks_up(vm.minimum), min(vm.assigned, needed(vm)))
+               else max(_levels(vm).low, min(vm.assigned, needed(vm)))
                for vm in vms)
     return startup + held <= pool.capacity
