@@ -72,10 +72,10 @@ class _Levels(NamedTuple):
     """One dynamic VM's levels, on its grid within [minimum, maximum]."""
 
     vm: VmMemory
-    low: int  # its minimum
+    low: int  # its minimum, rounded up to the grid
     need: int
     want: int
-    now: int  # what it has, to the nearest block
+    now: int  # what it has, to the nearest point of the grid
 
 
 def _levels(vm: VmMemory) -> _Levels:
