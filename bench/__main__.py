@@ -24,6 +24,7 @@ from bench import (
     balancer,
     checkpoint_create,
     cli_startup,
+    dynamic_memory,
     guest_exec,
     storage_move,
     switch_throughput,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "checkpoint_create": checkpoint_create.run,
     "storage_move": storage_move.run,
     "balancer": balancer.run,
+    "dynamic_memory": dynamic_memory.run,
 }
 
 

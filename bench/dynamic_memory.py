@@ -1,0 +1,274 @@
+"""Dynamic memory: reaction to a demand step, reclaim, and density.
+
+Reaction and reclaim: one host service; one Generation 1 VM from the tiny image with
+dynamic memory (startup :data:`STARTUP`, minimum :data:`MINIMUM`, maximum
+:data:`MAXIMUM`, buffer :data:`BUFFER` %), TCG. Once it has settled (the balancer knows
+its demand and its assigned memory holds still), :data:`REPS` times:
+
+* demand step: the guest writes :data:`FILL_MIB` MiB into a tmpfs in
+  :data:`CHUNK_MIB` MiB pieces, each piece once the guest has room for it (else the
+  guest, which holds only what it was given, would run out of memory: the fill's pace
+  is the balancer's). *Reaction*: from the end of the fill (its ``exec`` returned) until
+  the API's VM view, read every :data:`~bench.memory_guest.POLL` s, reports a demand
+  that includes the fill and assigned memory covering it with its buffer (status OK).
+  *Growth*: from the start of the fill to the same moment.
+* reclaim: the guest deletes the files. *Reclaim*: until the assigned memory is back
+  within :data:`RECLAIM_BLOCKS` blocks of what it had settled at before the fill.
+
+Baseline, the physical bound, measured in the same run: the VM turned off, the same
+QEMU command line (built by the service's own code) started by hand, its guest booted,
+then ``qom-set requested-size`` on the virtio-mem device straight over QMP, polling
+``query-memory-devices`` until the device reports the size plugged (then 0 again,
+until unplugged), for as much memory as the balancer added in the demand step (median).
+The ratios are reaction, growth and reclaim over plug and unplug; no goal is set for
+them (reported).
+
+Density: see :mod:`bench.memory_density`. Goal: at least :data:`~bench.memory_density.GOAL`
+times as many VMs with dynamic memory as with static memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import memory_density
+from bench.memory_guest import (
+    BLOCK,
+    MIB,
+    POLL,
+    Reading,
+    describe,
+    died,
+    exec_in,
+    oom_lines,
+    read,
+    start,
+    wait_settled,
+)
+from bench.report import Section, Table, ratio, verdict
+from bench.support import Qmp, ServiceProcess, install_tiny_image, median
+from bench.vm_start import HandStarter, spec_for
+from hvstack.client import url_path
+from hvstack.hypervisor.spec import MEMORY_DEVICE
+
+REPS = 3
+STARTUP, MINIMUM, MAXIMUM, BUFFER = "256M", "128M", "1G", 20
+FILL_MIB = 256
+CHUNK_MIB = 16
+MARGIN_MIB = 24  # what the guest keeps free while it fills (its kernel needs some)
+RECLAIM_BLOCKS = 4
+SETTLE_TIMEOUT = 120.0
+STEP_TIMEOUT = 180.0  # the fill, and then the reaction, each
+RECLAIM_TIMEOUT = 180.0
+PLUG_TIMEOUT = 60.0
+VM = "bench-dynmem"
+TMPFS = "/run/bench-fill"
+
+FILL_SCRIPT = f"""
+set -e
+need=$(( ({CHUNK_MIB} + {MARGIN_MIB}) * 1024 ))
+i=0
+while [ $i -lt {FILL_MIB // CHUNK_MIB} ]; do
+  while :; do
+    avail=$(while read -r key value unit; do
+      [ "$key" = MemAvailable: ] && echo "$value"; done < /proc/meminfo)
+    [ "$avail" -ge "$need" ] && break
+    sleep 0.1
+  done
+  dd if=/dev/zero of={TMPFS}/fill$i bs=1M count={CHUNK_MIB} 2>/dev/null
+  i=$((i + 1))
+done
+"""
+
+
+@dataclass(frozen=True)
+class Step:
+    fill: float  # seconds the fill took
+    reaction: float  # fill end -> covered
+    growth: float  # fill start -> covered
+    reclaim: float  # delete -> back near the settled value
+    settled: Reading
+    peak: Reading
+    back: Reading
+
+
+def _wait(service: ServiceProcess, test: str, timeout: float,
+          done: Callable[[Reading], bool]) -> Reading:
+    """Read the VM every POLL s until ``done(reading)``; RuntimeError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = read(service, VM)
+        if done(now):
+            return now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{test}: not within {timeout:.0f} s; last: {describe(now)}"
+                               f"{died(service, VM)}")
+        time.sleep(POLL)
+
+
+def _step(service: ServiceProcess, settled: Reading) -> Step:
+    base_demand = settled.demand or 0
+    began = time.monotonic()
+    exec_in(service, VM, FILL_SCRIPT, timeout=STEP_TIMEOUT)
+    filled = time.monotonic()
+
+    def covered(r: Reading) -> bool:
+        return (r.demand is not None and r.demand >= base_demand + FILL_MIB * MIB * 0.9
+                and r.status == "OK")
+
+    peak = _wait(service, "the demand step", STEP_TIMEOUT, covered)
+    settled_at = settled.assigned or 0
+    tolerance = RECLAIM_BLOCKS * BLOCK
+    exec_in(service, VM, f"rm -f {TMPFS}/fill*", timeout=60)
+    freed = time.monotonic()
+
+    def reclaimed(r: Reading) -> bool:
+        return r.assigned is not None and r.assigned <= settled_at + tolerance
+
+    back = _wait(service, "the reclaim", RECLAIM_TIMEOUT, reclaimed)
+    return Step(filled - began, peak.time - filled, peak.time - began, back.time - freed,
+                settled, peak, back)
+
+
+def _reaction(service: ServiceProcess) -> list[Step]:
+    api = service.client
+    api.post("/vms", {"name": VM, "generation": 1, "memory": STARTUP, "image": "tiny",
+                      "auto_start": "nothing", "auto_stop": "turn-off"})
+    api.set_memory(VM, dynamic=True, startup=STARTUP, minimum=MINIMUM, maximum=MAXIMUM,
+                   buffer_percent=BUFFER)
+    start(service, VM)
+    exec_in(service, VM, f"mkdir -p {TMPFS} && mount -t tmpfs -o size=2G tmpfs {TMPFS}")
+    steps: list[Step] = []
+    for _ in range(REPS):
+        settled = wait_settled(service, VM, SETTLE_TIMEOUT)
+        steps.append(_step(service, settled))
+    service.turn_off(VM)
+    return steps
+
+
+def _plugged(qmp: Qmp) -> int:
+    for device in qmp.execute("query-memory-devices"):
+        data = device.get("data", {})
+        if data.get("id") == MEMORY_DEVICE:
+            return int(data["size"])
+    raise RuntimeError(f"no memory device {MEMORY_DEVICE} in query-memory-devices")
+
+
+def _resize(qmp: Qmp, size: int) -> float:
+    began = time.perf_counter()
+    qmp.execute("qom-set", {"path": f"/machine/peripheral/{MEMORY_DEVICE}",
+                            "property": "requested-size", "value": size})
+    deadline = time.monotonic() + PLUG_TIMEOUT
+    while _plugged(qmp) != size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-mem did not reach {size / MIB:.0f} MiB within "
+                               f"{PLUG_TIMEOUT:.0f} s (it has {_plugged(qmp) / MIB:.0f} MiB)")
+        time.sleep(0.005)
+    return time.perf_counter() - began
+
+
+def _baseline(service: ServiceProcess, amount: int) -> tuple[list[float], list[float]]:
+    """Plug and unplug ``amount`` bytes on the VM's own QEMU started by hand."""
+    from bench.guest_exec import DirectAgent
+
+    vm_id = service.client.get(url_path("vms", VM))["id"]
+    hand = HandStarter(spec_for(service.config, vm_id))
+    hand.start()
+    try:
+        agent = DirectAgent(Path(hand.spec.paths.qga_socket), timeout=300.0)
+        agent.call("guest-ping")  # the guest has booted: its virtio-mem driver is loaded
+        agent.close()
+        plug: list[float] = []
+        unplug: list[float] = []
+        with Qmp(hand.spec.paths.qmp_socket) as qmp:
+            for _ in range(REPS):
+                plug.append(_resize(qmp, amount))
+                unplug.append(_resize(qmp, 0))
+    finally:
+        hand.turn_off()
+    return plug, unplug
+
+
+def run(tmp: Path) -> Section:
+    data_dir = tmp / "data"
+    install_tiny_image(data_dir)
+    with ServiceProcess(data_dir) as service:
+        try:
+            steps = _reaction(service)
+        except Exception as exc:
+            lines = oom_lines(service, VM)
+            raise RuntimeError(f"{exc}" + (f" [guest console: {lines[-1]}]" if lines else "")
+                               ) from exc
+        grown = median([float((s.peak.assigned or 0) - (s.settled.assigned or 0))
+                        for s in steps])
+        amount = max(BLOCK, int(grown) // BLOCK * BLOCK)
+        plug, unplug = _baseline(service, amount)
+    density = memory_density.run(tmp / "density")
+    return _section(steps, amount, plug, unplug, density)
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.2f} s"
+
+
+def _section(steps: list[Step], amount: int, plug: list[float], unplug: list[float],
+             density: memory_density.Density) -> Section:
+    p, u = median(plug), median(unplug)
+    reaction = median([s.reaction for s in steps])
+    growth = median([s.growth for s in steps])
+    reclaim = median([s.reclaim for s in steps])
+    headers = ("path", "runs", "median", "min / max", "ratio", "goal")
+
+    def row(label: str, values: list[float], base: float | None) -> tuple[str, ...]:
+        m = median(values)
+        return (label, str(len(values)), _s(m), f"{_s(min(values))} / {_s(max(values))}",
+                "baseline" if base is None else ratio(m / base),
+                "-" if base is None else "- (reported)")
+
+    rows = (
+        row(f"baseline: virtio-mem plugs {amount / MIB:.0f} MiB asked over QMP "
+            "(qom-set requested-size until query-memory-devices says plugged)", plug, None),
+        row(f"baseline: virtio-mem unplugs the same {amount / MIB:.0f} MiB", unplug, None),
+        row(f"fill: the guest writes {FILL_MIB} MiB into tmpfs, {CHUNK_MIB} MiB once it has "
+            "room (paced by the balancer)", [s.fill for s in steps], None),
+        row("reaction: fill's end -> the API shows the demand covered with its buffer "
+            "(status OK); ratio to the plug", [s.reaction for s in steps], p),
+        row("growth: fill's start -> covered; ratio to the plug",
+            [s.growth for s in steps], p),
+        row(f"reclaim: files deleted -> assigned within {RECLAIM_BLOCKS} blocks of its "
+            "settled value; ratio to the unplug", [s.reclaim for s in steps], u),
+    )
+
+    def mib(value: int | None) -> str:
+        return "?" if value is None else f"{value / MIB:.0f}"
+
+    memory_rows = tuple(
+        (str(n + 1), f"{mib(s.settled.assigned)} / {mib(s.settled.demand)}",
+         f"{mib(s.peak.assigned)} / {mib(s.peak.demand)}",
+         f"{mib(s.back.assigned)} / {mib(s.back.demand)}")
+        for n, s in enumerate(steps))
+    density_met = density.ratio >= memory_density.GOAL
+    return Section(
+        name="dynamic_memory",
+        title="dynamic_memory: reaction, reclaim and density with dynamic memory",
+        description=__doc__ or "",
+        tables=(
+            Table(headers, rows, f"Reaction and reclaim: startup {STARTUP}, minimum "
+                                 f"{MINIMUM}, maximum {MAXIMUM}, buffer {BUFFER} %"),
+            Table(("step", "settled: assigned / demand (MiB)", "covered", "reclaimed"),
+                  memory_rows, "The VM's memory as the API reported it"),
+            memory_density.table(density),
+        ),
+        notes=(
+            f"reaction {_s(reaction)}, growth {_s(growth)} and reclaim {_s(reclaim)} against "
+            f"{_s(p)} to plug and {_s(u)} to unplug {amount / MIB:.0f} MiB directly: the "
+            "balancer works in rounds (every 2 s) on the guest's statistics (reported "
+            "every 2 s), and gives memory back gently (half the surplus per round)",
+            *memory_density.notes(density),
+            f"density: {verdict(density_met)} (goal: at least {memory_density.GOAL:.0f}x)",
+        ),
+        goals_met=(density_met,),
+    )
