@@ -57,8 +57,8 @@ from hvstack.hypervisor.spec import MEMORY_DEVICE
 REPS = 3
 STARTUP, MINIMUM, MAXIMUM, BUFFER = "256M", "128M", "1G", 20
 FILL_MIB = 256
-CHUNK_MIB = 16
-MARGIN_MIB = 24  # what the guest keeps free while it fills (its kernel needs some)
+CHUNK_MIB = 8
+MARGIN_MIB = 8  # what the guest keeps free while it fills (within its buffer)
 RECLAIM_BLOCKS = 4
 SETTLE_TIMEOUT = 120.0
 STEP_TIMEOUT = 180.0  # the fill, and then the reaction, each
@@ -68,17 +68,13 @@ VM = "bench-dynmem"
 TMPFS = "/run/bench-fill"
 
 FILL_SCRIPT = f"""
-set -e
 need=$(( ({CHUNK_MIB} + {MARGIN_MIB}) * 1024 ))
 i=0
 while [ $i -lt {FILL_MIB // CHUNK_MIB} ]; do
-  while :; do
-    avail=$(while read -r key value unit; do
-      [ "$key" = MemAvailable: ] && echo "$value"; done < /proc/meminfo)
-    [ "$avail" -ge "$need" ] && break
+  until [ "$(awk '/^MemAvailable:/ {{print $2}}' /proc/meminfo)" -ge "$need" ]; do
     sleep 0.1
   done
-  dd if=/dev/zero of={TMPFS}/fill$i bs=1M count={CHUNK_MIB} 2>/dev/null
+  dd if=/dev/zero of={TMPFS}/fill$i bs=1M count={CHUNK_MIB} 2>/dev/null || exit 1
   i=$((i + 1))
 done
 """
