@@ -14,9 +14,9 @@ cancelled in its shutdown) :class:`MemoryBalancer`:
    a paused one or one that cannot be read as a fixed amount) and calls
    :func:`hvstack.memory.policy.balance` with the host's pool (:meth:`pool`: the host's
    memory less its reserve, or the configured limit);
-3. applies each target: above startup the virtio-mem device holds target - startup and
-   the balloon lets the guest have all its boot memory; below startup nothing is
-   plugged and the balloon's target is the target.
+3. applies each target, the shrinking ones first: above startup the virtio-mem device
+   holds target - startup and the balloon lets the guest have all its boot memory;
+   below startup nothing is plugged and the balloon's target is the target.
 
 It notices a guest that does not reach its target (no progress for
 :data:`STUCK_ROUNDS` rounds: it is taken as it is for :data:`RETRY_ROUNDS`, then tried
@@ -206,8 +206,10 @@ class MemoryBalancer:
         targets = policy.balance(memories, self._pool())
         self._memories = {m.vm_id: m for m in memories}
         now = time.time()
-        for vm, read, memory in zip(active, reads, memories, strict=True):
-            target = targets.get(vm.record.id, memory.assigned)
+        rows = [(vm, read, memory, targets.get(vm.record.id, memory.assigned))
+                for vm, read, memory in zip(active, reads, memories, strict=True)]
+        # Shrinking first: what one VM gives back is there for the next to take.
+        for vm, read, memory, target in sorted(rows, key=lambda r: r[3] - r[2].assigned):
             if read is not None:
                 await self._apply(read, target)
             self._record(vm, memory, target, now)
