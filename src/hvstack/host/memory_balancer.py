@@ -142,6 +142,7 @@ class MemoryBalancer:
         self._tracked: dict[str, _Tracked] = {}
         self._readings: dict[str, MemoryReading] = {}
         self._memories: dict[str, VmMemory] = {}  # as the last round gave them to the policy
+        self._shortage = False  # the last round's pool did not cover every desire
 
     # -- for the API and metering -------------------------------------------------------
 
@@ -203,8 +204,11 @@ class MemoryBalancer:
         reads = await asyncio.gather(*(self._read(vm) for vm in active))
         memories = [r.memory if r is not None else self._memory_of(vm)
                     for vm, r in zip(active, reads, strict=True)]
-        targets = policy.balance(memories, self._pool())
+        pool = self._pool()
+        targets = policy.balance(memories, pool)
         self._memories = {m.vm_id: m for m in memories}
+        # A VM below its desire is short only when the pool is (not by hysteresis).
+        self._shortage = sum(policy.desired(m) for m in memories) > pool.capacity
         now = time.time()
         rows = [(vm, read, memory, targets.get(vm.record.id, memory.assigned))
                 for vm, read, memory in zip(active, reads, memories, strict=True)]
@@ -356,7 +360,8 @@ class MemoryBalancer:
             return
         status = policy.status(memory.assigned, memory.demand, memory.buffer_percent)
         wanted = policy.desired(memory)
-        short = memory.demand is not None and target < wanted and not memory.stuck
+        short = (self._shortage and memory.demand is not None and target < wanted
+                 and not memory.stuck)
         reason = self._reason(memory, tracked, status, short, target)
         self._readings[record.id] = MemoryReading(record.id, True, memory.assigned,
                                                   memory.demand, target, status, reason, now)
