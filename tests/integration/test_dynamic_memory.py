@@ -97,6 +97,15 @@ def fill(host: HostProcess, name: str, total_mib: int, seen: list[dict[str, Any]
                 or m["memory_assigned_bytes"] >= m["memory_maximum_bytes"]), seen=seen)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_rounds() -> Iterator[None]:
+    """A balancing round (and a statistics report) every second: the waits below
+    follow the balancer, so quicker rounds make a quicker test, nothing else."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HV_MEMORY_INTERVAL", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory, tiny_image: Path) -> Iterator[HostProcess]:
     with running_host(tmp_path_factory.mktemp("dynmem") / "data", tiny_image) as service:

@@ -55,7 +55,7 @@ from hvstack.units import format_size
 log = logging.getLogger(__name__)
 
 INTERVAL = 2.0  # seconds between rounds
-STATS_INTERVAL = 2  # seconds between the guests' statistics reports
+STATS_INTERVAL = 2  # seconds between the guests' statistics reports (at most a round)
 CALL_TIMEOUT = 5.0  # seconds for one QMP call
 STUCK_ROUNDS = 6  # rounds off target without progress before a VM counts as stuck
 RETRY_ROUNDS = 15  # rounds a stuck VM is left alone before it is tried again
@@ -255,7 +255,8 @@ class MemoryBalancer:
             if tracked is None or tracked.machine is not machine:
                 tracked = self._tracked[vm.record.id] = _Tracked(machine)
             if not tracked.stats_set:
-                await _timed(machine.memory.set_stats_interval(STATS_INTERVAL))
+                await _timed(machine.memory.set_stats_interval(
+                    max(1, min(STATS_INTERVAL, round(self.interval)))))
                 tracked.stats_set = True
             actual = await _timed(machine.memory.balloon_size())
             device = (await _timed(machine.memory.memory_devices())).get(MEMORY_DEVICE)
