@@ -3,9 +3,8 @@
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
 ``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY``, ``HV_MEMORY_RESERVE`` and ``HV_MEMORY_LIMIT``
-as sizes,
-``HV_MEMORY_INTERVAL``: seconds between dynamic memory rounds) and defaults: ``/var/lib/hvstack``
-for root, else ``~/.local/share/hvstack``.
+as sizes, ``HV_MEMORY_INTERVAL``: seconds between dynamic memory rounds) and defaults:
+``/var/lib/hvstack`` for root, else ``~/.local/share/hvstack``.
 
 The service always listens on its unix socket (``hv.sock`` in the data directory, or
 ``--listen unix:PATH``, or a ``unix:`` ``$HV_HOST``); ``--listen tcp:HOST:PORT`` adds a
