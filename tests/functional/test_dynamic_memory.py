@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ async def rounds(service: HostService, count: int = 1) -> None:
         await service.memory.round()
 
 
+SETTLE = 12  # rounds enough for the policy's gentle steps to reach a target
+
+
 # -- settings ---------------------------------------------------------------------------------
 
 
@@ -146,23 +150,22 @@ async def test_targets_follow_demand_plus_buffer_within_the_bounds(
     memory = guest(driver, vm)
     assert memory.requested == {MEMORY_DEVICE: 0} and memory.size == 256 * MIB
     uses(memory, 400 * MIB)  # wants 480 MiB: 224 MiB plugged above the startup
-    await rounds(service)
+    await rounds(service, SETTLE)
     assert memory.stats_interval == memory_balancer.STATS_INTERVAL
     assert (memory.requested[MEMORY_DEVICE], memory.size) == (224 * MIB, 256 * MIB)
-    await rounds(service)
     shown = await show_vm(api, "dyn")
     assert (shown["memory_assigned_bytes"], shown["memory_demand_bytes"],
             shown["memory_status"], shown["memory_status_reason"]) == (
         480 * MIB, 400 * MIB, "OK", "")
 
     uses(memory, 2 * GIB)  # more than the maximum: 1 GiB and no more
-    await rounds(service, 2)
+    await rounds(service, SETTLE)
     assert memory.plugged[MEMORY_DEVICE] + memory.size == 1 * GIB
     shown = await show_vm(api, "dyn")
     assert (shown["memory_assigned_bytes"], shown["memory_status"]) == (1 * GIB, "Warning")
 
     uses(memory, 50 * MIB)  # wants 60 MiB: down to the minimum, through the balloon
-    await rounds(service, 2)
+    await rounds(service, SETTLE)
     assert (memory.requested[MEMORY_DEVICE], memory.size) == (0, 128 * MIB)
     assert (await show_vm(api, "dyn"))["memory_assigned_bytes"] == 128 * MIB
 
@@ -175,10 +178,11 @@ async def test_a_guest_that_keeps_its_memory_is_noticed_and_left_alone(
     await rounds(service, memory_balancer.STUCK_ROUNDS + 2)
     shown = await show_vm(api, "dyn")
     assert shown["memory_assigned_bytes"] == 200 * MIB
-    assert "did not reach its target of 128 MiB (it has 200 MiB)" in shown[
-        "memory_status_reason"]
+    assert re.search(r"did not reach its target of \d+ MiB \(it has 200 MiB\)",
+                     shown["memory_status_reason"]), shown
+    assert memory.target == 200 * MIB  # asked to stay where it is meanwhile
     memory.floor = None  # it lets go later: asked again after a while
-    await rounds(service, memory_balancer.RETRY_ROUNDS + 2)
+    await rounds(service, memory_balancer.RETRY_ROUNDS + SETTLE)
     shown = await show_vm(api, "dyn")
     assert (shown["memory_assigned_bytes"], shown["memory_status_reason"]) == (128 * MIB, "")
 
@@ -262,10 +266,10 @@ async def test_a_dynamic_vm_gives_back_what_it_does_not_need_for_a_start(
     service, api = small_host
     memory = guest(driver, await dynamic_vm(api, "dyn"))  # startup 256M, min 128M
     uses(memory, 100 * MIB)
-    await rounds(service, 2)
+    await rounds(service, SETTLE)
     await create_vm(api, "big", memory="448M")  # fits next to the 128 MiB minimum
     await run_job(api, "big", "start")
-    await rounds(service, 2)
+    await rounds(service, SETTLE)
     assert (await show_vm(api, "dyn"))["memory_assigned_bytes"] <= 192 * MIB
 
 

@@ -3,8 +3,8 @@
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
 ``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY``, ``HV_MEMORY_RESERVE`` and ``HV_MEMORY_LIMIT``
-as sizes) and defaults: ``/var/lib/hvstack``
-for root, else ``~/.local/share/hvstack``.
+as sizes, ``HV_MEMORY_INTERVAL``: seconds between dynamic memory rounds) and defaults:
+``/var/lib/hvstack`` for root, else ``~/.local/share/hvstack``.
 
 The service always listens on its unix socket (``hv.sock`` in the data directory, or
 ``--listen unix:PATH``, or a ``unix:`` ``$HV_HOST``); ``--listen tcp:HOST:PORT`` adds a
@@ -244,6 +244,15 @@ def load_config(
 
         pool = str(MacPool.parse(mac_pool))
     reserve, limit = _memory_sizes(memory_reserve, memory_limit)
+    interval = 2.0
+    if env_interval := os.environ.get("HV_MEMORY_INTERVAL"):
+        try:
+            interval = float(env_interval)
+        except ValueError:
+            interval = -1.0
+        if not 0.5 <= interval <= 60:
+            raise InvalidInput(f"HV_MEMORY_INTERVAL '{env_interval}' is not a number of "
+                               "seconds from 0.5 to 60", value=env_interval)
     return HostConfig(
         data_dir=data,
         storage_roots=tuple(dict.fromkeys(roots)),
@@ -259,6 +268,7 @@ def load_config(
         mac_pool=pool,
         memory_reserve=reserve,
         memory_limit=limit,
+        memory_interval=interval,
     )
 
 

@@ -4,17 +4,19 @@ Every round (:data:`INTERVAL`, owned by the host service: started in its startup
 cancelled in its shutdown) :class:`MemoryBalancer`:
 
 1. reads each running VM with dynamic memory: the balloon's ``actual`` (boot memory the
-   guest has), the virtio-mem device's plugged size, and the balloon's statistics
-   (demand = total less available; None until the guest reports). Assigned = actual +
-   plugged. The statistics' polling interval is set whenever a VM's worker is new (a
+   guest has), the virtio-mem device's plugged size, and the balloon's statistics.
+   Assigned = actual + plugged; demand = total less available (what the guest uses)
+   plus what it has but its statistics do not count (its kernel's code and reserved
+   memory: assigned less total, measured while assigned stands still), None until the
+   guest reports. The statistics' polling interval is set whenever a VM's worker is new (a
    start, a restore, a reattach after a restart of the service);
 2. builds a :class:`~hvstack.memory.model.VmMemory` for every running VM (a static VM,
    a paused one or one that cannot be read as a fixed amount) and calls
    :func:`hvstack.memory.policy.balance` with the host's pool (:meth:`pool`: the host's
    memory less its reserve, or the configured limit);
-3. applies each target: above startup the virtio-mem device holds target - startup and
-   the balloon lets the guest have all its boot memory; below startup nothing is
-   plugged and the balloon's target is the target.
+3. applies each target, the shrinking ones first: above startup the virtio-mem device
+   holds target - startup and the balloon lets the guest have all its boot memory;
+   below startup nothing is plugged and the balloon's target is the target.
 
 It notices a guest that does not reach its target (no progress for
 :data:`STUCK_ROUNDS` rounds: it is taken as it is for :data:`RETRY_ROUNDS`, then tried
@@ -36,13 +38,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from hvstack.compute.lifecycle import VmController
 from hvstack.compute.model import VmConfig, VmRecord, VmState
 from hvstack.errors import HvError, InsufficientResources
 from hvstack.host.events import EventBus
+from hvstack.hypervisor.capabilities import BalloonStats
 from hvstack.hypervisor.driver import Machine
 from hvstack.hypervisor.spec import MEMORY_DEVICE
 from hvstack.memory import policy
@@ -52,11 +55,11 @@ from hvstack.units import format_size
 log = logging.getLogger(__name__)
 
 INTERVAL = 2.0  # seconds between rounds
-STATS_INTERVAL = 2  # seconds between the guests' statistics reports
+STATS_INTERVAL = 2  # seconds between the guests' statistics reports (at most a round)
 CALL_TIMEOUT = 5.0  # seconds for one QMP call
-STUCK_ROUNDS = 5  # rounds off target without progress before a VM counts as stuck
+STUCK_ROUNDS = 6  # rounds off target without progress before a VM counts as stuck
 RETRY_ROUNDS = 15  # rounds a stuck VM is left alone before it is tried again
-NO_DRIVER_ROUNDS = 8  # rounds with memory requested and nothing plugged: no driver
+NO_DRIVER_ROUNDS = 4  # rounds with memory requested and nothing plugged: no driver
 TOLERANCE = 2 * BLOCK_BYTES  # the balloon works in pages: near enough is on target
 GIB = 1024**3
 
@@ -111,12 +114,14 @@ class _Tracked:
     stuck_for: int = 0  # rounds left being taken as it is
     unplugged_rounds: int = 0  # memory requested and nothing plugged
     no_driver: bool = False
+    no_driver_for: int = 0  # rounds left before plugging is tried again
     short: bool = False  # the host could not give it its demand plus buffer
     status: MemoryStatus | None = None
     requested: int | None = None  # last virtio-mem size asked for
     balloon: int | None = None  # last balloon target asked for
     stats_set: bool = False
-    reasons: list[str] = field(default_factory=list)
+    steady_rounds: int = 0  # rounds its assigned memory has not moved
+    overhead: int | None = None  # what it has that its statistics do not count
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class MemoryBalancer:
         self._tracked: dict[str, _Tracked] = {}
         self._readings: dict[str, MemoryReading] = {}
         self._memories: dict[str, VmMemory] = {}  # as the last round gave them to the policy
+        self._shortage = False  # the last round's pool did not cover every desire
 
     # -- for the API and metering -------------------------------------------------------
 
@@ -198,11 +204,16 @@ class MemoryBalancer:
         reads = await asyncio.gather(*(self._read(vm) for vm in active))
         memories = [r.memory if r is not None else self._memory_of(vm)
                     for vm, r in zip(active, reads, strict=True)]
-        targets = policy.balance(memories, self._pool())
+        pool = self._pool()
+        targets = policy.balance(memories, pool)
         self._memories = {m.vm_id: m for m in memories}
+        # A VM below its desire is short only when the pool is (not by hysteresis).
+        self._shortage = sum(policy.desired(m) for m in memories) > pool.capacity
         now = time.time()
-        for vm, read, memory in zip(active, reads, memories, strict=True):
-            target = targets.get(vm.record.id, memory.assigned)
+        rows = [(vm, read, memory, targets.get(vm.record.id, memory.assigned))
+                for vm, read, memory in zip(active, reads, memories, strict=True)]
+        # Shrinking first: what one VM gives back is there for the next to take.
+        for vm, read, memory, target in sorted(rows, key=lambda r: r[3] - r[2].assigned):
             if read is not None:
                 await self._apply(read, target)
             self._record(vm, memory, target, now)
@@ -244,7 +255,8 @@ class MemoryBalancer:
             if tracked is None or tracked.machine is not machine:
                 tracked = self._tracked[vm.record.id] = _Tracked(machine)
             if not tracked.stats_set:
-                await _timed(machine.memory.set_stats_interval(STATS_INTERVAL))
+                await _timed(machine.memory.set_stats_interval(
+                    max(1, min(STATS_INTERVAL, round(self.interval)))))
                 tracked.stats_set = True
             actual = await _timed(machine.memory.balloon_size())
             device = (await _timed(machine.memory.memory_devices())).get(MEMORY_DEVICE)
@@ -253,9 +265,7 @@ class MemoryBalancer:
             log.debug("VM %s: reading its memory failed: %s", vm.record.name, exc)
             return None
         plugged = device.plugged if device is not None else 0
-        demand = (max(0, stats.total - stats.available)
-                  if stats.last_update > 0 and stats.total is not None
-                  and stats.available is not None else None)
+        demand = self._demand(tracked, actual + plugged, stats)
         minimum, maximum = self._bounds(config)
         self._notice(tracked, actual + plugged, device.requested if device else 0, plugged)
         if tracked.no_driver or device is None:
@@ -265,6 +275,20 @@ class MemoryBalancer:
                           actual + plugged, demand, stuck=tracked.stuck_for > 0)
         return _Read(vm, memory, plugged, device.maximum if device else 0)
 
+    @staticmethod
+    def _demand(tracked: _Tracked, assigned: int, stats: BalloonStats) -> int | None:
+        """What the guest needs of what it is assigned: its use (total less available)
+        plus what it has but does not count (the kernel's own code and reserved memory,
+        the page tables of plugged memory), measured while its memory stands still
+        long enough for the statistics to have caught up."""
+        tracked.steady_rounds = (tracked.steady_rounds + 1
+                                 if abs(assigned - tracked.assigned) <= TOLERANCE else 0)
+        if stats.last_update <= 0 or stats.total is None or stats.available is None:
+            return None
+        if tracked.overhead is None or tracked.steady_rounds >= 2:
+            tracked.overhead = max(0, assigned - stats.total)
+        return max(0, stats.total - stats.available) + tracked.overhead
+
     def _notice(self, tracked: _Tracked, assigned: int, requested: int, plugged: int) -> None:
         """Stuck and driverless guests, from this reading and the last."""
         if requested > 0 and plugged == 0 and not tracked.no_driver:
@@ -272,8 +296,13 @@ class MemoryBalancer:
             if tracked.unplugged_rounds >= NO_DRIVER_ROUNDS:
                 # Known why it does not move: no need to take it as stuck as well.
                 tracked.no_driver, tracked.stuck_for, tracked.idle_rounds = True, 0, 0
+                tracked.no_driver_for = RETRY_ROUNDS * 4
         elif plugged:
             tracked.unplugged_rounds = 0
+        elif tracked.no_driver:  # a driver may load late: try again now and then
+            tracked.no_driver_for -= 1
+            if tracked.no_driver_for <= 0:
+                tracked.no_driver, tracked.unplugged_rounds = False, 0
         if tracked.stuck_for:
             tracked.stuck_for -= 1
             if not tracked.stuck_for:  # try again: ask for the targets anew
@@ -292,12 +321,15 @@ class MemoryBalancer:
     async def _apply(self, read: _Read, target: int) -> None:
         vm, memory = read.vm, read.memory
         tracked = self._tracked[vm.record.id]
-        if memory.stuck:
-            return  # taken as it is until it is tried again
         startup = memory.startup
-        requested = 0 if tracked.no_driver else min(
-            max(0, target - startup) // BLOCK_BYTES * BLOCK_BYTES, read.region)
-        balloon = min(target, startup)
+        if memory.stuck:
+            # Taken as it is until it is tried again: asked to stay where it is, so a
+            # guest that cannot let go does not keep straining for the old target.
+            requested, balloon = read.plugged, memory.assigned - read.plugged
+        else:
+            requested = 0 if tracked.no_driver else min(
+                max(0, target - startup) // BLOCK_BYTES * BLOCK_BYTES, read.region)
+            balloon = min(target, startup)
         machine = tracked.machine
         try:
             if requested != tracked.requested:
@@ -308,6 +340,8 @@ class MemoryBalancer:
                 tracked.balloon = balloon
         except (HvError, TimeoutError) as exc:
             log.warning("VM %s: applying its memory target failed: %s", vm.record.name, exc)
+            return
+        if memory.stuck:
             return
         if tracked.target != balloon + requested:
             tracked.idle_rounds = 0
@@ -327,7 +361,8 @@ class MemoryBalancer:
             return
         status = policy.status(memory.assigned, memory.demand, memory.buffer_percent)
         wanted = policy.desired(memory)
-        short = memory.demand is not None and target < wanted and not memory.stuck
+        short = (self._shortage and memory.demand is not None and target < wanted
+                 and not memory.stuck)
         reason = self._reason(memory, tracked, status, short, target)
         self._readings[record.id] = MemoryReading(record.id, True, memory.assigned,
                                                   memory.demand, target, status, reason, now)
