@@ -37,6 +37,7 @@ from pathlib import Path
 from bench import memory_density
 from bench.memory_guest import (
     BLOCK,
+    BOOT_TIMEOUT,
     MIB,
     POLL,
     Reading,
@@ -56,7 +57,7 @@ from hvstack.hypervisor.spec import MEMORY_DEVICE
 
 REPS = 3
 STARTUP, MINIMUM, MAXIMUM, BUFFER = "256M", "128M", "1G", 20
-FILL_MIB = 256
+FILL_MIB = 128  # plugged memory stays within one 128 MiB memory block of the guest (see notes)
 CHUNK_MIB = 8
 MARGIN_MIB = 8  # what the guest keeps free while it fills (within its buffer)
 RECLAIM_BLOCKS = 4
@@ -65,6 +66,7 @@ STEP_TIMEOUT = 180.0  # the fill, and then the reaction, each
 RECLAIM_TIMEOUT = 180.0
 PLUG_TIMEOUT = 60.0
 VM = "bench-dynmem"
+PROMPT = "tiny#"  # the tiny guest's shell on its console, once booted
 TMPFS = "/run/bench-fill"
 
 FILL_SCRIPT = f"""
@@ -166,17 +168,30 @@ def _resize(qmp: Qmp, size: int) -> float:
     return time.perf_counter() - began
 
 
+def _wait_driver(console: Path) -> None:
+    """Wait until the guest's console shows its virtio-mem driver loaded and its shell
+    prompt (the boot is over: plugging is not slowed by the rest of the boot)."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if "virtio_mem" in text and "requested size" in text and PROMPT in text:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the hand-started guest did not boot within "
+                               f"{BOOT_TIMEOUT:.0f} s (no virtio_mem driver or prompt in "
+                               "its console)")
+        time.sleep(0.2)
+
+
 def _baseline(service: ServiceProcess, amount: int) -> tuple[list[float], list[float]]:
     """Plug and unplug ``amount`` bytes on the VM's own QEMU started by hand."""
-    from bench.guest_exec import DirectAgent
-
     vm_id = service.client.get(url_path("vms", VM))["id"]
     hand = HandStarter(spec_for(service.config, vm_id))
+    console = Path(hand.spec.paths.serial_log)
+    console.unlink(missing_ok=True)  # the service's boot of the VM is in there
     hand.start()
     try:
-        agent = DirectAgent(Path(hand.spec.paths.qga_socket), timeout=300.0)
-        agent.call("guest-ping")  # the guest has booted: its virtio-mem driver is loaded
-        agent.close()
+        _wait_driver(console)
         plug: list[float] = []
         unplug: list[float] = []
         with Qmp(hand.spec.paths.qmp_socket) as qmp:
@@ -196,8 +211,8 @@ def run(tmp: Path) -> Section:
             steps = _reaction(service)
         except Exception as exc:
             lines = oom_lines(service, VM)
-            raise RuntimeError(f"{exc}" + (f" [guest console: {lines[-1]}]" if lines else "")
-                               ) from exc
+            raise RuntimeError(f"{exc}" + (f" [guest console: {lines[0]} ... {lines[-1]}]"
+                                           if lines else "")) from exc
         grown = median([float((s.peak.assigned or 0) - (s.settled.assigned or 0))
                         for s in steps])
         amount = max(BLOCK, int(grown) // BLOCK * BLOCK)
@@ -263,6 +278,12 @@ def _section(steps: list[Step], amount: int, plug: list[float], unplug: list[flo
             f"{_s(p)} to plug and {_s(u)} to unplug {amount / MIB:.0f} MiB directly: the "
             "balancer works in rounds (every 2 s) on the guest's statistics (reported "
             "every 2 s), and gives memory back gently (half the surplus per round)",
+            f"the fill is {FILL_MIB} MiB so that what virtio-mem plugs stays within one "
+            "128 MiB memory block of the guest: each new block needs 2 MiB of contiguous "
+            "boot memory for its memory map (vmemmap, an order-9 kernel allocation), which "
+            "fails once tmpfs has filled and fragmented the boot memory ('vmemmap alloc "
+            "failure' in the guest's console; with 256 MiB the guest then ran out of "
+            "memory); hot-plugged memory online movable takes no kernel allocations",
             *memory_density.notes(density),
             f"density: {verdict(density_met)} (goal: at least {memory_density.GOAL:.0f}x)",
         ),

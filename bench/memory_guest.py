@@ -19,7 +19,7 @@ MIB = 1024 * 1024
 BLOCK = 2 * MIB  # the virtio-mem block, the balancer's unit
 BOOT_TIMEOUT = 300.0
 POLL = 0.1  # seconds between readings of the API's VM view
-OOM_SIGNS = ("Out of memory", "Kernel panic", "invoked oom-killer")
+OOM_SIGNS = ("Out of memory", "Kernel panic", "invoked oom-killer", "alloc failure")
 
 
 @dataclass(frozen=True)
