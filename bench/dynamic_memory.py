@@ -52,7 +52,7 @@ from bench.memory_guest import (
 from bench.report import Section, Table, ratio, verdict
 from bench.support import Qmp, ServiceProcess, install_tiny_image, median
 from bench.vm_start import HandStarter, spec_for
-from hvstack.client import url_path
+from hvstack.client import ApiError, url_path
 from hvstack.hypervisor.spec import MEMORY_DEVICE
 
 REPS = 3
@@ -131,7 +131,7 @@ def _step(service: ServiceProcess, settled: Reading) -> Step:
                 settled, peak, back)
 
 
-def _reaction(service: ServiceProcess) -> list[Step]:
+def _reaction(service: ServiceProcess) -> tuple[list[Step], str]:
     api = service.client
     api.post("/vms", {"name": VM, "generation": 1, "memory": STARTUP, "image": "tiny",
                       "auto_start": "nothing", "auto_stop": "turn-off"})
@@ -140,11 +140,20 @@ def _reaction(service: ServiceProcess) -> list[Step]:
     start(service, VM)
     exec_in(service, VM, f"mkdir -p {TMPFS} && mount -t tmpfs -o size=2G tmpfs {TMPFS}")
     steps: list[Step] = []
-    for _ in range(REPS):
-        settled = wait_settled(service, VM, SETTLE_TIMEOUT)
-        steps.append(_step(service, settled))
+    failure = ""
+    for n in range(REPS):
+        try:
+            settled = wait_settled(service, VM, SETTLE_TIMEOUT)
+            steps.append(_step(service, settled))
+        except (ApiError, RuntimeError, TimeoutError) as exc:
+            lines = oom_lines(service, VM)
+            failure = (f"step {n + 1} of {REPS} failed: {exc}".splitlines()[0]
+                       + (f" (guest console: {lines[0]} ... {lines[-1]})" if lines else ""))
+            break
     service.turn_off(VM)
-    return steps
+    if not steps:
+        raise RuntimeError(failure)
+    return steps, failure
 
 
 def _plugged(qmp: Qmp) -> int:
@@ -207,25 +216,20 @@ def run(tmp: Path) -> Section:
     data_dir = tmp / "data"
     install_tiny_image(data_dir)
     with ServiceProcess(data_dir) as service:
-        try:
-            steps = _reaction(service)
-        except Exception as exc:
-            lines = oom_lines(service, VM)
-            raise RuntimeError(f"{exc}" + (f" [guest console: {lines[0]} ... {lines[-1]}]"
-                                           if lines else "")) from exc
+        steps, failure = _reaction(service)
         grown = median([float((s.peak.assigned or 0) - (s.settled.assigned or 0))
                         for s in steps])
         amount = max(BLOCK, int(grown) // BLOCK * BLOCK)
         plug, unplug = _baseline(service, amount)
     density = memory_density.run(tmp / "density")
-    return _section(steps, amount, plug, unplug, density)
+    return _section(steps, failure, amount, plug, unplug, density)
 
 
 def _s(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def _section(steps: list[Step], amount: int, plug: list[float], unplug: list[float],
+def _section(steps: list[Step], failure: str, amount: int, plug: list[float], unplug: list[float],
              density: memory_density.Density) -> Section:
     p, u = median(plug), median(unplug)
     reaction = median([s.reaction for s in steps])
@@ -284,6 +288,8 @@ def _section(steps: list[Step], amount: int, plug: list[float], unplug: list[flo
             "fails once tmpfs has filled and fragmented the boot memory ('vmemmap alloc "
             "failure' in the guest's console; with 256 MiB the guest then ran out of "
             "memory); hot-plugged memory online movable takes no kernel allocations",
+            *([f"reaction: {failure}; the medians are over the steps before it"]
+              if failure else []),
             *memory_density.notes(density),
             f"density: {verdict(density_met)} (goal: at least {memory_density.GOAL:.0f}x)",
         ),
