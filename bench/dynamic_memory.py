@@ -29,6 +29,8 @@ times as many VMs with dynamic memory as with static memory.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,30 +179,34 @@ def _resize(qmp: Qmp, size: int) -> float:
     return time.perf_counter() - began
 
 
-def _wait_driver(console: Path) -> None:
-    """Wait until the guest's console shows its virtio-mem driver loaded and its shell
-    prompt (the boot is over: plugging is not slowed by the rest of the boot)."""
+def _wait_driver(serial: str) -> None:
+    """Read the guest's serial console until it shows its virtio-mem driver loaded and
+    its shell prompt (the boot is over: plugging is not slowed by the rest of the
+    boot). QEMU logs the console only while a client is connected, so read it here."""
     deadline = time.monotonic() + BOOT_TIMEOUT
-    while True:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        if "virtio_mem" in text and "requested size" in text and PROMPT in text:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the hand-started guest did not boot within "
-                               f"{BOOT_TIMEOUT:.0f} s (no virtio_mem driver or prompt in "
-                               "its console)")
-        time.sleep(0.2)
+    text = ""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(serial)
+        sock.settimeout(1.0)
+        while not ("virtio_mem" in text and "requested size" in text and PROMPT in text):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the hand-started guest did not boot within "
+                                   f"{BOOT_TIMEOUT:.0f} s (no virtio_mem driver or prompt "
+                                   "on its console)")
+            with contextlib.suppress(TimeoutError):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("QEMU closed the hand-started guest's console")
+                text = (text + chunk.decode(errors="replace"))[-200_000:]
 
 
 def _baseline(service: ServiceProcess, amount: int) -> tuple[list[float], list[float]]:
     """Plug and unplug ``amount`` bytes on the VM's own QEMU started by hand."""
     vm_id = service.client.get(url_path("vms", VM))["id"]
     hand = HandStarter(spec_for(service.config, vm_id))
-    console = Path(hand.spec.paths.serial_log)
-    console.unlink(missing_ok=True)  # the service's boot of the VM is in there
     hand.start()
     try:
-        _wait_driver(console)
+        _wait_driver(hand.spec.paths.serial_socket)
         plug: list[float] = []
         unplug: list[float] = []
         with Qmp(hand.spec.paths.qmp_socket) as qmp:
@@ -229,8 +235,8 @@ def _s(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def _section(steps: list[Step], failure: str, amount: int, plug: list[float], unplug: list[float],
-             density: memory_density.Density) -> Section:
+def _section(steps: list[Step], failure: str, amount: int, plug: list[float],
+             unplug: list[float], density: memory_density.Density) -> Section:
     p, u = median(plug), median(unplug)
     reaction = median([s.reaction for s in steps])
     growth = median([s.growth for s in steps])
