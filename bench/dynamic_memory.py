@@ -56,7 +56,7 @@ from bench.vm_start import HandStarter, spec_for
 from hvstack.client import ApiError, url_path
 from hvstack.hypervisor.spec import MEMORY_DEVICE
 
-REPS = 3
+REPS = 2
 STARTUP, MINIMUM, MAXIMUM, BUFFER = "256M", "128M", "1G", 20
 FILL_MIB = 128  # plugged memory stays within one 128 MiB memory block of the guest (see notes)
 CHUNK_MIB = 8
@@ -185,7 +185,8 @@ def _baseline(service: ServiceProcess, amount: int) -> tuple[list[float], list[f
     try:
         plug: list[float] = []
         unplug: list[float] = []
-        with Qmp(hand.spec.paths.qmp_socket) as qmp:
+        qmp = hand._qmp  # QEMU takes one QMP client: the starter's, connected already
+        if qmp is not None:
             # Warm-up, not measured: it waits for the guest's boot to load its driver.
             _resize(qmp, amount, BOOT_TIMEOUT)
             _resize(qmp, 0)
