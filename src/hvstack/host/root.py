@@ -19,6 +19,7 @@ from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.export_ops import ExportOperations
 from hvstack.host.facts import HostProbe
 from hvstack.host.import_ops import ImportOperations
+from hvstack.host.metering import Metering
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
 from hvstack.host.storage_move import StorageMoves
@@ -56,6 +57,7 @@ class HostRoot:
         self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
         self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
         self.storage_moves = StorageMoves(service, self.checkpoints)
+        self.metering = Metering(service, self.network.tap)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
@@ -76,6 +78,7 @@ class HostRoot:
             # A checkpoint merge a killed service left is finished (a job per VM).
             await root.checkpoints.startup()
             await root.storage_moves.startup()  # moves a crash cut short
+            await root.metering.start()
         except BaseException:
             await root.close()
             raise
@@ -86,5 +89,8 @@ class HostRoot:
             await self.guest.close()
             await self.console.close()
         finally:
-            await self.service.shutdown()
+            try:  # the automatic stop actions sample metered VMs on their way out
+                await self.service.shutdown()
+            finally:
+                await self.metering.close()
             await self.network.close()
