@@ -10,7 +10,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from tests.functional.fakes import (
     FakeDriver,
     assert_problem,
     create_vm,
-    eventually,
     run_job,
     serve_on_unix_socket,
 )
@@ -89,6 +88,15 @@ class Metered:
     async def stored(self, name: str) -> Totals | None:
         entry = await self.store.get(METERING + self.vm_id(name))
         return None if entry is None else Totals.from_json(entry.value)
+
+    async def stored_when(self, name: str, ready: Callable[[Totals], bool]) -> Totals:
+        """The stored totals once ``ready`` holds for them (bounded wait)."""
+        for _ in range(3000):
+            stored = await self.stored(name)
+            if stored is not None and ready(stored):
+                return stored
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the stored totals of {name} never got there: {stored}")
 
     async def metering(self, name: str, action: str | None = None) -> dict[str, Any]:
         path = API + url_path("vms", name, "metering", *([action] if action else []))
@@ -217,10 +225,8 @@ async def test_saving_takes_a_last_sample(metered: Metered) -> None:
     m.counters.cpu[m.pid("app")] = 9.0
     m.io("app", 0, 123)
     await run_job(m.api, "app", "save")
-    await eventually(lambda: m.root.metering._totals[m.vm_id("app")][0].cpu_seconds > 0,
-                     "the sample taken at Saving is recorded")
-    stored = await m.stored("app")
-    assert stored is not None and stored.cpu_seconds == pytest.approx(9.0)
+    stored = await m.stored_when("app", lambda t: t.cpu_seconds > 0)  # sampled at Saving
+    assert stored.cpu_seconds == pytest.approx(9.0)
     assert stored.disk_written_bytes == 123
 
 
@@ -235,12 +241,8 @@ async def test_the_sampler_samples_metered_running_vms(metered: Metered) -> None
     await m.metering("one", "enable")
     m.counters.cpu[m.pid("one")] = 4.0
     m.counters.cpu[m.pid("two")] = 4.0
-    for _ in range(500):
-        stored = await m.stored("one")
-        if stored is not None and stored.cpu_seconds:
-            break
-        await asyncio.sleep(0.01)
-    assert stored is not None and stored.cpu_seconds == pytest.approx(4.0)
+    stored = await m.stored_when("one", lambda t: t.cpu_seconds > 0)  # no show: sampled
+    assert stored.cpu_seconds == pytest.approx(4.0)
     assert await m.stored("two") is None
 
 
