@@ -3,8 +3,9 @@
 :class:`HostRoot` builds the host service (:mod:`hvstack.host.service`) and the
 operations that use it (disks, guest, console, network), and closes them in order: the
 operations first (API freezes thawed, console viewers told the service stops), then the
-service (automatic stop actions, jobs, the store's last writes). ``hv serve`` and tests
-build one; the API only routes requests to it.
+service (automatic stop actions, jobs, the store's last writes), then resource
+metering's sampler (it samples the VMs the stop actions save or shut down). ``hv serve``
+and tests build one; the API only routes requests to it.
 """
 
 from __future__ import annotations
