@@ -57,6 +57,9 @@ def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
     # Metering's accounting is pure as well: counters in, totals out.
     assert upward_imports("metering", ("host", "api", "cli", "client", "server", "compute",
                                         "storage", "network", "hypervisor", "memory")) == []
+    # Processor resource controls: pure mapping and the cgroup files, no other domain.
+    assert upward_imports("resources", ("host", "api", "cli", "client", "server", "compute",
+                                         "storage", "network", "hypervisor")) == []
     # The network package is a domain package too, below compute (whose adapters carry
     # its port settings): it imports neither the host nor compute.
     assert upward_imports("network", ("host", "api", "cli", "client", "server",

@@ -71,6 +71,10 @@ class VmUpdate(Request):
     checkpoint_type: CheckpointType | None = None
     automatic_checkpoints: bool | None = None
     checkpoint_limit: int | None = Field(None, ge=1, le=1000)
+    # Processor resource controls (ranges checked by the service: one message for all).
+    processor_reserve_percent: int | None = None
+    processor_limit_percent: int | None = None
+    processor_weight: int | None = None
 
 
 class StopRequest(Request):
@@ -185,6 +189,12 @@ class VmView(BaseModel):
     checkpoint_type: str = "production"
     automatic_checkpoints: bool = False
     checkpoint_limit: int = 50
+    processor_reserve_percent: int = 0
+    processor_limit_percent: int = 100
+    processor_weight: int = 100
+    processor_controls: str = Field(
+        "", description='"in force", "applied when the VM starts" or "not applied: why"')
+    processor_controls_in_force: bool = False
 
 
 class JobView(BaseModel):
@@ -215,3 +225,5 @@ class HostView(BaseModel):
     vm_count: int
     running_vm_count: int
     uptime_seconds: int
+    processor_controls: str = Field(
+        "", description="the cgroup version and controller used, or why there is none")

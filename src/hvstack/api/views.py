@@ -89,7 +89,19 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "checkpoint_type": config.checkpoint_type.value,
         "automatic_checkpoints": config.automatic_checkpoints,
         "checkpoint_limit": config.checkpoint_limit,
+        **processor_data(vm, service),
     }
+
+
+def processor_data(vm: VmController, service: HostService) -> dict[str, Any]:
+    """The processor resource controls and whether they are in force."""
+    config = vm.record.config
+    status = service.processor.status(vm.record)
+    return {"processor_reserve_percent": config.processor_reserve_percent,
+            "processor_limit_percent": config.processor_limit_percent,
+            "processor_weight": config.processor_weight,
+            "processor_controls": status.detail,
+            "processor_controls_in_force": status.in_force}
 
 
 @functools.lru_cache(maxsize=64)

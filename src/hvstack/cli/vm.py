@@ -280,10 +280,20 @@ def set_(
         help="a checkpoint each time the VM starts from Off"),
     checkpoint_limit: int | None = typer.Option(
         None, "--checkpoint-limit", help="at most this many checkpoints (1-1000; 50)"),
+    processor_reserve: int | None = typer.Option(
+        None, "--processor-reserve", metavar="PCT",
+        help="% of the VM's processors kept for it (0-100; admitted at start)"),
+    processor_limit: int | None = typer.Option(
+        None, "--processor-limit", metavar="PCT",
+        help="at most this % of the VM's processors (1-100; 100: no limit)"),
+    processor_weight: int | None = typer.Option(
+        None, "--processor-weight", metavar="N",
+        help="relative weight against other VMs (1-10000; 100)"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
-    """Change a VM's settings (hardware changes need the VM Off)."""
+    """Change a VM's settings (hardware changes need the VM Off; the processor
+    resource controls apply at once to a running VM)."""
     if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
         fail(f"--checkpoint-type '{checkpoint_type}' is not one of {', '.join(CHECKPOINT_TYPES)}")
     body: dict[str, Any] = {"cpus": cpus, "memory": memory, "notes": notes,
@@ -291,7 +301,10 @@ def set_(
                             "auto_stop": auto_stop, "os_type": os_type,
                             "checkpoint_type": checkpoint_type,
                             "automatic_checkpoints": automatic_checkpoints,
-                            "checkpoint_limit": checkpoint_limit}
+                            "checkpoint_limit": checkpoint_limit,
+                            "processor_reserve_percent": processor_reserve,
+                            "processor_limit_percent": processor_limit,
+                            "processor_weight": processor_weight}
     if boot_order is not None:
         body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
     body = {k: v for k, v in body.items() if v is not None}

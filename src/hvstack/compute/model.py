@@ -415,7 +415,28 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
                            value=config.checkpoint_limit)
     validate_adapters(config.network_adapters)
     _check_buses(config)
+    _check_processor_controls(config)
     return config
+
+
+def _check_processor_controls(config: VmConfig) -> None:
+    """Hyper-V's ranges: reserve 0-100 %, limit 1-100 % and not below the reserve,
+    weight 1-10000."""
+    reserve, limit = config.processor_reserve_percent, config.processor_limit_percent
+    if not 0 <= reserve <= 100:
+        raise InvalidInput(f"processor reserve {reserve}% is out of range; 0 to 100% of "
+                           "the VM's processors are allowed", value=reserve)
+    if not 1 <= limit <= 100:
+        raise InvalidInput(f"processor limit {limit}% is out of range; 1 to 100% of the "
+                           "VM's processors are allowed", value=limit)
+    if limit < reserve:
+        raise InvalidInput(f"processor limit {limit}% is below the processor reserve "
+                           f"{reserve}%; the limit must be at least the reserve",
+                           value=limit)
+    low, high = PROCESSOR_WEIGHT_RANGE
+    if not low <= config.processor_weight <= high:
+        raise InvalidInput(f"processor weight {config.processor_weight} is out of range; "
+                           f"{low} to {high} is allowed", value=config.processor_weight)
 
 
 def validate_adapters(adapters: tuple[NetworkAdapter, ...]) -> None:

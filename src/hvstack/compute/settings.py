@@ -17,6 +17,8 @@ from hvstack.errors import InvalidState
 ANY_STATE = frozenset({"name", "notes", "auto_start", "auto_start_delay_seconds",
                        "auto_stop", "integration_services", "kvp_pool", "checkpoint_type",
                        "automatic_checkpoints", "checkpoint_limit"})
+# Processor resource controls apply live to a running VM's cgroup.
+ANY_STATE |= {"processor_reserve_percent", "processor_limit_percent", "processor_weight"}
 ALL = frozenset(VmConfig.__dataclass_fields__)
 
 # How a message names each setting ("cannot change the ... of VM 'x'").

@@ -1,19 +1,21 @@
-"""The host's facts: processors, memory, accelerator; injected, so tests fix them.
+"""The host's facts: processors, memory, accelerator, cgroups; injected, so tests fix them.
 
 A :class:`HostProbe` answers what the host service needs to know about the machine it
 runs on. :class:`LinuxHost` reads it from ``/proc`` and ``/dev/kvm``;
 :class:`FixedHost` returns what it is given (the tests' host, never the machine that
-runs them).
+runs them: its cgroups are none, or the imitation a test gives).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from hvstack.errors import HypervisorError
 from hvstack.hypervisor import accel
+from hvstack.resources.cgroups import Cgroups, NoCgroups, probe
 
 GIB = 1024**3
 
@@ -40,6 +42,10 @@ class HostProbe(Protocol):
         """Raise if accelerator ``name`` cannot be used on this host."""
         ...
 
+    def cgroups(self, parent: str) -> Cgroups:
+        """The CPU controller for the VMs' cgroups, under ``parent``."""
+        ...
+
 
 def _meminfo(field: str) -> int:
     with open("/proc/meminfo") as f:
@@ -60,16 +66,21 @@ class LinuxHost:
     def check_accelerator(self, name: str) -> None:
         accel.choose(accel.probe(), name)
 
+    def cgroups(self, parent: str) -> Cgroups:
+        return probe(parent)
+
 
 @dataclass
 class FixedHost:
     """A host whose facts are given: by default 4 processors, 8 GiB (4 available), no
-    KVM. ``available`` may be changed while a test runs."""
+    KVM, no cgroups unless ``cgroups_of`` makes them (e.g. over a directory tree).
+    ``available`` may be changed while a test runs."""
 
     cpus: int = 4
     memory_bytes: int = 8 * GIB
     available: int = 4 * GIB
     kvm: bool = False
+    cgroups_of: Callable[[str], Cgroups] | None = None
 
     def _cpu(self) -> accel.HostFacts:
         return accel.HostFacts(frozenset({"vmx"}) if self.kvm else frozenset(), self.kvm)
@@ -82,3 +93,8 @@ class FixedHost:
 
     def check_accelerator(self, name: str) -> None:
         accel.choose(self._cpu(), name)
+
+    def cgroups(self, parent: str) -> Cgroups:
+        if self.cgroups_of is None:
+            return NoCgroups("the test host has no cgroups")
+        return self.cgroups_of(parent)

@@ -11,6 +11,7 @@ compare-and-swap on their revision; the registry is kept in step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -36,7 +37,7 @@ from hvstack.compute.model import (
 )
 from hvstack.compute.settings import check_change
 from hvstack.compute.states import Operation
-from hvstack.errors import HypervisorError, InvalidInput, NotFound
+from hvstack.errors import HvError, HypervisorError, InvalidInput, NotFound
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
@@ -46,6 +47,8 @@ from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Op
 from hvstack.storage import disks, formats
 from hvstack.storage.paths import confine
+
+log = logging.getLogger(__name__)
 
 
 def new_mac() -> str:
@@ -74,6 +77,8 @@ class NewVm:
 # The adapters of a new VM that gave none: the network operations decide (the Default
 # Switch, the switches asked for, the MAC pool); without them one user-mode adapter.
 AdapterChooser = Callable[[VmConfig, NewVm], Awaitable[tuple[NetworkAdapter, ...]]]
+# Awaited after a VM's settings changed: the VM, its old and its new settings.
+ChangeHook = Callable[[VmController, VmConfig, VmConfig], Awaitable[None]]
 
 
 async def user_mode_adapter(config: VmConfig, new: NewVm) -> tuple[NetworkAdapter, ...]:
@@ -100,6 +105,11 @@ class Provisioning:
         # it (set by the checkpoint operations).
         self.checkpoint_files: Callable[[VmController], Awaitable[list[tuple[str, bool]]]] = (
             _no_checkpoint_files)
+        # Settings changes as domains see them: each check may refuse a change before it
+        # is stored (the VM's lock is held); each hook is awaited after it was stored,
+        # with the old and new settings (e.g. to apply them to a running VM).
+        self.change_checks: list[Callable[[VmController, VmConfig], None]] = []
+        self.change_hooks: list[ChangeHook] = []
 
     def validate(self, config: VmConfig) -> None:
         facts = self._facts()
@@ -205,7 +215,9 @@ class Provisioning:
         step. The caller holds ``vm.lock`` and has checked the change against the VM's
         state."""
         self.validate(new)
-        old_name = vm.record.name
+        for check in self.change_checks:
+            check(vm, new)
+        old, old_name = vm.record.config, vm.record.name
         if new.name != old_name:
             self._registry.check_free(new.name)
         stored = await self._records.change(vm.record, new, also)
@@ -214,6 +226,11 @@ class Provisioning:
             self._registry.renamed(vm, old_name)
         self._write_config_copy(vm)
         self._events.publish("vm.changed", vm=new.name, id=record.id)
+        for hook in self.change_hooks:
+            try:
+                await hook(vm, old, new)
+            except HvError as exc:  # stored all the same: the hook says what it missed
+                log.error("VM %s: after a change of its settings: %s", new.name, exc)
 
     async def delete(self, ref: str, delete_disks: bool = False) -> dict[str, Any]:
         """Delete a VM that is Off or Saved, with its folder. Its disks are kept (left in

@@ -38,12 +38,14 @@ from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
 from hvstack.host.facts import HostFacts, HostProbe, LinuxHost
 from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.processor_controls import ProcessorControls, parent_name
 from hvstack.host.provisioning import NewVm, Provisioning, new_mac
 from hvstack.host.records import JobRecords, VmRecords
 from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.network.names import service_tag
 from hvstack.progress import no_progress
 
 __all__ = ["AUTO_STOP_TIMEOUT", "HostFacts", "HostService", "NewVm", "new_mac"]
@@ -86,6 +88,13 @@ class HostService:
         self.block_work = BlockWork()  # one disk-changing job per VM at a time
         self.provisioning = Provisioning(config, lambda: self.facts, self.registry,
                                          self.records, self.disk_use, self.events)
+        # Each running VM's QEMU in a cgroup of its own, under one parent per service.
+        self.processor = ProcessorControls(
+            self.host.cgroups(parent_name(service_tag(str(config.data_dir)))),
+            self.facts.cpus, self.events, self.list_vms)
+        self.registry.state_hooks.append(self.processor.on_state)
+        self.provisioning.change_checks.append(self.processor.check_change)
+        self.provisioning.change_hooks.append(self.processor.on_change)
         self._tasks: set[asyncio.Task[None]] = set()
         self.start_hook: StartHook | None = None  # set by the network operations
         # Run by every start job in the VM's lock before the start (automatic checkpoints).
@@ -121,6 +130,7 @@ class HostService:
                                report)
         for vm in idle:
             vm.files.pidfile.unlink(missing_ok=True)  # a stale pid may be reused
+        self.processor.startup(vm.record for vm in vms)
         self.cleanup_report = report
         for vm in vms:
             self._schedule_auto_start(vm)
@@ -135,6 +145,7 @@ class HostService:
         await self.jobs.shutdown()
         for vm in self.list_vms():
             await vm.detach()
+        await self.processor.close()
         await self.registry.flush()
 
     async def flush(self) -> None:
@@ -241,6 +252,7 @@ class HostService:
             self.host.check_accelerator(record.config.accelerator)
         policy.admit_memory(record.name, record.config.memory_bytes,
                             self.host.available_memory())
+        self.processor.check_start(record)
 
     def _job(self, kind: str, vm: VmController, body: Any) -> Job:
         async def locked(progress: Progress) -> dict[str, Any] | None:

@@ -52,6 +52,7 @@ async def host_info(request: Request) -> HostView:
         running_vm_count=sum(vm.state is not VmState.OFF and vm.state is not VmState.SAVED
                              for vm in vms),
         uptime_seconds=int(time.time() - service.started_at),
+        processor_controls=service.processor.summary(),
     )
 
 

@@ -88,7 +88,8 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
     changes: dict[str, Any] = {}
     fields = body.model_dump(exclude_none=True)
     for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds",
-                "automatic_checkpoints", "checkpoint_limit"):
+                "automatic_checkpoints", "checkpoint_limit", "processor_reserve_percent",
+                "processor_limit_percent", "processor_weight"):
         if key in fields:
             changes[key] = fields[key]
     if "memory" in fields:
