@@ -130,6 +130,7 @@ class HostConfig:
     # adapters get (network.policy.MacPool's form).
     default_switch: bool = True
     mac_pool: str = DEFAULT_MAC_POOL
+    metering_interval: float = 10.0  # seconds between samples of metered VMs
 
     @property
     def vms_dir(self) -> Path:
