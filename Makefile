@@ -35,7 +35,7 @@ lint: venv
 	$(VENV)/bin/mypy src
 
 test: install lint
-	$(VENV)/bin/pytest -p no:cacheprovider -q tests
+	$(VENV)/bin/pytest -p no:cacheprovider -q --durations=25 tests
 
 test-unit: venv
 	$(VENV)/bin/pytest -p no:cacheprovider -q tests/unit tests/functional

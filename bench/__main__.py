@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench import (
     api_list,
+    balancer,
     checkpoint_create,
     cli_startup,
     guest_exec,
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, Callable[[Path], Section]] = {
     "switch_throughput": switch_throughput.run,
     "checkpoint_create": checkpoint_create.run,
     "storage_move": storage_move.run,
+    "balancer": balancer.run,
 }
 
 
