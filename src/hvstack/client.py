@@ -511,6 +511,35 @@ class Client:
         return self.wait_job(job) if wait else job
 
 
+    # -- resource metering ----------------------------------------------------------
+
+    def enable_metering(self, vm: str) -> dict[str, Any]:
+        """Enable-VMResourceMetering (nothing changes if it is enabled); returns the
+        totals."""
+        result: dict[str, Any] = self.post(url_path("vms", vm, "metering", "enable"))
+        return result
+
+    def measure_vm(self, vm: str) -> dict[str, Any]:
+        """Measure-VM: CPU, memory, disk and network totals since metering was enabled
+        or last reset (ApiError 409 ``metering-disabled`` while it is not enabled)."""
+        result: dict[str, Any] = self.get(url_path("vms", vm, "metering"))
+        return result
+
+    def reset_metering(self, vm: str) -> dict[str, Any]:
+        """Reset-VMResourceMetering: the totals start again from now."""
+        result: dict[str, Any] = self.post(url_path("vms", vm, "metering", "reset"))
+        return result
+
+    def disable_metering(self, vm: str) -> dict[str, Any]:
+        """Disable-VMResourceMetering: returns the last totals, which are dropped."""
+        result: dict[str, Any] = self.post(url_path("vms", vm, "metering", "disable"))
+        return result
+
+    def metrics(self) -> str:
+        """The service's Prometheus exposition (``GET /metrics``) as text."""
+        text: str = self.request("GET", self.endpoint.url("/metrics"))
+        return text
+
     # -- checkpoints ----------------------------------------------------------------
 
     def list_checkpoints(self, vm: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ the CLI as one line with exit code 2. Nothing else is caught at the boundaries.
     │   ├── ResourceBusy        a disk in use by another running VM
     │   ├── StaleRevision       a stored record changed since it was read
     │   ├── ServiceDisabled     an integration service that is turned off
+    │   ├── MeteringDisabled    resource metering of the VM is not enabled
     │   └── NetworkUnavailable  no CAP_NET_ADMIN: switches and taps refused
     ├── InsufficientResources   more memory/CPUs than the host has           (422)
     │   └── NoSpace             a host file system (or the store on it) is full (507)
@@ -139,6 +140,16 @@ class ServiceDisabled(Conflict):
             f"enable it with: hv vm set {vm} --enable {service.replace('_', '-')}",
             vm=vm, service=service,
         )
+
+
+class MeteringDisabled(Conflict):
+    slug = "metering-disabled"
+    title = "Resource metering not enabled"
+
+    def __init__(self, vm: str) -> None:
+        super().__init__(
+            f"metering is not enabled for VM '{vm}'; enable it with: "
+            f"hv vm metering enable {vm}", vm=vm)
 
 
 class NetworkUnavailable(Conflict):

@@ -17,6 +17,7 @@ from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
     Backup,
     BalloonStats,
+    BlockIoStats,
     BlockJobInfo,
     BlockJobs,
     BlockNodeSpec,
@@ -312,6 +313,7 @@ class FakeBlockJobs:
     bitmaps: set[tuple[str, str]] = field(default_factory=set)
     nbd_socket: str | None = None
     exports: dict[str, NbdExport] = field(default_factory=dict)
+    io: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> read, written
 
     @classmethod
     def of_spec(cls, spec: MachineSpec) -> FakeBlockJobs:
@@ -320,7 +322,8 @@ class FakeBlockJobs:
                                                  None if node.backing is None
                                                  else node.backing.id, node.read_only)
                           for device in spec.block_devices for node in device.node.chain()},
-                   roots={device.node.id for device in spec.block_devices})
+                   roots={device.node.id for device in spec.block_devices},
+                   io={device.id: (0, 0) for device in spec.block_devices})
 
     async def add_node(self, node: BlockNodeSpec) -> None:
         if node.node_name in self.nodes:
@@ -382,6 +385,10 @@ class FakeBlockJobs:
                 root = self.overlays[root]
             tops.add(root)
         return frozenset(tops)
+
+    async def io_stats(self) -> tuple[BlockIoStats, ...]:
+        return tuple(BlockIoStats(device, read, written)
+                     for device, (read, written) in self.io.items())
 
     def _job(self, job_id: str) -> BlockJobInfo:
         if job_id not in self.running:

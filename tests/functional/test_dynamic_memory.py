@@ -170,6 +170,16 @@ async def test_targets_follow_demand_plus_buffer_within_the_bounds(
     assert (await show_vm(api, "dyn"))["memory_assigned_bytes"] == 128 * MIB
 
 
+async def test_demand_counts_what_the_guest_has_but_does_not_report(
+        service: HostService, api: httpx.AsyncClient, driver: FakeDriver) -> None:
+    memory = guest(driver, await dynamic_vm(api))
+    # The guest counts 220 MiB of its 256 MiB (its kernel keeps the rest) and uses 100.
+    memory.stats = BalloonStats(last_update=1, total=220 * MIB, available=120 * MIB)
+    await rounds(service)
+    shown = await show_vm(api, "dyn")
+    assert shown["memory_demand_bytes"] == (100 + 36) * MIB
+
+
 async def test_a_guest_that_keeps_its_memory_is_noticed_and_left_alone(
         service: HostService, api: httpx.AsyncClient, driver: FakeDriver) -> None:
     memory = guest(driver, await dynamic_vm(api))

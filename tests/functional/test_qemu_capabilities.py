@@ -13,6 +13,7 @@ import pytest
 from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
     BalloonStats,
+    BlockIoStats,
     BlockJobInfo,
     DeviceSpec,
     DirtyBitmap,
@@ -291,6 +292,24 @@ async def test_block_jobs_are_listed_and_cancelled(qmp: FakeQmp, machine: QemuMa
     assert jobs[0].percent == 25.0
     await machine.block_jobs.cancel("mirror-disk0")
     assert qmp.sent("block-job-cancel") == [{"device": "mirror-disk0", "force": False}]
+
+
+async def test_block_device_counters_come_from_query_blockstats(
+    qmp: FakeQmp, machine: QemuMachine
+) -> None:
+    # As QEMU 7.2 answers for -device over -blockdev: a virtio device's qdev is its
+    # backend's QOM path, an IDE or SCSI device's its id.
+    qmp.reply("query-blockstats", [
+        {"device": "", "node-name": "disk-a", "qdev":
+         "/machine/peripheral/disk-a-dev/virtio-backend",
+         "stats": {"rd_bytes": 512, "wr_bytes": 33554432, "rd_operations": 1}},
+        {"device": "", "node-name": "disk-b", "qdev": "disk-b-dev",
+         "stats": {"rd_bytes": 4096, "wr_bytes": 0}},
+        {"device": "", "qdev": "dvd-dev", "stats": {}},
+    ])
+    assert await machine.block_jobs.io_stats() == (
+        BlockIoStats("disk-a-dev", 512, 33554432), BlockIoStats("disk-b-dev", 4096, 0),
+        BlockIoStats("dvd-dev", 0, 0))
 
 
 async def test_a_snapshot_and_its_bitmap_are_one_transaction(

@@ -54,6 +54,9 @@ def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
     # Dynamic memory policy is pure: it imports no other domain either.
     assert upward_imports("memory", ("host", "api", "cli", "client", "server", "compute",
                                       "storage", "network", "hypervisor")) == []
+    # Metering's accounting is pure as well: counters in, totals out.
+    assert upward_imports("metering", ("host", "api", "cli", "client", "server", "compute",
+                                        "storage", "network", "hypervisor", "memory")) == []
     # Processor resource controls: pure mapping and the cgroup files, no other domain.
     assert upward_imports("resources", ("host", "api", "cli", "client", "server", "compute",
                                          "storage", "network", "hypervisor")) == []

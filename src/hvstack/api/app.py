@@ -22,6 +22,8 @@ from hvstack.api.routes import (
     exports,
     guest,
     host,
+    metering,
+    metrics,
     network,
     storage,
     storage_move,
@@ -48,7 +50,8 @@ def create_app(root: HostRoot, tokens: TokenStore | None = None) -> FastAPI:
     problems.install(app)
     app.add_middleware(EscapedSlashGuard)
     routers = (host.router, vms.router, console.router, storage.router, guest.router,
-               network.router, checkpoints.router, exports.router, storage_move.router)
+               network.router, checkpoints.router, exports.router, storage_move.router,
+               metering.router, metrics.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyGuard, limit=service.config.max_request_body,

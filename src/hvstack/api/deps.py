@@ -10,6 +10,7 @@ from hvstack.host.console_ops import ConsoleOperations
 from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.export_ops import ExportOperations
 from hvstack.host.import_ops import ImportOperations
+from hvstack.host.metering import Metering
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
 from hvstack.host.storage_move import StorageMoves
@@ -58,4 +59,9 @@ def import_ops_of(connection: HTTPConnection) -> ImportOperations:
 
 def storage_moves_of(connection: HTTPConnection) -> StorageMoves:
     ops: StorageMoves = connection.app.state.root.storage_moves
+    return ops
+
+
+def metering_of(connection: HTTPConnection) -> Metering:
+    ops: Metering = connection.app.state.root.metering
     return ops

@@ -23,6 +23,7 @@ from hvstack.cli import auth, checkpoint, disk, switch, vm
 from hvstack.cli import console as _console  # noqa: F401  (hv vm console, screenshot)
 from hvstack.cli import export as _export  # noqa: F401  (hv vm export/import, checkpoint export)
 from hvstack.cli import guest as _guest  # noqa: F401  (hv vm exec, copy-file, kvp)
+from hvstack.cli import metering as _metering  # noqa: F401  (hv vm metering ...)
 from hvstack.cli import storage_move as _storage_move  # noqa: F401  (hv vm move-storage)
 from hvstack.cli.connection import Connection, current_connection
 from hvstack.cli.render import (

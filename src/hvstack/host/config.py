@@ -137,6 +137,7 @@ class HostConfig:
     memory_reserve: int | None = None
     memory_limit: int | None = None
     memory_interval: float = 2.0
+    metering_interval: float = 10.0  # seconds between samples of metered VMs
 
     @property
     def vms_dir(self) -> Path:

@@ -12,7 +12,7 @@ cancelled in its shutdown) :class:`MemoryBalancer`:
    start, a restore, a reattach after a restart of the service);
 2. builds a :class:`~hvstack.memory.model.VmMemory` for every running VM (a static VM,
    a paused one or one that cannot be read as a fixed amount) and calls
-   :func:`hvstack.memory.policy.balance` with the host's pool (:meth:`pool`: the host's
+   :func:`hvstack.memory.policy.plan` with the host's pool (:meth:`pool`: the host's
    memory less its reserve, or the configured limit);
 3. applies each target, the shrinking ones first: above startup the virtio-mem device
    holds target - startup and the balloon lets the guest have all its boot memory;
@@ -143,6 +143,7 @@ class MemoryBalancer:
         self._readings: dict[str, MemoryReading] = {}
         self._memories: dict[str, VmMemory] = {}  # as the last round gave them to the policy
         self._shortage = False  # the last round's pool did not cover every desire
+        self._short: frozenset[str] = frozenset()
 
     # -- for the API and metering -------------------------------------------------------
 
@@ -204,11 +205,11 @@ class MemoryBalancer:
         reads = await asyncio.gather(*(self._read(vm) for vm in active))
         memories = [r.memory if r is not None else self._memory_of(vm)
                     for vm, r in zip(active, reads, strict=True)]
-        pool = self._pool()
-        targets = policy.balance(memories, pool)
+        plan = policy.plan(memories, self._pool())
+        targets = plan.targets
         self._memories = {m.vm_id: m for m in memories}
-        # A VM below its desire is short only when the pool is (not by hysteresis).
-        self._shortage = sum(policy.desired(m) for m in memories) > pool.capacity
+        self._short = plan.short  # below their demand because the pool is short
+        self._shortage = plan.shortage  # below their desire because the pool is short
         now = time.time()
         rows = [(vm, read, memory, targets.get(vm.record.id, memory.assigned))
                 for vm, read, memory in zip(active, reads, memories, strict=True)]
@@ -361,8 +362,9 @@ class MemoryBalancer:
             return
         status = policy.status(memory.assigned, memory.demand, memory.buffer_percent)
         wanted = policy.desired(memory)
-        short = (self._shortage and memory.demand is not None and target < wanted
-                 and not memory.stuck)
+        short = record.id in self._short or (
+            self._shortage and memory.demand is not None and target < wanted
+            and not memory.stuck)
         reason = self._reason(memory, tracked, status, short, target)
         self._readings[record.id] = MemoryReading(record.id, True, memory.assigned,
                                                   memory.demand, target, status, reason, now)

@@ -11,6 +11,9 @@ The keys (a cluster's hosts share the first two kinds, each host writes its own 
     network/default-switch      "made": the Default Switch was made once (a deleted
                                 one is not made again)
     checkpoints/<vm id>         the VM's checkpoint tree (checkpoints.model.CheckpointTree)
+    metering/<vm id>            the VM's resource metering totals (metering.model.Totals;
+                                absent: metering is not enabled); kept by
+                                hvstack.host.metering
 
 :class:`VmRecords` creates, changes (compare-and-swap on the settings' revision) and
 deletes VMs and records their observed state; :class:`JobRecords` keeps the jobs;
@@ -49,6 +52,7 @@ SWITCHES = "switches/"
 SWITCH_NAMES = "switches/names/"
 DEFAULT_SWITCH_MADE = "network/default-switch"
 CHECKPOINTS = "checkpoints/"
+METERING = "metering/"
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,8 @@ class VmRecords:
     async def delete(self, record: VmRecord) -> None:
         await self.store.commit([Delete(SETTINGS + record.id), Delete(NAMES + record.name),
                                  Delete(self._observed + record.id),
-                                 Delete(CHECKPOINTS + record.id)])
+                                 Delete(CHECKPOINTS + record.id),
+                                 Delete(METERING + record.id)])
 
 
 class CheckpointRecords:

@@ -3,8 +3,9 @@
 :class:`HostRoot` builds the host service (:mod:`hvstack.host.service`) and the
 operations that use it (disks, guest, console, network), and closes them in order: the
 operations first (API freezes thawed, console viewers told the service stops), then the
-service (automatic stop actions, jobs, the store's last writes). ``hv serve`` and tests
-build one; the API only routes requests to it.
+service (automatic stop actions, jobs, the store's last writes), then resource
+metering's sampler (it samples the VMs the stop actions save or shut down). ``hv serve``
+and tests build one; the API only routes requests to it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.export_ops import ExportOperations
 from hvstack.host.facts import HostProbe
 from hvstack.host.import_ops import ImportOperations
+from hvstack.host.metering import HostMemory as MeteredHostMemory
+from hvstack.host.metering import MemoryReading as MeteredMemory
+from hvstack.host.metering import Metering
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
 from hvstack.host.storage_move import StorageMoves
@@ -56,6 +60,19 @@ class HostRoot:
         self.exports = ExportOperations(service, self.checkpoints, self.guest.freezer)
         self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
         self.storage_moves = StorageMoves(service, self.checkpoints)
+        self.metering = Metering(service, self.network.tap)
+        self.metering.memory = self._metered_memory
+        self.metering.host_memory = self._metered_host_memory
+
+    def _metered_memory(self, vm_id: str) -> MeteredMemory | None:
+        """The dynamic memory balancer's last reading of a running VM, for metering."""
+        reading = self.service.memory.reading(vm_id)
+        return None if reading is None else MeteredMemory(reading.assigned, reading.demand)
+
+    def _metered_host_memory(self) -> MeteredHostMemory:
+        summary = self.service.memory.host_summary()
+        return MeteredHostMemory(summary.total, summary.reserved, summary.assigned,
+                                 summary.available)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,
@@ -76,6 +93,7 @@ class HostRoot:
             # A checkpoint merge a killed service left is finished (a job per VM).
             await root.checkpoints.startup()
             await root.storage_moves.startup()  # moves a crash cut short
+            await root.metering.start()
         except BaseException:
             await root.close()
             raise
@@ -86,5 +104,8 @@ class HostRoot:
             await self.guest.close()
             await self.console.close()
         finally:
-            await self.service.shutdown()
+            try:  # the automatic stop actions sample metered VMs on their way out
+                await self.service.shutdown()
+            finally:
+                await self.metering.close()
             await self.network.close()

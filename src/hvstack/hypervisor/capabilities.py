@@ -302,8 +302,19 @@ class NbdExport:
     writable: bool = False
 
 
+@dataclass(frozen=True)
+class BlockIoStats:
+    """What the guest read and wrote through one block device since QEMU started
+    (counters of the device, so a snapshot or a mirror switch underneath keeps them)."""
+
+    device: str  # the device's id ("disk-<disk id>-dev"); a device without one: its path
+    read_bytes: int
+    write_bytes: int
+
+
 class BlockJobs(Protocol):
-    """Snapshots, mirror, commit and stream jobs, dirty bitmaps and NBD exports.
+    """Snapshots, mirror, commit and stream jobs, dirty bitmaps and NBD exports; the
+    devices' I/O counters (:meth:`io_stats`).
 
     Jobs run in QEMU; their progress arrives as ``JOB_STATUS_CHANGE`` events and
     :meth:`jobs`. A job id names one job for its whole life. Jobs are not dismissed by
@@ -359,6 +370,10 @@ class BlockJobs(Protocol):
 
     async def top_nodes(self) -> frozenset[str]:
         """The node each block device reads and writes now (the top of its chain)."""
+        ...
+
+    async def io_stats(self) -> tuple[BlockIoStats, ...]:
+        """The bytes read and written through each block device (``query-blockstats``)."""
         ...
 
     async def complete(self, job_id: str) -> None: ...

@@ -19,6 +19,7 @@ from hvstack.errors import HypervisorError, OperationTimeout
 from hvstack.hypervisor.capabilities import (
     Backup,
     BalloonStats,
+    BlockIoStats,
     BlockJobInfo,
     BlockNodeSpec,
     DeviceSpec,
@@ -320,6 +321,22 @@ def parse_block_jobs(reply: Sequence[Mapping[str, Any]]) -> list[BlockJobInfo]:
     ]
 
 
+def parse_blockstats(reply: Sequence[Mapping[str, Any]]) -> tuple[BlockIoStats, ...]:
+    """Parse ``query-blockstats``: one entry per device with a medium. A device made
+    with ``-device`` over a ``-blockdev`` has no legacy name; its ``qdev`` is its id,
+    or for a virtio device the QOM path of its backend
+    (``/machine/peripheral/<id>/virtio-backend``)."""
+    found = []
+    for entry in reply:
+        stats: Mapping[str, Any] = entry.get("stats") or {}
+        qdev = str(entry.get("qdev") or entry.get("device") or entry.get("node-name") or "")
+        if qdev.startswith(PERIPHERALS + "/"):
+            qdev = qdev.removeprefix(PERIPHERALS + "/").partition("/")[0]
+        found.append(BlockIoStats(qdev, _int(stats, "rd_bytes") or 0,
+                                  _int(stats, "wr_bytes") or 0))
+    return tuple(found)
+
+
 def plain_filename(name: str) -> str:
     """The file of a format node: QEMU names a node whose backing was given explicitly
     ``json:{..., "file": {"driver": "file", "filename": PATH}}``; PATH is its file."""
@@ -413,6 +430,9 @@ class QemuBlockJobs:
         return frozenset(str(d["inserted"]["node-name"]) for d in devices
                          if isinstance(d.get("inserted"), dict)
                          and d["inserted"].get("node-name"))
+
+    async def io_stats(self) -> tuple[BlockIoStats, ...]:
+        return parse_blockstats(await self._monitor.execute("query-blockstats"))
 
     async def node_files(self) -> dict[str, str]:
         nodes = await self._monitor.execute("query-named-block-nodes", {"flat": True})
