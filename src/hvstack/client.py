@@ -361,6 +361,35 @@ class Client:
                     continue
                 raise
 
+    # -- dynamic memory (Set-VMMemory, Get-VMMemory) ------------------------------------
+
+    def set_memory(self, ref: str, *, dynamic: bool | None = None,
+                   startup: int | str | None = None, minimum: int | str | None = None,
+                   maximum: int | str | None = None, buffer_percent: int | None = None,
+                   weight: int | None = None) -> dict[str, Any]:
+        """Change VM ``ref``'s memory settings (sizes in bytes or as "512M"); return its
+        view. Turning dynamic memory on or off and the startup memory need the VM Off;
+        while it runs the minimum may only go down and the maximum only up."""
+        body = {"dynamic_memory": dynamic, "memory_startup": startup,
+                "memory_minimum": minimum, "memory_maximum": maximum,
+                "memory_buffer_percent": buffer_percent, "memory_weight": weight}
+        result: dict[str, Any] = self.request(
+            "PATCH", url_path("vms", ref),
+            json={k: v for k, v in body.items() if v is not None})
+        return result
+
+    def memory(self, ref: str) -> dict[str, Any]:
+        """VM ``ref``'s memory: its settings, and while it runs its assigned memory,
+        the guest's demand and the memory status (with the reason)."""
+        vm = self.get(url_path("vms", ref))
+        return {k: v for k, v in vm.items() if k.startswith(("memory_", "dynamic_memory"))}
+
+    def host_info(self) -> dict[str, Any]:
+        """The host, with its memory: total, reserved for the host, assigned to VMs,
+        available."""
+        result: dict[str, Any] = self.get("/host")
+        return result
+
     def set_processor(self, ref: str, *, reserve: int | None = None, limit: int | None = None,
                       weight: int | None = None) -> dict[str, Any]:
         """Set-VMProcessor -Reserve/-Maximum/-RelativeWeight: percentages of the VM's

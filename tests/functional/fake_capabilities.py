@@ -26,6 +26,7 @@ from hvstack.hypervisor.capabilities import (
     DirtyBitmap,
     FdSetMember,
     Memory,
+    MemoryDeviceSize,
     Migration,
     MigrationParameters,
     MigrationStats,
@@ -33,7 +34,13 @@ from hvstack.hypervisor.capabilities import (
     NetdevSpec,
     Snapshot,
 )
-from hvstack.hypervisor.spec import MachineSpec, NicModel, TapNetdev, slot_address
+from hvstack.hypervisor.spec import (
+    MEMORY_DEVICE,
+    MachineSpec,
+    NicModel,
+    TapNetdev,
+    slot_address,
+)
 
 
 def _refuse(message: str, qmp_class: str = "GenericError") -> HypervisorError:
@@ -208,16 +215,34 @@ class FakeDevices:
 
 @dataclass
 class FakeMemory:
+    """A guest's memory: the balloon (``size``: boot memory it has now) and virtio-mem
+    devices (``requested`` by id, ``plugged``: what the guest took).
+    ``driver`` False: a guest without the virtio-mem driver (nothing gets plugged);
+    ``floor``: a guest that gives no memory back below it through the balloon."""
+
     size: int = 0  # what the guest has now
     target: int | None = None
     stats: BalloonStats = field(default_factory=lambda: BalloonStats(last_update=0))
     stats_interval: int = 0
-    memory_devices: dict[str, int] = field(default_factory=dict)
+    requested: dict[str, int] = field(default_factory=dict)
+    plugged: dict[str, int] = field(default_factory=dict)
+    maximum: dict[str, int] = field(default_factory=dict)
+    driver: bool = True
+    floor: int | None = None
+
+    @classmethod
+    def of_spec(cls, spec: MachineSpec) -> FakeMemory:
+        fake = cls(size=spec.memory.size_bytes)
+        if spec.memory.hotplug_bytes:
+            fake.requested[MEMORY_DEVICE] = fake.plugged[MEMORY_DEVICE] = 0
+            fake.maximum[MEMORY_DEVICE] = spec.memory.hotplug_bytes
+        return fake
 
     async def set_balloon_target(self, size: int) -> None:
         if size <= 0:
             raise _refuse("Parameter 'value' expects a size")
-        self.target = self.size = size  # a cooperative guest, at once
+        self.target = size
+        self.size = max(size, self.floor or 0)  # a cooperative guest, at once
 
     async def balloon_size(self) -> int:
         return self.size
@@ -229,9 +254,18 @@ class FakeMemory:
         return self.stats
 
     async def set_memory_device_size(self, device_id: str, size: int) -> None:
-        if device_id not in self.memory_devices:
+        if device_id not in self.requested:
             raise _refuse(f"Device '{device_id}' not found", "DeviceNotFound")
-        self.memory_devices[device_id] = size
+        if size > self.maximum.get(device_id, size):
+            raise _refuse("Property 'requested-size' is too big")
+        self.requested[device_id] = size
+        if self.driver:
+            self.plugged[device_id] = size
+
+    async def memory_devices(self) -> dict[str, MemoryDeviceSize]:
+        return {d: MemoryDeviceSize(self.plugged.get(d, 0), requested,
+                                    self.maximum.get(d, requested))
+                for d, requested in self.requested.items()}
 
 
 @dataclass

@@ -181,6 +181,7 @@ class FakeDriver:
             status_value="inmigrate" if spec.incoming else "running",
             ignore_power_button=self.ignore_power_button, spec=spec, argv=build_argv(spec),
             devices=FakeDevices.of_spec(spec),
+            memory=FakeMemory.of_spec(spec),
             block_jobs=FakeBlockJobs.of_spec(spec),
         )
         pidfile.parent.mkdir(parents=True, exist_ok=True)

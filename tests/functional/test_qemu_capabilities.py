@@ -18,6 +18,7 @@ from hvstack.hypervisor.capabilities import (
     DeviceSpec,
     DirtyBitmap,
     FdSetMember,
+    MemoryDeviceSize,
     MigrationParameters,
     MigrationStats,
     NetdevSpec,
@@ -220,6 +221,18 @@ async def test_balloon_target_size_and_statistics(qmp: FakeQmp, machine: QemuMac
         {"path": "/machine/peripheral/vmem0", "property": "requested-size",
          "value": 2 * 2**30},
     ]
+
+
+async def test_memory_devices_report_plugged_and_requested_sizes(
+        qmp: FakeQmp, machine: QemuMachine) -> None:
+    qmp.reply("query-memory-devices", [
+        {"type": "dimm", "data": {"id": "dimm0", "size": 2**30}},
+        {"type": "virtio-mem", "data": {"id": "dynmem0", "memdev": "/objects/dynmem-ram",
+                                        "size": 64 * 2**20, "requested-size": 128 * 2**20,
+                                        "max-size": 2**30, "block-size": 2 * 2**20}}])
+    assert await machine.memory.memory_devices() == {
+        "dynmem0": MemoryDeviceSize(plugged=64 * 2**20, requested=128 * 2**20,
+                                    maximum=2**30)}
 
 
 async def test_statistics_not_reported_yet_are_none(qmp: FakeQmp,

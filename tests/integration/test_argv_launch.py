@@ -52,7 +52,8 @@ def run_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def small_spec(folder: Path, generation: Generation, os_type: str) -> MachineSpec:
+def small_spec(folder: Path, generation: Generation, os_type: str,
+               dynamic: bool = False) -> MachineSpec:
     disk = folder / "disk0.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     dvd = folder / "install.iso"
@@ -68,11 +69,13 @@ def small_spec(folder: Path, generation: Generation, os_type: str) -> MachineSpe
         network_adapters=(NetworkAdapter("52:54:00:aa:bb:cc",
                                          NicModel.E1000 if gen1 else NicModel.VIRTIO),),
         os_type=os_type,
+        dynamic_memory=dynamic, memory_minimum_bytes=64 * 1024 * 1024,
+        memory_maximum_bytes=1024**3,
     )
     if not gen1:
         shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
     return machine_spec(VM_ID, config, VmFiles(folder, folder),
-                        MachineHost("tcg", str(OVMF_CODE)))
+                        MachineHost("tcg", str(OVMF_CODE), memory_bytes=8 * 1024**3))
 
 
 @pytest.mark.parametrize("os_type", ["linux", "windows"])
@@ -115,6 +118,34 @@ async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
             await machine.screendump(dump)
             image = parse_ppm(dump.read_bytes())
             assert image.width >= 320 and image.height >= 200
+        finally:
+            await machine.quit()
+            await machine.close()
+    finally:
+        process.kill(pid, VM_ID)
+
+
+@pytest.mark.parametrize("generation", list(Generation))
+async def test_dynamic_memory_devices_start_under_tcg(run_dir: Path,
+                                                      generation: Generation) -> None:
+    spec = small_spec(run_dir, generation, "linux", dynamic=True)
+    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
+    monitor = Monitor(VM_ID)
+    try:
+        await monitor.connect(spec.paths.qmp_socket)
+        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
+        try:
+            devices = await machine.memory.memory_devices()
+            region = 8 * 1024**3  # the host's memory
+            assert devices["dynmem0"].requested == devices["dynmem0"].plugged == 0
+            assert devices["dynmem0"].maximum == region
+            await machine.memory.set_memory_device_size("dynmem0", 64 * 1024 * 1024)
+            assert (await machine.memory.memory_devices())["dynmem0"].requested == (
+                64 * 1024 * 1024)
+            assert await machine.memory.balloon_size() == 128 * 1024 * 1024
+            if generation is Generation.GEN1:
+                slots = await machine.devices.root_bus_slots()
+                assert slots[0x0F] == "dynmem0"
         finally:
             await machine.quit()
             await machine.close()

@@ -142,7 +142,13 @@ def gen1_switch_spec() -> MachineSpec:
                      NetDevice(MAC, NicModel.E1000)))
 
 
+DYNAMIC = MemorySpec(256 * 1024 * 1024, balloon=True, hotplug_bytes=32 * GIB,
+                    free_page_reporting=True)
+
+
 GOLDEN_SPECS = {
+    "argv_gen1_dynamic_memory": lambda: replace(gen1_spec("tcg"), memory=DYNAMIC),
+    "argv_gen2_dynamic_memory": lambda: replace(gen2_spec("tcg"), memory=DYNAMIC),
     "argv_gen1": lambda: gen1_spec("tcg"),
     "argv_gen1_switch": gen1_switch_spec,
     "argv_gen2_switch": gen2_switch_spec,
@@ -506,6 +512,34 @@ def test_a_balloon_is_there_when_asked_for() -> None:
     spec = replace(gen2_spec(), memory=MemorySpec(1 * GIB, balloon=True))
     devices = {d["id"]: d for d in json_options(build_argv(spec), "-device")}
     assert devices["balloon0"]["driver"] == "virtio-balloon-pci"
+
+
+def test_dynamic_memory_boots_with_startup_and_plugs_above_it() -> None:
+    for spec in (replace(gen1_spec(), memory=DYNAMIC), replace(gen2_spec(), memory=DYNAMIC)):
+        argv = build_argv(spec)
+        assert option_values(argv, "-m") == [f"size=256M,slots=1,maxmem={256 + 32 * 1024}M"]
+        backend, = json_options(argv, "-object")
+        assert backend == {"qom-type": "memory-backend-ram", "id": "dynmem-ram",
+                           "size": 32 * GIB, "reserve": False}
+        devices = {d["id"]: d for d in json_options(argv, "-device")}
+        mem = devices["dynmem0"]
+        assert (mem["driver"], mem["memdev"], mem["requested-size"], mem["block-size"]) == (
+            "virtio-mem-pci", "dynmem-ram", 0, 2 * 1024 * 1024)
+        assert devices["balloon0"]["free-page-reporting"] is True
+        # i440fx: a fixed slot of its own, away from the adapters'; q35: QEMU places it.
+        assert mem.get("addr") == ("0x0f" if spec.chipset is Chipset.I440FX else None)
+
+
+def test_static_memory_has_no_memory_devices() -> None:
+    for spec in (gen1_spec(), gen2_spec()):
+        argv = build_argv(spec)
+        assert option_values(argv, "-m") == ["size=1024M"]
+        assert "-object" not in argv and "virtio-mem" not in str(argv)
+
+
+def test_hot_pluggable_memory_is_whole_blocks() -> None:
+    with pytest.raises(InvalidInput, match="2 MiB blocks"):
+        MemorySpec(GIB, hotplug_bytes=GIB + 4096)
 
 
 # -- escaping -------------------------------------------------------------------------------

@@ -148,6 +148,8 @@ def test_boot_configs_boot_at_once_on_the_serial_console() -> None:
     consoles = [arg for arg in cmdline.split() if arg.startswith("console=")]
     assert consoles[-1] == "console=ttyS0,115200" and "console=tty0" in consoles
     assert "quiet" not in cmdline.split()
+    # hot-plugged memory (dynamic memory) comes online movable: it can be unplugged
+    assert "memhp_default_state=online_movable" in cmdline.split()
     syslinux = layout.syslinux_cfg()
     assert "TIMEOUT 0" in syslinux and "PROMPT 0" in syslinux
     assert f"APPEND {cmdline}\n" in syslinux

@@ -56,10 +56,20 @@ CHAINS = {
 }
 
 
-def spec_of(config: VmConfig, accelerator: str = "tcg", **kwargs: object) -> MachineSpec:
+def spec_of(config: VmConfig, accelerator: str = "tcg", host_memory: int = 0,
+            **kwargs: object) -> MachineSpec:
     chains = kwargs.pop("chains", CHAINS[config.generation])
-    return machine_spec(VM_ID, config, FILES, MachineHost(accelerator, OVMF),
+    return machine_spec(VM_ID, config, FILES,
+                        MachineHost(accelerator, OVMF, memory_bytes=host_memory),
                         chains=chains, **kwargs)  # type: ignore[arg-type]
+
+
+def dynamic(config: VmConfig) -> VmConfig:
+    return replace(config, memory_bytes=256 * 2**20, dynamic_memory=True,
+                   memory_minimum_bytes=128 * 2**20, memory_maximum_bytes=4 * GIB)
+
+
+HOST_MEMORY = 31 * GIB + 123 * 2**20  # the region reaches it, rounded up to a GiB
 
 
 @pytest.mark.parametrize("os_type", ["linux", "windows"])
@@ -90,15 +100,26 @@ GOLDEN_SETTINGS = {
                           NetworkAdapter(MAC, NicModel.E1000))), "tcg"),
 }
 SWITCH_TAPS = {"argv_gen2_switch": {SWITCHED: 3}, "argv_gen1_switch": {SWITCHED: 3}}
+GOLDEN_SETTINGS |= {"argv_gen1_dynamic_memory": (dynamic(gen1_config()), "tcg"),
+                    "argv_gen2_dynamic_memory": (dynamic(gen2_config()), "tcg")}
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SETTINGS))
 def test_golden_through_the_settings(name: str) -> None:
     assert set(GOLDEN_SETTINGS) == set(test_argv.GOLDEN_SPECS)
     config, accelerator = GOLDEN_SETTINGS[name]
-    spec = spec_of(config, accelerator, tap_fds=SWITCH_TAPS.get(name, {}))
+    spec = spec_of(config, accelerator, HOST_MEMORY, tap_fds=SWITCH_TAPS.get(name, {}))
     assert spec == test_argv.GOLDEN_SPECS[name]()
     test_argv.check_golden(name, build_argv(spec))
+
+
+def test_static_memory_does_not_depend_on_the_hosts_memory() -> None:
+    assert spec_of(gen1_config(), host_memory=HOST_MEMORY) == spec_of(gen1_config())
+
+
+def test_the_region_covers_a_maximum_beyond_the_hosts_memory() -> None:
+    config = replace(dynamic(gen2_config()), memory_maximum_bytes=40 * GIB)
+    assert spec_of(config, host_memory=HOST_MEMORY).memory.max_bytes == 40 * GIB
 
 
 def test_a_switch_port_gets_its_tap_and_qemu_inherits_it() -> None:

@@ -71,6 +71,14 @@ class VmUpdate(Request):
     checkpoint_type: CheckpointType | None = None
     automatic_checkpoints: bool | None = None
     checkpoint_limit: int | None = Field(None, ge=1, le=1000)
+    # Dynamic memory (Hyper-V's names; ranges checked with the other settings):
+    # memory_startup is the same setting as memory.
+    dynamic_memory: bool | None = None
+    memory_startup: Size | None = None
+    memory_minimum: Size | None = None
+    memory_maximum: Size | None = None
+    memory_buffer_percent: int | None = None
+    memory_weight: int | None = None
     # Processor resource controls (ranges checked by the service: one message for all).
     processor_reserve_percent: int | None = None
     processor_limit_percent: int | None = None
@@ -189,6 +197,18 @@ class VmView(BaseModel):
     checkpoint_type: str = "production"
     automatic_checkpoints: bool = False
     checkpoint_limit: int = 50
+    # Dynamic memory: the settings (memory_bytes is the startup memory), and while the
+    # VM runs what the balancer last saw: assigned, the guest's demand (None until it
+    # reports), the status (OK, Low, Warning; None with static memory) and why.
+    dynamic_memory: bool = False
+    memory_minimum_bytes: int | None = None
+    memory_maximum_bytes: int | None = None
+    memory_buffer_percent: int = 20
+    memory_weight: int = 5000
+    memory_assigned_bytes: int | None = None
+    memory_demand_bytes: int | None = None
+    memory_status: str | None = None
+    memory_status_reason: str = ""
     processor_reserve_percent: int = 0
     processor_limit_percent: int = 100
     processor_weight: int = 100
@@ -225,5 +245,11 @@ class HostView(BaseModel):
     vm_count: int
     running_vm_count: int
     uptime_seconds: int
+    # Memory for VMs: memory_bytes is the host's total; reserved for the host itself,
+    # the configured limit (None: none), assigned to running VMs, available beyond it.
+    memory_reserved_bytes: int = 0
+    memory_limit_bytes: int | None = None
+    memory_assigned_bytes: int = 0
+    memory_available_bytes: int = 0
     processor_controls: str = Field(
         "", description="the cgroup version and controller used, or why there is none")

@@ -89,7 +89,25 @@ def _build_vm_data(vm: VmController, service: HostService) -> dict[str, Any]:
         "checkpoint_type": config.checkpoint_type.value,
         "automatic_checkpoints": config.automatic_checkpoints,
         "checkpoint_limit": config.checkpoint_limit,
+        **memory_data(vm, service),
         **processor_data(vm, service),
+    }
+
+
+def memory_data(vm: VmController, service: HostService) -> dict[str, Any]:
+    """Dynamic memory's settings, and the balancer's last reading while the VM runs."""
+    config = vm.record.config
+    reading = service.memory.reading(vm.record.id) if vm.machine_running else None
+    return {
+        "dynamic_memory": config.dynamic_memory,
+        "memory_minimum_bytes": config.memory_minimum_bytes,
+        "memory_maximum_bytes": config.memory_maximum_bytes,
+        "memory_buffer_percent": config.memory_buffer_percent,
+        "memory_weight": config.memory_weight,
+        "memory_assigned_bytes": reading.assigned if reading else None,
+        "memory_demand_bytes": reading.demand if reading else None,
+        "memory_status": reading.status.value if reading and reading.status else None,
+        "memory_status_reason": reading.reason if reading else "",
     }
 
 

@@ -100,6 +100,12 @@ def serve(
     mac_pool: str | None = typer.Option(
         None, "--mac-pool", help="FIRST-LAST: the MACs new adapters get (default "
         "52:54:00:00:00:00-52:54:00:ff:ff:ff)"),
+    memory_reserve: str | None = typer.Option(
+        None, "--memory-reserve", help="memory the host keeps for itself (default "
+        "$HV_MEMORY_RESERVE, else 10 % of its memory, 1-8 GiB)"),
+    memory_limit: str | None = typer.Option(
+        None, "--memory-limit", help="the most memory this host's VMs have together "
+        "(default $HV_MEMORY_LIMIT, else none)"),
 ) -> None:
     """Run the host service in the foreground."""
     import asyncio
@@ -113,7 +119,8 @@ def serve(
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every disconnect
     config = load_config(data_dir, listen, storage_root or None, accelerator, detach_on_exit,
                          tls_cert=tls_cert, tls_key=tls_key, insecure=insecure,
-                         default_switch=default_switch, mac_pool=mac_pool)
+                         default_switch=default_switch, mac_pool=mac_pool,
+                         memory_reserve=memory_reserve, memory_limit=memory_limit)
 
     def announce(message: str) -> None:
         err_console.print(Text(message), highlight=False)
@@ -123,10 +130,14 @@ def serve(
 
 @host_app.command("info")
 def host_info(output: Output = OutputOption, host: str | None = HostOption) -> None:
-    """Show the host: CPUs, memory, the accelerator in use and why."""
+    """Show the host: CPUs, memory (total, reserved for the host, assigned to VMs,
+    available), the accelerator in use and why."""
     with client(host) as api:
         info = api.get("/host")
-    print_json(info) if output is Output.json else details(info, {"memory_bytes": size})
+    sizes = {key: size for key in ("memory_bytes", "memory_reserved_bytes",
+                                   "memory_limit_bytes", "memory_assigned_bytes",
+                                   "memory_available_bytes")}
+    print_json(info) if output is Output.json else details(info, sizes)
 
 
 JOB_COLUMNS = [("id", "Id"), ("kind", "Kind"), ("target", "Target"), ("state", "State"),

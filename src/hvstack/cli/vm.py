@@ -24,6 +24,8 @@ from hvstack.cli.render import (
     table,
 )
 from hvstack.client import url_path
+from hvstack.errors import HvError
+from hvstack.units import parse_size
 
 app = typer.Typer(help="Create, run and manage virtual machines.", no_args_is_help=True)
 app.add_typer(nic.app, name="nic")
@@ -33,7 +35,10 @@ LIST_COLUMNS = [("name", "Name"), ("state", "State"), ("generation", "Gen"), ("c
                 ("heartbeat", "Heartbeat"), ("state_reason", "Status")]
 CHECKPOINT_TYPES = ("production", "production-only", "standard", "disabled")
 SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-services")
-FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time}
+FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time,
+           "memory_minimum_bytes": size, "memory_maximum_bytes": size,
+           "memory_assigned_bytes": size, "memory_demand_bytes": size,
+           "memory_buffer_percent": lambda v: f"{v}%"}
 
 
 def _show(vm: dict[str, Any], output: Output) -> None:
@@ -251,6 +256,23 @@ def rename(name: str, new_name: str, output: Output = OutputOption,
     print_json(vm) if output is Output.json else console.print(f"Renamed {name} to {vm['name']}")
 
 
+def _memory_body(dynamic: bool | None, startup: str | None, minimum: str | None,
+                 maximum: str | None, buffer: int | None, weight: int | None
+                 ) -> dict[str, Any]:
+    """Dynamic memory's part of a change; sizes checked here (exit 2 on a bad one)."""
+    sizes = {}
+    for key, text, what in (("memory_startup", startup, "--memory-startup"),
+                            ("memory_minimum", minimum, "--memory-min"),
+                            ("memory_maximum", maximum, "--memory-max")):
+        if text is not None:
+            try:
+                sizes[key] = parse_size(text, what=what, bare_unit="M")
+            except HvError as exc:
+                fail(exc.message)
+    return {"dynamic_memory": dynamic, **sizes, "memory_buffer_percent": buffer,
+            "memory_weight": weight}
+
+
 @app.command("set")
 def set_(
     name: str,
@@ -280,6 +302,22 @@ def set_(
         help="a checkpoint each time the VM starts from Off"),
     checkpoint_limit: int | None = typer.Option(
         None, "--checkpoint-limit", help="at most this many checkpoints (1-1000; 50)"),
+    dynamic_memory: bool | None = typer.Option(
+        None, "--dynamic-memory/--no-dynamic-memory",
+        help="memory follows the guest's demand between --memory-min and --memory-max "
+             "(turned on or off only while the VM is Off)"),
+    memory_startup: str | None = typer.Option(
+        None, "--memory-startup", help="memory the VM starts with (same as --memory)"),
+    memory_min: str | None = typer.Option(
+        None, "--memory-min", help="dynamic memory's minimum (default min(512M, startup); "
+        "only lowered while the VM runs)"),
+    memory_max: str | None = typer.Option(
+        None, "--memory-max", help="dynamic memory's maximum (default the host's memory; "
+        "only raised while the VM runs)"),
+    memory_buffer: int | None = typer.Option(
+        None, "--memory-buffer", help="memory kept on top of the demand, in % (5-2000; 20)"),
+    memory_weight: int | None = typer.Option(
+        None, "--memory-weight", help="priority when the host runs short (0-10000; 5000)"),
     processor_reserve: int | None = typer.Option(
         None, "--processor-reserve", metavar="PCT",
         help="% of the VM's processors kept for it (0-100; admitted at start)"),
@@ -302,6 +340,8 @@ def set_(
                             "checkpoint_type": checkpoint_type,
                             "automatic_checkpoints": automatic_checkpoints,
                             "checkpoint_limit": checkpoint_limit,
+                            **_memory_body(dynamic_memory, memory_startup, memory_min,
+                                           memory_max, memory_buffer, memory_weight),
                             "processor_reserve_percent": processor_reserve,
                             "processor_limit_percent": processor_limit,
                             "processor_weight": processor_weight}

@@ -12,6 +12,12 @@ An adapter in switch mode is a tap port: the host opens the tap (always, also fo
 adapter that is not connected: its tap is there, its link down) and hands the open
 descriptor in ``tap_fds``; QEMU inherits it (``pass_fds``) and the netdev names it. A
 user-mode adapter is QEMU's own NAT.
+
+A VM with dynamic memory boots with its startup memory and gets a virtio balloon (with
+free page reporting and statistics: it goes below startup) and a virtio-mem device
+(above startup) whose region reaches the host's memory (rounded up to a GiB) above
+startup, so the maximum can be raised while it runs; the region costs nothing until
+blocks are plugged. A VM with static memory gets neither: its machine is unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +56,22 @@ class MachineHost:
     accelerator: str  # "kvm" or "tcg": the VM's own choice, else the host's
     uefi_code: str  # the UEFI firmware's code (read-only, shared)
     binary: str = "qemu-system-x86_64"
+    memory_bytes: int = 0  # the host's memory: how far a dynamic VM's region reaches
+
+
+GIB = 1024**3
+BLOCK = 2 * 1024 * 1024
+
+
+def memory_spec(config: VmConfig, host_memory: int) -> hw.MemorySpec:
+    """Static memory: boot memory only. Dynamic memory: boot with the startup memory,
+    a balloon and a virtio-mem region covering the maximum and the host's memory."""
+    if not config.dynamic_memory:
+        return hw.MemorySpec(config.memory_bytes)
+    maximum = config.memory_maximum_bytes or config.memory_bytes
+    reach = max(-(-host_memory // GIB) * GIB, maximum - config.memory_bytes)
+    return hw.MemorySpec(config.memory_bytes, balloon=True, free_page_reporting=True,
+                         hotplug_bytes=max(BLOCK, -(-reach // BLOCK) * BLOCK))
 
 
 _BUSES = {DiskBus.IDE: hw.BlockBus.IDE, DiskBus.SCSI: hw.BlockBus.SCSI,
@@ -142,7 +164,7 @@ def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost
         chipset=hw.Chipset.I440FX if gen1 else hw.Chipset.Q35,
         accelerator=host.accelerator,
         cpus=config.cpus,
-        memory=hw.MemorySpec(config.memory_bytes),
+        memory=memory_spec(config, host.memory_bytes),
         paths=runtime_paths(files),
         firmware=firmware,
         enlightenments=hw.Enlightenments(hyperv=windows, rtc_localtime=windows,

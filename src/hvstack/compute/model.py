@@ -415,8 +415,66 @@ def validate_config(config: VmConfig, *, host_cpus: int, host_memory: int) -> Vm
                            value=config.checkpoint_limit)
     validate_adapters(config.network_adapters)
     _check_buses(config)
+    validate_memory(config, host_memory)
     _check_processor_controls(config)
     return config
+
+
+DEFAULT_MEMORY_MINIMUM = 512 * 1024 * 1024
+
+
+def with_memory_defaults(config: VmConfig, host_memory: int) -> VmConfig:
+    """``config`` with dynamic memory's bounds filled in where it is on and they are
+    not set: minimum min(512 MiB, startup), maximum the host's memory (whole MiB, at
+    least the startup)."""
+    if not config.dynamic_memory:
+        return config
+    minimum = config.memory_minimum_bytes
+    maximum = config.memory_maximum_bytes
+    if minimum is None:
+        minimum = min(DEFAULT_MEMORY_MINIMUM, config.memory_bytes)
+    if maximum is None:
+        maximum = max(config.memory_bytes, host_memory // (1024 * 1024) * 1024 * 1024)
+    return replace(config, memory_minimum_bytes=minimum, memory_maximum_bytes=maximum)
+
+
+def validate_memory(config: VmConfig, host_memory: int) -> None:
+    """Dynamic memory's settings, with Hyper-V's ranges: buffer 5-2000 %, weight
+    0-10000, minimum <= startup <= maximum in whole MiB, the maximum within the host's
+    memory. The bounds are checked only while dynamic memory is on (they are kept, and
+    may be stale, while it is off)."""
+    from hvstack.units import format_size
+
+    low, high = MEMORY_BUFFER_RANGE
+    if not low <= config.memory_buffer_percent <= high:
+        raise InvalidInput(f"memory buffer {config.memory_buffer_percent}% is out of range; "
+                           f"{low} to {high}% is allowed", value=config.memory_buffer_percent)
+    low, high = MEMORY_WEIGHT_RANGE
+    if not low <= config.memory_weight <= high:
+        raise InvalidInput(f"memory weight {config.memory_weight} is out of range; {low} to "
+                           f"{high} is allowed", value=config.memory_weight)
+    bounds = (("minimum", config.memory_minimum_bytes),
+              ("maximum", config.memory_maximum_bytes))
+    for what, size in bounds:
+        if size is not None and (size < MIN_MEMORY or size % (1024 * 1024)):
+            raise InvalidInput(f"{what} memory {size} bytes must be a whole number of MiB "
+                               "and at least 32 MiB", value=size)
+    if not config.dynamic_memory:
+        return
+    minimum, maximum = config.memory_minimum_bytes, config.memory_maximum_bytes
+    if minimum is None or maximum is None:
+        raise InvalidInput("dynamic memory needs a minimum and a maximum memory")
+    startup = config.memory_bytes
+    if not minimum <= startup <= maximum:
+        raise InvalidInput(
+            f"memory sizes are out of order: minimum {format_size(minimum)}, startup "
+            f"{format_size(startup)}, maximum {format_size(maximum)}; the minimum must "
+            "not exceed the startup memory, nor the startup memory the maximum",
+            minimum=minimum, startup=startup, maximum=maximum)
+    if maximum > host_memory:
+        raise InsufficientResources(
+            f"maximum memory {format_size(maximum)} is more than this host has "
+            f"({format_size(host_memory)})", value=maximum)
 
 
 def _check_processor_controls(config: VmConfig) -> None:

@@ -2,8 +2,9 @@
 
 Resolved from (highest first) explicit arguments, environment variables
 (``HV_DATA_DIR``, ``HV_HOST``, ``HV_STORAGE_ROOTS`` as a ``:``-list, ``HV_ACCELERATOR``,
-``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY`` as a size) and defaults: ``/var/lib/hvstack``
-for root, else ``~/.local/share/hvstack``.
+``HV_CACHE_DIR``, ``HV_MAX_REQUEST_BODY``, ``HV_MEMORY_RESERVE`` and ``HV_MEMORY_LIMIT``
+as sizes, ``HV_MEMORY_INTERVAL``: seconds between dynamic memory rounds) and defaults:
+``/var/lib/hvstack`` for root, else ``~/.local/share/hvstack``.
 
 The service always listens on its unix socket (``hv.sock`` in the data directory, or
 ``--listen unix:PATH``, or a ``unix:`` ``$HV_HOST``); ``--listen tcp:HOST:PORT`` adds a
@@ -130,6 +131,12 @@ class HostConfig:
     # adapters get (network.policy.MacPool's form).
     default_switch: bool = True
     mac_pool: str = DEFAULT_MAC_POOL
+    # Dynamic memory: what the host keeps for itself (None: 10 % of its memory, at
+    # least 1 GiB, at most 8 GiB), a limit on what its VMs have together (None: none),
+    # and the seconds between the balancer's rounds.
+    memory_reserve: int | None = None
+    memory_limit: int | None = None
+    memory_interval: float = 2.0
     metering_interval: float = 10.0  # seconds between samples of metered VMs
 
     @property
@@ -212,6 +219,8 @@ def load_config(
     insecure: bool = False,
     default_switch: str = "default",
     mac_pool: str | None = None,
+    memory_reserve: str | None = None,
+    memory_limit: str | None = None,
 ) -> HostConfig:
     data = Path(data_dir).absolute() if data_dir else default_data_dir()
     if any(c in str(data) for c in ",=\n"):
@@ -235,6 +244,16 @@ def load_config(
         from hvstack.network.policy import MacPool  # only the service needs it
 
         pool = str(MacPool.parse(mac_pool))
+    reserve, limit = _memory_sizes(memory_reserve, memory_limit)
+    interval = 2.0
+    if env_interval := os.environ.get("HV_MEMORY_INTERVAL"):
+        try:
+            interval = float(env_interval)
+        except ValueError:
+            interval = -1.0
+        if not 0.5 <= interval <= 60:
+            raise InvalidInput(f"HV_MEMORY_INTERVAL '{env_interval}' is not a number of "
+                               "seconds from 0.5 to 60", value=env_interval)
     return HostConfig(
         data_dir=data,
         storage_roots=tuple(dict.fromkeys(roots)),
@@ -248,4 +267,21 @@ def load_config(
         max_request_body=max_body,
         default_switch=default_switch == "default",
         mac_pool=pool,
+        memory_reserve=reserve,
+        memory_limit=limit,
+        memory_interval=interval,
     )
+
+
+def _memory_sizes(reserve: str | None, limit: str | None) -> tuple[int | None, int | None]:
+    """``--memory-reserve`` and ``--memory-limit`` (else ``$HV_MEMORY_RESERVE`` and
+    ``$HV_MEMORY_LIMIT``) as bytes (512M, 4G; a bare number is bytes)."""
+    from hvstack.units import parse_size
+
+    sizes: list[int | None] = []
+    for option, text, env in (("--memory-reserve", reserve, "HV_MEMORY_RESERVE"),
+                              ("--memory-limit", limit, "HV_MEMORY_LIMIT")):
+        value = text if text is not None else os.environ.get(env) or None
+        sizes.append(None if value is None
+                     else parse_size(value, what=option.lstrip("-"), bare_unit="M"))
+    return sizes[0], sizes[1]

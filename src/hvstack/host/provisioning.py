@@ -34,8 +34,9 @@ from hvstack.compute.model import (
     new_disk_id,
     validate_config,
     validate_name,
+    with_memory_defaults,
 )
-from hvstack.compute.settings import check_change
+from hvstack.compute.settings import check_change, check_memory_change
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, HypervisorError, InvalidInput, NotFound
 from hvstack.host.config import HostConfig
@@ -205,7 +206,10 @@ class Provisioning:
         vm = self._registry.get(ref)
         async with vm.lock:
             check_change(changes, vm.state, vm.record.name)
-            await self.store_config(vm, replace(vm.record.config, **changes))
+            new = with_memory_defaults(replace(vm.record.config, **changes),
+                                       self._facts().memory_bytes)
+            check_memory_change(vm.record.config, new, vm.state, vm.record.name)
+            await self.store_config(vm, new)
         return vm
 
     async def store_config(self, vm: VmController, new: VmConfig,

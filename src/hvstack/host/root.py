@@ -20,6 +20,8 @@ from hvstack.host.disk_ops import DiskOperations
 from hvstack.host.export_ops import ExportOperations
 from hvstack.host.facts import HostProbe
 from hvstack.host.import_ops import ImportOperations
+from hvstack.host.metering import HostMemory as MeteredHostMemory
+from hvstack.host.metering import MemoryReading as MeteredMemory
 from hvstack.host.metering import Metering
 from hvstack.host.network_ops import NetworkOperations
 from hvstack.host.service import HostService
@@ -59,6 +61,18 @@ class HostRoot:
         self.imports = ImportOperations(service, self.checkpoints, self.network.name_of)
         self.storage_moves = StorageMoves(service, self.checkpoints)
         self.metering = Metering(service, self.network.tap)
+        self.metering.memory = self._metered_memory
+        self.metering.host_memory = self._metered_host_memory
+
+    def _metered_memory(self, vm_id: str) -> MeteredMemory | None:
+        """The dynamic memory balancer's last reading of a running VM, for metering."""
+        reading = self.service.memory.reading(vm_id)
+        return None if reading is None else MeteredMemory(reading.assigned, reading.demand)
+
+    def _metered_host_memory(self) -> MeteredHostMemory:
+        summary = self.service.memory.host_summary()
+        return MeteredHostMemory(summary.total, summary.reserved, summary.assigned,
+                                 summary.available)
 
     @classmethod
     async def start(cls, config: HostConfig, store: Store, driver: Driver,

@@ -31,13 +31,14 @@ from hvstack.compute.model import (
 from hvstack.compute.policy import StopAction, StopMode
 from hvstack.compute.states import Operation
 from hvstack.errors import HvError, NotFound
-from hvstack.host import cleanup
+from hvstack.host import cleanup, memory_balancer
 from hvstack.host.block_work import BlockWork
 from hvstack.host.config import HostConfig
 from hvstack.host.disk_use import DiskUse
 from hvstack.host.events import EventBus
 from hvstack.host.facts import HostFacts, HostProbe, LinuxHost
 from hvstack.host.jobs import Job, JobManager, Progress
+from hvstack.host.memory_balancer import MemoryBalancer, default_reserve
 from hvstack.host.processor_controls import ProcessorControls, parent_name
 from hvstack.host.provisioning import NewVm, Provisioning, new_mac
 from hvstack.host.records import JobRecords, VmRecords
@@ -45,6 +46,7 @@ from hvstack.host.registry import VmRegistry
 from hvstack.host.store import Store
 from hvstack.hypervisor.driver import Driver
 from hvstack.hypervisor.spec import MachineSpec
+from hvstack.memory.model import HostPool
 from hvstack.network.names import service_tag
 from hvstack.progress import no_progress
 
@@ -96,6 +98,10 @@ class HostService:
         self.provisioning.change_checks.append(self.processor.check_change)
         self.provisioning.change_hooks.append(self.processor.on_change)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Dynamic memory: a round every config.memory_interval seconds while it runs.
+        self.memory = MemoryBalancer(self.list_vms, self.events, self.memory_pool,
+                                     config.memory_interval)
+        self._memory_task: asyncio.Task[None] | None = None
         self.start_hook: StartHook | None = None  # set by the network operations
         # Run by every start job in the VM's lock before the start (automatic checkpoints).
         self.start_jobs: list[Callable[[VmController, Progress], Awaitable[None]]] = []
@@ -132,10 +138,14 @@ class HostService:
             vm.files.pidfile.unlink(missing_ok=True)  # a stale pid may be reused
         self.processor.startup(vm.record for vm in vms)
         self.cleanup_report = report
+        self._memory_task = asyncio.create_task(self.memory.run(), name="memory-balancer")
         for vm in vms:
             self._schedule_auto_start(vm)
 
     async def shutdown(self) -> None:
+        if self._memory_task is not None:
+            await memory_balancer.stop(self._memory_task)
+            self._memory_task = None
         if not self.config.detach_on_exit:
             await asyncio.gather(
                 *(self._auto_stop(vm) for vm in self.list_vms()), return_exceptions=True
@@ -211,13 +221,20 @@ class HostService:
 
     # -- running a VM --------------------------------------------------------
 
+    def memory_pool(self) -> HostPool:
+        """The memory this host's VMs may have together (see :mod:`hvstack.memory`)."""
+        total = self.facts.memory_bytes
+        reserve = (self.config.memory_reserve if self.config.memory_reserve is not None
+                   else default_reserve(total))
+        return HostPool(total, reserve, self.config.memory_limit)
+
     def accelerator_for(self, config: VmConfig) -> str:
         """The accelerator the VM runs with (checked for usability when it starts)."""
         return config.accelerator or self.facts.accelerator.name
 
     def _spec_for(self, record: VmRecord, incoming: bool) -> MachineSpec:
         host = MachineHost(self.accelerator_for(record.config), str(self.config.ovmf_code),
-                           self.config.qemu_binary)
+                           self.config.qemu_binary, self.facts.memory_bytes)
         taps = self.start_hook.tap_fds(record) if self.start_hook else None
         return machine_spec(record.id, record.config, self.registry.files(record.id), host,
                             chains=self.registry.chains.get(record.id, {}), incoming=incoming,
@@ -250,6 +267,7 @@ class HostService:
                            "does not exist", vm=record.name)
         if record.config.accelerator:
             self.host.check_accelerator(record.config.accelerator)
+        self.memory.admit(record)  # next to what the running VMs cannot give back
         policy.admit_memory(record.name, record.config.memory_bytes,
                             self.host.available_memory())
         self.processor.check_start(record)

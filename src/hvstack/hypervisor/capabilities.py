@@ -137,6 +137,16 @@ class BalloonStats:
     minor_faults: int | None = None
 
 
+@dataclass(frozen=True)
+class MemoryDeviceSize:
+    """A virtio-mem device: what is plugged into the guest now (``plugged``), what it
+    was asked for (``requested``) and the most it can hold (``maximum``), in bytes."""
+
+    plugged: int
+    requested: int
+    maximum: int
+
+
 class Memory(Protocol):
     """Dynamic memory: the balloon's target and the guest's statistics, virtio-mem."""
 
@@ -156,6 +166,10 @@ class Memory(Protocol):
 
     async def set_memory_device_size(self, device_id: str, size: int) -> None:
         """Ask a virtio-mem device to plug or unplug memory until it holds ``size``."""
+        ...
+
+    async def memory_devices(self) -> Mapping[str, MemoryDeviceSize]:
+        """Each virtio-mem device of the machine by id, with its sizes."""
         ...
 
 

@@ -37,6 +37,8 @@ with its limit of 31 characters for node names."""
 DVD_NODE = "dvd"
 DVD_DEVICE = "dvd-dev"
 BALLOON_DEVICE = "balloon0"
+MEMORY_BACKEND = "dynmem-ram"  # the RAM behind the virtio-mem device (dynamic memory)
+MEMORY_DEVICE = "dynmem0"  # the virtio-mem device that plugs memory above startup
 
 
 def _ident(identity: str) -> str:
@@ -111,6 +113,12 @@ first free one. Slot 0 is the host bridge, 1 the PIIX (ISA, IDE, ACPI); QEMU pla
 every other device itself from slot 2 upward (display, virtio-serial, rng, balloon,
 USB, SCSI controller: at most slot 7), then virtio disks, which come after the adapters
 on the command line so that, however many there are, they skip the adapters' slots."""
+
+
+MEMORY_DEVICE_SLOT = 0x0F
+"""i440fx: the root-bus slot of the virtio-mem device (dynamic memory), fixed so the
+machine looks the same on every start and restore, below :data:`NIC_SLOTS` and above
+what QEMU gives the other built-in devices."""
 
 
 def slot_address(slot: int) -> str:
@@ -299,11 +307,27 @@ class NetDevice:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    """Boot memory; ``balloon`` adds a virtio balloon (device :data:`BALLOON_DEVICE`).
-    Hot-pluggable memory devices (virtio-mem) will be listed here."""
+    """Boot memory (``size_bytes``: a dynamic memory VM's startup memory); ``balloon``
+    adds a virtio balloon (device :data:`BALLOON_DEVICE`; ``free_page_reporting``: the
+    guest hands its free pages back to the host). ``hotplug_bytes`` > 0 adds a
+    virtio-mem device (:data:`MEMORY_DEVICE`) over a RAM backend of that size
+    (:data:`MEMORY_BACKEND`, reserved only as blocks are plugged); it starts with
+    nothing plugged."""
 
     size_bytes: int
     balloon: bool = False
+    hotplug_bytes: int = 0
+    free_page_reporting: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hotplug_bytes < 0 or self.hotplug_bytes % (2 * 1024 * 1024):
+            raise InvalidInput("the hot-pluggable memory must be whole 2 MiB blocks",
+                               value=self.hotplug_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        """The most memory the machine can hold: boot memory and every block plugged."""
+        return self.size_bytes + self.hotplug_bytes
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ WANTED_MODULES: tuple[str, ...] = (
     # VLAN trunks in the guest (ip link add ... type vlan)
     "8021q",
     "virtio_balloon",
+    # dynamic memory above the startup amount: blocks plugged and unplugged by the host
+    "virtio_mem",
     "virtio_rng",
     # ACPI power button events for acpid
     "button",

@@ -37,6 +37,7 @@ def qemu_version(binary: str) -> str:
 async def host_info(request: Request) -> HostView:
     service = service_of(request)
     vms = service.list_vms()
+    memory = service.memory.host_summary()
     return HostView(
         hostname=socket.gethostname(),
         version=__version__,
@@ -52,6 +53,10 @@ async def host_info(request: Request) -> HostView:
         running_vm_count=sum(vm.state is not VmState.OFF and vm.state is not VmState.SAVED
                              for vm in vms),
         uptime_seconds=int(time.time() - service.started_at),
+        memory_reserved_bytes=memory.reserved,
+        memory_limit_bytes=memory.limit,
+        memory_assigned_bytes=memory.assigned,
+        memory_available_bytes=memory.available,
         processor_controls=service.processor.summary(),
     )
 

@@ -36,6 +36,7 @@ from hvstack.compute.model import (
     VmConfig,
 )
 from hvstack.compute.policy import StopMode
+from hvstack.errors import InvalidInput
 from hvstack.host import vm_wait
 from hvstack.host.service import NewVm
 from hvstack.units import parse_size
@@ -94,6 +95,7 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
             changes[key] = fields[key]
     if "memory" in fields:
         changes["memory_bytes"] = parse_size(fields["memory"], what="memory", bare_unit="M")
+    changes |= _memory_changes(fields)
     if "boot_order" in fields:
         changes["boot_order"] = tuple(BootDevice(b) for b in fields["boot_order"])
     if "auto_start" in fields:
@@ -110,6 +112,25 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
         changes["accelerator"] = None if fields["accelerator"] == "auto" else fields["accelerator"]
     vm = await service.update_vm(ref, **changes) if changes else service.get_vm(ref)
     return vm_view(vm, service)
+
+
+def _memory_changes(fields: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic memory's fields of a change, sizes parsed (bare numbers below 1 MiB
+    refused with a hint, as for the memory)."""
+    changes: dict[str, Any] = {}
+    if "memory_startup" in fields:
+        if "memory" in fields:
+            raise InvalidInput("give the startup memory once: memory or memory_startup")
+        changes["memory_bytes"] = parse_size(fields["memory_startup"],
+                                             what="startup memory", bare_unit="M")
+    for key, name in (("memory_minimum", "minimum memory"),
+                      ("memory_maximum", "maximum memory")):
+        if key in fields:
+            changes[f"{key}_bytes"] = parse_size(fields[key], what=name, bare_unit="M")
+    for key in ("dynamic_memory", "memory_buffer_percent", "memory_weight"):
+        if key in fields:
+            changes[key] = fields[key]
+    return changes
 
 
 @router.delete("/{ref}")

@@ -44,6 +44,9 @@ import json
 
 from hvstack.hypervisor.spec import (
     BALLOON_DEVICE,
+    MEMORY_BACKEND,
+    MEMORY_DEVICE,
+    MEMORY_DEVICE_SLOT,
     BlockBus,
     BlockDevice,
     BlockNode,
@@ -261,10 +264,34 @@ def _pointer_and_timer_args(spec: MachineSpec) -> list[str]:
     return args
 
 
+MIB = 1024 * 1024
+
+
+def _memory_size(spec: MachineSpec) -> str:
+    memory = spec.memory
+    if not memory.hotplug_bytes:
+        return f"size={memory.size_bytes // MIB}M"
+    return f"size={memory.size_bytes // MIB}M,slots=1,maxmem={memory.max_bytes // MIB}M"
+
+
 def _memory_devices(spec: MachineSpec) -> list[str]:
-    if spec.memory.balloon:
-        return ["-device", _json({"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE})]
-    return []
+    memory, args = spec.memory, []
+    if memory.balloon:
+        balloon: dict[str, object] = {"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE}
+        if memory.free_page_reporting:
+            balloon["free-page-reporting"] = True
+        args += ["-device", _json(balloon)]
+    if memory.hotplug_bytes:
+        # reserve=off: the region costs nothing until blocks are plugged into it.
+        args += ["-object", _json({"qom-type": "memory-backend-ram", "id": MEMORY_BACKEND,
+                                   "size": memory.hotplug_bytes, "reserve": False})]
+        device: dict[str, object] = {"driver": "virtio-mem-pci", "id": MEMORY_DEVICE,
+                                     "memdev": MEMORY_BACKEND, "block-size": 2 * MIB,
+                                     "requested-size": 0}
+        if spec.chipset is Chipset.I440FX:
+            device["addr"] = slot_address(MEMORY_DEVICE_SLOT)
+        args += ["-device", _json(device)]
+    return args
 
 
 def build_argv(spec: MachineSpec) -> list[str]:
@@ -279,7 +306,7 @@ def build_argv(spec: MachineSpec) -> list[str]:
         *_machine_args(spec),
         "-cpu", _cpu_model(spec),
         "-smp", str(spec.cpus),
-        "-m", f"size={spec.memory.size_bytes // (1024 * 1024)}M",
+        "-m", _memory_size(spec),
         "-rtc",
         "base=localtime,driftfix=slew" if spec.enlightenments.rtc_localtime else "base=utc",
         "-display", "none",

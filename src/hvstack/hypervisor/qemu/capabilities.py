@@ -25,6 +25,7 @@ from hvstack.hypervisor.capabilities import (
     DeviceSpec,
     DirtyBitmap,
     FdSetMember,
+    MemoryDeviceSize,
     MigrationParameters,
     MigrationStats,
     NbdExport,
@@ -228,6 +229,23 @@ class QemuMemory:
         await self._monitor.execute("qom-set", {
             "path": f"/machine/peripheral/{device_id}", "property": "requested-size",
             "value": size})
+
+    async def memory_devices(self) -> Mapping[str, MemoryDeviceSize]:
+        reply = await self._monitor.execute("query-memory-devices")
+        return parse_memory_devices(reply)
+
+
+def parse_memory_devices(reply: Any) -> dict[str, MemoryDeviceSize]:
+    """Parse ``query-memory-devices``: the virtio-mem devices (DIMMs have no request)."""
+    devices: dict[str, MemoryDeviceSize] = {}
+    for entry in reply or ():
+        data = entry.get("data") or {}
+        if entry.get("type") != "virtio-mem" or not data.get("id"):
+            continue
+        devices[str(data["id"])] = MemoryDeviceSize(
+            plugged=_int(data, "size") or 0, requested=_int(data, "requested-size") or 0,
+            maximum=_int(data, "max-size") or 0)
+    return devices
 
 
 # -- migration ----------------------------------------------------------------------------
