@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 HV := $(VENV)/bin/hv
 export HV_CACHE_DIR ?= $(CURDIR)/.cache
+# Test processes side by side (pytest-xdist), each taking whole test files: most of an
+# integration test's time is spent waiting on a guest, so two share two cores well.
+TEST_WORKERS ?= 2
 DEMO_DATA ?= $(CURDIR)/demo-data
 
 .PHONY: install deps venv image demo demo-stop test test-unit test-functional \
@@ -35,13 +38,15 @@ lint: venv
 	$(VENV)/bin/mypy src
 
 test: install lint
-	$(VENV)/bin/pytest -p no:cacheprovider -q --durations=25 tests
+	$(VENV)/bin/pytest -p no:cacheprovider -q -n $(TEST_WORKERS) --dist loadfile \
+		--durations=25 tests
 
 test-unit: venv
 	$(VENV)/bin/pytest -p no:cacheprovider -q tests/unit tests/functional
 
 test-integration: install
-	$(VENV)/bin/pytest -p no:cacheprovider -q tests/integration
+	$(VENV)/bin/pytest -p no:cacheprovider -q -n $(TEST_WORKERS) --dist loadfile \
+		tests/integration
 
 bench: install
 	$(VENV)/bin/python -m bench

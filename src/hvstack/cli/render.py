@@ -66,7 +66,7 @@ class PlainConsole(Console):
         return super().render_str(escape_controls(text, keep_newlines=True), **options)
 
 
-console = PlainConsole()
+console = PlainConsole(soft_wrap=True)  # a long path stays one line: it can be copied
 err_console = PlainConsole(stderr=True, soft_wrap=True)
 
 EXIT_ERROR = 2
