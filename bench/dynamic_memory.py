@@ -15,9 +15,10 @@ its demand and its assigned memory holds still), :data:`REPS` times:
 * reclaim: the guest deletes the files. *Reclaim*: until the assigned memory is back
   within :data:`RECLAIM_BLOCKS` blocks of what it had settled at before the fill.
 
-Baseline, the physical bound, measured in the same run: the VM turned off, the same
-QEMU command line (built by the service's own code) started by hand (a first plug and
-unplug, not measured, waits for its guest to load the driver), then ``qom-set
+Baseline, the physical bound, measured in the same run: a bare QEMU with the same
+memory layout (startup boot memory, a virtio-mem region, a balloon) on an overlay of the
+tiny image, started by hand (a first plug and unplug, not measured, waits for its guest
+to load the driver), then ``qom-set
 requested-size`` on the virtio-mem device straight over QMP, polling
 ``query-memory-devices`` until the device reports the size plugged (then 0 again,
 until unplugged), for as much memory as the balancer added in the demand step (median).
@@ -30,6 +31,8 @@ times as many VMs with dynamic memory as with static memory.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +55,7 @@ from bench.memory_guest import (
 )
 from bench.report import Section, Table, ratio, verdict
 from bench.support import Qmp, ServiceProcess, install_tiny_image, median
-from bench.vm_start import HandStarter, spec_for
-from hvstack.client import ApiError, url_path
+from hvstack.client import ApiError
 from hvstack.hypervisor.spec import MEMORY_DEVICE
 
 REPS = 2
@@ -177,25 +179,52 @@ def _resize(qmp: Qmp, size: int, timeout: float = PLUG_TIMEOUT) -> float:
     return time.perf_counter() - began
 
 
-def _baseline(service: ServiceProcess, amount: int) -> tuple[list[float], list[float]]:
-    """Plug and unplug ``amount`` bytes on the VM's own QEMU started by hand."""
-    vm_id = service.client.get(url_path("vms", VM))["id"]
-    hand = HandStarter(spec_for(service.config, vm_id))
-    hand.start()
+def _bare_qemu(tmp: Path, image: Path) -> tuple[list[str], Path, Path]:
+    """A bare QEMU of the same memory layout as the service's VM (startup boot memory,
+    a virtio-mem region, a balloon) on an overlay of the tiny image: argv, QMP socket,
+    pid file."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    overlay, qmp, pidfile = tmp / "bare.qcow2", tmp / "bare-qmp.sock", tmp / "bare.pid"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(image), str(overlay)], check=True, capture_output=True, timeout=60)
+    startup = int(STARTUP.removesuffix("M"))
+    region = 1024  # MiB: more than any step
+    argv = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-smp", "1", "-nodefaults",
+            "-display", "none", "-daemonize", "-pidfile", str(pidfile),
+            "-m", f"{startup}M,slots=1,maxmem={startup + region}M",
+            "-drive", f"file={overlay},format=qcow2,if=ide",
+            "-object", f"memory-backend-ram,id=bare-mem,size={region}M,reserve=off",
+            "-device", f"virtio-mem-pci,id={MEMORY_DEVICE},memdev=bare-mem,"
+                       "block-size=2M,requested-size=0",
+            "-device", "virtio-balloon-pci,free-page-reporting=on",
+            "-qmp", f"unix:{qmp},server=on,wait=off"]
+    return argv, qmp, pidfile
+
+
+def _baseline(tmp: Path, image: Path, amount: int) -> tuple[list[float], list[float]]:
+    """Plug and unplug ``amount`` bytes straight over QMP on a bare QEMU."""
+    argv, socket_path, pidfile = _bare_qemu(tmp, image)
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    qmp = Qmp(str(socket_path))
     try:
+        # Warm-up, not measured: it waits for the guest's boot to load its driver.
+        _resize(qmp, amount, BOOT_TIMEOUT)
+        _resize(qmp, 0)
         plug: list[float] = []
         unplug: list[float] = []
-        qmp = hand._qmp  # QEMU takes one QMP client: the starter's, connected already
-        if qmp is not None:
-            # Warm-up, not measured: it waits for the guest's boot to load its driver.
-            _resize(qmp, amount, BOOT_TIMEOUT)
-            _resize(qmp, 0)
-            for _ in range(REPS):
-                plug.append(_resize(qmp, amount))
-                unplug.append(_resize(qmp, 0))
+        for _ in range(REPS):
+            plug.append(_resize(qmp, amount))
+            unplug.append(_resize(qmp, 0))
+        return plug, unplug
     finally:
-        hand.turn_off()
-    return plug, unplug
+        with contextlib.suppress(OSError, ConnectionError):
+            qmp.execute("quit")
+        qmp.close()
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def run(tmp: Path) -> Section:
@@ -206,7 +235,7 @@ def run(tmp: Path) -> Section:
         grown = median([float((s.peak.assigned or 0) - (s.settled.assigned or 0))
                         for s in steps])
         amount = max(BLOCK, int(grown) // BLOCK * BLOCK)
-        plug, unplug = _baseline(service, amount)
+    plug, unplug = _baseline(tmp / "bare", data_dir / "images" / "tiny.qcow2", amount)
     density = memory_density.run(tmp / "density")
     return _section(steps, failure, amount, plug, unplug, density)
 
