@@ -34,9 +34,13 @@ MIB = 1024 * 1024
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 BOOT_LABEL = "HVBOOT"
-KERNEL_CMDLINE = "memhp_default_state=online_movable console=tty0 console=ttyS0,115200"
+KERNEL_CMDLINE = ("memhp_default_state=online_movable swiotlb=4096 "
+                  "console=tty0 console=ttyS0,115200")
 """The serial console comes last so that /dev/console is the serial port. Hot-plugged
-memory (virtio-mem) comes online movable, so the host can unplug it again."""
+memory (virtio-mem) comes online movable, so the host can unplug it again. A VM with
+dynamic memory has an address space beyond 4 GiB, for which the kernel reserves a 64 MiB
+bounce buffer by default; 8 MiB (4096 slabs) serves the emulated IDE disk's 32-bit DMA
+and leaves the rest to the guest (a tiny guest's demand would be a third larger)."""
 KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 
