@@ -51,6 +51,9 @@ def test_domain_packages_import_nothing_from_the_host_and_clients() -> None:
     assert upward_imports("compute", ("host", "api", "cli", "client", "server")) == []
     assert upward_imports("storage", ("host", "api", "cli", "client", "server")) == []
     assert upward_imports("checkpoints", ("host", "api", "cli", "client", "server")) == []
+    # Migration decisions are pure: they import no other domain either.
+    assert upward_imports("migration", ("host", "api", "cli", "client", "server", "compute",
+                                        "storage", "network", "hypervisor")) == []
     # Dynamic memory policy is pure: it imports no other domain either.
     assert upward_imports("memory", ("host", "api", "cli", "client", "server", "compute",
                                       "storage", "network", "hypervisor")) == []
