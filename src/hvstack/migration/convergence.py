@@ -15,8 +15,9 @@ the unit tests and in docs/live-migration.md ("Convergence").
 
 The escalation, cheapest first: raise the downtime limit along the schedule (only while
 the expected downtime is above the current limit: an idle guest finishes at the first
-limit); when the remaining memory stops shrinking, turn on auto-converge (it throttles
-the guest's CPUs); when that and the last downtime step did not help either, switch to
+limit); when the remaining memory stops shrinking at the largest limit, or at once when
+the guest dirties memory nearly as fast as the link sends it, turn on auto-converge (it
+throttles the guest's CPUs); when that and the last downtime step did not help, switch to
 post-copy (``auto``); past the completion timeout, switch to post-copy (``auto``) or,
 with ``never`` and no progress, abort. Every escalation restarts the progress watch, so
 the next one waits until this one had ``stall_iterations`` passes to show an effect.
@@ -267,7 +268,10 @@ def decide(settings: Settings, sample: Sample, state: State) -> Decision:
         reasons.append(f"downtime step: limit {scheduled} ms")
     dirty_heavy = (sample.iterations >= 2 and sample.dirty_rate_bps
                    >= settings.auto_converge_dirty_ratio * sample.transfer_rate_bps)
-    turn_on = settings.auto_converge and not state.auto_converge and (stalled or dirty_heavy)
+    # A plateau is what the downtime steps are for; only once they are spent does it
+    # call for throttling the guest. Dirtying near the link's speed calls for it at once.
+    turn_on = (settings.auto_converge and not state.auto_converge
+               and ((stalled and at_max) or dirty_heavy))
     if turn_on:
         state = replace(_restart_watch(sample, state), auto_converge=True)
         reasons.append("auto-converge: " + ("no progress" if stalled
