@@ -112,6 +112,14 @@ def test_a_busy_guest_converges_after_two_downtime_steps() -> None:
     assert not decisions[-1].state.auto_converge  # 641 ms covers the 600 ms left
 
 
+def test_a_step_skipped_while_the_rest_fit_is_taken_at_its_scheduled_value() -> None:
+    # 25 MiB left (250 ms) until 35 s, then a burst leaves 90 MiB (900 ms): the limit goes
+    # straight to the step due at 35 s (936 ms), not through the ones skipped.
+    decisions = run([sample(10.5, 2, 25, dirty=10), sample(25, 6, 25, dirty=10),
+                     sample(35, 7, 90, dirty=40)])
+    assert [actions(d) for d in decisions] == ["-", "-", "limit 936"]
+
+
 def test_a_guest_dirtying_near_the_link_speed_gets_auto_converge_at_once() -> None:
     decisions = run([sample(5, 1, 500, dirty=90), sample(10.5, 2, 400, dirty=90),
                      sample(12, 3, 380, dirty=90)])
@@ -197,10 +205,11 @@ def test_without_auto_converge_the_plateau_goes_straight_to_post_copy() -> None:
 
 def test_estimate() -> None:
     est = estimate(sample(10, 2, 100, dirty=50, bw=200))
-    assert est.converging is True and est.expected_downtime_ms == 500
+    assert (est.converging, est.expected_downtime_ms, est.dirty_ratio) == (True, 500, 0.25)
     assert estimate(sample(10, 2, 100, dirty=200, bw=200)).converging is False
     unknown = estimate(sample(10, 2, 100, bw=0))
-    assert unknown.converging is None and unknown.expected_downtime_ms is None
+    assert (unknown.converging, unknown.expected_downtime_ms, unknown.dirty_ratio) == (
+        None, None, None)
 
 
 def test_a_decision_never_holds_conflicting_actions() -> None:

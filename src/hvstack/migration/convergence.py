@@ -160,10 +160,12 @@ class Decision:
 @dataclass(frozen=True)
 class Estimate:
     """``converging`` is None while the rates are unknown (no bandwidth measured yet);
-    ``expected_downtime_ms`` is None when nothing is being sent."""
+    ``expected_downtime_ms`` and ``dirty_ratio`` (the dirty rate over the bandwidth) are
+    None when nothing is being sent."""
 
     converging: bool | None
     expected_downtime_ms: float | None
+    dirty_ratio: float | None
 
 
 def _scale_gib(ram_bytes: int) -> float:
@@ -197,8 +199,9 @@ def estimate(sample: Sample) -> Estimate:
     """Pre-copy converges when the guest dirties memory slower than the link sends it;
     the downtime of stopping now is the remaining memory over the bandwidth."""
     if sample.transfer_rate_bps <= 0:
-        return Estimate(converging=None, expected_downtime_ms=None)
-    return Estimate(converging=sample.dirty_rate_bps < sample.transfer_rate_bps,
+        return Estimate(converging=None, expected_downtime_ms=None, dirty_ratio=None)
+    ratio = sample.dirty_rate_bps / sample.transfer_rate_bps
+    return Estimate(converging=ratio < 1, dirty_ratio=ratio,
                     expected_downtime_ms=sample.ram_remaining_bytes
                     / sample.transfer_rate_bps * 1000)
 
@@ -266,8 +269,9 @@ def decide(settings: Settings, sample: Sample, state: State) -> Decision:
         new_limit = scheduled
         state = replace(_restart_watch(sample, state), downtime_limit_ms=scheduled)
         reasons.append(f"downtime step: limit {scheduled} ms")
-    dirty_heavy = (sample.iterations >= 2 and sample.dirty_rate_bps
-                   >= settings.auto_converge_dirty_ratio * sample.transfer_rate_bps)
+    # The first pass sends everything once: its dirty rate says nothing yet.
+    dirty_heavy = (sample.iterations >= 2 and est.dirty_ratio is not None
+                   and est.dirty_ratio >= settings.auto_converge_dirty_ratio)
     # A plateau is what the downtime steps are for; only once they are spent does it
     # call for throttling the guest. Dirtying near the link's speed calls for it at once.
     turn_on = (settings.auto_converge and not state.auto_converge
