@@ -391,13 +391,17 @@ class Client:
         return result
 
     def set_processor(self, ref: str, *, reserve: int | None = None, limit: int | None = None,
-                      weight: int | None = None) -> dict[str, Any]:
+                      weight: int | None = None,
+                      compatibility: bool | None = None) -> dict[str, Any]:
         """Set-VMProcessor -Reserve/-Maximum/-RelativeWeight: percentages of the VM's
         processors and a weight (1-10000), in any state; a running VM's change applies at
         once. Returns the VM's view: ``processor_controls_in_force`` says whether they
-        are (``processor_controls`` why not)."""
+        are (``processor_controls`` why not). ``compatibility``
+        (-CompatibilityForMigrationEnabled): a baseline processor model, so the VM can
+        move between hosts with different processors; only while the VM is Off."""
         body = _present({"processor_reserve_percent": reserve,
-                         "processor_limit_percent": limit, "processor_weight": weight})
+                         "processor_limit_percent": limit, "processor_weight": weight,
+                         "processor_compatibility": compatibility})
         result: dict[str, Any] = self.request("PATCH", url_path("vms", ref), json=body)
         return result
 

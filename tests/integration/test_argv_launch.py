@@ -4,7 +4,8 @@ Each case builds the argv of a small VM (a blank disk, a DVD, a NIC), adds ``-S`
 guest code runs, launches it daemonized as the host service does, and over QMP checks
 what the argv promised: the VNC server on its unix socket (which speaks RFB), the USB
 tablet for Windows, block nodes and devices under the names of their identities, a
-screendump through :class:`QemuMachine`. The spec comes from the VM's settings through
+screendump through :class:`QemuMachine`; with processor compatibility, the baseline CPU
+model and its features. The spec comes from the VM's settings through
 :func:`machine_spec`, as the host service makes it. KVM argvs are covered by
 the golden files only: this machine has no usable KVM.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from hvstack.compute.lifecycle import VmFiles
-from hvstack.compute.machine import MachineHost, machine_spec
+from hvstack.compute.machine import COMPATIBLE_CPU_MODEL, MachineHost, machine_spec
 from hvstack.compute.model import (
     DiskAttachment,
     DiskBus,
@@ -53,7 +54,7 @@ def run_dir() -> Iterator[Path]:
 
 
 def small_spec(folder: Path, generation: Generation, os_type: str,
-               dynamic: bool = False) -> MachineSpec:
+               dynamic: bool = False, compatibility: bool = False) -> MachineSpec:
     disk = folder / "disk0.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
     dvd = folder / "install.iso"
@@ -70,7 +71,7 @@ def small_spec(folder: Path, generation: Generation, os_type: str,
                                          NicModel.E1000 if gen1 else NicModel.VIRTIO),),
         os_type=os_type,
         dynamic_memory=dynamic, memory_minimum_bytes=64 * 1024 * 1024,
-        memory_maximum_bytes=1024**3,
+        memory_maximum_bytes=1024**3, processor_compatibility=compatibility,
     )
     if not gen1:
         shutil.copyfile(OVMF_VARS, folder / "efivars.fd")
@@ -146,6 +147,35 @@ async def test_dynamic_memory_devices_start_under_tcg(run_dir: Path,
             if generation is Generation.GEN1:
                 slots = await machine.devices.root_bus_slots()
                 assert slots[0x0F] == "dynmem0"
+        finally:
+            await machine.quit()
+            await machine.close()
+    finally:
+        process.kill(pid, VM_ID)
+
+
+@pytest.mark.parametrize("generation", list(Generation))
+async def test_processor_compatibility_starts_the_baseline_model_under_tcg(
+        run_dir: Path, generation: Generation) -> None:
+    # "enforce": QEMU would refuse to start if TCG lacked a feature of the baseline.
+    spec = small_spec(run_dir, generation, "linux", compatibility=True)
+    assert spec.cpu_model == COMPATIBLE_CPU_MODEL
+    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
+    monitor = Monitor(VM_ID)
+    try:
+        await monitor.connect(spec.paths.qmp_socket)
+        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
+        try:
+            assert await machine.status() == "prelaunch"
+            cpus: list[dict[str, Any]] = await monitor.execute("query-cpus-fast")
+            path = cpus[0]["qom-path"]
+
+            async def prop(name: str) -> Any:
+                return await monitor.execute("qom-get", {"path": path, "property": name})
+
+            assert "Nehalem" in await prop("model-id")
+            assert await prop("sse4.2") and await prop("popcnt")
+            assert not await prop("avx")  # beyond the baseline (TCG's "max" has it)
         finally:
             await machine.quit()
             await machine.close()

@@ -158,6 +158,9 @@ GOLDEN_SPECS = {
     "argv_gen2_windows_tcg": lambda: gen2_spec("tcg", os_type="windows"),
     "argv_gen1_windows_kvm": lambda: gen1_spec("kvm", os_type="windows"),
     "argv_gen1_windows_tcg": lambda: gen1_spec("tcg", os_type="windows"),
+    # processor compatibility: the baseline model, with the enlightenments on top
+    "argv_gen2_windows_compatibility": lambda: replace(gen2_spec("kvm", os_type="windows"),
+                                                       cpu_model="Nehalem-v1"),
 }
 
 
@@ -264,6 +267,23 @@ def test_kvm_and_tcg_differ_only_in_accelerator_and_cpu_model() -> None:
     assert option_values(tcg, "-cpu") == ["max"]
     differing = [(k, t) for k, t in zip(kvm, tcg, strict=True) if k != t]
     assert differing == [("kvm", "tcg"), ("host", "max")]
+
+
+@pytest.mark.parametrize("make", [gen1_spec, gen2_spec])
+@pytest.mark.parametrize("accelerator", ["kvm", "tcg"])
+def test_a_baseline_model_is_the_same_under_kvm_and_tcg_and_enforced(
+        make: object, accelerator: str) -> None:
+    assert callable(make)
+    spec = replace(make(accelerator), cpu_model="Nehalem-v1")
+    assert option_values(build_argv(spec), "-cpu") == ["Nehalem-v1,enforce"]
+
+
+def test_a_baseline_model_keeps_windows_enlightenments_on_kvm_only() -> None:
+    kvm = replace(gen2_spec("kvm", os_type="windows"), cpu_model="Nehalem-v1")
+    tcg = replace(gen2_spec("tcg", os_type="windows"), cpu_model="Nehalem-v1")
+    assert option_values(build_argv(kvm), "-cpu") == [
+        ",".join(("Nehalem-v1", "enforce", *HYPERV_ENLIGHTENMENTS))]
+    assert option_values(build_argv(tcg), "-cpu") == ["Nehalem-v1,enforce"]
 
 
 def test_windows_keeps_the_clock_in_local_time() -> None:

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from hvstack.compute.lifecycle import VmFiles
-from hvstack.compute.machine import BackingFile, MachineHost, machine_spec
+from hvstack.compute.machine import (
+    COMPATIBLE_CPU_MODEL,
+    BackingFile,
+    MachineHost,
+    machine_spec,
+)
 from hvstack.compute.model import (
     BootDevice,
     DiskAttachment,
@@ -100,6 +105,8 @@ GOLDEN_SETTINGS = {
                           NetworkAdapter(MAC, NicModel.E1000))), "tcg"),
 }
 SWITCH_TAPS = {"argv_gen2_switch": {SWITCHED: 3}, "argv_gen1_switch": {SWITCHED: 3}}
+GOLDEN_SETTINGS |= {"argv_gen2_windows_compatibility": (
+    replace(gen2_config("windows"), processor_compatibility=True), "kvm")}
 GOLDEN_SETTINGS |= {"argv_gen1_dynamic_memory": (dynamic(gen1_config()), "tcg"),
                     "argv_gen2_dynamic_memory": (dynamic(gen2_config()), "tcg")}
 
@@ -215,3 +222,13 @@ def test_a_state_without_a_layout_file_gets_the_previous_releases_argv(
     assert spec.legacy_nic_layout
     expected = (test_argv.LEGACY_GOLDEN_DIR / f"{name}.json").read_text()
     assert json.loads(expected) == build_argv(spec)
+
+
+@pytest.mark.parametrize("accelerator", ["kvm", "tcg"])
+@pytest.mark.parametrize("make", [gen1_config, gen2_config])
+def test_processor_compatibility_names_the_baseline_model(
+        make: object, accelerator: str) -> None:
+    assert callable(make)
+    assert spec_of(make(), accelerator).cpu_model is None  # the host's own processor
+    compatible = spec_of(replace(make(), processor_compatibility=True), accelerator)
+    assert compatible.cpu_model == COMPATIBLE_CPU_MODEL == "Nehalem-v1"

@@ -1,13 +1,15 @@
 """The processor resource controls as VM settings: Hyper-V's ranges, checked without
-I/O, and changeable in every state."""
+I/O, and changeable in every state; processor compatibility only while Off."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from hvstack.compute.model import VmConfig, VmState, validate_config
 from hvstack.compute.settings import check_change
-from hvstack.errors import InvalidInput
+from hvstack.errors import InvalidInput, InvalidState
 
 HOST = {"host_cpus": 4, "host_memory": 8 << 30}
 
@@ -40,3 +42,20 @@ def test_settings_out_of_range(reserve: int, limit: int, weight: int, message: s
 def test_they_change_in_every_state(state: VmState) -> None:
     check_change(["processor_reserve_percent", "processor_limit_percent",
                   "processor_weight"], state, "vm")
+
+
+def test_processor_compatibility_is_off_by_default_and_old_configs_load() -> None:
+    assert VmConfig("vm").processor_compatibility is False
+    old = json.loads(VmConfig("vm").to_json())
+    del old["processor_compatibility"]  # a config stored before the setting existed
+    assert VmConfig.from_json(json.dumps(old)).processor_compatibility is False
+    on = VmConfig("vm", processor_compatibility=True)
+    assert VmConfig.from_json(on.to_json()) == on
+
+
+def test_processor_compatibility_changes_only_while_off() -> None:
+    check_change(["processor_compatibility"], VmState.OFF, "vm")
+    for state in set(VmState) - {VmState.OFF}:
+        with pytest.raises(InvalidState, match="cannot change the processor compatibility "
+                                               "of VM 'vm'"):
+            check_change(["processor_compatibility"], state, "vm")

@@ -83,6 +83,8 @@ class VmUpdate(Request):
     processor_reserve_percent: int | None = None
     processor_limit_percent: int | None = None
     processor_weight: int | None = None
+    # Processor compatibility (a baseline CPU model for migration): only while Off.
+    processor_compatibility: bool | None = None
 
 
 class StopRequest(Request):
@@ -212,6 +214,9 @@ class VmView(BaseModel):
     processor_reserve_percent: int = 0
     processor_limit_percent: int = 100
     processor_weight: int = 100
+    processor_compatibility: bool = Field(
+        False, description="a baseline processor model, so the VM can move between hosts "
+                           "with different processors")
     processor_controls: str = Field(
         "", description='"in force", "applied when the VM starts" or "not applied: why"')
     processor_controls_in_force: bool = False

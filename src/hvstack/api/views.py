@@ -118,6 +118,7 @@ def processor_data(vm: VmController, service: HostService) -> dict[str, Any]:
     return {"processor_reserve_percent": config.processor_reserve_percent,
             "processor_limit_percent": config.processor_limit_percent,
             "processor_weight": config.processor_weight,
+            "processor_compatibility": config.processor_compatibility,
             "processor_controls": status.detail,
             "processor_controls_in_force": status.in_force}
 

@@ -38,7 +38,8 @@ SERVICES = ("heartbeat", "shutdown", "time-sync", "kvp", "backup", "guest-servic
 FORMATS = {"memory_bytes": size, "uptime_seconds": duration, "created_at": local_time,
            "memory_minimum_bytes": size, "memory_maximum_bytes": size,
            "memory_assigned_bytes": size, "memory_demand_bytes": size,
-           "memory_buffer_percent": lambda v: f"{v}%"}
+           "memory_buffer_percent": lambda v: f"{v}%",
+           "processor_compatibility": lambda v: "on" if v else "off"}
 
 
 def _show(vm: dict[str, Any], output: Output) -> None:
@@ -327,6 +328,10 @@ def set_(
     processor_weight: int | None = typer.Option(
         None, "--processor-weight", metavar="N",
         help="relative weight against other VMs (1-10000; 100)"),
+    processor_compatibility: str | None = typer.Option(
+        None, "--processor-compatibility", metavar="on|off",
+        help="a baseline processor model, so the VM can move between hosts with different "
+             "processors (only while the VM is Off)"),
     output: Output = OutputOption,
     host: str | None = HostOption,
 ) -> None:
@@ -334,6 +339,8 @@ def set_(
     resource controls apply at once to a running VM)."""
     if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
         fail(f"--checkpoint-type '{checkpoint_type}' is not one of {', '.join(CHECKPOINT_TYPES)}")
+    if processor_compatibility not in (None, "on", "off"):
+        fail(f"--processor-compatibility '{processor_compatibility}' is not one of on, off")
     body: dict[str, Any] = {"cpus": cpus, "memory": memory, "notes": notes,
                             "auto_start": auto_start, "auto_start_delay_seconds": auto_start_delay,
                             "auto_stop": auto_stop, "os_type": os_type,
@@ -344,7 +351,9 @@ def set_(
                                            memory_max, memory_buffer, memory_weight),
                             "processor_reserve_percent": processor_reserve,
                             "processor_limit_percent": processor_limit,
-                            "processor_weight": processor_weight}
+                            "processor_weight": processor_weight,
+                            "processor_compatibility": (None if processor_compatibility is None
+                                                        else processor_compatibility == "on")}
     if boot_order is not None:
         body["boot_order"] = [b.strip() for b in boot_order.split(",") if b.strip()]
     body = {k: v for k, v in body.items() if v is not None}

@@ -18,6 +18,9 @@ free page reporting and statistics: it goes below startup) and a virtio-mem devi
 (above startup) whose region reaches the host's memory (rounded up to a GiB) above
 startup, so the maximum can be raised while it runs; the region costs nothing until
 blocks are plugged. A VM with static memory gets neither: its machine is unchanged.
+
+A VM with processor compatibility runs :data:`COMPATIBLE_CPU_MODEL` instead of the
+host's own processor, on KVM and TCG alike.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ class MachineHost:
     binary: str = "qemu-system-x86_64"
     memory_bytes: int = 0  # the host's memory: how far a dynamic VM's region reaches
 
+
+# Processor compatibility's baseline: QEMU's Nehalem (x86-64-v2: SSE4.2, POPCNT,
+# SSSE3, CX16), pinned to its version 1 so no machine type changes what it means. Every
+# x86-64 server processor since Intel Nehalem (2008) and AMD Bulldozer (2011), and
+# QEMU's TCG provide all of it, and today's distributions (RHEL 9: x86-64-v2) boot on
+# it, which "qemu64" (no SSSE3/SSE4) does not promise. Not Nehalem-v2: its IBRS
+# (spec-ctrl) is something TCG cannot give, and the model is started with "enforce".
+COMPATIBLE_CPU_MODEL = "Nehalem-v1"
 
 GIB = 1024**3
 BLOCK = 2 * 1024 * 1024
@@ -175,4 +186,5 @@ def machine_spec(vm_id: str, config: VmConfig, files: VmFiles, host: MachineHost
         binary=host.binary,
         pass_fds=tuple(passed),
         layout=layout,
+        cpu_model=COMPATIBLE_CPU_MODEL if config.processor_compatibility else None,
     )

@@ -247,6 +247,10 @@ class VmConfig:
     processor_reserve_percent: int = 0
     processor_limit_percent: int = 100
     processor_weight: int = DEFAULT_PROCESSOR_WEIGHT
+    # Processor compatibility (Hyper-V's CompatibilityForMigrationEnabled): a baseline
+    # processor model instead of the host's, so the VM can move between hosts with
+    # different processors. Hardware: changed only while the VM is Off.
+    processor_compatibility: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -2,8 +2,9 @@
 
 Names, notes, the automatic actions, the integration services, the KVP pool and the
 checkpoint settings change in any state; the hardware (processors, memory, generation,
-disks, DVD, boot order, ...) only while the VM is Off. :func:`check_change` raises
-:class:`~hvstack.errors.InvalidState` naming the settings, e.g. ``cannot change the
+disks, DVD, boot order, processor compatibility, ...) only while the VM is Off.
+:func:`check_change` raises :class:`~hvstack.errors.InvalidState` naming the settings,
+e.g. ``cannot change the
 memory of VM 'demo' while it is Running: stop it first``.
 
 Dynamic memory follows Hyper-V: turning it on or off and the startup memory only while
@@ -45,6 +46,7 @@ LABELS = {
     "accelerator": "accelerator",
     "image": "image",
     "extra": "extra settings",
+    "processor_compatibility": "processor compatibility",
 }
 
 

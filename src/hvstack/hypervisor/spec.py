@@ -367,6 +367,10 @@ class MachineSpec:
     # i440fx after the disks): for restoring a state that release saved, whose stream
     # QEMU can load only into that hardware. No hot plug while it runs.
     legacy_nic_layout: bool = False
+    # A named QEMU CPU model every host of a migration can run the same (processor
+    # compatibility), which QEMU must provide whole or refuse to start; None: the
+    # host's own processor (host under KVM, max under TCG).
+    cpu_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.legacy_nic_layout and self.layout is not None:

@@ -90,7 +90,7 @@ async def update_vm(request: Request, ref: str, body: VmUpdate) -> VmView:
     fields = body.model_dump(exclude_none=True)
     for key in ("name", "notes", "cpus", "os_type", "auto_start_delay_seconds",
                 "automatic_checkpoints", "checkpoint_limit", "processor_reserve_percent",
-                "processor_limit_percent", "processor_weight"):
+                "processor_limit_percent", "processor_weight", "processor_compatibility"):
         if key in fields:
             changes[key] = fields[key]
     if "memory" in fields:

@@ -36,6 +36,10 @@ mouse follows the VNC viewer's. Under TCG the ``hv-*`` flags are left out: QEMU 
 builds the Hyper-V CPUID leaves only for KVM, so a TCG guest never sees them, and it
 refuses ``hv-vpindex`` (which ``hv-synic``, ``hv-stimer``, ``hv-tlbflush`` and
 ``hv-ipi`` depend on) outright.
+
+Processor: the host's own (``host`` under KVM, ``max`` under TCG), unless the spec names
+a baseline model (``cpu_model``: processor compatibility), which QEMU must then provide
+whole (``enforce``).
 """
 
 from __future__ import annotations
@@ -245,11 +249,15 @@ def _disk_and_network_args(spec: MachineSpec) -> list[str]:
 
 
 def _cpu_model(spec: MachineSpec) -> str:
-    if spec.accelerator != "kvm":
-        return "max"
-    if spec.enlightenments.hyperv:
-        return ",".join(("host", *HYPERV_ENLIGHTENMENTS))
-    return "host"
+    if spec.cpu_model is not None:
+        # enforce: a host that lacks a feature of the baseline refuses to start the VM
+        # rather than quietly dropping it, so the guest sees the same CPU on every host.
+        model: tuple[str, ...] = (spec.cpu_model, "enforce")
+    else:
+        model = ("host",) if spec.accelerator == "kvm" else ("max",)
+    if _windows_on_kvm(spec):
+        return ",".join((*model, *HYPERV_ENLIGHTENMENTS))
+    return ",".join(model)
 
 
 def _pointer_and_timer_args(spec: MachineSpec) -> list[str]:
