@@ -13,10 +13,11 @@ the golden files only: this machine has no usable KVM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,24 @@ from hvstack.hypervisor.qemu.driver import QemuMachine
 from hvstack.hypervisor.qemu.monitor import Monitor
 from hvstack.hypervisor.spec import MachineSpec
 from hvstack.pixmap import parse_ppm
+
+
+@contextlib.asynccontextmanager
+async def paused_machine(spec: MachineSpec) -> AsyncIterator[tuple[QemuMachine, Monitor]]:
+    """QEMU launched from ``spec``'s argv with ``-S`` (no guest code runs), its QMP
+    connected; quit and killed afterwards."""
+    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
+    monitor = Monitor(VM_ID)
+    try:
+        await monitor.connect(spec.paths.qmp_socket)
+        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
+        try:
+            yield machine, monitor
+        finally:
+            await machine.quit()
+            await machine.close()
+    finally:
+        process.kill(pid, VM_ID)
 
 pytestmark = pytest.mark.integration
 
@@ -84,74 +103,54 @@ def small_spec(folder: Path, generation: Generation, os_type: str,
 async def test_argv_starts_qemu_under_tcg(run_dir: Path, generation: Generation,
                                           os_type: str) -> None:
     spec = small_spec(run_dir, generation, os_type)
-    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
-    try:
-        await monitor.connect(spec.paths.qmp_socket)
-        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
-        try:
-            assert await machine.status() == "prelaunch"
-            vnc: dict[str, Any] = await monitor.execute("query-vnc")
-            assert vnc["enabled"] and vnc["family"] == "unix"
-            assert vnc["auth"] == "none"
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(spec.paths.vnc_socket), 10)
-            assert await asyncio.wait_for(reader.readexactly(12), 10) == b"RFB 003.008\n"
-            writer.close()
-            mice: list[dict[str, Any]] = await monitor.execute("query-mice")
-            tablets = [m for m in mice if m["absolute"]]
-            assert bool(tablets) == (os_type == "windows"), mice
-            nodes: list[dict[str, Any]] = await monitor.execute("query-named-block-nodes")
-            assert {"disk-d15c0a1b2c", "dvd"} <= {n["node-name"] for n in nodes}
-            devices: list[dict[str, Any]] = await monitor.execute(
-                "qom-list", {"path": "/machine/peripheral"})
-            assert {"disk-d15c0a1b2c-dev", "dvd-dev", "nic-525400aabbcc"} <= {
-                d["name"] for d in devices}
-            if generation is Generation.GEN2:  # the adapter on its own root port
-                assert await machine.devices.devices_on("port-525400aabbcc") == (
-                    "nic-525400aabbcc",)
-                assert await machine.devices.devices_on("hotplug-port-3") == ()
-            else:  # the adapter on the first of the adapters' slots of the root bus
-                slots = await machine.devices.root_bus_slots()
-                assert slots[0x10] == "nic-525400aabbcc"
-                assert slots[0] == slots[1] == "" and slots[2] == "video0"
-            dump = run_dir / "screen.ppm"
-            await machine.screendump(dump)
-            image = parse_ppm(dump.read_bytes())
-            assert image.width >= 320 and image.height >= 200
-        finally:
-            await machine.quit()
-            await machine.close()
-    finally:
-        process.kill(pid, VM_ID)
+    async with paused_machine(spec) as (machine, monitor):
+        assert await machine.status() == "prelaunch"
+        vnc: dict[str, Any] = await monitor.execute("query-vnc")
+        assert vnc["enabled"] and vnc["family"] == "unix"
+        assert vnc["auth"] == "none"
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(spec.paths.vnc_socket), 10)
+        assert await asyncio.wait_for(reader.readexactly(12), 10) == b"RFB 003.008\n"
+        writer.close()
+        mice: list[dict[str, Any]] = await monitor.execute("query-mice")
+        tablets = [m for m in mice if m["absolute"]]
+        assert bool(tablets) == (os_type == "windows"), mice
+        nodes: list[dict[str, Any]] = await monitor.execute("query-named-block-nodes")
+        assert {"disk-d15c0a1b2c", "dvd"} <= {n["node-name"] for n in nodes}
+        devices: list[dict[str, Any]] = await monitor.execute(
+            "qom-list", {"path": "/machine/peripheral"})
+        assert {"disk-d15c0a1b2c-dev", "dvd-dev", "nic-525400aabbcc"} <= {
+            d["name"] for d in devices}
+        if generation is Generation.GEN2:  # the adapter on its own root port
+            assert await machine.devices.devices_on("port-525400aabbcc") == (
+                "nic-525400aabbcc",)
+            assert await machine.devices.devices_on("hotplug-port-3") == ()
+        else:  # the adapter on the first of the adapters' slots of the root bus
+            slots = await machine.devices.root_bus_slots()
+            assert slots[0x10] == "nic-525400aabbcc"
+            assert slots[0] == slots[1] == "" and slots[2] == "video0"
+        dump = run_dir / "screen.ppm"
+        await machine.screendump(dump)
+        image = parse_ppm(dump.read_bytes())
+        assert image.width >= 320 and image.height >= 200
 
 
 @pytest.mark.parametrize("generation", list(Generation))
 async def test_dynamic_memory_devices_start_under_tcg(run_dir: Path,
                                                       generation: Generation) -> None:
     spec = small_spec(run_dir, generation, "linux", dynamic=True)
-    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
-    try:
-        await monitor.connect(spec.paths.qmp_socket)
-        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
-        try:
-            devices = await machine.memory.memory_devices()
-            region = 8 * 1024**3  # the host's memory
-            assert devices["dynmem0"].requested == devices["dynmem0"].plugged == 0
-            assert devices["dynmem0"].maximum == region
-            await machine.memory.set_memory_device_size("dynmem0", 64 * 1024 * 1024)
-            assert (await machine.memory.memory_devices())["dynmem0"].requested == (
-                64 * 1024 * 1024)
-            assert await machine.memory.balloon_size() == 128 * 1024 * 1024
-            if generation is Generation.GEN1:
-                slots = await machine.devices.root_bus_slots()
-                assert slots[0x0F] == "dynmem0"
-        finally:
-            await machine.quit()
-            await machine.close()
-    finally:
-        process.kill(pid, VM_ID)
+    async with paused_machine(spec) as (machine, _monitor):
+        devices = await machine.memory.memory_devices()
+        region = 8 * 1024**3  # the host's memory
+        assert devices["dynmem0"].requested == devices["dynmem0"].plugged == 0
+        assert devices["dynmem0"].maximum == region
+        await machine.memory.set_memory_device_size("dynmem0", 64 * 1024 * 1024)
+        assert (await machine.memory.memory_devices())["dynmem0"].requested == (
+            64 * 1024 * 1024)
+        assert await machine.memory.balloon_size() == 128 * 1024 * 1024
+        if generation is Generation.GEN1:
+            slots = await machine.devices.root_bus_slots()
+            assert slots[0x0F] == "dynmem0"
 
 
 @pytest.mark.parametrize("generation", list(Generation))
@@ -160,24 +159,14 @@ async def test_processor_compatibility_starts_the_baseline_model_under_tcg(
     # "enforce": QEMU would refuse to start if TCG lacked a feature of the baseline.
     spec = small_spec(run_dir, generation, "linux", compatibility=True)
     assert spec.cpu_model == COMPATIBLE_CPU_MODEL
-    pid = await process.launch([*build_argv(spec), "-S"], Path(spec.paths.pidfile))
-    monitor = Monitor(VM_ID)
-    try:
-        await monitor.connect(spec.paths.qmp_socket)
-        machine = QemuMachine(VM_ID, pid, monitor, lambda event: None)
-        try:
-            assert await machine.status() == "prelaunch"
-            cpus: list[dict[str, Any]] = await monitor.execute("query-cpus-fast")
-            path = cpus[0]["qom-path"]
+    async with paused_machine(spec) as (machine, monitor):
+        assert await machine.status() == "prelaunch"
+        cpus: list[dict[str, Any]] = await monitor.execute("query-cpus-fast")
+        path = cpus[0]["qom-path"]
 
-            async def prop(name: str) -> Any:
-                return await monitor.execute("qom-get", {"path": path, "property": name})
+        async def prop(name: str) -> Any:
+            return await monitor.execute("qom-get", {"path": path, "property": name})
 
-            assert "Nehalem" in await prop("model-id")
-            assert await prop("sse4.2") and await prop("popcnt")
-            assert not await prop("avx")  # beyond the baseline (TCG's "max" has it)
-        finally:
-            await machine.quit()
-            await machine.close()
-    finally:
-        process.kill(pid, VM_ID)
+        assert "Nehalem" in await prop("model-id")
+        assert await prop("sse4.2") and await prop("popcnt")
+        assert not await prop("avx")  # beyond the baseline (TCG's "max" has it)
